@@ -1,0 +1,266 @@
+//! Host patterns as written in `hosts`, `allow` and `passthrough`.
+//!
+//! A pattern is an exact host name or IP literal (`api.github.com`, `10.0.0.5`, `[::1]`), or
+//! `*.suffix`, which matches subdomains of `suffix` at any depth but not `suffix` itself.
+//! Matching is case-insensitive and ignores a trailing dot. A pattern without a port matches
+//! only the scheme's default port (443 for TLS, 80 for cleartext); `:PORT` matches that port
+//! and `:*` any port (DESIGN.md decision 5, REFERENCE.md D5).
+
+use std::fmt;
+use std::net::IpAddr;
+
+/// Which ports a [`HostPattern`] admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortSpec {
+    /// The scheme's default port: 443 on TLS, 80 on cleartext.
+    Default,
+    /// Exactly this port.
+    Port(u16),
+    /// Any port (`:*`).
+    Any,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostKind {
+    Exact(String),
+    /// Stored with its leading dot: `.example.com`.
+    Suffix(String),
+}
+
+/// A parsed host pattern. Construct with [`HostPattern::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    kind: HostKind,
+    port: PortSpec,
+}
+
+impl HostPattern {
+    /// Parses `host`, `*.suffix`, optionally followed by `:PORT` or `:*`. IPv6 literals are
+    /// written in brackets (`[::1]:8443`).
+    ///
+    /// # Errors
+    /// A message naming the problem: empty, a `*` anywhere but a leading `*.`, a bare `*`,
+    /// characters outside `[A-Za-z0-9.-]` in a name, or a port that is not 1–65535.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (host, port) = split_port(text)?;
+        if host.is_empty() {
+            return Err(format!("host pattern `{text}` has no host"));
+        }
+        let host = host.to_ascii_lowercase();
+        let host = host.strip_suffix('.').unwrap_or(&host).to_string();
+        if host == "*" {
+            return Err(format!(
+                "host pattern `{text}` matches every host; use `egress = \"open\"` to allow all egress, and name secret hosts explicitly"
+            ));
+        }
+        let kind = if let Some(suffix) = host.strip_prefix("*.") {
+            check_name(suffix, text)?;
+            if !suffix.contains('.') {
+                return Err(format!(
+                    "host pattern `{text}` covers a whole top-level domain"
+                ));
+            }
+            HostKind::Suffix(format!(".{suffix}"))
+        } else if host.parse::<IpAddr>().is_ok() {
+            HostKind::Exact(host)
+        } else {
+            check_name(&host, text)?;
+            HostKind::Exact(host)
+        };
+        Ok(Self { kind, port })
+    }
+
+    /// True when `host` (already normalized by [`normalize_host`]) and `port` match, given
+    /// whether the connection is TLS (which picks the default port, 443 or 80).
+    pub fn matches(&self, host: &str, port: u16, tls: bool) -> bool {
+        let port_ok = match self.port {
+            PortSpec::Default => port == if tls { 443 } else { 80 },
+            PortSpec::Port(p) => port == p,
+            PortSpec::Any => true,
+        };
+        port_ok && self.matches_host(host)
+    }
+
+    /// True when the host part matches, whatever the port.
+    pub fn matches_host(&self, host: &str) -> bool {
+        match &self.kind {
+            HostKind::Exact(h) => h == host,
+            HostKind::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+
+    /// The port part of the pattern.
+    pub fn port(&self) -> PortSpec {
+        self.port
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            HostKind::Exact(h) if h.contains(':') => write!(f, "[{h}]")?,
+            HostKind::Exact(h) => f.write_str(h)?,
+            HostKind::Suffix(s) => write!(f, "*{s}")?,
+        }
+        match self.port {
+            PortSpec::Default => Ok(()),
+            PortSpec::Port(p) => write!(f, ":{p}"),
+            PortSpec::Any => f.write_str(":*"),
+        }
+    }
+}
+
+/// Normalizes a host as seen on the wire (CONNECT authority, SNI, `Host`): lowercases ASCII,
+/// removes IPv6 brackets and one trailing dot. Returns `None` for an empty host or one with
+/// characters no host name or IP literal contains.
+pub fn normalize_host(host: &str) -> Option<String> {
+    let h = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let h = h.strip_suffix('.').unwrap_or(h);
+    if h.is_empty() {
+        return None;
+    }
+    if h.parse::<IpAddr>().is_ok() {
+        return Some(h.to_ascii_lowercase());
+    }
+    if h.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        Some(h.to_ascii_lowercase())
+    } else {
+        None
+    }
+}
+
+fn split_port(text: &str) -> Result<(&str, PortSpec), String> {
+    let parse_port = |p: &str| -> Result<PortSpec, String> {
+        if p == "*" {
+            return Ok(PortSpec::Any);
+        }
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(PortSpec::Port(n)),
+            _ => Err(format!("host pattern `{text}` has an invalid port `{p}`")),
+        }
+    };
+    if let Some(rest) = text.strip_prefix('[') {
+        let Some((h, after)) = rest.split_once(']') else {
+            return Err(format!("host pattern `{text}` has an unclosed `[`"));
+        };
+        if h.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("host pattern `{text}` is not an IPv6 literal"));
+        }
+        return match after {
+            "" => Ok((h, PortSpec::Default)),
+            _ => match after.strip_prefix(':') {
+                Some(p) => Ok((h, parse_port(p)?)),
+                None => Err(format!("host pattern `{text}` has text after `]`")),
+            },
+        };
+    }
+    if text.matches(':').count() > 1 {
+        return Err(format!(
+            "host pattern `{text}`: write IPv6 literals in brackets, like `[::1]`"
+        ));
+    }
+    match text.split_once(':') {
+        Some((h, p)) => Ok((h, parse_port(p)?)),
+        None => Ok((text, PortSpec::Default)),
+    }
+}
+
+fn check_name(name: &str, text: &str) -> Result<(), String> {
+    if name.is_empty() || name.split('.').any(str::is_empty) {
+        return Err(format!("host pattern `{text}` has an empty label"));
+    }
+    if name.contains('*') {
+        return Err(format!(
+            "host pattern `{text}`: `*` is only allowed as a leading `*.`"
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err(format!(
+            "host pattern `{text}` has characters outside [A-Za-z0-9.-_]"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(s: &str) -> HostPattern {
+        HostPattern::parse(s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn exact_matches_case_insensitively_on_default_port() {
+        let pat = p("API.GitHub.com");
+        assert!(pat.matches("api.github.com", 443, true));
+        assert!(!pat.matches("api.github.com", 8443, true));
+        assert!(pat.matches("api.github.com", 80, false));
+        assert!(!pat.matches("api.github.com", 443, false));
+        assert!(!pat.matches("github.com", 443, true));
+        assert!(!pat.matches("xapi.github.com", 443, true));
+    }
+
+    #[test]
+    fn suffix_matches_subdomains_only() {
+        let pat = p("*.example.com");
+        assert!(pat.matches("a.example.com", 443, true));
+        assert!(pat.matches("a.b.example.com", 443, true));
+        assert!(!pat.matches("example.com", 443, true));
+        assert!(!pat.matches("badexample.com", 443, true));
+    }
+
+    #[test]
+    fn ports() {
+        assert!(p("h.test:8443").matches("h.test", 8443, true));
+        assert!(!p("h.test:8443").matches("h.test", 443, true));
+        assert!(p("h.test:*").matches("h.test", 1, false));
+        assert!(p("[::1]:8443").matches("::1", 8443, true));
+        assert!(p("127.0.0.1").matches("127.0.0.1", 443, true));
+    }
+
+    #[test]
+    fn refuses_bad_patterns() {
+        for bad in [
+            "", "*", "*.com", "a.*.com", "a..b", "h:0", "h:x", "::1", "[::1", "a b", "*.",
+        ] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn normalize() {
+        assert_eq!(normalize_host("API.x.COM.").as_deref(), Some("api.x.com"));
+        assert_eq!(normalize_host("[::1]").as_deref(), Some("::1"));
+        assert_eq!(normalize_host("a/b"), None);
+        assert_eq!(normalize_host(""), None);
+    }
+
+    proptest! {
+        /// A suffix pattern never matches a host that does not end with `.suffix`, and
+        /// always matches `label.suffix`.
+        #[test]
+        fn suffix_property(label in "[a-z0-9]{1,10}", host in "[a-z0-9.]{1,20}") {
+            let pat = p("*.example.org");
+            let sub = format!("{}.example.org", label);
+            prop_assert!(pat.matches(&sub, 443, true));
+            prop_assert_eq!(pat.matches(&host, 443, true), host.ends_with(".example.org") && host.len() > 12);
+        }
+
+        /// Matching ignores ASCII case on the pattern side.
+        #[test]
+        fn case_insensitive(host in "[a-z][a-z0-9]{0,8}\\.[a-z]{2,5}") {
+            let pat = p(&host.to_ascii_uppercase());
+            prop_assert!(pat.matches(&host, 443, true));
+        }
+    }
+}

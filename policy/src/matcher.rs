@@ -1,0 +1,417 @@
+//! Placeholder detection, the per-request plan, and the rewrite.
+//!
+//! One Aho–Corasick automaton over every placeholder of the policy is built at load time, so
+//! a request without placeholders costs one scan per header value, the path and the query.
+//! [`Policy::plan`] is the fail-closed decision (DESIGN.md decisions 2–4): every occurrence
+//! of a known placeholder — in any header, in a query parameter, in the path, raw or
+//! percent-encoded, or inside `Authorization: Basic` — must be on a host and in a location
+//! its secret allows, over TLS unless the secret allows plaintext, or the whole request is
+//! refused. [`Plan::apply`] then swaps every occurrence, editing only the matched bytes.
+
+use std::fmt;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+
+use crate::encoding::{decode_mapped, encode_component};
+use crate::model::{HttpMode, InjectTarget, Policy, Secret, SecretKind};
+
+/// The compiled placeholder automaton. Pattern `i` belongs to secret `i`.
+#[derive(Debug, Clone)]
+pub(crate) struct PlaceholderMatcher {
+    ac: Option<AhoCorasick>,
+}
+
+impl PlaceholderMatcher {
+    pub(crate) fn new(secrets: &[Secret]) -> Self {
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(secrets.iter().map(|s| s.placeholder.as_bytes()))
+            .ok()
+            .filter(|_| !secrets.is_empty());
+        Self { ac }
+    }
+
+    /// Matches in `hay` as (secret index, start, end).
+    fn find<'h>(&'h self, hay: &'h [u8]) -> impl Iterator<Item = (usize, usize, usize)> + 'h {
+        self.ac
+            .iter()
+            .flat_map(move |ac| ac.find_iter(hay))
+            .map(|m| (m.pattern().as_usize(), m.start(), m.end()))
+    }
+
+    fn replace(&self, hay: &[u8], values: &dyn SecretValues) -> Vec<u8> {
+        let mut out = Vec::with_capacity(hay.len() + 32);
+        let mut last = 0;
+        for (s, start, end) in self.find(hay) {
+            out.extend_from_slice(&hay[last..start]);
+            out.extend_from_slice(values.value(s));
+            last = end;
+        }
+        out.extend_from_slice(&hay[last..]);
+        out
+    }
+}
+
+/// The parts of a request the plan looks at. Hop-by-hop headers (incl.
+/// `Proxy-Authorization`) must already be removed: they never reach an origin.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    /// Destination host, normalized ([`crate::normalize_host`]).
+    pub host: &'a str,
+    /// Destination port.
+    pub port: u16,
+    /// True on a verified TLS connection to the destination (an intercepted tunnel).
+    pub tls: bool,
+    /// The raw path, without the query.
+    pub path: &'a str,
+    /// The raw query, without `?`.
+    pub query: Option<&'a str>,
+    /// Headers as sent: name (client casing) and value bytes.
+    pub headers: &'a [(&'a str, &'a [u8])],
+}
+
+/// Where a placeholder was found or a value put. Displays as `header:NAME`, `query:NAME` or
+/// `path` (the reference's audit `locations`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A header, with the client's casing.
+    Header(String),
+    /// A query parameter (decoded name).
+    Query(String),
+    /// The path.
+    Path,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Header(h) => write!(f, "header:{h}"),
+            Self::Query(q) => write!(f, "query:{q}"),
+            Self::Path => f.write_str("path"),
+        }
+    }
+}
+
+/// Why a request is refused by the plan.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// A placeholder headed for a host or location its secret does not allow (decision 3):
+    /// 403 `placeholder_not_allowed`.
+    #[error("placeholder of secret `{secret}` is not allowed in {location} for this host")]
+    PlaceholderNotAllowed {
+        /// Secret name.
+        secret: String,
+        /// Where it was found.
+        location: Location,
+    },
+    /// A secret would be sent over cleartext HTTP (decision 4): 403
+    /// `cleartext_injection_refused`.
+    #[error("secret `{secret}` would be sent in {location} over cleartext http")]
+    CleartextInjectionRefused {
+        /// Secret name.
+        secret: String,
+        /// Where it would go.
+        location: Location,
+    },
+}
+
+/// One secret applied to a request, for the audit line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Index into [`Policy::secrets`].
+    pub secret: usize,
+    /// Where it was swapped or injected.
+    pub location: Location,
+}
+
+/// What the rewrite will do; says which secret values must be resolved first.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    /// Secret indices (into [`Policy::secrets`]) whose values the rewrite needs, once each.
+    pub secrets: Vec<usize>,
+    /// Every swap and injection, in request order.
+    pub applied: Vec<Applied>,
+    header_edits: Vec<(usize, bool)>,
+    path_edit: bool,
+    query_edit: bool,
+    injects: Vec<usize>,
+}
+
+/// Resolved secret values, by secret index. Implemented by the proxy over its own redacted
+/// secret type.
+pub trait SecretValues {
+    /// The value of secret `index`. Only called for indices in [`Plan::secrets`].
+    fn value(&self, index: usize) -> &[u8];
+}
+
+/// The rewritten parts of a request.
+#[derive(Debug, Default)]
+pub struct Rewritten {
+    /// New values for headers, by index in [`RequestView::headers`].
+    pub headers: Vec<(usize, Vec<u8>)>,
+    /// Headers to set (inject mode): remove every header of this name, any casing, then add
+    /// it with this casing and value.
+    pub set_headers: Vec<(String, Vec<u8>)>,
+    /// The new raw path, when it changed.
+    pub path: Option<String>,
+    /// The new raw query, when it changed.
+    pub query: Option<String>,
+}
+
+impl Plan {
+    /// True when the request needs no change.
+    pub fn is_empty(&self) -> bool {
+        self.applied.is_empty()
+    }
+
+    /// Applies the plan to `req` with `values` (which must hold every secret in
+    /// [`Plan::secrets`]). Only matched bytes change: the rest of the path and query stays
+    /// byte-identical.
+    pub fn apply(
+        &self,
+        policy: &Policy,
+        req: &RequestView<'_>,
+        values: &dyn SecretValues,
+    ) -> Rewritten {
+        let m = &policy.matcher;
+        let mut out = Rewritten::default();
+        for &(i, basic) in &self.header_edits {
+            let Some((_, value)) = req.headers.get(i) else {
+                continue;
+            };
+            let mut v = m.replace(value, values);
+            if basic && let Some((scheme, creds)) = split_basic(&v) {
+                let swapped = m.replace(&creds, values);
+                let mut nv = scheme.to_vec();
+                nv.extend_from_slice(STANDARD.encode(&swapped).as_bytes());
+                v = nv;
+            }
+            out.headers.push((i, v));
+        }
+        if self.path_edit {
+            out.path = Some(replace_decoded(m, req.path, false, values));
+        }
+        let mut query = req.query.map(str::to_string);
+        if self.query_edit
+            && let Some(q) = &query
+        {
+            let edited = q
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((k, v)) => format!("{k}={}", replace_decoded(m, v, true, values)),
+                    None => param.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join("&");
+            query = Some(edited);
+        }
+        for &s in &self.injects {
+            let Some(SecretKind::Http(HttpMode::Inject { target, formatter })) =
+                policy.secrets.get(s).map(|s| &s.kind)
+            else {
+                continue;
+            };
+            let rendered = formatter.render(values.value(s));
+            match target {
+                InjectTarget::Header(h) => out.set_headers.push((h.clone(), rendered)),
+                InjectTarget::Query(p) => {
+                    let kept: Vec<&str> = query
+                        .as_deref()
+                        .unwrap_or("")
+                        .split('&')
+                        .filter(|kv| {
+                            !kv.is_empty() && {
+                                let k = kv.split_once('=').map_or(*kv, |(k, _)| k);
+                                decode_mapped(k, true).bytes != p.as_bytes()
+                            }
+                        })
+                        .collect();
+                    let mut q = kept.join("&");
+                    if !q.is_empty() {
+                        q.push('&');
+                    }
+                    q.push_str(&encode_component(p.as_bytes()));
+                    q.push('=');
+                    q.push_str(&encode_component(&rendered));
+                    query = Some(q);
+                }
+            }
+        }
+        if query.as_deref() != req.query {
+            out.query = query;
+        }
+        out
+    }
+}
+
+impl Policy {
+    /// Plans the placeholder swap and injections for `req`, or refuses it.
+    ///
+    /// # Errors
+    /// [`PlanError::PlaceholderNotAllowed`] when any placeholder occurrence is on a host or
+    /// in a location its secret does not allow; [`PlanError::CleartextInjectionRefused`]
+    /// when a secret would go over cleartext without `allow_plaintext`.
+    pub fn plan(&self, req: &RequestView<'_>) -> Result<Plan, PlanError> {
+        let m = &self.matcher;
+        let mut plan = Plan::default();
+        for (i, (name, value)) in req.headers.iter().enumerate() {
+            let mut found = false;
+            for (s, _, _) in m.find(value) {
+                self.check(req, s, Location::Header((*name).to_string()), &mut plan)?;
+                found = true;
+            }
+            let mut basic = false;
+            if name.eq_ignore_ascii_case("authorization")
+                && let Some((_, creds)) = split_basic(value)
+            {
+                for (s, _, _) in m.find(&creds) {
+                    self.check(req, s, Location::Header((*name).to_string()), &mut plan)?;
+                    basic = true;
+                }
+            }
+            if found || basic {
+                plan.header_edits.push((i, basic));
+            }
+        }
+        let path = decode_mapped(req.path, false);
+        for (s, _, _) in m.find(&path.bytes) {
+            self.check(req, s, Location::Path, &mut plan)?;
+            plan.path_edit = true;
+        }
+        for param in req.query.unwrap_or("").split('&') {
+            let (k, v) = param.split_once('=').unwrap_or((param, ""));
+            let key = decode_mapped(k, true).bytes;
+            let key_s = String::from_utf8_lossy(&key).into_owned();
+            if let Some((s, _, _)) = m.find(&key).next() {
+                return Err(PlanError::PlaceholderNotAllowed {
+                    secret: self.secrets[s].name.clone(),
+                    location: Location::Query(key_s),
+                });
+            }
+            for (s, _, _) in m.find(&decode_mapped(v, true).bytes) {
+                self.check(req, s, Location::Query(key_s.clone()), &mut plan)?;
+                plan.query_edit = true;
+            }
+        }
+        for (s, secret) in self.secrets.iter().enumerate() {
+            let SecretKind::Http(HttpMode::Inject { target, .. }) = &secret.kind else {
+                continue;
+            };
+            if !secret.allows_host(req.host, req.port, req.tls) {
+                continue;
+            }
+            let location = match target {
+                InjectTarget::Header(h) => Location::Header(h.clone()),
+                InjectTarget::Query(q) => Location::Query(q.clone()),
+            };
+            if !req.tls && !secret.allow_plaintext {
+                return Err(PlanError::CleartextInjectionRefused {
+                    secret: secret.name.clone(),
+                    location,
+                });
+            }
+            plan.injects.push(s);
+            plan.applied.push(Applied {
+                secret: s,
+                location,
+            });
+            if !plan.secrets.contains(&s) {
+                plan.secrets.push(s);
+            }
+        }
+        Ok(plan)
+    }
+
+    fn check(
+        &self,
+        req: &RequestView<'_>,
+        s: usize,
+        location: Location,
+        plan: &mut Plan,
+    ) -> Result<(), PlanError> {
+        let secret = &self.secrets[s];
+        let not_allowed = || PlanError::PlaceholderNotAllowed {
+            secret: secret.name.clone(),
+            location: location.clone(),
+        };
+        if !secret.allows_host(req.host, req.port, req.tls) {
+            return Err(not_allowed());
+        }
+        let SecretKind::Http(mode) = &secret.kind;
+        let swap = match (mode, &location) {
+            (HttpMode::Replace { headers, .. }, Location::Header(h)) => headers.selects(h),
+            (HttpMode::Replace { query, .. }, Location::Query(q)) => query.contains(q),
+            (HttpMode::Replace { path, .. }, Location::Path) => *path,
+            // The injected header overwrites whatever the client put there.
+            (
+                HttpMode::Inject {
+                    target: InjectTarget::Header(t),
+                    ..
+                },
+                Location::Header(h),
+            ) if t.eq_ignore_ascii_case(h) => return Ok(()),
+            (HttpMode::Inject { .. }, _) => false,
+        };
+        if !swap {
+            return Err(not_allowed());
+        }
+        if !req.tls && !secret.allow_plaintext {
+            return Err(PlanError::CleartextInjectionRefused {
+                secret: secret.name.clone(),
+                location,
+            });
+        }
+        if !plan.secrets.contains(&s) {
+            plan.secrets.push(s);
+        }
+        let applied = Applied {
+            secret: s,
+            location,
+        };
+        if !plan.applied.contains(&applied) {
+            plan.applied.push(applied);
+        }
+        Ok(())
+    }
+}
+
+/// Splits `Basic <base64>` into the scheme prefix as sent (`Basic ` with its casing and
+/// spacing) and the decoded credentials. Padded and unpadded base64 are accepted.
+fn split_basic(value: &[u8]) -> Option<(&[u8], Vec<u8>)> {
+    if value.len() < 6 || !value[..5].eq_ignore_ascii_case(b"basic") || value[5] != b' ' {
+        return None;
+    }
+    let start = 5 + value[5..].iter().take_while(|b| **b == b' ').count();
+    let b64 = value[start..].trim_ascii_end();
+    let creds = STANDARD
+        .decode(b64)
+        .or_else(|_| STANDARD_NO_PAD.decode(b64))
+        .ok()?;
+    Some((&value[..start], creds))
+}
+
+/// Replaces every placeholder in the percent-decoded form of `raw`, writing each value
+/// percent-encoded over the raw span the placeholder occupied.
+fn replace_decoded(
+    m: &PlaceholderMatcher,
+    raw: &str,
+    plus_as_space: bool,
+    values: &dyn SecretValues,
+) -> String {
+    let d = decode_mapped(raw, plus_as_space);
+    let mut out = String::with_capacity(raw.len() + 32);
+    let mut last = 0;
+    for (s, start, end) in m.find(&d.bytes) {
+        let r = d.raw_range(start, end);
+        out.push_str(&raw[last..r.start]);
+        out.push_str(&encode_component(values.value(s)));
+        last = r.end;
+    }
+    out.push_str(&raw[last..]);
+    out
+}
+
+#[cfg(test)]
+mod tests;

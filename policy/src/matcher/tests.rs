@@ -1,0 +1,282 @@
+use std::path::Path;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const POLICY: &str = r#"
+version = 1
+[[secrets]]
+name = "GITHUB_TOKEN"
+type = "http"
+source = { env = "REAL" }
+match_headers = ["Authorization"]
+hosts = ["api.github.test"]
+
+[[secrets]]
+name = "QUERY_KEY"
+type = "http"
+source = { env = "Q" }
+match_headers = []
+match_query = ["key"]
+match_path = true
+hosts = ["maps.test"]
+
+[[secrets]]
+name = "PLAIN_TOKEN"
+type = "http"
+source = { env = "P" }
+hosts = ["plain.test"]
+allow_plaintext = true
+
+[[secrets]]
+name = "INJECTED_KEY"
+type = "http"
+mode = "inject"
+source = { env = "I" }
+inject_header = "X-Api-Key"
+inject_formatter = "Key {value}"
+hosts = ["inject.test"]
+
+[[secrets]]
+name = "INJECTED_QUERY"
+type = "http"
+mode = "inject"
+source = { env = "J" }
+inject_query_param = "api_key"
+hosts = ["injectq.test"]
+"#;
+
+fn policy() -> Policy {
+    Policy::parse(POLICY, Path::new("p.toml")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+struct Values;
+impl SecretValues for Values {
+    fn value(&self, index: usize) -> &[u8] {
+        [
+            &b"ghp_real/+="[..],
+            b"q real&v",
+            b"plainreal",
+            b"injreal",
+            b"jj",
+        ][index]
+    }
+}
+
+fn view<'a>(
+    host: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+    headers: &'a [(&'a str, &'a [u8])],
+) -> RequestView<'a> {
+    RequestView {
+        host,
+        port: 443,
+        tls: true,
+        path,
+        query,
+        headers,
+    }
+}
+
+#[test]
+fn swaps_header_substring_on_allowed_host() {
+    let p = policy();
+    let h: &[(&str, &[u8])] = &[
+        ("Accept", b"*/*"),
+        ("authorization", b"Bearer GITHUB_TOKEN"),
+    ];
+    let req = view("api.github.test", "/user", None, h);
+    let plan = p.plan(&req).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(plan.secrets, vec![0]);
+    assert_eq!(plan.applied[0].location.to_string(), "header:authorization");
+    let out = plan.apply(&p, &req, &Values);
+    assert_eq!(out.headers, vec![(1, b"Bearer ghp_real/+=".to_vec())]);
+    assert_eq!(out.path, None);
+}
+
+#[test]
+fn refuses_placeholder_on_other_host() {
+    let p = policy();
+    let h: &[(&str, &[u8])] = &[("Authorization", b"Bearer GITHUB_TOKEN")];
+    let err = p.plan(&view("maps.test", "/", None, h)).err();
+    assert_eq!(
+        err,
+        Some(PlanError::PlaceholderNotAllowed {
+            secret: "GITHUB_TOKEN".into(),
+            location: Location::Header("Authorization".into())
+        })
+    );
+}
+
+#[test]
+fn refuses_placeholder_in_unselected_header_or_wrong_port() {
+    let p = policy();
+    let h: &[(&str, &[u8])] = &[("X-Other", b"GITHUB_TOKEN")];
+    assert!(p.plan(&view("api.github.test", "/", None, h)).is_err());
+    let h: &[(&str, &[u8])] = &[("Authorization", b"GITHUB_TOKEN")];
+    let mut req = view("api.github.test", "/", None, h);
+    req.port = 8443;
+    assert!(matches!(
+        p.plan(&req),
+        Err(PlanError::PlaceholderNotAllowed { .. })
+    ));
+}
+
+#[test]
+fn basic_auth_is_decoded_swapped_and_reencoded() {
+    let p = policy();
+    // base64("x-access-token:GITHUB_TOKEN"), unpadded form too
+    let padded = b"Basic eC1hY2Nlc3MtdG9rZW46R0lUSFVCX1RPS0VO";
+    let h: &[(&str, &[u8])] = &[("Authorization", padded)];
+    let req = view("api.github.test", "/", None, h);
+    let plan = p.plan(&req).unwrap_or_else(|e| panic!("{e}"));
+    let out = plan.apply(&p, &req, &Values);
+    let v = &out.headers[0].1;
+    assert!(v.starts_with(b"Basic "));
+    let decoded = STANDARD.decode(&v[6..]).unwrap_or_default();
+    assert_eq!(decoded, b"x-access-token:ghp_real/+=");
+    // Same placeholder inside Basic, to another host: refused.
+    assert!(p.plan(&view("maps.test", "/", None, h)).is_err());
+}
+
+#[test]
+fn query_and_path_edit_only_the_span() {
+    let p = policy();
+    let req = view(
+        "maps.test",
+        "/v1/a%2Fb/QUERY%5FKEY/x",
+        Some("z=2&key=pre-QUERY_KEY&a=%2F+b&key=Q%55ERY_KEY"),
+        &[],
+    );
+    let plan = p.plan(&req).unwrap_or_else(|e| panic!("{e}"));
+    let out = plan.apply(&p, &req, &Values);
+    assert_eq!(out.path.as_deref(), Some("/v1/a%2Fb/q%20real%26v/x"));
+    assert_eq!(
+        out.query.as_deref(),
+        Some("z=2&key=pre-q%20real%26v&a=%2F+b&key=q%20real%26v")
+    );
+}
+
+#[test]
+fn query_placeholder_in_unlisted_param_is_refused() {
+    let p = policy();
+    let req = view("maps.test", "/", Some("other=QUERY_KEY"), &[]);
+    assert_eq!(
+        p.plan(&req).err(),
+        Some(PlanError::PlaceholderNotAllowed {
+            secret: "QUERY_KEY".into(),
+            location: Location::Query("other".into())
+        })
+    );
+    let req = view("maps.test", "/", Some("QUERY_KEY=1"), &[]);
+    assert!(p.plan(&req).is_err());
+}
+
+#[test]
+fn cleartext_is_refused_unless_allowed() {
+    let p = policy();
+    let h: &[(&str, &[u8])] = &[("Authorization", b"Bearer GITHUB_TOKEN")];
+    let mut req = view("api.github.test", "/", None, h);
+    req.tls = false;
+    req.port = 80;
+    assert!(matches!(
+        p.plan(&req),
+        Err(PlanError::CleartextInjectionRefused { .. })
+    ));
+    let h: &[(&str, &[u8])] = &[("Authorization", b"Bearer PLAIN_TOKEN")];
+    let mut req = view("plain.test", "/", None, h);
+    req.tls = false;
+    req.port = 80;
+    assert!(p.plan(&req).is_ok());
+    let mut req = view("inject.test", "/", None, &[]);
+    req.tls = false;
+    req.port = 80;
+    assert!(matches!(
+        p.plan(&req),
+        Err(PlanError::CleartextInjectionRefused { .. })
+    ));
+}
+
+#[test]
+fn inject_header_and_query() {
+    let p = policy();
+    let h: &[(&str, &[u8])] = &[("x-api-key", b"INJECTED_KEY")];
+    let req = view("inject.test", "/", None, h);
+    let plan = p.plan(&req).unwrap_or_else(|e| panic!("{e}"));
+    let out = plan.apply(&p, &req, &Values);
+    assert_eq!(
+        out.set_headers,
+        vec![("X-Api-Key".to_string(), b"Key injreal".to_vec())]
+    );
+    let req = view("injectq.test", "/", Some("a=1&api_key=old"), &[]);
+    let plan = p.plan(&req).unwrap_or_else(|e| panic!("{e}"));
+    let out = plan.apply(&p, &req, &Values);
+    assert_eq!(out.query.as_deref(), Some("a=1&api_key=jj"));
+    // Not applied on other hosts.
+    let plan = p
+        .plan(&view("maps.test", "/", None, &[]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(plan.is_empty());
+}
+
+proptest! {
+    /// After a rewrite no placeholder of an applied secret remains in the rewritten header,
+    /// and the secret's value is present.
+    #[test]
+    fn no_placeholder_survives(prefix in "[ -~]{0,20}", suffix in "[ -~]{0,20}") {
+        let p = policy();
+        let value = format!("{prefix}GITHUB_TOKEN{suffix}");
+        let h: &[(&str, &[u8])] = &[("Authorization", value.as_bytes())];
+        let req = view("api.github.test", "/", None, h);
+        if let Ok(plan) = p.plan(&req) {
+            let out = plan.apply(&p, &req, &Values);
+            let v = String::from_utf8_lossy(&out.headers[0].1).into_owned();
+            prop_assert!(!v.contains("GITHUB_TOKEN"));
+            prop_assert!(v.contains("ghp_real/+="));
+        }
+    }
+
+    /// A placeholder anywhere in a request to a host outside every secret's allowlist is
+    /// refused: no secret reaches a non-allowlisted host.
+    #[test]
+    fn no_secret_reaches_other_hosts(
+        host in "[a-z]{1,8}\\.(test|example)",
+        where_ in 0usize..3,
+        pad in "[a-zA-Z0-9]{0,6}",
+        which in 0usize..3,
+    ) {
+        prop_assume!(!["maps.test", "plain.test", "inject.test", "injectq.test"].contains(&host.as_str()));
+        let p = policy();
+        let ph = ["GITHUB_TOKEN", "QUERY_KEY", "PLAIN_TOKEN"][which];
+        let text = format!("{pad}{ph}{pad}");
+        let headers_owned = [("Authorization", text.as_bytes())];
+        let path = format!("/{text}");
+        let query = format!("key={text}");
+        let req = match where_ {
+            0 => view(&host, "/", None, &headers_owned),
+            1 => view(&host, &path, None, &[]),
+            _ => view(&host, "/", Some(&query), &[]),
+        };
+        let res = p.plan(&req);
+        prop_assert!(
+            matches!(res, Err(PlanError::PlaceholderNotAllowed { .. })),
+            "placeholder allowed on unrelated host"
+        );
+    }
+
+    /// Bytes of the query that hold no placeholder are kept exactly.
+    #[test]
+    fn untouched_query_bytes_are_kept(q in "[a-zA-Z0-9%=&+_.-]{0,40}") {
+        let p = policy();
+        let full = format!("{q}&key=QUERY_KEY");
+        let req = view("maps.test", "/", Some(&full), &[]);
+        let plan = p.plan(&req);
+        prop_assume!(plan.is_ok());
+        let plan = plan.unwrap_or_default();
+        let out = plan.apply(&p, &req, &Values);
+        let expected = format!("{q}&key=q%20real%26v");
+        prop_assert_eq!(out.query.as_deref(), Some(expected.as_str()));
+    }
+}

@@ -1,0 +1,1197 @@
+//! The validated policy and its loader.
+//!
+//! [`Policy::parse`] is a pure function of the file text and the policy's path: it checks
+//! everything that can be checked without I/O and reports every problem at once, each with
+//! file, line and column. Whether a secret's source is present is checked separately (by
+//! `iron-broker`), because that needs the environment and the file system.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use crate::error::{Diagnostic, PolicyErrors, Severity, line_col};
+use crate::host::HostPattern;
+use crate::matcher::PlaceholderMatcher;
+use crate::raw::{RawLimits, RawPolicy, RawProxy, RawSecret, RawSource};
+
+/// A 1-based line and column in the policy file, kept so later checks (source presence)
+/// can point at the right place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pos {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub col: usize,
+}
+
+/// What may leave through the proxy (DESIGN.md decision 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// Only hosts named by a secret's `hosts`, `[proxy].allow` or `[proxy].passthrough`.
+    Allowlist,
+    /// Any host (deny CIDRs still apply).
+    Open,
+}
+
+/// Limits and timeouts of DESIGN.md decision 11. Each has a documented default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head (request line plus headers) read from a client, in bytes.
+    /// Default 65 536.
+    pub max_header_bytes: usize,
+    /// Most headers accepted in one request. Default 128.
+    pub max_headers: usize,
+    /// Time allowed for a client to send the CONNECT request or a request head.
+    /// Default 10 s.
+    pub client_header_timeout: Duration,
+    /// Time allowed for the client-side TLS handshake. Default 10 s.
+    pub tls_handshake_timeout: Duration,
+    /// Idle keep-alive time on both legs, and the idle timeout of a relayed tunnel or
+    /// upgraded connection. Default 90 s.
+    pub idle_timeout: Duration,
+    /// Time allowed to connect (TCP + TLS) to an upstream. Default 10 s.
+    pub upstream_connect_timeout: Duration,
+    /// Time allowed for an upstream to send response headers. Default 120 s.
+    pub upstream_response_header_timeout: Duration,
+    /// Most leaf certificates kept in the cache. Default 1000.
+    pub leaf_cache_size: usize,
+    /// Most concurrent client connections; further connections wait in the accept queue.
+    /// Default 4096.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_headers: 128,
+            client_header_timeout: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            upstream_connect_timeout: Duration::from_secs(10),
+            upstream_response_header_timeout: Duration::from_secs(120),
+            leaf_cache_size: 1000,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// The `[proxy]` table, validated. Relative paths are already resolved against the policy
+/// file's directory.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Forward-proxy listen address. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Admin API listen address, if any.
+    pub admin_listen: Option<SocketAddr>,
+    /// Interception CA certificate and key (PEM). `None`: the state directory's CA.
+    pub ca: Option<(PathBuf, PathBuf)>,
+    /// Egress mode.
+    pub egress: Egress,
+    /// Hosts reachable without a secret.
+    pub allow: Vec<HostPattern>,
+    /// Hosts tunnelled without interception.
+    pub passthrough: Vec<HostPattern>,
+    /// Exceptions to the built-in deny CIDRs.
+    pub allow_cidrs: Vec<IpNet>,
+    /// Extra PEM roots for verifying upstreams.
+    pub upstream_ca: Vec<PathBuf>,
+    /// Static name → address overrides (like `curl --resolve`), names normalized.
+    pub resolve: HashMap<String, IpAddr>,
+    /// Limits and timeouts.
+    pub limits: Limits,
+}
+
+/// Where a secret's value comes from (DESIGN.md decision 9). Never the value itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceKind {
+    /// An environment variable of the proxy process.
+    Env(String),
+    /// A file, resolved against the policy's directory.
+    File(PathBuf),
+}
+
+/// A secret reference: `{ env = "VAR" }` or `{ file = "path" }`, optionally with
+/// `json_key = "field"` to pluck one top-level string field of a JSON document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRef {
+    /// The source.
+    pub kind: SourceKind,
+    /// The JSON field to read, if the source holds a JSON document.
+    pub json_key: Option<String>,
+    /// Where the reference is written in the policy.
+    pub pos: Pos,
+}
+
+impl SourceRef {
+    /// The kind of source as a word: `env` or `file`.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            SourceKind::Env(_) => "env",
+            SourceKind::File(_) => "file",
+        }
+    }
+
+    /// The reference's name: the variable name or the file path. Safe to show.
+    pub fn reference(&self) -> String {
+        match &self.kind {
+            SourceKind::Env(v) => v.clone(),
+            SourceKind::File(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// Which request headers a replace-mode secret scans (`match_headers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderSelector {
+    entries: Vec<HeaderRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HeaderRule {
+    All,
+    Exact(String),
+    Prefix(String),
+    /// `^x-[a-z0-9-]*(api-key|apikey|secret|token|auth|key)$`, the reference's pattern.
+    XCredential,
+}
+
+/// Header names scanned when `match_headers` is omitted: the reference's
+/// DEFAULT_MATCH_HEADERS (REFERENCE.md §1), without `Proxy-Authorization`, which is
+/// hop-by-hop and never reaches an origin.
+pub const DEFAULT_MATCH_HEADERS: &[&str] = &[
+    "Authorization",
+    "Api-Key",
+    "Anthropic-Api-Key",
+    "Auth-Token",
+    "Jwt",
+    "Cookie",
+    "Apikey",
+    "AccessKey",
+    "Api-Access-Key",
+    "Api-Signature",
+    "FX-ACCESS-*",
+    "X-CB-ACCESS-*",
+];
+
+impl HeaderSelector {
+    /// The default selector: [`DEFAULT_MATCH_HEADERS`] plus any `x-…(api-key|apikey|secret|
+    /// token|auth|key)` header.
+    pub fn default_set() -> Self {
+        let mut entries: Vec<HeaderRule> = DEFAULT_MATCH_HEADERS
+            .iter()
+            .filter_map(|h| HeaderRule::parse(h).ok())
+            .collect();
+        entries.push(HeaderRule::XCredential);
+        Self { entries }
+    }
+
+    /// An explicit list. `"*"` selects every header, `Prefix-*` every header starting with
+    /// `Prefix-`, anything else is an exact name. Case-insensitive. An empty list selects
+    /// nothing (REFERENCE.md D13).
+    ///
+    /// # Errors
+    /// The offending entry's message when it is not a header name or one of those forms.
+    pub fn parse(list: &[&str]) -> Result<Self, String> {
+        let entries = list
+            .iter()
+            .map(|s| HeaderRule::parse(s))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { entries })
+    }
+
+    /// True when the header `name` (any case) is selected.
+    pub fn selects(&self, name: &str) -> bool {
+        let lower = name.to_ascii_lowercase();
+        self.entries.iter().any(|r| r.selects(&lower))
+    }
+
+    /// True when no header is selected.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl HeaderRule {
+    fn parse(s: &str) -> Result<Self, String> {
+        if s == "*" {
+            return Ok(Self::All);
+        }
+        let (body, prefix) = match s.strip_suffix('*') {
+            Some(b) => (b, true),
+            None => (s, false),
+        };
+        if body.is_empty() || !body.bytes().all(is_token_char) {
+            return Err(format!("`{s}` is not a header name, `Prefix-*` or `*`"));
+        }
+        let lower = body.to_ascii_lowercase();
+        Ok(if prefix {
+            Self::Prefix(lower)
+        } else {
+            Self::Exact(lower)
+        })
+    }
+
+    fn selects(&self, lower: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Exact(n) => n == lower,
+            Self::Prefix(p) => lower.starts_with(p.as_str()),
+            Self::XCredential => {
+                let Some(rest) = lower.strip_prefix("x-") else {
+                    return false;
+                };
+                rest.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && ["api-key", "apikey", "secret", "token", "auth", "key"]
+                        .iter()
+                        .any(|s| rest.ends_with(s))
+            }
+        }
+    }
+}
+
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Where an inject-mode secret puts its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InjectTarget {
+    /// Set this header (overwriting any existing one, whatever its casing; the configured
+    /// casing is kept).
+    Header(String),
+    /// Set this query parameter (replacing existing ones of that name, or appending).
+    Query(String),
+}
+
+/// An `inject_formatter`: text with the value spliced in.
+///
+/// Forms accepted: `{value}` (alias `{token}`), Go-template `{{.Value}}`, and
+/// `{{base64 "user:" .Value}}` (standard base64 of the concatenated arguments), so
+/// `Bearer {value}` and `Basic {{base64 "user:" .Value}}` are both expressible
+/// (REFERENCE.md §2.1, Centaur's template forms).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectFormatter {
+    parts: Vec<FmtPart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FmtPart {
+    Literal(String),
+    Value,
+    Base64(Vec<FmtPart>),
+}
+
+impl InjectFormatter {
+    /// The identity formatter: the value alone.
+    pub fn value_only() -> Self {
+        Self {
+            parts: vec![FmtPart::Value],
+        }
+    }
+
+    /// Parses a formatter.
+    ///
+    /// # Errors
+    /// A message when a `{…}` or `{{…}}` is not one of the accepted forms, a quote is not
+    /// closed, or the value is never used.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut rest = text;
+        while !rest.is_empty() {
+            if let Some(after) = rest.strip_prefix("{{") {
+                let Some(end) = after.find("}}") else {
+                    return Err("`{{` is not closed by `}}`".into());
+                };
+                flush(&mut lit, &mut parts);
+                parts.push(parse_action(after[..end].trim())?);
+                rest = &after[end + 2..];
+            } else if let Some(after) = rest.strip_prefix('{') {
+                let Some(end) = after.find('}') else {
+                    return Err("`{` is not closed by `}`".into());
+                };
+                match &after[..end] {
+                    "value" | "token" => {
+                        flush(&mut lit, &mut parts);
+                        parts.push(FmtPart::Value);
+                    }
+                    other => {
+                        return Err(format!(
+                            "unknown placeholder `{{{other}}}`; use `{{value}}`, `{{{{.Value}}}}` or `{{{{base64 \"user:\" .Value}}}}`"
+                        ));
+                    }
+                }
+                rest = &after[end + 1..];
+            } else {
+                let mut chars = rest.chars();
+                if let Some(c) = chars.next() {
+                    lit.push(c);
+                }
+                rest = chars.as_str();
+            }
+        }
+        flush(&mut lit, &mut parts);
+        if !uses_value(&parts) {
+            return Err("the formatter never uses the value".into());
+        }
+        Ok(Self { parts })
+    }
+
+    /// Renders the formatter with `value` spliced in.
+    pub fn render(&self, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(value.len() + 16);
+        render_parts(&self.parts, value, &mut out);
+        out
+    }
+}
+
+fn flush(lit: &mut String, parts: &mut Vec<FmtPart>) {
+    if !lit.is_empty() {
+        parts.push(FmtPart::Literal(std::mem::take(lit)));
+    }
+}
+
+fn uses_value(parts: &[FmtPart]) -> bool {
+    parts.iter().any(|p| match p {
+        FmtPart::Value => true,
+        FmtPart::Base64(inner) => uses_value(inner),
+        FmtPart::Literal(_) => false,
+    })
+}
+
+fn parse_action(action: &str) -> Result<FmtPart, String> {
+    if action == ".Value" {
+        return Ok(FmtPart::Value);
+    }
+    let Some(args) = action.strip_prefix("base64") else {
+        return Err(format!(
+            "unknown template action `{action}`; use `.Value` or `base64 …`"
+        ));
+    };
+    let mut inner = Vec::new();
+    let mut rest = args.trim_start();
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix(".Value") {
+            inner.push(FmtPart::Value);
+            rest = r.trim_start();
+        } else if let Some(r) = rest.strip_prefix('"') {
+            let mut s = String::new();
+            let mut chars = r.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            s.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = Some(i);
+                        break;
+                    }
+                    c => s.push(c),
+                }
+            }
+            let Some(end) = end else {
+                return Err("a quoted string in `base64` is not closed".into());
+            };
+            inner.push(FmtPart::Literal(s));
+            rest = r[end + 1..].trim_start();
+        } else {
+            return Err(format!(
+                "`base64` takes quoted strings and `.Value`, found `{rest}`"
+            ));
+        }
+    }
+    if inner.is_empty() {
+        return Err("`base64` needs at least one argument".into());
+    }
+    Ok(FmtPart::Base64(inner))
+}
+
+fn render_parts(parts: &[FmtPart], value: &[u8], out: &mut Vec<u8>) {
+    use base64::Engine as _;
+    for p in parts {
+        match p {
+            FmtPart::Literal(s) => out.extend_from_slice(s.as_bytes()),
+            FmtPart::Value => out.extend_from_slice(value),
+            FmtPart::Base64(inner) => {
+                let mut raw = Vec::new();
+                render_parts(inner, value, &mut raw);
+                out.extend_from_slice(
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&raw)
+                        .as_bytes(),
+                );
+            }
+        }
+    }
+}
+
+/// How an `http` secret is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpMode {
+    /// Swap the placeholder where it appears in the named locations.
+    Replace {
+        /// Headers scanned.
+        headers: HeaderSelector,
+        /// Query parameter names whose values are scanned.
+        query: Vec<String>,
+        /// Whether the path is scanned.
+        path: bool,
+    },
+    /// Set a header or query parameter on every request to the secret's hosts.
+    Inject {
+        /// Where the value goes.
+        target: InjectTarget,
+        /// How the value is written.
+        formatter: InjectFormatter,
+    },
+}
+
+/// The type-specific part of a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretKind {
+    /// `type = "http"`.
+    Http(HttpMode),
+}
+
+/// One `[[secrets]]` entry, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    /// The secret's name; also the sandbox environment variable holding the placeholder.
+    pub name: String,
+    /// The text the sandbox holds in place of the value. Default: the name.
+    pub placeholder: String,
+    /// Where the real value comes from.
+    pub source: SourceRef,
+    /// Hosts the value may be sent to.
+    pub hosts: Vec<HostPattern>,
+    /// A missing source is a warning rather than an error.
+    pub optional: bool,
+    /// The value may be sent over cleartext HTTP (DESIGN.md decision 4). Default false.
+    pub allow_plaintext: bool,
+    /// Type-specific settings.
+    pub kind: SecretKind,
+    /// Where the entry's `name` is written.
+    pub pos: Pos,
+}
+
+impl Secret {
+    /// True when this secret may be used on `host:port` over a connection that is (or is
+    /// not) TLS. Cleartext is checked separately, so it can be refused with its own code.
+    pub fn allows_host(&self, host: &str, port: u16, tls: bool) -> bool {
+        self.hosts.iter().any(|h| h.matches(host, port, tls))
+    }
+}
+
+/// A validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// `[proxy]`.
+    pub proxy: ProxySettings,
+    /// `[[secrets]]`, in file order.
+    pub secrets: Vec<Secret>,
+    /// Warnings found while loading (catch-all patterns, short placeholders…).
+    pub warnings: Vec<Diagnostic>,
+    pub(crate) matcher: PlaceholderMatcher,
+}
+
+/// Addresses the proxy never dials unless `allow_cidrs` makes an exception (DESIGN.md
+/// decision 5): unspecified, loopback, RFC 1918, CGNAT, link-local (incl. cloud metadata
+/// 169.254.169.254), multicast, broadcast, "this network", ULA, IPv6 link-local, the
+/// AWS IPv6 metadata address, and NAT64/IPv4-mapped forms (checked after unmapping).
+pub const DEFAULT_DENY_CIDRS: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+    "fd00:ec2::254/128",
+    "64:ff9b::/96",
+];
+
+impl Policy {
+    /// Reads and parses the policy at `path`.
+    ///
+    /// # Errors
+    /// [`PolicyErrors`] with one diagnostic when the file cannot be read, else every
+    /// problem [`Policy::parse`] finds.
+    pub fn load(path: &Path) -> Result<Self, PolicyErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyErrors {
+            diagnostics: vec![Diagnostic {
+                file: path.to_path_buf(),
+                line: 1,
+                col: 1,
+                severity: Severity::Error,
+                message: format!("failed to read policy file: {e}"),
+            }],
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses policy `text` read from `path` (used for messages and to resolve relative
+    /// paths against its directory). Pure: no I/O.
+    ///
+    /// # Errors
+    /// [`PolicyErrors`] listing every error (and the warnings) found.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, PolicyErrors> {
+        let mut cx = Cx {
+            text,
+            file: path.to_path_buf(),
+            base: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            diags: Vec::new(),
+        };
+        let raw: RawPolicy = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                let offset = e.span().map_or(0, |s| s.start);
+                cx.error(offset, e.message().trim().to_string());
+                return Err(cx.into_errors());
+            }
+        };
+        match &raw.version {
+            None => cx.error(0, "missing `version = 1`".into()),
+            Some(v) if *v.get_ref() != 1 => cx.error(
+                v.span().start,
+                format!("unsupported policy version {}; expected 1", v.get_ref()),
+            ),
+            Some(_) => {}
+        }
+        let proxy = match &raw.proxy {
+            Some(p) => cx.proxy(p.get_ref()),
+            None => cx.proxy(&RawProxy::default()),
+        };
+        let mut secrets = Vec::new();
+        let mut names = HashSet::new();
+        let mut placeholders = HashSet::new();
+        for s in &raw.secrets {
+            if let Some(secret) = cx.secret(s) {
+                if !names.insert(secret.name.clone()) {
+                    cx.error(
+                        s.span().start,
+                        format!("duplicate secret name `{}`", secret.name),
+                    );
+                }
+                if !placeholders.insert(secret.placeholder.clone()) {
+                    cx.error(
+                        s.span().start,
+                        format!(
+                            "secret `{}` reuses placeholder `{}` of another secret",
+                            secret.name, secret.placeholder
+                        ),
+                    );
+                }
+                secrets.push(secret);
+            }
+        }
+        if cx.diags.iter().any(|d| d.severity == Severity::Error) {
+            return Err(cx.into_errors());
+        }
+        let matcher = PlaceholderMatcher::new(&secrets);
+        Ok(Self {
+            path: path.to_path_buf(),
+            proxy,
+            secrets,
+            warnings: cx.diags,
+            matcher,
+        })
+    }
+
+    /// The secret named `name`.
+    pub fn secret(&self, name: &str) -> Option<&Secret> {
+        self.secrets.iter().find(|s| s.name == name)
+    }
+
+    /// True when `host:port` is tunnelled without interception.
+    pub fn is_passthrough(&self, host: &str, port: u16) -> bool {
+        self.proxy
+            .passthrough
+            .iter()
+            .any(|p| p.matches(host, port, true))
+    }
+
+    /// The egress decision for a destination (DESIGN.md decision 5): true when `host:port`
+    /// may be reached at all. `tls` picks the default port of patterns without one.
+    pub fn allows_destination(&self, host: &str, port: u16, tls: bool) -> bool {
+        match self.proxy.egress {
+            Egress::Open => true,
+            Egress::Allowlist => {
+                self.proxy.allow.iter().any(|p| p.matches(host, port, tls))
+                    || self.is_passthrough(host, port)
+                    || self.secrets.iter().any(|s| s.allows_host(host, port, tls))
+            }
+        }
+    }
+
+    /// True when the resolved address `ip` falls in a deny CIDR and in no `allow_cidrs`
+    /// exception. IPv4-mapped IPv6 addresses are unmapped first.
+    pub fn is_address_denied(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if self.proxy.allow_cidrs.iter().any(|n| n.contains(&ip)) {
+            return false;
+        }
+        DEFAULT_DENY_CIDRS
+            .iter()
+            .filter_map(|c| c.parse::<IpNet>().ok())
+            .any(|n| n.contains(&ip))
+    }
+}
+
+struct Cx<'a> {
+    text: &'a str,
+    file: PathBuf,
+    base: PathBuf,
+    diags: Vec<Diagnostic>,
+}
+
+impl Cx<'_> {
+    fn push(&mut self, offset: usize, severity: Severity, message: String) {
+        let (line, col) = line_col(self.text, offset);
+        self.diags.push(Diagnostic {
+            file: self.file.clone(),
+            line,
+            col,
+            severity,
+            message,
+        });
+    }
+
+    fn error(&mut self, offset: usize, message: String) {
+        self.push(offset, Severity::Error, message);
+    }
+
+    fn warn(&mut self, offset: usize, message: String) {
+        self.push(offset, Severity::Warning, message);
+    }
+
+    fn pos(&self, offset: usize) -> Pos {
+        let (line, col) = line_col(self.text, offset);
+        Pos { line, col }
+    }
+
+    fn into_errors(mut self) -> PolicyErrors {
+        self.diags.sort_by_key(|d| (d.line, d.col));
+        PolicyErrors {
+            diagnostics: self.diags,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn addr(&mut self, v: &Spanned<String>, key: &str) -> Option<SocketAddr> {
+        match v.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    v.span().start,
+                    format!("`{key}` must be an IP:PORT address like `127.0.0.1:8080`"),
+                );
+                None
+            }
+        }
+    }
+
+    fn patterns(&mut self, list: &[Spanned<String>], key: &str) -> Vec<HostPattern> {
+        let mut out = Vec::new();
+        for v in list {
+            match HostPattern::parse(v.get_ref()) {
+                Ok(p) => out.push(p),
+                Err(e) => self.error(v.span().start, format!("`{key}`: {e}")),
+            }
+        }
+        out
+    }
+
+    fn proxy(&mut self, raw: &RawProxy) -> ProxySettings {
+        let default_listen = SocketAddr::from(([127, 0, 0, 1], 8080));
+        let listen = raw
+            .listen
+            .as_ref()
+            .and_then(|v| self.addr(v, "listen"))
+            .unwrap_or(default_listen);
+        let admin_listen = raw
+            .admin_listen
+            .as_ref()
+            .and_then(|v| self.addr(v, "admin_listen"));
+        let ca = match (&raw.ca_cert, &raw.ca_key) {
+            (Some(c), Some(k)) => Some((self.path(c.get_ref()), self.path(k.get_ref()))),
+            (None, None) => None,
+            (Some(v), None) | (None, Some(v)) => {
+                self.error(
+                    v.span().start,
+                    "`ca_cert` and `ca_key` must be given together".into(),
+                );
+                None
+            }
+        };
+        let egress = match raw
+            .egress
+            .as_ref()
+            .map(|e| (e.get_ref().as_str(), e.span()))
+        {
+            None | Some(("allowlist", _)) => Egress::Allowlist,
+            Some(("open", span)) => {
+                self.warn(
+                    span.start,
+                    "`egress = \"open\"` lets the sandbox reach any public host".into(),
+                );
+                Egress::Open
+            }
+            Some((other, span)) => {
+                self.error(
+                    span.start,
+                    format!("`egress` must be \"allowlist\" or \"open\", not \"{other}\""),
+                );
+                Egress::Allowlist
+            }
+        };
+        let allow = self.patterns(&raw.allow, "allow");
+        let passthrough = self.patterns(&raw.passthrough, "passthrough");
+        let mut allow_cidrs = Vec::new();
+        for c in &raw.allow_cidrs {
+            match c.get_ref().parse::<IpNet>() {
+                Ok(n) => allow_cidrs.push(n),
+                Err(_) => self.error(
+                    c.span().start,
+                    format!(
+                        "`allow_cidrs`: `{}` is not a CIDR like 10.0.0.0/8",
+                        c.get_ref()
+                    ),
+                ),
+            }
+        }
+        let upstream_ca = raw
+            .upstream_ca
+            .iter()
+            .map(|p| self.path(p.get_ref()))
+            .collect();
+        let mut resolve = HashMap::new();
+        for (name, ip) in &raw.resolve {
+            let Some(host) = crate::host::normalize_host(name) else {
+                self.error(
+                    ip.span().start,
+                    format!("`resolve`: `{name}` is not a host name"),
+                );
+                continue;
+            };
+            match ip.get_ref().parse::<IpAddr>() {
+                Ok(a) => {
+                    resolve.insert(host, a);
+                }
+                Err(_) => self.error(
+                    ip.span().start,
+                    format!("`resolve.{name}` must be an IP address"),
+                ),
+            }
+        }
+        let limits = match &raw.limits {
+            Some(l) => self.limits(l.get_ref()),
+            None => Limits::default(),
+        };
+        ProxySettings {
+            listen,
+            admin_listen,
+            ca,
+            egress,
+            allow,
+            passthrough,
+            allow_cidrs,
+            upstream_ca,
+            resolve,
+            limits,
+        }
+    }
+
+    fn limits(&mut self, raw: &RawLimits) -> Limits {
+        let mut l = Limits::default();
+        let mut num = |v: &Option<Spanned<u64>>, key: &str, out: &mut usize| {
+            if let Some(v) = v {
+                if *v.get_ref() == 0 {
+                    self.error(v.span().start, format!("`limits.{key}` must be positive"));
+                } else {
+                    *out = usize::try_from(*v.get_ref()).unwrap_or(usize::MAX);
+                }
+            }
+        };
+        num(
+            &raw.max_header_bytes,
+            "max_header_bytes",
+            &mut l.max_header_bytes,
+        );
+        num(&raw.max_headers, "max_headers", &mut l.max_headers);
+        num(
+            &raw.leaf_cache_size,
+            "leaf_cache_size",
+            &mut l.leaf_cache_size,
+        );
+        num(
+            &raw.max_connections,
+            "max_connections",
+            &mut l.max_connections,
+        );
+        let mut secs = |v: &Option<Spanned<u64>>, key: &str, out: &mut Duration| {
+            if let Some(v) = v {
+                if *v.get_ref() == 0 {
+                    self.error(v.span().start, format!("`limits.{key}` must be positive"));
+                } else {
+                    *out = Duration::from_secs(*v.get_ref());
+                }
+            }
+        };
+        secs(
+            &raw.client_header_timeout_secs,
+            "client_header_timeout_secs",
+            &mut l.client_header_timeout,
+        );
+        secs(
+            &raw.tls_handshake_timeout_secs,
+            "tls_handshake_timeout_secs",
+            &mut l.tls_handshake_timeout,
+        );
+        secs(
+            &raw.idle_timeout_secs,
+            "idle_timeout_secs",
+            &mut l.idle_timeout,
+        );
+        secs(
+            &raw.upstream_connect_timeout_secs,
+            "upstream_connect_timeout_secs",
+            &mut l.upstream_connect_timeout,
+        );
+        secs(
+            &raw.upstream_response_header_timeout_secs,
+            "upstream_response_header_timeout_secs",
+            &mut l.upstream_response_header_timeout,
+        );
+        l
+    }
+
+    fn secret(&mut self, entry: &Spanned<RawSecret>) -> Option<Secret> {
+        let at = entry.span().start;
+        let raw = entry.get_ref();
+        let errors_before = self.error_count();
+        let Some(name) = &raw.name else {
+            self.error(at, "secret has no `name`".into());
+            return None;
+        };
+        let name_at = name.span().start;
+        let name_s = name.get_ref().clone();
+        if !is_env_name(&name_s) {
+            self.error(
+                name_at,
+                format!("secret name `{name_s}` must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+            );
+        }
+        match raw
+            .kind
+            .as_ref()
+            .map(|k| (k.get_ref().as_str(), k.span().start))
+        {
+            Some(("http", _)) => {}
+            None => self.error(name_at, format!("secret `{name_s}` has no `type`")),
+            Some((t @ ("oauth_token" | "gcp_auth" | "pg_dsn" | "brokered_token"), at)) => self
+                .error(
+                    at,
+                    format!("secret `{name_s}`: type `{t}` is not supported yet"),
+                ),
+            Some((other, at)) => self.error(
+                at,
+                format!("secret `{name_s}`: unknown type `{other}`; expected \"http\""),
+            ),
+        }
+        let (placeholder, placeholder_at) = match &raw.placeholder {
+            Some(p) => (p.get_ref().clone(), p.span().start),
+            None => (name_s.clone(), name_at),
+        };
+        if let Err(e) = check_placeholder(&placeholder) {
+            self.error(placeholder_at, format!("secret `{name_s}`: {e}"));
+        }
+        if placeholder.len() < 8 {
+            self.warn(
+                name_at,
+                format!("secret `{name_s}`: placeholder `{placeholder}` is short; it may appear in requests by accident and be refused"),
+            );
+        }
+        let source = match &raw.source {
+            Some(s) => self.source(s, &name_s),
+            None => {
+                self.error(name_at, format!("secret `{name_s}` has no `source`"));
+                None
+            }
+        };
+        let hosts = match &raw.hosts {
+            Some(h) if h.get_ref().is_empty() => {
+                self.error(
+                    h.span().start,
+                    format!("secret `{name_s}`: `hosts` is empty"),
+                );
+                Vec::new()
+            }
+            Some(h) => self.patterns(h.get_ref(), "hosts"),
+            None => {
+                self.error(name_at, format!("secret `{name_s}` has no `hosts`"));
+                Vec::new()
+            }
+        };
+        let mode = self.http_mode(raw, &name_s, name_at);
+        if self.error_count() > errors_before {
+            return None;
+        }
+        Some(Secret {
+            name: name_s,
+            placeholder,
+            source: source?,
+            hosts,
+            optional: raw.optional.unwrap_or(false),
+            allow_plaintext: raw.allow_plaintext.unwrap_or(false),
+            kind: SecretKind::Http(mode?),
+            pos: self.pos(name_at),
+        })
+    }
+
+    fn error_count(&self) -> usize {
+        self.diags
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count()
+    }
+
+    fn source(&mut self, s: &Spanned<RawSource>, name: &str) -> Option<SourceRef> {
+        let at = s.span().start;
+        let raw = s.get_ref();
+        let kind = match (&raw.env, &raw.file) {
+            (Some(v), None) if is_env_name(v) => SourceKind::Env(v.clone()),
+            (Some(v), None) => {
+                self.error(
+                    at,
+                    format!("secret `{name}`: `source.env` `{v}` is not a variable name"),
+                );
+                return None;
+            }
+            (None, Some(f)) if !f.is_empty() => SourceKind::File(self.path(f)),
+            (None, Some(_)) => {
+                self.error(at, format!("secret `{name}`: `source.file` is empty"));
+                return None;
+            }
+            _ => {
+                self.error(
+                    at,
+                    format!("secret `{name}`: `source` needs exactly one of `env` or `file`"),
+                );
+                return None;
+            }
+        };
+        if raw.json_key.as_deref() == Some("") {
+            self.error(at, format!("secret `{name}`: `source.json_key` is empty"));
+        }
+        Some(SourceRef {
+            kind,
+            json_key: raw.json_key.clone(),
+            pos: self.pos(at),
+        })
+    }
+
+    fn http_mode(&mut self, raw: &RawSecret, name: &str, name_at: usize) -> Option<HttpMode> {
+        let mode = raw
+            .mode
+            .as_ref()
+            .map(|m| (m.get_ref().as_str(), m.span().start));
+        match mode {
+            None | Some(("replace", _)) => {
+                for (present, key) in [
+                    (
+                        raw.inject_header.as_ref().map(|v| v.span().start),
+                        "inject_header",
+                    ),
+                    (
+                        raw.inject_query_param.as_ref().map(|v| v.span().start),
+                        "inject_query_param",
+                    ),
+                    (
+                        raw.inject_formatter.as_ref().map(|v| v.span().start),
+                        "inject_formatter",
+                    ),
+                ] {
+                    if let Some(at) = present {
+                        self.error(
+                            at,
+                            format!("secret `{name}`: `{key}` needs `mode = \"inject\"`"),
+                        );
+                    }
+                }
+                let headers = match &raw.match_headers {
+                    None => HeaderSelector::default_set(),
+                    Some(list) => {
+                        let names: Vec<&str> = list
+                            .get_ref()
+                            .iter()
+                            .map(|s| s.get_ref().as_str())
+                            .collect();
+                        match HeaderSelector::parse(&names) {
+                            Ok(h) => h,
+                            Err(e) => {
+                                self.error(
+                                    list.span().start,
+                                    format!("secret `{name}`: `match_headers`: {e}"),
+                                );
+                                return None;
+                            }
+                        }
+                    }
+                };
+                let query: Vec<String> = raw
+                    .match_query
+                    .as_ref()
+                    .map(|q| q.get_ref().iter().map(|s| s.get_ref().clone()).collect())
+                    .unwrap_or_default();
+                if query.iter().any(String::is_empty) {
+                    self.error(
+                        name_at,
+                        format!("secret `{name}`: `match_query` has an empty name"),
+                    );
+                }
+                let path = raw.match_path.as_ref().is_some_and(|p| *p.get_ref());
+                if headers.is_empty() && query.is_empty() && !path {
+                    self.error(
+                        name_at,
+                        format!("secret `{name}`: replace mode scans nothing; set `match_headers`, `match_query` or `match_path = true`"),
+                    );
+                }
+                Some(HttpMode::Replace {
+                    headers,
+                    query,
+                    path,
+                })
+            }
+            Some(("inject", _)) => {
+                for (present, key) in [
+                    (
+                        raw.match_headers.as_ref().map(|v| v.span().start),
+                        "match_headers",
+                    ),
+                    (
+                        raw.match_query.as_ref().map(|v| v.span().start),
+                        "match_query",
+                    ),
+                    (
+                        raw.match_path.as_ref().map(|v| v.span().start),
+                        "match_path",
+                    ),
+                ] {
+                    if let Some(at) = present {
+                        self.error(
+                            at,
+                            format!("secret `{name}`: `{key}` is for `mode = \"replace\"`"),
+                        );
+                    }
+                }
+                let target = match (&raw.inject_header, &raw.inject_query_param) {
+                    (Some(h), None) => {
+                        if h.get_ref().is_empty() || !h.get_ref().bytes().all(is_token_char) {
+                            self.error(
+                                h.span().start,
+                                format!("secret `{name}`: `inject_header` is not a header name"),
+                            );
+                        }
+                        InjectTarget::Header(h.get_ref().clone())
+                    }
+                    (None, Some(q)) => {
+                        if q.get_ref().is_empty() {
+                            self.error(
+                                q.span().start,
+                                format!("secret `{name}`: `inject_query_param` is empty"),
+                            );
+                        }
+                        InjectTarget::Query(q.get_ref().clone())
+                    }
+                    _ => {
+                        self.error(
+                            name_at,
+                            format!("secret `{name}`: inject mode needs exactly one of `inject_header` or `inject_query_param`"),
+                        );
+                        return None;
+                    }
+                };
+                let formatter = match &raw.inject_formatter {
+                    None => InjectFormatter::value_only(),
+                    Some(f) => match InjectFormatter::parse(f.get_ref()) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            self.error(
+                                f.span().start,
+                                format!("secret `{name}`: `inject_formatter`: {e}"),
+                            );
+                            return None;
+                        }
+                    },
+                };
+                Some(HttpMode::Inject { target, formatter })
+            }
+            Some((other, at)) => {
+                self.error(
+                    at,
+                    format!(
+                        "secret `{name}`: `mode` must be \"replace\" or \"inject\", not \"{other}\""
+                    ),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn is_env_name(s: &str) -> bool {
+    let mut b = s.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_alphabetic() || c == b'_')
+        && b.all(|c| c.is_ascii_alphanumeric() || c == b'_')
+}
+
+/// Placeholders are 4–256 characters of `[A-Za-z0-9._~-]`: valid in an environment value,
+/// a header, a path segment and a query value without encoding.
+fn check_placeholder(p: &str) -> Result<(), String> {
+    if !(4..=256).contains(&p.len()) {
+        return Err(format!("placeholder `{p}` must be 4 to 256 characters"));
+    }
+    if !p
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b))
+    {
+        return Err(format!(
+            "placeholder `{p}` may only contain [A-Za-z0-9._~-]"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,248 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Policy, PolicyErrors> {
+    Policy::parse(text, Path::new("/etc/iron/policy.toml"))
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => panic!("policy accepted"),
+        Err(e) => e.errors().map(ToString::to_string).collect(),
+    }
+}
+
+const GOOD: &str = r#"
+version = 1
+
+[proxy]
+listen = "127.0.0.1:18080"
+ca_cert = "ca/ca.crt"
+ca_key = "ca/ca.key"
+allow = ["pypi.org", "*.pythonhosted.org"]
+allow_cidrs = ["127.0.0.1/32"]
+upstream_ca = ["origin-ca.pem"]
+resolve = { "api.github.test" = "127.0.0.1" }
+
+[proxy.limits]
+idle_timeout_secs = 30
+
+[[secrets]]
+name = "GITHUB_TOKEN"
+type = "http"
+source = { env = "REAL_GITHUB_TOKEN" }
+match_headers = ["Authorization"]
+hosts = ["api.github.test", "github.test:8443"]
+
+[[secrets]]
+name = "MAPS_KEY"
+type = "http"
+mode = "inject"
+source = { file = "keys.json", json_key = "maps" }
+inject_header = "Authorization"
+inject_formatter = 'Basic {{base64 "user:" .Value}}'
+hosts = ["maps.test"]
+optional = true
+"#;
+
+#[test]
+fn parses_a_full_policy() {
+    let p = parse(GOOD).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.proxy.listen.port(), 18080);
+    assert_eq!(
+        p.proxy.ca,
+        Some((
+            PathBuf::from("/etc/iron/ca/ca.crt"),
+            PathBuf::from("/etc/iron/ca/ca.key")
+        ))
+    );
+    assert_eq!(
+        p.proxy.upstream_ca,
+        vec![PathBuf::from("/etc/iron/origin-ca.pem")]
+    );
+    assert_eq!(p.proxy.limits.idle_timeout, Duration::from_secs(30));
+    assert_eq!(p.proxy.limits.max_headers, 128);
+    assert_eq!(p.secrets.len(), 2);
+    assert_eq!(p.secrets[0].placeholder, "GITHUB_TOKEN");
+    assert_eq!(
+        p.secrets[1].source.kind,
+        SourceKind::File(PathBuf::from("/etc/iron/keys.json"))
+    );
+    assert!(p.secrets[1].optional);
+    assert!(p.allows_destination("api.github.test", 443, true));
+    assert!(p.allows_destination("github.test", 8443, true));
+    assert!(!p.allows_destination("github.test", 443, true));
+    assert!(p.allows_destination("files.pythonhosted.org", 443, true));
+    assert!(!p.allows_destination("evil.test", 443, true));
+}
+
+#[test]
+fn errors_carry_file_line_col() {
+    let errs = errors("version = 1\n[proxy]\nlisten = \"nope\"\n");
+    assert_eq!(
+        errs,
+        vec![
+            "/etc/iron/policy.toml:3:10: `listen` must be an IP:PORT address like `127.0.0.1:8080`"
+        ]
+    );
+}
+
+#[test]
+fn unknown_keys_are_rejected_with_position() {
+    let errs = errors("version = 1\n[proxy]\nlisen = \"127.0.0.1:1\"\n");
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("/etc/iron/policy.toml:3:1: unknown field `lisen`"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn every_error_is_reported() {
+    let errs = errors(
+        r#"version = 2
+[[secrets]]
+name = "A_TOKEN_X"
+type = "http"
+source = { env = "X", file = "y" }
+hosts = []
+
+[[secrets]]
+name = "B_TOKEN_X"
+type = "http"
+mode = "inject"
+source = { env = "Y" }
+hosts = ["*"]
+"#,
+    );
+    let joined = errs.join("\n");
+    assert!(
+        joined.contains(":1:11: unsupported policy version 2"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("exactly one of `env` or `file`"),
+        "{joined}"
+    );
+    assert!(joined.contains("`hosts` is empty"), "{joined}");
+    assert!(joined.contains("matches every host"), "{joined}");
+    assert!(
+        joined.contains("exactly one of `inject_header` or `inject_query_param`"),
+        "{joined}"
+    );
+}
+
+#[test]
+fn secret_rules() {
+    let base = |extra: &str| {
+        format!(
+            "version = 1\n[[secrets]]\nname = \"TOKEN_ONE\"\ntype = \"http\"\nsource = {{ env = \"V\" }}\nhosts = [\"a.test\"]\n{extra}"
+        )
+    };
+    assert!(parse(&base("")).is_ok());
+    assert!(
+        errors(&base("match_headers = []"))
+            .join("")
+            .contains("scans nothing")
+    );
+    assert!(
+        errors(&base("inject_header = \"X\""))
+            .join("")
+            .contains("needs `mode = \"inject\"`")
+    );
+    assert!(
+        errors(&base("placeholder = \"has space\""))
+            .join("")
+            .contains("may only contain")
+    );
+    assert!(
+        errors(&base(
+            "mode = \"inject\"\ninject_header = \"A\"\ninject_formatter = \"Bearer\""
+        ))
+        .join("")
+        .contains("never uses the value")
+    );
+    assert!(errors(&base("[[secrets]]\nname = \"TOKEN_ONE\"\ntype = \"http\"\nsource = { env = \"V\" }\nhosts = [\"b.test\"]")).join("").contains("duplicate secret name"));
+    assert!(
+        errors(&base("").replace("type = \"http\"", "type = \"oauth_token\""))
+            .join("")
+            .contains("not supported yet")
+    );
+}
+
+#[test]
+fn short_placeholder_warns() {
+    let p = parse("version = 1\n[[secrets]]\nname = \"KEY1\"\ntype = \"http\"\nsource = { env = \"V\" }\nhosts = [\"a.test\"]\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.warnings.len(), 1);
+    assert!(
+        p.warnings[0]
+            .to_string()
+            .contains("warning: secret `KEY1`: placeholder `KEY1` is short")
+    );
+}
+
+#[test]
+fn formatter_forms() {
+    let f = |s: &str| InjectFormatter::parse(s).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(f("Bearer {value}").render(b"abc"), b"Bearer abc");
+    assert_eq!(f("Bearer {token}").render(b"abc"), b"Bearer abc");
+    assert_eq!(f("Bearer {{ .Value }}").render(b"abc"), b"Bearer abc");
+    // base64("user:abc") = dXNlcjphYmM=
+    assert_eq!(
+        f("Basic {{base64 \"user:\" .Value}}").render(b"abc"),
+        b"Basic dXNlcjphYmM="
+    );
+    assert!(InjectFormatter::parse("{nope}").is_err());
+    assert!(InjectFormatter::parse("{{base64 \"x}}").is_err());
+}
+
+#[test]
+fn header_selector_default_set() {
+    let d = HeaderSelector::default_set();
+    for h in [
+        "authorization",
+        "X-Api-Key",
+        "x-goog-api-key",
+        "X-CB-ACCESS-SIGN",
+        "Cookie",
+        "x-auth",
+    ] {
+        assert!(d.selects(h), "{h}");
+    }
+    for h in [
+        "user-agent",
+        "x-request-id",
+        "proxy-authorization",
+        "x-Api_Key",
+    ] {
+        assert!(!d.selects(h), "{h}");
+    }
+    assert!(
+        HeaderSelector::parse(&["*"])
+            .map(|s| s.selects("anything"))
+            .unwrap_or(false)
+    );
+    assert!(
+        HeaderSelector::parse(&[])
+            .map(|s| s.is_empty())
+            .unwrap_or(false)
+    );
+}
+
+#[test]
+fn deny_cidrs() {
+    let p = parse("version = 1\n[proxy]\nallow_cidrs = [\"127.0.0.1/32\"]\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let denied = |s: &str| p.is_address_denied(s.parse().unwrap_or_else(|_| panic!("{s}")));
+    assert!(!denied("127.0.0.1"));
+    assert!(denied("127.0.0.2"));
+    assert!(denied("10.1.2.3"));
+    assert!(denied("169.254.169.254"));
+    assert!(denied("::ffff:169.254.169.254"));
+    assert!(denied("::ffff:10.0.0.1"));
+    assert!(denied("fd00:ec2::254"));
+    assert!(denied("100.64.0.1"));
+    assert!(!denied("::ffff:127.0.0.1"));
+    assert!(!denied("93.184.216.34"));
+    assert!(!denied("2606:4700::1111"));
+}

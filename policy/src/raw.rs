@@ -1,0 +1,81 @@
+//! Raw serde shapes of the policy file. Every table rejects unknown keys; values the
+//! validator reports on carry their spans so errors can name a line and column.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPolicy {
+    pub version: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub proxy: Option<Spanned<RawProxy>>,
+    #[serde(default)]
+    pub secrets: Vec<Spanned<RawSecret>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawProxy {
+    pub listen: Option<Spanned<String>>,
+    pub admin_listen: Option<Spanned<String>>,
+    pub ca_cert: Option<Spanned<String>>,
+    pub ca_key: Option<Spanned<String>>,
+    pub egress: Option<Spanned<String>>,
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub passthrough: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub allow_cidrs: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub upstream_ca: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub resolve: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub limits: Option<Spanned<RawLimits>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub max_header_bytes: Option<Spanned<u64>>,
+    pub max_headers: Option<Spanned<u64>>,
+    pub client_header_timeout_secs: Option<Spanned<u64>>,
+    pub tls_handshake_timeout_secs: Option<Spanned<u64>>,
+    pub idle_timeout_secs: Option<Spanned<u64>>,
+    pub upstream_connect_timeout_secs: Option<Spanned<u64>>,
+    pub upstream_response_header_timeout_secs: Option<Spanned<u64>>,
+    pub leaf_cache_size: Option<Spanned<u64>>,
+    pub max_connections: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSecret {
+    pub name: Option<Spanned<String>>,
+    #[serde(rename = "type")]
+    pub kind: Option<Spanned<String>>,
+    pub placeholder: Option<Spanned<String>>,
+    pub source: Option<Spanned<RawSource>>,
+    pub mode: Option<Spanned<String>>,
+    pub match_headers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub match_query: Option<Spanned<Vec<Spanned<String>>>>,
+    pub match_path: Option<Spanned<bool>>,
+    pub inject_header: Option<Spanned<String>>,
+    pub inject_query_param: Option<Spanned<String>>,
+    pub inject_formatter: Option<Spanned<String>>,
+    pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
+    pub optional: Option<bool>,
+    pub allow_plaintext: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSource {
+    pub env: Option<String>,
+    pub file: Option<String>,
+    pub json_key: Option<String>,
+}
