@@ -1,1 +1,311 @@
-//! placeholder
+//! Turns a secret reference from the policy into a usable credential.
+//!
+//! For now: static sources — `{ env = "VAR" }`, `{ file = "path" }`, each optionally with
+//! `json_key` (DESIGN.md decision 9). Token minting (OAuth2, GCP) and the broker daemon
+//! build on this crate later. Values are held in [`SecretValue`], which redacts `Debug`,
+//! has no `Display` or `Serialize`, and is zeroized on drop.
+//!
+//! Sources are read lazily, on first use; a file is re-read whenever its modification time
+//! or length changes, so a rotated file is picked up without a restart.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use iron_policy::{SourceKind, SourceRef};
+use zeroize::Zeroizing;
+
+/// A secret value. `Debug` prints `[redacted]`; read it with [`SecretValue::expose`].
+#[derive(Clone)]
+pub struct SecretValue(Arc<Zeroizing<Vec<u8>>>);
+
+impl SecretValue {
+    /// Wraps `bytes`.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Arc::new(Zeroizing::new(bytes)))
+    }
+
+    /// The value's bytes. Callers must not log or echo them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretValue([redacted])")
+    }
+}
+
+impl PartialEq for SecretValue {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+/// Why a source could not give a value. Names the variable, file or key, never a value.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The environment variable is not set.
+    #[error("environment variable {var} is not set")]
+    EnvMissing {
+        /// Variable name.
+        var: String,
+    },
+    /// The variable, file or JSON field is empty.
+    #[error("{what} is empty")]
+    Empty {
+        /// `environment variable X`, `file P` or `json_key K`.
+        what: String,
+    },
+    /// The file could not be read.
+    #[error("failed to read secret file {path}")]
+    File {
+        /// File path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `json_key` was given and the source is not a JSON object holding that string field.
+    #[error("{what}: {reason}")]
+    Json {
+        /// `environment variable X` or `file P`.
+        what: String,
+        /// What is wrong (not JSON, key missing, not a string).
+        reason: String,
+    },
+}
+
+impl SourceError {
+    /// True when the source is absent (unset variable, missing file) rather than broken.
+    pub fn is_missing(&self) -> bool {
+        match self {
+            Self::EnvMissing { .. } => true,
+            Self::File { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+            Self::Empty { .. } | Self::Json { .. } => false,
+        }
+    }
+}
+
+/// The process environment as the resolver sees it. Tests substitute a map instead of
+/// mutating the real environment.
+pub trait Env: Send + Sync {
+    /// The variable `name`, if set.
+    fn var(&self, name: &str) -> Option<OsString>;
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<OsString> {
+        std::env::var_os(name)
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<OsString> {
+        self.get(name).map(OsString::from)
+    }
+}
+
+#[derive(Clone)]
+struct FileEntry {
+    modified: Option<SystemTime>,
+    len: u64,
+    bytes: SecretValue,
+}
+
+/// Resolves [`SourceRef`]s to values, caching file contents until the file changes.
+pub struct SourceResolver {
+    env: Arc<dyn Env>,
+    files: Mutex<HashMap<PathBuf, FileEntry>>,
+}
+
+impl fmt::Debug for SourceResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceResolver").finish_non_exhaustive()
+    }
+}
+
+impl SourceResolver {
+    /// A resolver over `env`.
+    pub fn new(env: Arc<dyn Env>) -> Self {
+        Self {
+            env,
+            files: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reads the value `source` refers to. A single trailing newline (`\n` or `\r\n`) of a
+    /// variable or file is removed, since editors and `echo` add one; other bytes are kept.
+    /// With `json_key`, the source must be a JSON object and the key a string field.
+    ///
+    /// # Errors
+    /// [`SourceError`] naming the variable, file or key when the value is missing, empty,
+    /// unreadable or not the expected JSON.
+    pub fn resolve(&self, source: &SourceRef) -> Result<SecretValue, SourceError> {
+        let (raw, what) = match &source.kind {
+            SourceKind::Env(var) => {
+                let v = self
+                    .env
+                    .var(var)
+                    .ok_or_else(|| SourceError::EnvMissing { var: var.clone() })?;
+                (
+                    SecretValue::new(v.into_encoded_bytes()),
+                    format!("environment variable {var}"),
+                )
+            }
+            SourceKind::File(path) => (self.read_file(path)?, format!("file {}", path.display())),
+        };
+        let value = match &source.json_key {
+            None => SecretValue::new(trim_newline(raw.expose()).to_vec()),
+            Some(key) => pluck(raw.expose(), key, &what)?,
+        };
+        if value.expose().is_empty() {
+            let what = match &source.json_key {
+                Some(k) => format!("json_key {k} of {what}"),
+                None => what,
+            };
+            return Err(SourceError::Empty { what });
+        }
+        Ok(value)
+    }
+
+    /// The names of environment variables `sources` read: the set a sandbox must not
+    /// inherit.
+    pub fn env_vars<'a>(sources: impl IntoIterator<Item = &'a SourceRef>) -> Vec<String> {
+        let mut out: Vec<String> = sources
+            .into_iter()
+            .filter_map(|s| match &s.kind {
+                SourceKind::Env(v) => Some(v.clone()),
+                SourceKind::File(_) => None,
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn read_file(&self, path: &Path) -> Result<SecretValue, SourceError> {
+        let err = |source| SourceError::File {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(err)?;
+        let modified = meta.modified().ok();
+        let len = meta.len();
+        if let Ok(files) = self.files.lock() {
+            if let Some(e) = files.get(path) {
+                if e.modified == modified && e.len == len && modified.is_some() {
+                    return Ok(e.bytes.clone());
+                }
+            }
+        }
+        let bytes = SecretValue::new(std::fs::read(path).map_err(err)?);
+        if let Ok(mut files) = self.files.lock() {
+            files.insert(
+                path.to_path_buf(),
+                FileEntry {
+                    modified,
+                    len,
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+        Ok(bytes)
+    }
+}
+
+fn trim_newline(b: &[u8]) -> &[u8] {
+    let b = b.strip_suffix(b"\n").unwrap_or(b);
+    b.strip_suffix(b"\r").unwrap_or(b)
+}
+
+fn pluck(doc: &[u8], key: &str, what: &str) -> Result<SecretValue, SourceError> {
+    let json_err = |reason: String| SourceError::Json {
+        what: what.to_string(),
+        reason,
+    };
+    let v: serde_json::Value = serde_json::from_slice(doc).map_err(|e| {
+        json_err(format!(
+            "not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let Some(obj) = v.as_object() else {
+        return Err(json_err("not a JSON object".into()));
+    };
+    match obj.get(key) {
+        Some(serde_json::Value::String(s)) => Ok(SecretValue::new(s.as_bytes().to_vec())),
+        Some(_) => Err(json_err(format!("json_key {key} is not a string"))),
+        None => Err(json_err(format!("json_key {key} is missing"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iron_policy::Pos;
+
+    fn env_ref(var: &str, key: Option<&str>) -> SourceRef {
+        SourceRef {
+            kind: SourceKind::Env(var.into()),
+            json_key: key.map(Into::into),
+            pos: Pos::default(),
+        }
+    }
+
+    fn resolver(vars: &[(&str, &str)]) -> SourceResolver {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        SourceResolver::new(Arc::new(map))
+    }
+
+    #[test]
+    fn env_and_json_key() {
+        let r = resolver(&[("A", "tok\n"), ("J", r#"{"k":"v1","n":3}"#), ("E", "")]);
+        assert_eq!(r.resolve(&env_ref("A", None)).unwrap().expose(), b"tok");
+        assert_eq!(r.resolve(&env_ref("J", Some("k"))).unwrap().expose(), b"v1");
+        let e = r.resolve(&env_ref("J", Some("n"))).unwrap_err().to_string();
+        assert_eq!(e, "environment variable J: json_key n is not a string");
+        let e = r.resolve(&env_ref("J", Some("x"))).unwrap_err().to_string();
+        assert_eq!(e, "environment variable J: json_key x is missing");
+        let e = r.resolve(&env_ref("MISSING", None)).unwrap_err();
+        assert!(e.is_missing());
+        assert_eq!(
+            r.resolve(&env_ref("E", None)).unwrap_err().to_string(),
+            "environment variable E is empty"
+        );
+        assert_eq!(
+            format!("{:?}", r.resolve(&env_ref("A", None)).unwrap()),
+            "SecretValue([redacted])"
+        );
+    }
+
+    #[test]
+    fn file_is_reread_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, "one\n").unwrap();
+        let r = resolver(&[]);
+        let src = SourceRef {
+            kind: SourceKind::File(p.clone()),
+            json_key: None,
+            pos: Pos::default(),
+        };
+        assert_eq!(r.resolve(&src).unwrap().expose(), b"one");
+        std::fs::write(&p, "second\n").unwrap();
+        assert_eq!(r.resolve(&src).unwrap().expose(), b"second");
+        std::fs::remove_file(&p).unwrap();
+        assert!(r.resolve(&src).unwrap_err().is_missing());
+    }
+}
