@@ -200,13 +200,11 @@ impl SourceResolver {
         let meta = std::fs::metadata(path).map_err(err)?;
         let modified = meta.modified().ok();
         let len = meta.len();
-        if let Ok(files) = self.files.lock() {
-            if let Some(e) = files.get(path) {
-                if e.modified == modified && e.len == len && modified.is_some() {
+        if let Ok(files) = self.files.lock()
+            && let Some(e) = files.get(path)
+                && e.modified == modified && e.len == len && modified.is_some() {
                     return Ok(e.bytes.clone());
                 }
-            }
-        }
         let bytes = SecretValue::new(std::fs::read(path).map_err(err)?);
         if let Ok(mut files) = self.files.lock() {
             files.insert(

@@ -1,0 +1,135 @@
+//! The audit log: one JSON line per request, per refused CONNECT and per passthrough tunnel,
+//! on stderr (or any [`AuditSink`]). Lines carry names, hosts, paths without query, codes
+//! and byte counts — never a header value, query string or secret value (decision 8).
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// One secret applied to a request.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AppliedSecret {
+    /// Secret name.
+    pub name: String,
+    /// `header:NAME`, `query:NAME` or `path`.
+    pub location: String,
+}
+
+/// One audit record.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    /// RFC 3339 UTC timestamp of when the request arrived.
+    pub ts: String,
+    /// `request`, `connect` (a refused CONNECT) or `tunnel` (a passthrough tunnel).
+    pub kind: &'static str,
+    /// The request id also returned in error envelopes.
+    pub request_id: String,
+    /// Client address.
+    pub client: String,
+    /// HTTP method (`CONNECT` for tunnels).
+    pub method: String,
+    /// Destination host.
+    pub host: String,
+    /// Destination port.
+    pub port: u16,
+    /// `https` (intercepted), `http` (cleartext) or `tunnel`.
+    pub scheme: &'static str,
+    /// Path without the query.
+    pub path: String,
+    /// Status sent to the client (0 when none was sent).
+    pub status: u16,
+    /// `forwarded`, `refused`, `client_cancel`, `upstream_error` or `closed`.
+    pub outcome: &'static str,
+    /// The error code when the proxy refused or failed the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'static str>,
+    /// Secrets swapped or injected, with where.
+    pub secrets: Vec<AppliedSecret>,
+    /// Request body bytes received from the client.
+    pub bytes_in: u64,
+    /// Response body bytes sent to the client.
+    pub bytes_out: u64,
+    /// Milliseconds from arrival to the end of the response body.
+    pub duration_ms: u64,
+    #[serde(skip)]
+    started: Option<Instant>,
+}
+
+impl AuditRecord {
+    /// A record for a request that arrived now.
+    pub fn new(kind: &'static str, request_id: String, client: SocketAddr, method: &str) -> Self {
+        let ts = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        Self {
+            ts,
+            kind,
+            request_id,
+            client: client.to_string(),
+            method: method.to_string(),
+            host: String::new(),
+            port: 0,
+            scheme: "https",
+            path: String::new(),
+            status: 0,
+            outcome: "forwarded",
+            error: None,
+            secrets: Vec::new(),
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0,
+            started: Some(Instant::now()),
+        }
+    }
+
+    /// Sets `duration_ms` from the arrival time.
+    pub fn stop_clock(&mut self) {
+        if let Some(t) = self.started {
+            self.duration_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+        }
+    }
+}
+
+/// Where audit records go.
+pub trait AuditSink: Send + Sync {
+    /// Writes one record.
+    fn emit(&self, record: &AuditRecord);
+}
+
+/// Writes each record as one JSON line to stderr.
+#[derive(Debug, Default)]
+pub struct StderrAudit;
+
+impl AuditSink for StderrAudit {
+    fn emit(&self, record: &AuditRecord) {
+        if let Ok(mut line) = serde_json::to_vec(record) {
+            line.push(b'\n');
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(&line);
+        }
+    }
+}
+
+/// Keeps records in memory (for tests and the demo).
+#[derive(Debug, Default)]
+pub struct MemoryAudit {
+    records: Mutex<Vec<AuditRecord>>,
+}
+
+impl MemoryAudit {
+    /// All records so far.
+    pub fn records(&self) -> Vec<AuditRecord> {
+        self.records.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+impl AuditSink for MemoryAudit {
+    fn emit(&self, record: &AuditRecord) {
+        if let Ok(mut r) = self.records.lock() {
+            r.push(record.clone());
+        }
+    }
+}

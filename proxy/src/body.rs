@@ -1,0 +1,130 @@
+//! Body plumbing: the boxed body type of proxied responses, and a pass-through wrapper
+//! that counts bytes and reports completion, used for the audit line without buffering.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt as _, Full};
+
+/// Errors a proxied body can yield.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response the proxy sends and every request it forwards.
+pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// A complete in-memory body.
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// How a counted body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// The whole body was passed on.
+    Complete,
+    /// The inner body failed mid-stream.
+    Error,
+    /// The body was dropped before its end (the reader went away).
+    Dropped,
+}
+
+/// A body that passes frames through unchanged, adds data bytes to a shared counter, and
+/// calls `on_end` exactly once when it ends, fails or is dropped.
+pub struct Counted<B> {
+    inner: B,
+    empty: bool,
+    count: Arc<AtomicU64>,
+    on_end: Option<Box<dyn FnOnce(BodyEnd) + Send + Sync>>,
+}
+
+impl<B: Body> Counted<B> {
+    /// Wraps `inner`; `on_end` may be a no-op.
+    pub fn new(
+        inner: B,
+        count: Arc<AtomicU64>,
+        on_end: Box<dyn FnOnce(BodyEnd) + Send + Sync>,
+    ) -> Self {
+        Self {
+            empty: inner.is_end_stream(),
+            inner,
+            count,
+            on_end: Some(on_end),
+        }
+    }
+}
+
+impl<B> Counted<B> {
+    fn is_end_stream_inner(&self) -> bool {
+        // Without a `Body` bound here, fall back to the size hint recorded at wrap time.
+        self.empty
+    }
+
+    fn finish(&mut self, end: BodyEnd) {
+        if let Some(f) = self.on_end.take() {
+            f(end);
+        }
+    }
+}
+
+impl<B> Drop for Counted<B> {
+    fn drop(&mut self) {
+        // `on_end` is only still set here when no end was seen while polling; an empty body
+        // is never polled, so an inner body already at its end counts as complete.
+        if self.on_end.is_some() {
+            let end = if self.is_end_stream_inner() {
+                BodyEnd::Complete
+            } else {
+                BodyEnd::Dropped
+            };
+            self.finish(end);
+        }
+    }
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(BodyEnd::Complete);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(BodyEnd::Error);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.finish(BodyEnd::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

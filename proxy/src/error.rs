@@ -1,0 +1,184 @@
+//! The request-path error type and its one response envelope (DESIGN.md decision 7):
+//! a status, `x-iron-proxy-error: <code>`, and a JSON body
+//! `{"error": "<code>", "message": "...", "request_id": "..."}`. The message is fixed per
+//! variant plus names (secret, location, host); it never echoes header values, the query
+//! string or a secret. The full error chain goes to the log, not the client.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use iron_policy::{Location, PlanError};
+
+use crate::body::{ProxyBody, full};
+
+/// Header carrying the error code on every proxy-generated error response.
+pub const ERROR_HEADER: &str = "x-iron-proxy-error";
+
+/// Why the proxy answered a request itself instead of forwarding it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// The request is malformed or not a proxy request (origin-form to the proxy port,
+    /// missing `Host`, unparsable authority). 400 `bad_request`.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// The path has `.` or `..` segments (raw or percent-encoded). 400 `invalid_path`.
+    #[error("path contains dot segments")]
+    InvalidPath,
+    /// CONNECT authority, SNI and `Host` (or URI authority and `Host`) disagree
+    /// (decision 1). 421 `authority_mismatch`.
+    #[error("request authority does not match the connection's destination")]
+    AuthorityMismatch,
+    /// The destination is not on the egress allowlist (decision 5).
+    /// 403 `destination_not_allowed`.
+    #[error("destination {host}:{port} is not allowed by the egress policy")]
+    DestinationNotAllowed {
+        /// Destination host.
+        host: String,
+        /// Destination port.
+        port: u16,
+    },
+    /// Every address of the destination is in a deny CIDR (decision 5).
+    /// 403 `destination_address_denied`.
+    #[error("destination {host} resolves only to denied addresses")]
+    DestinationAddressDenied {
+        /// Destination host.
+        host: String,
+    },
+    /// A placeholder headed for a host or location its secret does not allow
+    /// (decision 3). 403 `placeholder_not_allowed`.
+    #[error("placeholder of secret {secret} is not allowed in {location} for this destination")]
+    PlaceholderNotAllowed {
+        /// Secret name.
+        secret: String,
+        /// Where it was found.
+        location: String,
+    },
+    /// A secret would be sent over cleartext (decision 4). 403 `cleartext_injection_refused`.
+    #[error("secret {secret} may not be sent in {location} over cleartext http")]
+    CleartextInjectionRefused {
+        /// Secret name.
+        secret: String,
+        /// Where it would go.
+        location: String,
+    },
+    /// A secret the request needs could not be resolved (source missing, empty, invalid).
+    /// The request is never forwarded without it. 502 `credential_unavailable`.
+    #[error("credential for secret {secret} is unavailable")]
+    CredentialUnavailable {
+        /// Secret name.
+        secret: String,
+    },
+    /// The upstream could not be resolved or connected to. 502 `upstream_unreachable`.
+    #[error("upstream is unreachable")]
+    UpstreamUnreachable,
+    /// The upstream's certificate did not verify, or its TLS handshake failed (decision 6).
+    /// 502 `upstream_tls_error`.
+    #[error("upstream tls verification failed")]
+    UpstreamTls,
+    /// The upstream did not answer in time. 504 `upstream_timeout`.
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    /// The upstream failed during the exchange. 502 `upstream_error`.
+    #[error("upstream failed")]
+    Upstream,
+}
+
+impl From<PlanError> for ProxyError {
+    fn from(e: PlanError) -> Self {
+        let loc = |l: &Location| l.to_string();
+        match e {
+            PlanError::PlaceholderNotAllowed { secret, location } => Self::PlaceholderNotAllowed {
+                secret,
+                location: loc(&location),
+            },
+            PlanError::CleartextInjectionRefused { secret, location } => {
+                Self::CleartextInjectionRefused {
+                    secret,
+                    location: loc(&location),
+                }
+            }
+        }
+    }
+}
+
+impl ProxyError {
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) | Self::InvalidPath => StatusCode::BAD_REQUEST,
+            Self::AuthorityMismatch => StatusCode::MISDIRECTED_REQUEST,
+            Self::DestinationNotAllowed { .. }
+            | Self::DestinationAddressDenied { .. }
+            | Self::PlaceholderNotAllowed { .. }
+            | Self::CleartextInjectionRefused { .. } => StatusCode::FORBIDDEN,
+            Self::CredentialUnavailable { .. }
+            | Self::UpstreamUnreachable
+            | Self::UpstreamTls
+            | Self::Upstream => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable error code (`x-iron-proxy-error`, audit `error`, JSON `error`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::InvalidPath => "invalid_path",
+            Self::AuthorityMismatch => "authority_mismatch",
+            Self::DestinationNotAllowed { .. } => "destination_not_allowed",
+            Self::DestinationAddressDenied { .. } => "destination_address_denied",
+            Self::PlaceholderNotAllowed { .. } => "placeholder_not_allowed",
+            Self::CleartextInjectionRefused { .. } => "cleartext_injection_refused",
+            Self::CredentialUnavailable { .. } => "credential_unavailable",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::UpstreamTls => "upstream_tls_error",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::Upstream => "upstream_error",
+        }
+    }
+
+    /// The error as a response: status, `x-iron-proxy-error`, JSON envelope.
+    pub fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
+        let body = serde_json::json!({
+            "error": self.code(),
+            "message": self.to_string(),
+            "request_id": request_id,
+        });
+        let mut bytes = serde_json::to_vec(&body).unwrap_or_default();
+        bytes.push(b'\n');
+        let mut resp = Response::new(full(Bytes::from(bytes)));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    #[tokio::test]
+    async fn envelope_shape() {
+        let e = ProxyError::PlaceholderNotAllowed {
+            secret: "GITHUB_TOKEN".into(),
+            location: "header:Authorization".into(),
+        };
+        let resp = e.to_response("r1");
+        assert_eq!(resp.status(), 403);
+        assert_eq!(resp.headers()[ERROR_HEADER], "placeholder_not_allowed");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "placeholder_not_allowed");
+        assert_eq!(v["request_id"], "r1");
+        assert!(v["message"].as_str().unwrap().contains("GITHUB_TOKEN"));
+    }
+}

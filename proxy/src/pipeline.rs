@@ -1,0 +1,466 @@
+//! The request pipeline, as named phases over one request:
+//! `bind` (the request's authority must be the connection's destination, decision 1) →
+//! `plan` (pure placeholder plan, decisions 2–4) → `resolve` (secret values) → `rewrite`
+//! (swap, mark injected values sensitive, strip hop-by-hop headers) → `forward` (pooled,
+//! verified upstream, bodies streamed) → `audit` (always one line, when the response body
+//! ends or the request is refused or abandoned).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{CONNECTION, HOST, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use iron_broker::SecretValue;
+use iron_policy::{RequestView, SecretValues, normalize_host};
+use tracing::{Instrument as _, debug, info_span, warn};
+
+use crate::Runtime;
+use crate::audit::{AppliedSecret, AuditRecord, AuditSink};
+use crate::body::{BodyEnd, Counted, ProxyBody};
+use crate::error::ProxyError;
+use crate::upstream::classify;
+
+/// The destination a client connection is bound to.
+#[derive(Debug, Clone)]
+pub struct Dest {
+    /// CONNECT host, normalized.
+    pub host: String,
+    /// CONNECT port.
+    pub port: u16,
+    /// True inside an intercepted TLS tunnel.
+    pub tls: bool,
+    /// SNI the client sent, normalized, if any.
+    pub sni: Option<String>,
+}
+
+/// One client connection: who, and (inside a tunnel) to where.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// Client address.
+    pub client: std::net::SocketAddr,
+    /// `None` on the proxy port (absolute-form requests), `Some` inside a CONNECT tunnel.
+    pub dest: Option<Dest>,
+}
+
+/// Headers never forwarded (RFC 9110 §7.6.1), plus `Proxy-Authorization`.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Emits the record as `client_cancel` if the request is dropped before an outcome.
+struct AuditGuard {
+    rec: Option<AuditRecord>,
+    sink: Arc<dyn AuditSink>,
+}
+
+impl AuditGuard {
+    fn rec(&mut self) -> &mut AuditRecord {
+        // Only taken by `take`, after which the guard is not used.
+        self.rec.get_or_insert_with(|| {
+            AuditRecord::new("request", String::new(), ([0, 0, 0, 0], 0).into(), "")
+        })
+    }
+}
+
+impl Drop for AuditGuard {
+    fn drop(&mut self) {
+        if let Some(mut r) = self.rec.take() {
+            r.outcome = "client_cancel";
+            r.stop_clock();
+            self.sink.emit(&r);
+        }
+    }
+}
+
+struct Values(Vec<(usize, SecretValue)>);
+
+impl SecretValues for Values {
+    fn value(&self, index: usize) -> &[u8] {
+        self.0
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map_or(&[][..], |(_, v)| v.expose())
+    }
+}
+
+/// Handles one request from a client connection: refuses it with the error envelope or
+/// forwards it. Never fails: every error becomes a response.
+pub async fn handle(
+    rt: Arc<Runtime>,
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let id = rt.next_request_id();
+    let span = info_span!("request", id = %id, method = %req.method());
+    let mut guard = AuditGuard {
+        rec: Some(AuditRecord::new(
+            "request",
+            id.clone(),
+            conn.client,
+            req.method().as_str(),
+        )),
+        sink: rt.audit.clone(),
+    };
+    let result = exchange(&rt, &conn, req, &mut guard).instrument(span).await;
+    match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            if let Some(mut rec) = guard.rec.take() {
+                rec.status = e.status().as_u16();
+                rec.outcome = match e.status().as_u16() {
+                    502 | 504 => "upstream_error",
+                    _ => "refused",
+                };
+                rec.error = Some(e.code());
+                rec.stop_clock();
+                rt.audit.emit(&rec);
+            }
+            e.to_response(&id)
+        }
+    }
+}
+
+async fn exchange(
+    rt: &Arc<Runtime>,
+    conn: &Conn,
+    mut req: Request<Incoming>,
+    guard: &mut AuditGuard,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let policy = rt.policy.clone();
+
+    // bind
+    let (host, port, tls) = bind(conn, &req)?;
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    {
+        let rec = guard.rec();
+        rec.host.clone_from(&host);
+        rec.port = port;
+        rec.scheme = if tls { "https" } else { "http" };
+        rec.path.clone_from(&path);
+    }
+    if !policy.allows_destination(&host, port, tls) {
+        return Err(ProxyError::DestinationNotAllowed { host, port });
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>()
+        && policy.is_address_denied(ip) {
+            return Err(ProxyError::DestinationAddressDenied { host });
+        }
+    if !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS)) {
+        return Err(ProxyError::BadRequest("request path must start with /"));
+    }
+    if iron_policy::encoding::has_dot_segment(&path) {
+        return Err(ProxyError::InvalidPath);
+    }
+
+    // plan
+    let is_upgrade = is_upgrade(req.headers());
+    let hop = hop_by_hop(req.headers());
+    let kept: Vec<(HeaderName, HeaderValue)> = req
+        .headers()
+        .iter()
+        .filter(|(n, _)| !hop.iter().any(|h| n.as_str() == h))
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let view_headers: Vec<(&str, &[u8])> = kept
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+        .collect();
+    let view = RequestView {
+        host: &host,
+        port,
+        tls,
+        path: &path,
+        query: query.as_deref(),
+        headers: &view_headers,
+    };
+    let plan = policy.plan(&view)?;
+
+    // resolve
+    let mut values = Values(Vec::with_capacity(plan.secrets.len()));
+    for &s in &plan.secrets {
+        let secret = &policy.secrets[s];
+        match rt.sources.resolve(&secret.source) {
+            Ok(v) => values.0.push((s, v)),
+            Err(e) => {
+                warn!(secret = %secret.name, error = %e, "secret source unavailable; refusing request");
+                return Err(ProxyError::CredentialUnavailable {
+                    secret: secret.name.clone(),
+                });
+            }
+        }
+    }
+
+    // rewrite
+    let out = plan.apply(&policy, &view, &values);
+    let first_secret = || ProxyError::CredentialUnavailable {
+        secret: plan
+            .secrets
+            .first()
+            .map(|&s| policy.secrets[s].name.clone())
+            .unwrap_or_default(),
+    };
+    let mut headers = HeaderMap::with_capacity(kept.len() + 2);
+    for (i, (name, value)) in kept.iter().enumerate() {
+        match out.headers.iter().find(|(j, _)| *j == i) {
+            Some((_, new)) => {
+                let mut v = HeaderValue::from_bytes(new).map_err(|_| first_secret())?;
+                v.set_sensitive(true);
+                headers.append(name.clone(), v);
+            }
+            None => {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    }
+    for (name, value) in &out.set_headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ProxyError::BadRequest("invalid injected header name"))?;
+        let mut v = HeaderValue::from_bytes(value).map_err(|_| first_secret())?;
+        v.set_sensitive(true);
+        headers.insert(name, v);
+    }
+    if is_upgrade
+        && let Some(u) = req.headers().get(UPGRADE) {
+            headers.insert(UPGRADE, u.clone());
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    let new_path = out.path.as_deref().unwrap_or(&path);
+    let new_query = out.query.as_deref().or(query.as_deref());
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let uri = format!(
+        "{}://{authority}{new_path}{}{}",
+        if tls { "https" } else { "http" },
+        if new_query.is_some() { "?" } else { "" },
+        new_query.unwrap_or("")
+    );
+    let uri: Uri = uri
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    guard.rec().secrets = plan
+        .applied
+        .iter()
+        .map(|a| AppliedSecret {
+            name: policy.secrets[a.secret].name.clone(),
+            location: a.location.to_string(),
+        })
+        .collect();
+    for a in &guard.rec().secrets {
+        debug!(host = %host, secret = %a.name, location = %a.location, "injected credential");
+    }
+
+    // forward
+    let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let bytes_in = Arc::new(AtomicU64::new(0));
+    let (parts, body) = req.into_parts();
+    let body = Counted::new(body, bytes_in.clone(), Box::new(|_| {})).boxed();
+    let mut up = Request::new(body);
+    *up.method_mut() = parts.method;
+    *up.uri_mut() = uri;
+    *up.headers_mut() = headers;
+    let limits = &policy.proxy.limits;
+    let resp = match tokio::time::timeout(
+        limits.upstream_response_header_timeout,
+        rt.client.request(up),
+    )
+    .await
+    {
+        Err(_) => return Err(ProxyError::UpstreamTimeout),
+        Ok(Err(e)) => {
+            let mapped = classify(&e);
+            warn!(host = %host, port, error = %ErrorChain(&e), code = mapped.code(), "upstream request failed");
+            return Err(mapped);
+        }
+        Ok(Ok(r)) => r,
+    };
+
+    // respond, audit when the body ends
+    let mut resp = resp;
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
+    let (mut parts, body) = resp.into_parts();
+    let resp_hop = hop_by_hop(&parts.headers);
+    for h in &resp_hop {
+        if switching && (h == "upgrade" || h == "connection") {
+            continue;
+        }
+        parts.headers.remove(h.as_str());
+    }
+    let mut rec = guard
+        .rec
+        .take()
+        .unwrap_or_else(|| AuditRecord::new("request", String::new(), conn.client, ""));
+    rec.status = parts.status.as_u16();
+    if let Some(upstream_upgrade) = upstream_upgrade {
+        rec.outcome = "upgraded";
+        rec.stop_clock();
+        rt.audit.emit(&rec);
+        if let Some(client_upgrade) = client_upgrade {
+            tokio::spawn(
+                async move {
+                    match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                        Ok((c, u)) => {
+                            let mut c = TokioIo::new(c);
+                            let mut u = TokioIo::new(u);
+                            let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                            debug!(result = ?r.map_err(|e| e.kind()), "upgraded connection closed");
+                        }
+                        Err(e) => debug!(error = %e, "upgrade failed"),
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        return Ok(Response::from_parts(
+            parts,
+            http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
+        ));
+    }
+    let sink = rt.audit.clone();
+    let bytes_out = Arc::new(AtomicU64::new(0));
+    let out_count = bytes_out.clone();
+    let body = Counted::new(
+        body,
+        bytes_out,
+        Box::new(move |end| {
+            rec.bytes_in = bytes_in.load(Ordering::Relaxed);
+            rec.bytes_out = out_count.load(Ordering::Relaxed);
+            rec.outcome = match end {
+                BodyEnd::Complete => "forwarded",
+                BodyEnd::Error => "upstream_error",
+                BodyEnd::Dropped => "client_cancel",
+            };
+            rec.stop_clock();
+            sink.emit(&rec);
+        }),
+    );
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// The `bind` phase: the request's authority (absolute-form URI, else `Host`) must name the
+/// connection's destination; on the proxy port an absolute `http://` URI is required and
+/// `Host` must agree with it.
+fn bind(conn: &Conn, req: &Request<Incoming>) -> Result<(String, u16, bool), ProxyError> {
+    let host_header = match req.headers().get(HOST) {
+        Some(h) => Some(
+            h.to_str()
+                .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,
+        ),
+        None => None,
+    };
+    match &conn.dest {
+        Some(dest) => {
+            let default_port = if dest.tls { 443 } else { 80 };
+            let uri_auth = req.uri().authority().map(|a| a.as_str());
+            let named = uri_auth
+                .or(host_header)
+                .ok_or(ProxyError::BadRequest("missing Host header"))?;
+            let (h, p) = split_authority(named, default_port)?;
+            if h != dest.host || p != dest.port {
+                return Err(ProxyError::AuthorityMismatch);
+            }
+            if let (Some(_), Some(hh)) = (uri_auth, host_header)
+                && split_authority(hh, default_port)? != (h.clone(), p) {
+                    return Err(ProxyError::AuthorityMismatch);
+                }
+            if dest.sni.as_ref().is_some_and(|s| *s != dest.host) {
+                return Err(ProxyError::AuthorityMismatch);
+            }
+            Ok((h, p, dest.tls))
+        }
+        None => {
+            match req.uri().scheme_str() {
+                Some("http") => {}
+                Some(_) => {
+                    return Err(ProxyError::BadRequest(
+                        "only http:// absolute-form requests are proxied; use CONNECT for https",
+                    ));
+                }
+                None => {
+                    return Err(ProxyError::BadRequest(
+                        "this is a proxy: send CONNECT or an absolute http:// URI",
+                    ));
+                }
+            }
+            let auth = req
+                .uri()
+                .authority()
+                .ok_or(ProxyError::BadRequest("absolute URI has no host"))?;
+            let (h, p) = split_authority(auth.as_str(), 80)?;
+            if let Some(hh) = host_header
+                && split_authority(hh, 80)? != (h.clone(), p) {
+                    return Err(ProxyError::AuthorityMismatch);
+                }
+            Ok((h, p, false))
+        }
+    }
+}
+
+/// Splits `host[:port]` (IPv6 in brackets), normalizing the host; a missing port is
+/// `default_port`. Userinfo is refused.
+pub(crate) fn split_authority(auth: &str, default_port: u16) -> Result<(String, u16), ProxyError> {
+    let a: http::uri::Authority = auth
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("invalid authority"))?;
+    if a.as_str().contains('@') {
+        return Err(ProxyError::BadRequest("userinfo in authority"));
+    }
+    let host = normalize_host(a.host()).ok_or(ProxyError::BadRequest("invalid host"))?;
+    Ok((host, a.port_u16().unwrap_or(default_port)))
+}
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(UPGRADE)
+        && h.get_all(CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// The static hop-by-hop names plus every header named in `Connection`, lowercased.
+fn hop_by_hop(h: &HeaderMap) -> Vec<String> {
+    let mut out: Vec<String> = HOP_BY_HOP.iter().map(|s| (*s).to_string()).collect();
+    for v in h.get_all(CONNECTION) {
+        if let Ok(s) = v.to_str() {
+            for t in s.split(',') {
+                let t = t.trim().to_ascii_lowercase();
+                if !t.is_empty() && !out.contains(&t) {
+                    out.push(t);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Displays an error with its whole cause chain, for logs.
+pub(crate) struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,274 @@
+//! The listener: accepts client connections (bounded by `max_connections`), serves the
+//! proxy protocol on each — CONNECT and absolute-form `http://` — and runs the tunnels:
+//! passthrough hosts are spliced unmodified; others are intercepted with a leaf for the
+//! CONNECT host (TLS, first byte 0x16) or served as cleartext HTTP (first byte a letter).
+//! CONNECT-stage refusals (egress policy, deny CIDRs) are answered before the tunnel opens.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use iron_policy::{Limits, normalize_host};
+use tokio::io::AsyncReadExt as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{Instrument as _, debug, info_span, warn};
+
+use crate::Runtime;
+use crate::audit::AuditRecord;
+use crate::body::{ProxyBody, full};
+use crate::error::ProxyError;
+use crate::io::Prefixed;
+use crate::pipeline::{self, Conn, Dest};
+use crate::upstream::{DialError, resolve_checked};
+
+/// Accepts connections on `listener` until the task is dropped or aborted.
+pub async fn serve(rt: Arc<Runtime>, listener: TcpListener) {
+    let limits = rt.policy.proxy.limits.clone();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let rt = rt.clone();
+        let span = info_span!("conn", client = %peer);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                serve_proxy_connection(rt, tcp, peer).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn http1_builder(limits: &Limits) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.client_header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    b
+}
+
+async fn serve_proxy_connection(rt: Arc<Runtime>, tcp: TcpStream, peer: SocketAddr) {
+    let limits = rt.policy.proxy.limits.clone();
+    let conn = Arc::new(Conn {
+        client: peer,
+        dest: None,
+    });
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let rt = rt.clone();
+        let conn = conn.clone();
+        async move {
+            Ok::<_, Infallible>(if req.method() == Method::CONNECT {
+                connect(rt, conn.client, req).await
+            } else {
+                pipeline::handle(rt, conn, req).await
+            })
+        }
+    });
+    if let Err(e) = http1_builder(&limits)
+        .serve_connection(TokioIo::new(tcp), svc)
+        .with_upgrades()
+        .await
+    {
+        debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+/// Handles CONNECT: checks the destination, answers 200, and runs the tunnel.
+async fn connect(
+    rt: Arc<Runtime>,
+    client: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let id = rt.next_request_id();
+    let mut rec = AuditRecord::new("connect", id.clone(), client, "CONNECT");
+    rec.scheme = "tunnel";
+    let checked = check_connect(&rt, &req, &mut rec).await;
+    match checked {
+        Err(e) => {
+            rec.status = e.status().as_u16();
+            rec.outcome = "refused";
+            rec.error = Some(e.code());
+            rec.stop_clock();
+            rt.audit.emit(&rec);
+            e.to_response(&id)
+        }
+        Ok((host, port, passthrough)) => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            match passthrough {
+                Some(upstream) => {
+                    tokio::spawn(
+                        async move {
+                            let Ok(up) = on_upgrade.await else { return };
+                            let mut up = TokioIo::new(up);
+                            let mut upstream = upstream;
+                            let r = tokio::io::copy_bidirectional(&mut up, &mut upstream).await;
+                            let (to_up, to_client) = r.unwrap_or((0, 0));
+                            rec.kind = "tunnel";
+                            rec.status = 200;
+                            rec.outcome = "closed";
+                            rec.bytes_in = to_up;
+                            rec.bytes_out = to_client;
+                            rec.stop_clock();
+                            rt.audit.emit(&rec);
+                        }
+                        .in_current_span(),
+                    );
+                }
+                None => {
+                    tokio::spawn(
+                        async move {
+                            let Ok(up) = on_upgrade.await else { return };
+                            intercept(rt, TokioIo::new(up), client, host, port).await;
+                        }
+                        .in_current_span(),
+                    );
+                }
+            }
+            let mut resp = Response::new(full(bytes::Bytes::new()));
+            *resp.status_mut() = StatusCode::OK;
+            resp
+        }
+    }
+}
+
+/// The CONNECT-stage checks: a `host:port` authority, on the egress allowlist, resolving to
+/// at least one permitted address. Passthrough hosts are dialled here (the checked address),
+/// so a dial failure is answered before the tunnel opens.
+async fn check_connect(
+    rt: &Runtime,
+    req: &Request<Incoming>,
+    rec: &mut AuditRecord,
+) -> Result<(String, u16, Option<TcpStream>), ProxyError> {
+    let auth = req.uri().authority().ok_or(ProxyError::BadRequest(
+        "CONNECT needs a host:port authority",
+    ))?;
+    let host = normalize_host(auth.host()).ok_or(ProxyError::BadRequest("invalid CONNECT host"))?;
+    let port = auth
+        .port_u16()
+        .ok_or(ProxyError::BadRequest("CONNECT authority needs a port"))?;
+    rec.host.clone_from(&host);
+    rec.port = port;
+    let policy = &rt.policy;
+    if !policy.allows_destination(&host, port, true) {
+        return Err(ProxyError::DestinationNotAllowed { host, port });
+    }
+    let addrs = resolve_checked(policy, &host, port)
+        .await
+        .map_err(|e| match e {
+            DialError::Denied { host } => ProxyError::DestinationAddressDenied { host },
+            DialError::Resolve { .. } => ProxyError::UpstreamUnreachable,
+        })?;
+    if !policy.is_passthrough(&host, port) {
+        return Ok((host, port, None));
+    }
+    let limits = &policy.proxy.limits;
+    let tcp = tokio::time::timeout(
+        limits.upstream_connect_timeout,
+        TcpStream::connect(&addrs[..]),
+    )
+    .await
+    .map_err(|_| ProxyError::UpstreamTimeout)?
+    .map_err(|e| {
+        debug!(error = %e, "passthrough dial failed");
+        ProxyError::UpstreamUnreachable
+    })?;
+    let _ = tcp.set_nodelay(true);
+    Ok((host, port, Some(tcp)))
+}
+
+/// Runs an intercepted tunnel bound to `host:port`.
+async fn intercept<T>(rt: Arc<Runtime>, mut io: T, client: SocketAddr, host: String, port: u16)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = rt.policy.proxy.limits.clone();
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.client_header_timeout, io.read(&mut first)).await {
+        Ok(Ok(1)) => {}
+        _ => return,
+    }
+    let io = Prefixed::new(first.to_vec(), io);
+    if first[0] == 0x16 {
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+        let start = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return debug!(error = %e, "client hello failed"),
+            Err(_) => return debug!("client hello timed out"),
+        };
+        let sni = start.client_hello().server_name().and_then(normalize_host);
+        let config = match rt.leaves.server_config(&host) {
+            Ok(c) => c,
+            Err(e) => {
+                return warn!(host = %host, error = %pipeline::ErrorChain(&e), "failed to mint leaf certificate");
+            }
+        };
+        let tls =
+            match tokio::time::timeout(limits.tls_handshake_timeout, start.into_stream(config))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return debug!(error = %e, "client tls handshake failed"),
+                Err(_) => return debug!("client tls handshake timed out"),
+            };
+        let dest = Dest {
+            host,
+            port,
+            tls: true,
+            sni,
+        };
+        serve_tunnel(rt, tls, client, dest).await;
+    } else if first[0].is_ascii_alphabetic() {
+        let dest = Dest {
+            host,
+            port,
+            tls: false,
+            sni: None,
+        };
+        serve_tunnel(rt, io, client, dest).await;
+    } else {
+        debug!("tunnel carries neither TLS nor HTTP; closing");
+    }
+}
+
+async fn serve_tunnel<T>(rt: Arc<Runtime>, io: T, client: SocketAddr, dest: Dest)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = rt.policy.proxy.limits.clone();
+    let conn = Arc::new(Conn {
+        client,
+        dest: Some(dest),
+    });
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let rt = rt.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(pipeline::handle(rt, conn, req).await) }
+    });
+    if let Err(e) = http1_builder(&limits)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades()
+        .await
+    {
+        debug!(error = %e, "tunnel connection ended with an error");
+    }
+}

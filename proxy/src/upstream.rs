@@ -1,0 +1,211 @@
+//! The upstream side: name resolution under the egress policy, the pooled HTTP client with
+//! verified TLS, and the classification of its errors.
+//!
+//! Every dial goes through [`PolicyResolver`]: `resolve` overrides first, then DNS; every
+//! address in a deny CIDR (and not in `allow_cidrs`) is dropped, and only the remaining,
+//! checked addresses are dialled — there is no second resolution (DESIGN.md decision 5).
+//! Upstream TLS always verifies against the web PKI roots plus `upstream_ca` (decision 6).
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use iron_policy::Policy;
+use rustls::ClientConfig;
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+
+/// A dial refused or failed before any connection was made.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// Every resolved address is in a deny CIDR.
+    #[error("every address of {host} is in a denied range")]
+    Denied {
+        /// The host.
+        host: String,
+    },
+    /// The name did not resolve.
+    #[error("failed to resolve {host}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// The resolver's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Resolves `host` under the policy: a `resolve` override or an IP literal as is, else DNS;
+/// then drops denied addresses. `port` is set on every returned address.
+///
+/// # Errors
+/// [`DialError::Denied`] when nothing is left; [`DialError::Resolve`] when DNS fails.
+pub async fn resolve_checked(
+    policy: &Policy,
+    host: &str,
+    port: u16,
+) -> Result<Vec<SocketAddr>, DialError> {
+    let addrs: Vec<IpAddr> = if let Some(ip) = policy.proxy.resolve.get(host) {
+        vec![*ip]
+    } else if let Ok(ip) = host.parse::<IpAddr>() {
+        vec![ip]
+    } else {
+        tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|source| DialError::Resolve {
+                host: host.to_string(),
+                source,
+            })?
+            .map(|a| a.ip())
+            .collect()
+    };
+    let allowed: Vec<SocketAddr> = addrs
+        .into_iter()
+        .filter(|ip| !policy.is_address_denied(*ip))
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect();
+    if allowed.is_empty() {
+        return Err(DialError::Denied {
+            host: host.to_string(),
+        });
+    }
+    Ok(allowed)
+}
+
+/// The resolver the pooled client dials through (see [`resolve_checked`]).
+#[derive(Clone)]
+pub struct PolicyResolver {
+    policy: Arc<Policy>,
+}
+
+impl Service<Name> for PolicyResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = DialError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), DialError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            // The connector sets the port; 0 here is replaced.
+            let host = name.as_str().to_ascii_lowercase();
+            resolve_checked(&policy, &host, 0).await.map(Vec::into_iter)
+        })
+    }
+}
+
+use tower_service::Service;
+
+/// The pooled upstream client.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector<PolicyResolver>>, ProxyBody>;
+
+/// Builds the rustls client configuration for upstreams: web PKI roots plus the policy's
+/// `upstream_ca` PEM files, TLS 1.2+.
+///
+/// # Errors
+/// A message naming the `upstream_ca` file that cannot be read or holds no certificate.
+pub fn client_tls_config(
+    policy: &Policy,
+    provider: Arc<CryptoProvider>,
+) -> Result<ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for path in &policy.proxy.upstream_ca {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("failed to read upstream_ca {}: {e}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("invalid PEM in upstream_ca {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "upstream_ca {} holds no certificate",
+                path.display()
+            ));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| {
+                format!(
+                    "unusable certificate in upstream_ca {}: {e}",
+                    path.display()
+                )
+            })?;
+        }
+    }
+    // ALPN (`http/1.1`) is set by the connector builder, which refuses a preset list.
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls configuration failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Builds the pooled client: keep-alive connections pooled per scheme and authority,
+/// TCP_NODELAY, the policy's connect and idle timeouts.
+pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {
+    let limits = &policy.proxy.limits;
+    let mut http = HttpConnector::new_with_resolver(PolicyResolver {
+        policy: policy.clone(),
+    });
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(limits.upstream_connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(limits.idle_timeout)
+        .pool_max_idle_per_host(64)
+        .build(https)
+}
+
+/// Maps a client error to the proxy error the client sees, by walking the cause chain.
+pub fn classify(err: &hyper_util::client::legacy::Error) -> ProxyError {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(d) = e.downcast_ref::<DialError>() {
+            return match d {
+                DialError::Denied { host } => {
+                    ProxyError::DestinationAddressDenied { host: host.clone() }
+                }
+                DialError::Resolve { .. } => ProxyError::UpstreamUnreachable,
+            };
+        }
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return ProxyError::UpstreamTls;
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            // io::Error::source skips the wrapped error itself; look at it directly.
+            if let Some(inner) = io.get_ref()
+                && inner.downcast_ref::<rustls::Error>().is_some() {
+                    return ProxyError::UpstreamTls;
+                }
+            if io.kind() == io::ErrorKind::TimedOut {
+                return ProxyError::UpstreamTimeout;
+            }
+        }
+        cur = e.source();
+    }
+    if err.is_connect() {
+        ProxyError::UpstreamUnreachable
+    } else {
+        ProxyError::Upstream
+    }
+}
