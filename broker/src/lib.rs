@@ -202,9 +202,12 @@ impl SourceResolver {
         let len = meta.len();
         if let Ok(files) = self.files.lock()
             && let Some(e) = files.get(path)
-                && e.modified == modified && e.len == len && modified.is_some() {
-                    return Ok(e.bytes.clone());
-                }
+            && e.modified == modified
+            && e.len == len
+            && modified.is_some()
+        {
+            return Ok(e.bytes.clone());
+        }
         let bytes = SecretValue::new(std::fs::read(path).map_err(err)?);
         if let Ok(mut files) = self.files.lock() {
             files.insert(

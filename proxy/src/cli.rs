@@ -184,14 +184,15 @@ fn validate(path: &Path) -> (Option<Policy>, Vec<Diagnostic>) {
         }
     }
     if let Some((cert, key)) = &policy.proxy.ca
-        && let Err(e) = CertificateAuthority::load(cert, key) {
-            diags.push(at(
-                1,
-                1,
-                Severity::Error,
-                format!("[proxy] ca_cert/ca_key: {}", chain(&e)),
-            ));
-        }
+        && let Err(e) = CertificateAuthority::load(cert, key)
+    {
+        diags.push(at(
+            1,
+            1,
+            Severity::Error,
+            format!("[proxy] ca_cert/ca_key: {}", chain(&e)),
+        ));
+    }
     if let Err(e) = crate::upstream::client_tls_config(&policy, crate::crypto_provider()) {
         diags.push(at(1, 1, Severity::Error, format!("[proxy] {e}")));
     }

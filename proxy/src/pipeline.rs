@@ -154,9 +154,10 @@ async fn exchange(
         return Err(ProxyError::DestinationNotAllowed { host, port });
     }
     if let Ok(ip) = host.parse::<std::net::IpAddr>()
-        && policy.is_address_denied(ip) {
-            return Err(ProxyError::DestinationAddressDenied { host });
-        }
+        && policy.is_address_denied(ip)
+    {
+        return Err(ProxyError::DestinationAddressDenied { host });
+    }
     if !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS)) {
         return Err(ProxyError::BadRequest("request path must start with /"));
     }
@@ -231,11 +232,10 @@ async fn exchange(
         v.set_sensitive(true);
         headers.insert(name, v);
     }
-    if is_upgrade
-        && let Some(u) = req.headers().get(UPGRADE) {
-            headers.insert(UPGRADE, u.clone());
-            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        }
+    if is_upgrade && let Some(u) = req.headers().get(UPGRADE) {
+        headers.insert(UPGRADE, u.clone());
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     let new_path = out.path.as_deref().unwrap_or(&path);
     let new_query = out.query.as_deref().or(query.as_deref());
     let authority = if host.contains(':') {
@@ -375,9 +375,10 @@ fn bind(conn: &Conn, req: &Request<Incoming>) -> Result<(String, u16, bool), Pro
                 return Err(ProxyError::AuthorityMismatch);
             }
             if let (Some(_), Some(hh)) = (uri_auth, host_header)
-                && split_authority(hh, default_port)? != (h.clone(), p) {
-                    return Err(ProxyError::AuthorityMismatch);
-                }
+                && split_authority(hh, default_port)? != (h.clone(), p)
+            {
+                return Err(ProxyError::AuthorityMismatch);
+            }
             if dest.sni.as_ref().is_some_and(|s| *s != dest.host) {
                 return Err(ProxyError::AuthorityMismatch);
             }
@@ -403,9 +404,10 @@ fn bind(conn: &Conn, req: &Request<Incoming>) -> Result<(String, u16, bool), Pro
                 .ok_or(ProxyError::BadRequest("absolute URI has no host"))?;
             let (h, p) = split_authority(auth.as_str(), 80)?;
             if let Some(hh) = host_header
-                && split_authority(hh, 80)? != (h.clone(), p) {
-                    return Err(ProxyError::AuthorityMismatch);
-                }
+                && split_authority(hh, 80)? != (h.clone(), p)
+            {
+                return Err(ProxyError::AuthorityMismatch);
+            }
             Ok((h, p, false))
         }
     }

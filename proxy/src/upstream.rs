@@ -191,17 +191,18 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> ProxyError {
         if e.downcast_ref::<rustls::Error>().is_some() {
             return ProxyError::UpstreamTls;
         }
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            // io::Error::source skips the wrapped error itself; look at it directly.
-            if let Some(inner) = io.get_ref()
-                && inner.downcast_ref::<rustls::Error>().is_some() {
-                    return ProxyError::UpstreamTls;
-                }
-            if io.kind() == io::ErrorKind::TimedOut {
+        // io::Error::source skips the error it wraps, and hyper-rustls wraps io errors in
+        // io errors: descend into the wrapped error directly.
+        cur = match e.downcast_ref::<io::Error>() {
+            Some(io) if io.kind() == io::ErrorKind::TimedOut => {
                 return ProxyError::UpstreamTimeout;
             }
-        }
-        cur = e.source();
+            Some(io) => match io.get_ref() {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => e.source(),
+            },
+            None => e.source(),
+        };
     }
     if err.is_connect() {
         ProxyError::UpstreamUnreachable

@@ -1,0 +1,467 @@
+//! End-to-end: the interception proxy with `http` secrets, driven by real curl where it
+//! matters, against a recording TLS origin on loopback.
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use iron_proxy::client;
+use iron_proxy::origin::OriginOptions;
+use iron_tests::*;
+
+async fn world() -> (World, InProcess) {
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    (w, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_header_swap_reaches_only_the_secrets_host() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let (w, p) = world().await;
+    let port = w.port();
+    let ok = p
+        .curl(&[
+            &format!("https://api.github.test:{port}/user"),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ])
+        .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let recs = w.origin.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        recs[0].header("authorization").as_deref(),
+        Some(format!("Bearer {REAL_GITHUB}").as_str())
+    );
+    assert_eq!(recs[0].sni.as_deref(), Some("api.github.test"));
+
+    let refused = p
+        .curl(&[
+            &format!("https://other.test:{port}/user"),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ])
+        .await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    assert_eq!(
+        refused.error_code().as_deref(),
+        Some("placeholder_not_allowed")
+    );
+    assert_eq!(
+        w.origin.records().len(),
+        1,
+        "the other host received something"
+    );
+    // Without a placeholder, the other host is reachable.
+    let plain = p.curl(&[&format!("https://other.test:{port}/")]).await;
+    assert_eq!(plain.status, 200);
+
+    let audit = p.audit.records();
+    let swapped = audit
+        .iter()
+        .find(|r| r.status == 200 && r.host == "api.github.test")
+        .expect("audit");
+    assert_eq!(swapped.secrets[0].name, "GITHUB_TOKEN");
+    assert_eq!(swapped.secrets[0].location, "header:authorization");
+    let refusal = audit
+        .iter()
+        .find(|r| r.status == 403)
+        .expect("audit of refusal");
+    assert_eq!(refusal.error, Some("placeholder_not_allowed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_path_and_raw_bytes() {
+    if !have("curl") {
+        return;
+    }
+    let (w, p) = world().await;
+    let port = w.port();
+    let r = p
+        .curl(&[&format!(
+            "https://maps.test:{port}/v1/a%2Fb/MAPS_KEY/x?z=%2F+1&key=MAPS%5FKEY&b=2"
+        )])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let recs = w.origin.records();
+    assert_eq!(
+        recs[0].target,
+        "/v1/a%2Fb/maps%20real%2Fkey%2B1/x?z=%2F+1&key=maps%20real%2Fkey%2B1&b=2"
+    );
+    // The placeholder in a parameter the secret does not list is refused.
+    let r = p
+        .curl(&[&format!("https://maps.test:{port}/?other=MAPS_KEY")])
+        .await;
+    assert_eq!(r.error_code().as_deref(), Some("placeholder_not_allowed"));
+    // In a header the secret does not scan: refused.
+    let r = p
+        .curl(&[
+            &format!("https://maps.test:{port}/"),
+            "-H",
+            "X-Key: MAPS_KEY",
+        ])
+        .await;
+    assert_eq!(r.error_code().as_deref(), Some("placeholder_not_allowed"));
+    assert_eq!(w.origin.records().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_and_inject_modes() {
+    if !have("curl") {
+        return;
+    }
+    let (w, p) = world().await;
+    let port = w.port();
+    // curl -u builds Authorization: Basic base64(user:GITHUB_TOKEN).
+    let r = p
+        .curl(&[
+            &format!("https://api.github.test:{port}/"),
+            "-u",
+            "x-access-token:GITHUB_TOKEN",
+        ])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let auth = w.origin.records()[0]
+        .header("authorization")
+        .unwrap_or_default();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth.trim_start_matches("Basic "))
+        .unwrap_or_default();
+    assert_eq!(
+        String::from_utf8_lossy(&decoded),
+        format!("x-access-token:{REAL_GITHUB}")
+    );
+
+    // Inject: the header is set (overwriting the client's), with the formatter.
+    let r = p
+        .curl(&[
+            &format!("https://inject.test:{port}/"),
+            "-H",
+            "x-api-key: whatever",
+        ])
+        .await;
+    assert_eq!(r.status, 200);
+    let rec = &w.origin.records()[1];
+    let values: Vec<_> = rec
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "x-api-key")
+        .collect();
+    assert_eq!(values.len(), 1);
+    assert_eq!(
+        String::from_utf8_lossy(&values[0].1),
+        format!("Token {REAL_INJECT}")
+    );
+
+    let r = p.curl(&[&format!("https://basic.test:{port}/")]).await;
+    assert_eq!(r.status, 200);
+    let auth = w.origin.records()[2]
+        .header("authorization")
+        .unwrap_or_default();
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth.trim_start_matches("Basic "))
+        .unwrap_or_default();
+    assert_eq!(
+        String::from_utf8_lossy(&decoded),
+        format!("robot:{REAL_BASIC}")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_refusals() {
+    if !have("curl") {
+        return;
+    }
+    let (w, p) = world().await;
+    let port = w.port();
+    // Host mismatch inside the tunnel.
+    let r = p
+        .curl(&[
+            &format!("https://api.github.test:{port}/"),
+            "-H",
+            "Host: other.test",
+        ])
+        .await;
+    assert_eq!(r.status, 421, "{r:?}");
+    assert_eq!(r.error_code().as_deref(), Some("authority_mismatch"));
+    // Not on the allowlist: refused at CONNECT.
+    let (status, _, head) = client::connect(p.addr(), "evil.test:443")
+        .await
+        .expect("connect");
+    assert_eq!(status, 403);
+    assert!(String::from_utf8_lossy(&head).contains("x-iron-proxy-error: destination_not_allowed"));
+    // Allowed port only: the secret host on another port is not reachable.
+    let (status, _, _) = client::connect(p.addr(), "api.github.test:443")
+        .await
+        .expect("connect");
+    assert_eq!(status, 403);
+    // Dot segments.
+    let r = p
+        .curl(&[
+            "--path-as-is",
+            &format!("https://other.test:{port}/a/%2e%2E/b"),
+        ])
+        .await;
+    assert_eq!(r.error_code().as_deref(), Some("invalid_path"));
+    assert!(w.origin.records().is_empty());
+    // SNI that differs from the CONNECT authority: the client cannot verify the leaf
+    // (minted for the CONNECT host), and nothing reaches the origin.
+    let res = client::tunnel(
+        p.addr(),
+        &format!("api.github.test:{port}"),
+        "other.test",
+        p.ca.ca.cert_pem(),
+    )
+    .await;
+    assert!(res.is_err());
+    assert!(w.origin.records().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_address_and_untrusted_origin() {
+    // private.test resolves to 10.1.2.3 and is allowed by name but not by address.
+    let policy = STANDARD_POLICY.replace(
+        "allow = [\"other.test:{PORT}\", \"plain.test:{PORT}\"]",
+        "allow = [\"other.test:{PORT}\", \"private.test:443\", \"10.9.9.9:443\"]",
+    );
+    let w = World::new(&policy, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let (status, _, head) = client::connect(p.addr(), "private.test:443")
+        .await
+        .expect("connect");
+    assert_eq!(status, 403);
+    assert!(String::from_utf8_lossy(&head).contains("destination_address_denied"));
+    let (status, _, _) = client::connect(p.addr(), "10.9.9.9:443")
+        .await
+        .expect("connect");
+    assert_eq!(status, 403);
+
+    // An origin whose CA is not trusted: 502 upstream_tls_error, never forwarded.
+    let w2 = World::new(
+        &STANDARD_POLICY.replace("upstream_ca = [\"origin-ca.pem\"]", "upstream_ca = []"),
+        OriginOptions::default(),
+    )
+    .await;
+    let p2 = w2.proxy(standard_env()).await;
+    let mut send = client::tunnel(
+        p2.addr(),
+        &format!("api.github.test:{}", w2.port()),
+        "api.github.test",
+        p2.ca.ca.cert_pem(),
+    )
+    .await
+    .expect("tunnel");
+    let resp = client::fetch(
+        &mut send,
+        Request::get("/")
+            .header("host", format!("api.github.test:{}", w2.port()))
+            .header("authorization", "Bearer GITHUB_TOKEN")
+            .body(Full::new(Bytes::new()))
+            .expect("request"),
+    )
+    .await
+    .expect("fetch");
+    assert_eq!(resp.status, 502);
+    assert_eq!(resp.headers["x-iron-proxy-error"], "upstream_tls_error");
+    assert!(w2.origin.records().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleartext_http_is_proxied_but_never_injected() {
+    if !have("curl") {
+        return;
+    }
+    let w = World::new(
+        STANDARD_POLICY,
+        OriginOptions {
+            plain: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let p = w.proxy(standard_env()).await;
+    let port = w.port();
+    let r = p
+        .curl(&[&format!("http://plain.test:{port}/hello?q=1")])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(w.origin.records()[0].target, "/hello?q=1");
+    let r = p
+        .curl(&[
+            &format!("http://api.github.test:{port}/"),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ])
+        .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.error_code().as_deref(),
+        Some("cleartext_injection_refused")
+    );
+    let r = p
+        .curl(&[
+            &format!("http://plain.test:{port}/"),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ])
+        .await;
+    assert_eq!(r.error_code().as_deref(), Some("placeholder_not_allowed"));
+    assert_eq!(w.origin.records().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_sse_and_websocket() {
+    let (w, p) = world().await;
+    let authority = format!("api.github.test:{}", w.port());
+    let mut send = client::tunnel(p.addr(), &authority, "api.github.test", p.ca.ca.cert_pem())
+        .await
+        .expect("tunnel");
+    for _ in 0..3 {
+        let resp = client::fetch(
+            &mut send,
+            Request::get("/k")
+                .header("host", &authority)
+                .header("authorization", "token GITHUB_TOKEN")
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await
+        .expect("fetch");
+        assert_eq!(resp.status, 200);
+    }
+    assert_eq!(w.origin.records().len(), 3);
+    // A later request on the same tunnel naming another host is refused.
+    let resp = client::fetch(
+        &mut send,
+        Request::get("/k")
+            .header("host", format!("other.test:{}", w.port()))
+            .body(Full::new(Bytes::new()))
+            .expect("req"),
+    )
+    .await
+    .expect("fetch");
+    assert_eq!(resp.status, 421);
+
+    // SSE: each event arrives before the origin is allowed to send the next one.
+    use http_body_util::BodyExt as _;
+    let mut send = client::tunnel(p.addr(), &authority, "api.github.test", p.ca.ca.cert_pem())
+        .await
+        .expect("tunnel");
+    send.ready().await.expect("ready");
+    let resp = send
+        .send_request(
+            Request::get("/sse")
+                .header("host", &authority)
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await
+        .expect("sse");
+    let mut body = resp.into_body();
+    for n in 0..3 {
+        let frame = loop {
+            let f = body.frame().await.expect("frame").expect("ok");
+            if let Ok(d) = f.into_data() {
+                break d;
+            }
+        };
+        assert_eq!(frame, Bytes::from(format!("data: event {n}\n\n")));
+        w.origin.release_event();
+    }
+
+    // WebSocket-style upgrade: header swap applies, then bytes are relayed both ways.
+    let mut send = client::tunnel(p.addr(), &authority, "api.github.test", p.ca.ca.cert_pem())
+        .await
+        .expect("tunnel");
+    send.ready().await.expect("ready");
+    let resp = send
+        .send_request(
+            Request::get("/ws")
+                .header("host", &authority)
+                .header("connection", "Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .header("authorization", "Bearer GITHUB_TOKEN")
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await
+        .expect("upgrade");
+    assert_eq!(resp.status(), 101);
+    let upgraded = hyper::upgrade::on(resp).await.expect("upgraded");
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    io.write_all(b"ping frame").await.expect("write");
+    let mut buf = [0u8; 10];
+    io.read_exact(&mut buf).await.expect("echo");
+    assert_eq!(&buf, b"ping frame");
+    let ws = w
+        .origin
+        .records()
+        .into_iter()
+        .find(|r| r.target == "/ws")
+        .expect("ws record");
+    assert_eq!(
+        ws.header("authorization"),
+        Some(format!("Bearer {REAL_GITHUB}"))
+    );
+    assert_eq!(ws.header("upgrade").as_deref(), Some("websocket"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_source_fails_closed_and_passthrough_is_untouched() {
+    let (w, p) = {
+        let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+        let mut env = standard_env();
+        env.remove("REAL_GITHUB_TOKEN");
+        let p = w.proxy(env).await;
+        (w, p)
+    };
+    let authority = format!("api.github.test:{}", w.port());
+    let mut send = client::tunnel(p.addr(), &authority, "api.github.test", p.ca.ca.cert_pem())
+        .await
+        .expect("tunnel");
+    let resp = client::fetch(
+        &mut send,
+        Request::get("/")
+            .header("host", &authority)
+            .header("authorization", "Bearer GITHUB_TOKEN")
+            .body(Full::new(Bytes::new()))
+            .expect("req"),
+    )
+    .await
+    .expect("fetch");
+    assert_eq!(resp.status, 502);
+    assert_eq!(resp.headers["x-iron-proxy-error"], "credential_unavailable");
+    assert!(w.origin.records().is_empty());
+
+    // Passthrough: the client talks TLS with the origin itself (origin CA, not the proxy's).
+    let mut send = client::tunnel(
+        p.addr(),
+        &format!("pass.test:{}", w.port()),
+        "pass.test",
+        &w.origin.ca_pem,
+    )
+    .await
+    .expect("passthrough tunnel");
+    let resp = client::fetch(
+        &mut send,
+        Request::get("/")
+            .header("host", "pass.test")
+            .header("authorization", "Bearer GITHUB_TOKEN")
+            .body(Full::new(Bytes::new()))
+            .expect("req"),
+    )
+    .await
+    .expect("fetch");
+    assert_eq!(resp.status, 200);
+    // Unmodified: the placeholder went through as the client sent it.
+    assert_eq!(
+        w.origin.records()[0].header("authorization").as_deref(),
+        Some("Bearer GITHUB_TOKEN")
+    );
+}
