@@ -2,6 +2,8 @@
 //! started in-process (with an in-memory environment and audit sink) or as a separate
 //! process, and helpers that drive real clients (curl, git) through it.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test harness: a failed setup step is a failed test
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -220,5 +222,102 @@ pub async fn curl_via(proxy: SocketAddr, ca: &Path, args: &[&str]) -> Curl {
         status: status.trim().parse().unwrap_or(0),
         body: body.to_string(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A proxy running as a separate process (`iron-proxy serve`), with stderr captured.
+pub struct Spawned {
+    /// The child.
+    pub child: std::process::Child,
+    /// The address it reported listening on.
+    pub addr: SocketAddr,
+    /// Its CA certificate file.
+    pub ca: PathBuf,
+    stderr: Arc<std::sync::Mutex<String>>,
+}
+
+impl Spawned {
+    /// Runs `BIN serve --policy POLICY` with `IRON_PROXY_HOME` in `home`, the given extra
+    /// environment, and waits for its "listening" line.
+    pub fn start(
+        bin: &Path,
+        policy: &Path,
+        home: &Path,
+        env: &HashMap<String, String>,
+        log: &str,
+    ) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(bin)
+            .args(["serve", "--policy"])
+            .arg(policy)
+            .env("IRON_PROXY_HOME", home)
+            .env("IRON_PROXY_LOG", log)
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn iron-proxy");
+        let stderr = child.stderr.take().expect("stderr");
+        let captured = Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = captured.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("iron-proxy listening")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line.clone());
+                }
+                let mut s = sink.lock().expect("lock");
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("proxy did not start: {}", captured.lock().expect("lock")));
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .and_then(|a| a.parse().ok())
+            .expect("listening address");
+        Self {
+            child,
+            addr,
+            ca: home.join("ca.crt"),
+            stderr: captured,
+        }
+    }
+
+    /// Peak resident set size so far, in bytes (`VmHWM`).
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Stops the process (SIGTERM via `kill`) and returns everything it wrote to stderr.
+    pub fn stop(mut self) -> String {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        self.stderr.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

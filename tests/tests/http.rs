@@ -465,3 +465,42 @@ async fn missing_source_fails_closed_and_passthrough_is_untouched() {
         Some("Bearer GITHUB_TOKEN")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_stripped_and_chunked_uploads_stream() {
+    if !have("curl") {
+        return;
+    }
+    let (w, p) = world().await;
+    let port = w.port();
+    let file = w.dir.path().join("up.bin");
+    std::fs::write(&file, vec![7u8; 300_000]).expect("write");
+    let r = p
+        .curl(&[
+            &format!("https://api.github.test:{port}/up"),
+            "-T",
+            file.to_str().expect("path"),
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-H",
+            "Expect: 100-continue",
+            "-H",
+            "Connection: X-Drop-Me",
+            "-H",
+            "X-Drop-Me: 1",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "Proxy-Authorization: Basic Zm9vOkdJVEhVQl9UT0tFTg==",
+            "-H",
+            "X-Keep: yes",
+        ])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let rec = w.origin.records().pop().expect("record");
+    assert_eq!(rec.body_len, 300_000);
+    assert_eq!(rec.header("x-keep").as_deref(), Some("yes"));
+    for h in ["x-drop-me", "keep-alive", "proxy-authorization"] {
+        assert!(rec.header(h).is_none(), "{h} was forwarded");
+    }
+}
