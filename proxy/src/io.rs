@@ -74,10 +74,75 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
     }
 }
 
+/// Copies bytes both ways between `a` and `b` until both directions have ended, an error
+/// occurs, or nothing moves in either direction for `idle`. Returns the bytes copied
+/// a→b and b→a. Used for passthrough tunnels and upgraded (WebSocket) connections.
+pub async fn relay<A, B>(a: A, b: B, idle: std::time::Duration) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let mut abuf = vec![0u8; 16 * 1024];
+    let mut bbuf = vec![0u8; 16 * 1024];
+    let (mut a_open, mut b_open) = (true, true);
+    let (mut ab, mut ba) = (0u64, 0u64);
+    while a_open || b_open {
+        tokio::select! {
+            r = ar.read(&mut abuf), if a_open => match r {
+                Ok(0) | Err(_) => {
+                    a_open = false;
+                    let _ = bw.shutdown().await;
+                }
+                Ok(n) => {
+                    if bw.write_all(&abuf[..n]).await.is_err() {
+                        break;
+                    }
+                    ab += n as u64;
+                }
+            },
+            r = br.read(&mut bbuf), if b_open => match r {
+                Ok(0) | Err(_) => {
+                    b_open = false;
+                    let _ = aw.shutdown().await;
+                }
+                Ok(n) => {
+                    if aw.write_all(&bbuf[..n]).await.is_err() {
+                        break;
+                    }
+                    ba += n as u64;
+                }
+            },
+            () = tokio::time::sleep(idle) => break,
+        }
+    }
+    (ab, ba)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt as _;
+
+    #[tokio::test]
+    async fn relay_copies_both_ways_and_stops_when_idle() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut c1, p1) = tokio::io::duplex(1024);
+        let (p2, mut c2) = tokio::io::duplex(1024);
+        let task = tokio::spawn(relay(p1, p2, std::time::Duration::from_millis(200)));
+        c1.write_all(b"abc").await.unwrap();
+        let mut buf = [0u8; 3];
+        c2.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"abc");
+        c2.write_all(b"de").await.unwrap();
+        let mut buf = [0u8; 2];
+        c1.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"de");
+        // Nothing moves: the relay gives up after the idle timeout.
+        assert_eq!(task.await.unwrap(), (3, 2));
+    }
 
     #[tokio::test]
     async fn reads_prefix_then_inner() {

@@ -43,6 +43,8 @@ pub struct Conn {
     pub client: std::net::SocketAddr,
     /// `None` on the proxy port (absolute-form requests), `Some` inside a CONNECT tunnel.
     pub dest: Option<Dest>,
+    /// The `max_connections` slot this connection (and its tunnels) holds.
+    pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 /// Headers never forwarded (RFC 9110 §7.6.1), plus `Proxy-Authorization`.
@@ -311,14 +313,18 @@ async fn exchange(
         rec.stop_clock();
         rt.audit.emit(&rec);
         if let Some(client_upgrade) = client_upgrade {
+            let idle = policy.proxy.limits.idle_timeout;
             tokio::spawn(
                 async move {
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((c, u)) => {
-                            let mut c = TokioIo::new(c);
-                            let mut u = TokioIo::new(u);
-                            let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                            debug!(result = ?r.map_err(|e| e.kind()), "upgraded connection closed");
+                            let (up, down) =
+                                crate::io::relay(TokioIo::new(c), TokioIo::new(u), idle).await;
+                            debug!(
+                                bytes_up = up,
+                                bytes_down = down,
+                                "upgraded connection closed"
+                            );
                         }
                         Err(e) => debug!(error = %e, "upgrade failed"),
                     }

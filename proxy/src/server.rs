@@ -16,14 +16,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use iron_policy::{Limits, normalize_host};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::Runtime;
 use crate::audit::AuditRecord;
 use crate::body::{ProxyBody, full};
 use crate::error::ProxyError;
-use crate::io::Prefixed;
+use crate::io::{Prefixed, relay};
 use crate::pipeline::{self, Conn, Dest};
 use crate::upstream::{DialError, resolve_checked};
 
@@ -48,8 +48,7 @@ pub async fn serve(rt: Arc<Runtime>, listener: TcpListener) {
         let span = info_span!("conn", client = %peer);
         tokio::spawn(
             async move {
-                let _permit = permit;
-                serve_proxy_connection(rt, tcp, peer).await;
+                serve_proxy_connection(rt, tcp, peer, permit).await;
             }
             .instrument(span),
         );
@@ -66,18 +65,25 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
     b
 }
 
-async fn serve_proxy_connection(rt: Arc<Runtime>, tcp: TcpStream, peer: SocketAddr) {
+async fn serve_proxy_connection(
+    rt: Arc<Runtime>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: OwnedSemaphorePermit,
+) {
     let limits = rt.policy.proxy.limits.clone();
+    // The connection slot lives as long as the connection or any tunnel opened on it.
     let conn = Arc::new(Conn {
         client: peer,
         dest: None,
+        slot: Some(Arc::new(slot)),
     });
     let svc = service_fn(move |req: Request<Incoming>| {
         let rt = rt.clone();
         let conn = conn.clone();
         async move {
             Ok::<_, Infallible>(if req.method() == Method::CONNECT {
-                connect(rt, conn.client, req).await
+                connect(rt, conn, req).await
             } else {
                 pipeline::handle(rt, conn, req).await
             })
@@ -95,9 +101,10 @@ async fn serve_proxy_connection(rt: Arc<Runtime>, tcp: TcpStream, peer: SocketAd
 /// Handles CONNECT: checks the destination, answers 200, and runs the tunnel.
 async fn connect(
     rt: Arc<Runtime>,
-    client: SocketAddr,
+    conn: Arc<Conn>,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let client = conn.client;
     let id = rt.next_request_id();
     let mut rec = AuditRecord::new("connect", id.clone(), client, "CONNECT");
     rec.scheme = "tunnel";
@@ -117,11 +124,10 @@ async fn connect(
                 Some(upstream) => {
                     tokio::spawn(
                         async move {
+                            let _slot = conn;
                             let Ok(up) = on_upgrade.await else { return };
-                            let mut up = TokioIo::new(up);
-                            let mut upstream = upstream;
-                            let r = tokio::io::copy_bidirectional(&mut up, &mut upstream).await;
-                            let (to_up, to_client) = r.unwrap_or((0, 0));
+                            let idle = rt.policy.proxy.limits.idle_timeout;
+                            let (to_up, to_client) = relay(TokioIo::new(up), upstream, idle).await;
                             rec.kind = "tunnel";
                             rec.status = 200;
                             rec.outcome = "closed";
@@ -137,7 +143,7 @@ async fn connect(
                     tokio::spawn(
                         async move {
                             let Ok(up) = on_upgrade.await else { return };
-                            intercept(rt, TokioIo::new(up), client, host, port).await;
+                            intercept(rt, TokioIo::new(up), conn, host, port).await;
                         }
                         .in_current_span(),
                     );
@@ -196,7 +202,7 @@ async fn check_connect(
 }
 
 /// Runs an intercepted tunnel bound to `host:port`.
-async fn intercept<T>(rt: Arc<Runtime>, mut io: T, client: SocketAddr, host: String, port: u16)
+async fn intercept<T>(rt: Arc<Runtime>, mut io: T, outer: Arc<Conn>, host: String, port: u16)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -236,7 +242,7 @@ where
             tls: true,
             sni,
         };
-        serve_tunnel(rt, tls, client, dest).await;
+        serve_tunnel(rt, tls, &outer, dest).await;
     } else if first[0].is_ascii_alphabetic() {
         let dest = Dest {
             host,
@@ -244,20 +250,21 @@ where
             tls: false,
             sni: None,
         };
-        serve_tunnel(rt, io, client, dest).await;
+        serve_tunnel(rt, io, &outer, dest).await;
     } else {
         debug!("tunnel carries neither TLS nor HTTP; closing");
     }
 }
 
-async fn serve_tunnel<T>(rt: Arc<Runtime>, io: T, client: SocketAddr, dest: Dest)
+async fn serve_tunnel<T>(rt: Arc<Runtime>, io: T, outer: &Conn, dest: Dest)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limits = rt.policy.proxy.limits.clone();
     let conn = Arc::new(Conn {
-        client,
+        client: outer.client,
         dest: Some(dest),
+        slot: outer.slot.clone(),
     });
     let svc = service_fn(move |req: Request<Incoming>| {
         let rt = rt.clone();
