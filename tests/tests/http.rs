@@ -504,3 +504,46 @@ async fn hop_by_hop_headers_are_stripped_and_chunked_uploads_stream() {
         assert!(rec.header(h).is_none(), "{h} was forwarded");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_requests_through_the_proxy() {
+    let has_requests = std::process::Command::new("python3")
+        .args(["-c", "import requests"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_requests {
+        return eprintln!("python3 with requests not installed; skipped");
+    }
+    let (w, p) = world().await;
+    let script = format!(
+        "import os, requests\n\
+         r = requests.get('https://api.github.test:{port}/py', headers={{'Authorization': 'Bearer ' + os.environ['GITHUB_TOKEN']}})\n\
+         print(r.status_code)\n\
+         r = requests.get('https://other.test:{port}/py', headers={{'Authorization': 'Bearer ' + os.environ['GITHUB_TOKEN']}})\n\
+         print(r.status_code, r.headers.get('x-iron-proxy-error'))\n",
+        port = w.port()
+    );
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", &script])
+        .env("HTTPS_PROXY", format!("http://{}", p.addr()))
+        .env("REQUESTS_CA_BUNDLE", &p.ca.cert)
+        .env("GITHUB_TOKEN", "GITHUB_TOKEN")
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .await
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout,
+        "200\n403 placeholder_not_allowed\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = w.origin.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        recs[0].header("authorization"),
+        Some(format!("Bearer {REAL_GITHUB}"))
+    );
+}
