@@ -18,6 +18,8 @@ use std::time::SystemTime;
 use iron_policy::{SourceKind, SourceRef};
 use zeroize::Zeroizing;
 
+pub mod tokens;
+
 /// A secret value. `Debug` prints `[redacted]`; read it with [`SecretValue::expose`].
 #[derive(Clone)]
 pub struct SecretValue(Arc<Zeroizing<Vec<u8>>>);

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 
 use crate::encoding::{decode_mapped, encode_component};
-use crate::model::{HttpMode, InjectTarget, Policy, Secret, SecretKind};
+use crate::model::{HttpMode, InjectTarget, Policy, Secret};
 
 /// The compiled placeholder automaton. Pattern `i` belongs to secret `i`.
 #[derive(Debug, Clone)]
@@ -208,8 +208,8 @@ impl Plan {
             query = Some(edited);
         }
         for &s in &self.injects {
-            let Some(SecretKind::Http(HttpMode::Inject { target, formatter })) =
-                policy.secrets.get(s).map(|s| &s.kind)
+            let Some(HttpMode::Inject { target, formatter }) =
+                policy.secrets.get(s).map(|s| &s.mode)
             else {
                 continue;
             };
@@ -296,7 +296,7 @@ impl Policy {
             }
         }
         for (s, secret) in self.secrets.iter().enumerate() {
-            let SecretKind::Http(HttpMode::Inject { target, .. }) = &secret.kind else {
+            let HttpMode::Inject { target, .. } = &secret.mode else {
                 continue;
             };
             if !secret.allows_host(req.host, req.port, req.tls) {
@@ -339,8 +339,7 @@ impl Policy {
         if !secret.allows_host(req.host, req.port, req.tls) {
             return Err(not_allowed());
         }
-        let SecretKind::Http(mode) = &secret.kind;
-        let swap = match (mode, &location) {
+        let swap = match (&secret.mode, &location) {
             (HttpMode::Replace { headers, .. }, Location::Header(h)) => headers.selects(h),
             (HttpMode::Replace { query, .. }, Location::Query(q)) => query.contains(q),
             (HttpMode::Replace { path, .. }, Location::Path) => *path,

@@ -455,11 +455,156 @@ pub enum HttpMode {
     },
 }
 
-/// The type-specific part of a secret.
+/// An OAuth 2.0 grant (RFC 6749 §4.3, §4.4, §6; RFC 7523 §2.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// `refresh_token`: fields `client_id`, `refresh_token` [, `client_secret`].
+    RefreshToken,
+    /// `client_credentials`: fields `client_id`, `client_secret`.
+    ClientCredentials,
+    /// `password`: fields `client_id`, `username`, `password` [, `client_secret`].
+    Password,
+    /// `jwt_bearer`: fields `issuer`, `subject`, `private_key` (RSA PEM) [, `private_key_id`].
+    JwtBearer,
+}
+
+impl Grant {
+    /// The grant's name as written in the policy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RefreshToken => "refresh_token",
+            Self::ClientCredentials => "client_credentials",
+            Self::Password => "password",
+            Self::JwtBearer => "jwt_bearer",
+        }
+    }
+
+    fn fields(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            Self::RefreshToken => (&["client_id", "refresh_token"], &["client_secret"]),
+            Self::ClientCredentials => (&["client_id", "client_secret"], &[]),
+            Self::Password => (&["client_id", "username", "password"], &["client_secret"]),
+            Self::JwtBearer => (&["issuer", "subject", "private_key"], &["private_key_id"]),
+        }
+    }
+}
+
+/// How the client authenticates to the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `client_id` and `client_secret` in the form body (default).
+    Post,
+    /// HTTP Basic with `client_id:client_secret`.
+    Basic,
+}
+
+/// A token endpoint: an `https` URL, with its parts for stub matching.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenEndpoint {
+    /// The URL as written.
+    pub url: String,
+    /// Host, normalized.
+    pub host: String,
+    /// Port (443 when not written).
+    pub port: u16,
+    /// Path (`/` when empty).
+    pub path: String,
+}
+
+impl TokenEndpoint {
+    /// Parses an `https://host[:port]/path` URL.
+    ///
+    /// # Errors
+    /// A message when the URL is not absolute `https` with a valid host.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| format!("token endpoint `{url}` must be an https:// URL"))?;
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let path = path.split('?').next().unwrap_or("/");
+        let path = if path.is_empty() { "/" } else { path };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+                Ok(p) if p > 0 => (h, p),
+                _ => return Err(format!("token endpoint `{url}` has an invalid port")),
+            },
+            _ => (authority, 443),
+        };
+        if authority.contains('@') {
+            return Err(format!("token endpoint `{url}` must not contain userinfo"));
+        }
+        let host = crate::host::normalize_host(host)
+            .ok_or_else(|| format!("token endpoint `{url}` has an invalid host"))?;
+        Ok(Self {
+            url: url.to_string(),
+            host,
+            port,
+            path: path.to_string(),
+        })
+    }
+}
+
+/// `type = "oauth_token"` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthSpec {
+    /// The grant.
+    pub grant: Grant,
+    /// Where tokens are requested.
+    pub token_endpoint: TokenEndpoint,
+    /// Requested scopes (space-joined in the request).
+    pub scopes: Vec<String>,
+    /// Grant fields by name, each a secret reference.
+    pub fields: std::collections::BTreeMap<String, SourceRef>,
+    /// Extra headers sent on the token POST only, casing kept.
+    pub token_endpoint_headers: Vec<(String, SourceRef)>,
+    /// JWT `aud` for `jwt_bearer` (default: the token endpoint URL).
+    pub audience: Option<String>,
+    /// Client authentication method.
+    pub client_auth: ClientAuth,
+}
+
+/// The default scope of `gcp_auth`.
+pub const GCP_DEFAULT_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+/// The default hosts of `gcp_auth`.
+pub const GCP_DEFAULT_HOST: &str = "*.googleapis.com";
+/// Google's token endpoint, stubbed for sandboxes that hold a `gcp_auth` stub key file.
+pub const GCP_TOKEN_HOST: &str = "oauth2.googleapis.com";
+
+/// `type = "gcp_auth"` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GcpSpec {
+    /// The service-account key file (JSON), as a secret reference.
+    pub keyfile: SourceRef,
+    /// Requested scopes.
+    pub scopes: Vec<String>,
+    /// Domain-wide delegation subject.
+    pub subject: Option<String>,
+}
+
+/// Where a secret's value comes from, by type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretKind {
-    /// `type = "http"`.
-    Http(HttpMode),
+    /// `type = "http"`: a static value from `source`.
+    Static(SourceRef),
+    /// `type = "oauth_token"`: an access token minted with a grant.
+    OAuth(OAuthSpec),
+    /// `type = "gcp_auth"`: an access token minted from a service-account key.
+    Gcp(GcpSpec),
+}
+
+/// A request the proxy answers itself so sandbox SDKs holding stub credentials can finish
+/// their token dance (REFERENCE.md §2.8, §2.9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stub {
+    /// A POST to an `oauth_token` secret's token endpoint.
+    OAuthToken,
+    /// A POST to `https://oauth2.googleapis.com/token`.
+    GcpToken,
+    /// A GET of the metadata server's service-account token.
+    GcpMetadata,
 }
 
 /// One `[[secrets]]` entry, validated.
@@ -469,21 +614,48 @@ pub struct Secret {
     pub name: String,
     /// The text the sandbox holds in place of the value. Default: the name.
     pub placeholder: String,
-    /// Where the real value comes from.
-    pub source: SourceRef,
     /// Hosts the value may be sent to.
     pub hosts: Vec<HostPattern>,
     /// A missing source is a warning rather than an error.
     pub optional: bool,
     /// The value may be sent over cleartext HTTP (DESIGN.md decision 4). Default false.
     pub allow_plaintext: bool,
-    /// Type-specific settings.
+    /// How the value is applied to requests. Token types always inject.
+    pub mode: HttpMode,
+    /// Where the value comes from.
     pub kind: SecretKind,
     /// Where the entry's `name` is written.
     pub pos: Pos,
 }
 
 impl Secret {
+    /// The type as written in the policy: `http`, `oauth_token` or `gcp_auth`.
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            SecretKind::Static(_) => "http",
+            SecretKind::OAuth(_) => "oauth_token",
+            SecretKind::Gcp(_) => "gcp_auth",
+        }
+    }
+
+    /// Every secret reference this secret reads, with the field it belongs to.
+    pub fn sources(&self) -> Vec<(&str, &SourceRef)> {
+        match &self.kind {
+            SecretKind::Static(s) => vec![("source", s)],
+            SecretKind::OAuth(o) => o
+                .fields
+                .iter()
+                .map(|(k, v)| (k.as_str(), v))
+                .chain(
+                    o.token_endpoint_headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v)),
+                )
+                .collect(),
+            SecretKind::Gcp(g) => vec![("keyfile", &g.keyfile)],
+        }
+    }
+
     /// True when this secret may be used on `host:port` over a connection that is (or is
     /// not) TLS. Cleartext is checked separately, so it can be refused with its own code.
     pub fn allows_host(&self, host: &str, port: u16, tls: bool) -> bool {
@@ -622,6 +794,61 @@ impl Policy {
         self.secrets.iter().find(|s| s.name == name)
     }
 
+    /// The stub, if any, that answers a request to `host:port` `path` (see [`Stub`]), with
+    /// the index of the secret it belongs to.
+    pub fn stub_for(
+        &self,
+        host: &str,
+        port: u16,
+        tls: bool,
+        method: &str,
+        path: &str,
+    ) -> Option<(usize, Stub)> {
+        for (i, s) in self.secrets.iter().enumerate() {
+            match &s.kind {
+                SecretKind::OAuth(o) => {
+                    let ep = &o.token_endpoint;
+                    if tls
+                        && method == "POST"
+                        && ep.host == host
+                        && ep.port == port
+                        && ep.path == path
+                    {
+                        return Some((i, Stub::OAuthToken));
+                    }
+                }
+                SecretKind::Gcp(_) => {
+                    if tls
+                        && method == "POST"
+                        && host == GCP_TOKEN_HOST
+                        && port == 443
+                        && path == "/token"
+                    {
+                        return Some((i, Stub::GcpToken));
+                    }
+                    let metadata = matches!(
+                        host,
+                        "metadata.google.internal" | "metadata" | "169.254.169.254"
+                    );
+                    if metadata && method == "GET" && is_metadata_token_path(path) {
+                        return Some((i, Stub::GcpMetadata));
+                    }
+                }
+                SecretKind::Static(_) => {}
+            }
+        }
+        None
+    }
+
+    /// True when a CONNECT to `host:port` is answered by stubs alone and must not dial out.
+    pub fn is_stub_host(&self, host: &str, port: u16) -> bool {
+        self.secrets.iter().any(|s| match &s.kind {
+            SecretKind::OAuth(o) => o.token_endpoint.host == host && o.token_endpoint.port == port,
+            SecretKind::Gcp(_) => host == GCP_TOKEN_HOST && port == 443,
+            SecretKind::Static(_) => false,
+        })
+    }
+
     /// True when `host:port` is tunnelled without interception.
     pub fn is_passthrough(&self, host: &str, port: u16) -> bool {
         self.proxy
@@ -638,6 +865,7 @@ impl Policy {
             Egress::Allowlist => {
                 self.proxy.allow.iter().any(|p| p.matches(host, port, tls))
                     || self.is_passthrough(host, port)
+                    || (tls && self.is_stub_host(host, port))
                     || self.secrets.iter().any(|s| s.allows_host(host, port, tls))
             }
         }
@@ -658,6 +886,12 @@ impl Policy {
             .filter_map(|c| c.parse::<IpNet>().ok())
             .any(|n| n.contains(&ip))
     }
+}
+
+fn is_metadata_token_path(path: &str) -> bool {
+    path.strip_prefix("/computeMetadata/v1/instance/service-accounts/")
+        .and_then(|rest| rest.strip_suffix("/token"))
+        .is_some_and(|account| !account.is_empty() && !account.contains('/'))
 }
 
 struct Cx<'a> {
@@ -912,23 +1146,34 @@ impl Cx<'_> {
                 format!("secret name `{name_s}` must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)"),
             );
         }
-        match raw
+        let ty = match raw
             .kind
             .as_ref()
             .map(|k| (k.get_ref().as_str(), k.span().start))
         {
-            Some(("http", _)) => {}
-            None => self.error(name_at, format!("secret `{name_s}` has no `type`")),
-            Some((t @ ("oauth_token" | "gcp_auth" | "pg_dsn" | "brokered_token"), at)) => self
-                .error(
+            Some(("http", _)) => "http",
+            Some(("oauth_token", _)) => "oauth_token",
+            Some(("gcp_auth", _)) => "gcp_auth",
+            None => {
+                self.error(name_at, format!("secret `{name_s}` has no `type`"));
+                return None;
+            }
+            Some((t @ ("pg_dsn" | "brokered_token"), at)) => {
+                self.error(
                     at,
                     format!("secret `{name_s}`: type `{t}` is not supported yet"),
-                ),
-            Some((other, at)) => self.error(
-                at,
-                format!("secret `{name_s}`: unknown type `{other}`; expected \"http\""),
-            ),
-        }
+                );
+                return None;
+            }
+            Some((other, at)) => {
+                self.error(
+                    at,
+                    format!("secret `{name_s}`: unknown type `{other}`; expected \"http\", \"oauth_token\" or \"gcp_auth\""),
+                );
+                return None;
+            }
+        };
+        self.reject_keys(raw, ty, &name_s);
         let (placeholder, placeholder_at) = match &raw.placeholder {
             Some(p) => (p.get_ref().clone(), p.span().start),
             None => (name_s.clone(), name_at),
@@ -942,13 +1187,6 @@ impl Cx<'_> {
                 format!("secret `{name_s}`: placeholder `{placeholder}` is short; it may appear in requests by accident and be refused"),
             );
         }
-        let source = match &raw.source {
-            Some(s) => self.source(s, &name_s),
-            None => {
-                self.error(name_at, format!("secret `{name_s}` has no `source`"));
-                None
-            }
-        };
         let hosts = match &raw.hosts {
             Some(h) if h.get_ref().is_empty() => {
                 self.error(
@@ -958,24 +1196,292 @@ impl Cx<'_> {
                 Vec::new()
             }
             Some(h) => self.patterns(h.get_ref(), "hosts"),
+            None if ty == "gcp_auth" => HostPattern::parse(GCP_DEFAULT_HOST).into_iter().collect(),
             None => {
                 self.error(name_at, format!("secret `{name_s}` has no `hosts`"));
                 Vec::new()
             }
         };
-        let mode = self.http_mode(raw, &name_s, name_at);
+        let (mode, kind) = match ty {
+            "http" => {
+                let source = match &raw.source {
+                    Some(s) => self.source(s, &name_s),
+                    None => {
+                        self.error(name_at, format!("secret `{name_s}` has no `source`"));
+                        None
+                    }
+                };
+                (
+                    self.http_mode(raw, &name_s, name_at),
+                    source.map(SecretKind::Static),
+                )
+            }
+            "oauth_token" => (
+                self.token_mode(raw, &name_s),
+                self.oauth(raw, &name_s, name_at).map(SecretKind::OAuth),
+            ),
+            _ => (
+                self.token_mode(raw, &name_s),
+                self.gcp(raw, &name_s, name_at).map(SecretKind::Gcp),
+            ),
+        };
         if self.error_count() > errors_before {
             return None;
         }
         Some(Secret {
             name: name_s,
             placeholder,
-            source: source?,
             hosts,
             optional: raw.optional.unwrap_or(false),
             allow_plaintext: raw.allow_plaintext.unwrap_or(false),
-            kind: SecretKind::Http(mode?),
+            mode: mode?,
+            kind: kind?,
             pos: self.pos(name_at),
+        })
+    }
+
+    /// Reports keys that do not belong to the secret's type.
+    fn reject_keys(&mut self, raw: &RawSecret, ty: &str, name: &str) {
+        fn at<T>(v: &Option<Spanned<T>>) -> Option<usize> {
+            v.as_ref().map(|v| v.span().start)
+        }
+        let present = [
+            ("source", at(&raw.source)),
+            ("mode", at(&raw.mode)),
+            ("match_headers", at(&raw.match_headers)),
+            ("match_query", at(&raw.match_query)),
+            ("match_path", at(&raw.match_path)),
+            ("inject_query_param", at(&raw.inject_query_param)),
+            ("grant", at(&raw.grant)),
+            ("token_endpoint", at(&raw.token_endpoint)),
+            ("scopes", at(&raw.scopes)),
+            ("fields", at(&raw.fields)),
+            ("token_endpoint_headers", at(&raw.token_endpoint_headers)),
+            ("audience", at(&raw.audience)),
+            ("client_auth", at(&raw.client_auth)),
+            ("keyfile", at(&raw.keyfile)),
+            ("subject", at(&raw.subject)),
+        ];
+        let allowed: &[&str] = match ty {
+            "http" => &[
+                "source",
+                "mode",
+                "match_headers",
+                "match_query",
+                "match_path",
+                "inject_query_param",
+            ],
+            "oauth_token" => &[
+                "grant",
+                "token_endpoint",
+                "scopes",
+                "fields",
+                "token_endpoint_headers",
+                "audience",
+                "client_auth",
+            ],
+            _ => &["keyfile", "scopes", "subject"],
+        };
+        for (key, pos) in present {
+            if let Some(pos) = pos
+                && !allowed.contains(&key)
+            {
+                self.error(
+                    pos,
+                    format!("secret `{name}`: `{key}` is not valid for type `{ty}`"),
+                );
+            }
+        }
+    }
+
+    /// Token types inject `inject_header` (default `Authorization`) with `inject_formatter`
+    /// (default `Bearer {value}`).
+    fn token_mode(&mut self, raw: &RawSecret, name: &str) -> Option<HttpMode> {
+        let header = match &raw.inject_header {
+            Some(h) if h.get_ref().is_empty() || !h.get_ref().bytes().all(is_token_char) => {
+                self.error(
+                    h.span().start,
+                    format!("secret `{name}`: `inject_header` is not a header name"),
+                );
+                return None;
+            }
+            Some(h) => h.get_ref().clone(),
+            None => "Authorization".to_string(),
+        };
+        let formatter = match &raw.inject_formatter {
+            None => InjectFormatter::parse("Bearer {value}").ok()?,
+            Some(f) => match InjectFormatter::parse(f.get_ref()) {
+                Ok(f) => f,
+                Err(e) => {
+                    self.error(
+                        f.span().start,
+                        format!("secret `{name}`: `inject_formatter`: {e}"),
+                    );
+                    return None;
+                }
+            },
+        };
+        Some(HttpMode::Inject {
+            target: InjectTarget::Header(header),
+            formatter,
+        })
+    }
+
+    fn oauth(&mut self, raw: &RawSecret, name: &str, name_at: usize) -> Option<OAuthSpec> {
+        let grant = match raw
+            .grant
+            .as_ref()
+            .map(|g| (g.get_ref().as_str(), g.span().start))
+        {
+            Some(("refresh_token", _)) => Grant::RefreshToken,
+            Some(("client_credentials", _)) => Grant::ClientCredentials,
+            Some(("password", _)) => Grant::Password,
+            Some(("jwt_bearer", _)) => Grant::JwtBearer,
+            Some((other, at)) => {
+                self.error(at, format!("secret `{name}`: unknown grant `{other}`; expected refresh_token, client_credentials, password or jwt_bearer"));
+                return None;
+            }
+            None => {
+                self.error(
+                    name_at,
+                    format!("secret `{name}`: oauth_token needs `grant`"),
+                );
+                return None;
+            }
+        };
+        let token_endpoint = match &raw.token_endpoint {
+            Some(u) => match TokenEndpoint::parse(u.get_ref()) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    self.error(u.span().start, format!("secret `{name}`: {e}"));
+                    None
+                }
+            },
+            None => {
+                self.error(
+                    name_at,
+                    format!("secret `{name}`: oauth_token needs `token_endpoint`"),
+                );
+                None
+            }
+        };
+        let (required, optional) = grant.fields();
+        let mut fields = std::collections::BTreeMap::new();
+        let fields_at = raw.fields.as_ref().map_or(name_at, |f| f.span().start);
+        if let Some(f) = &raw.fields {
+            for (k, v) in f.get_ref() {
+                if !required.contains(&k.as_str()) && !optional.contains(&k.as_str()) {
+                    self.error(
+                        v.span().start,
+                        format!(
+                            "secret `{name}`: field `{k}` is not used by grant {}; it takes {}",
+                            grant.as_str(),
+                            required
+                                .iter()
+                                .chain(optional)
+                                .copied()
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    );
+                    continue;
+                }
+                if let Some(src) = self.source(v, name) {
+                    fields.insert(k.clone(), src);
+                }
+            }
+        }
+        for r in required {
+            if !fields.contains_key(*r)
+                && raw
+                    .fields
+                    .as_ref()
+                    .is_none_or(|f| !f.get_ref().contains_key(*r))
+            {
+                self.error(
+                    fields_at,
+                    format!(
+                        "secret `{name}`: grant {} needs field `{r}`",
+                        grant.as_str()
+                    ),
+                );
+            }
+        }
+        let mut token_endpoint_headers = Vec::new();
+        if let Some(h) = &raw.token_endpoint_headers {
+            for (k, v) in h.get_ref() {
+                if k.is_empty() || !k.bytes().all(is_token_char) {
+                    self.error(
+                        v.span().start,
+                        format!("secret `{name}`: `{k}` is not a header name"),
+                    );
+                    continue;
+                }
+                if let Some(src) = self.source(v, name) {
+                    token_endpoint_headers.push((k.clone(), src));
+                }
+            }
+        }
+        let audience = raw.audience.as_ref().map(|a| a.get_ref().clone());
+        if let (Some(a), false) = (&raw.audience, grant == Grant::JwtBearer) {
+            self.error(
+                a.span().start,
+                format!("secret `{name}`: `audience` is only used by grant jwt_bearer"),
+            );
+        }
+        let client_auth = match raw
+            .client_auth
+            .as_ref()
+            .map(|c| (c.get_ref().as_str(), c.span().start))
+        {
+            None | Some(("client_secret_post", _)) => ClientAuth::Post,
+            Some(("client_secret_basic", _)) => ClientAuth::Basic,
+            Some((other, at)) => {
+                self.error(at, format!("secret `{name}`: `client_auth` must be client_secret_post or client_secret_basic, not `{other}`"));
+                ClientAuth::Post
+            }
+        };
+        Some(OAuthSpec {
+            grant,
+            token_endpoint: token_endpoint?,
+            scopes: raw
+                .scopes
+                .as_ref()
+                .map(|s| s.get_ref().clone())
+                .unwrap_or_default(),
+            fields,
+            token_endpoint_headers,
+            audience,
+            client_auth,
+        })
+    }
+
+    fn gcp(&mut self, raw: &RawSecret, name: &str, name_at: usize) -> Option<GcpSpec> {
+        let keyfile = match &raw.keyfile {
+            Some(k) => self.source(k, name),
+            None => {
+                self.error(
+                    name_at,
+                    format!("secret `{name}`: gcp_auth needs `keyfile`"),
+                );
+                None
+            }
+        };
+        let scopes = match &raw.scopes {
+            Some(s) if s.get_ref().is_empty() => {
+                self.error(
+                    s.span().start,
+                    format!("secret `{name}`: `scopes` is empty"),
+                );
+                Vec::new()
+            }
+            Some(s) => s.get_ref().clone(),
+            None => vec![GCP_DEFAULT_SCOPE.to_string()],
+        };
+        Some(GcpSpec {
+            keyfile: keyfile?,
+            scopes,
+            subject: raw.subject.as_ref().map(|s| s.get_ref().clone()),
         })
     }
 

@@ -70,6 +70,17 @@ pub(crate) struct RawSecret {
     pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
     pub optional: Option<bool>,
     pub allow_plaintext: Option<bool>,
+    // oauth_token
+    pub grant: Option<Spanned<String>>,
+    pub token_endpoint: Option<Spanned<String>>,
+    pub scopes: Option<Spanned<Vec<String>>>,
+    pub fields: Option<Spanned<BTreeMap<String, Spanned<RawSource>>>>,
+    pub token_endpoint_headers: Option<Spanned<BTreeMap<String, Spanned<RawSource>>>>,
+    pub audience: Option<Spanned<String>>,
+    pub client_auth: Option<Spanned<String>>,
+    // gcp_auth
+    pub keyfile: Option<Spanned<RawSource>>,
+    pub subject: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -124,8 +124,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { policy } => serve(&policy).await,
         Command::Env { policy } => {
             let policy = load(&policy)?;
-            let ca = state::load_ca(&policy, &state::state_dir()).map_err(anyhow::Error::msg)?;
-            let env = sandbox::sandbox_env(&policy, policy.proxy.listen, &ca);
+            let dir = state::state_dir();
+            let ca = state::load_ca(&policy, &dir).map_err(anyhow::Error::msg)?;
+            let extra = state::gcp_stub_env(&policy, &dir).map_err(anyhow::Error::msg)?;
+            let env = sandbox::sandbox_env(&policy, policy.proxy.listen, &ca, &extra);
             print!("{}", sandbox::export_lines(&env));
             Ok(ExitCode::SUCCESS)
         }
@@ -167,20 +169,35 @@ fn validate(path: &Path) -> (Option<Policy>, Vec<Diagnostic>) {
     };
     let sources = SourceResolver::new(Arc::new(ProcessEnv));
     for s in &policy.secrets {
-        if let Err(e) = sources.resolve(&s.source) {
-            let (severity, note) = if s.optional {
-                (
-                    Severity::Warning,
-                    " (optional secret: requests needing it are refused)",
-                )
-            } else {
-                (Severity::Error, "")
-            };
+        let (severity, note) = if s.optional {
+            (
+                Severity::Warning,
+                " (optional secret: requests needing it are refused)",
+            )
+        } else {
+            (Severity::Error, "")
+        };
+        for (field, src) in s.sources() {
+            if let Err(e) = sources.resolve(src) {
+                let field = if field == "source" {
+                    String::new()
+                } else {
+                    format!("field {field}: ")
+                };
+                diags.push(at(
+                    src.pos.line,
+                    src.pos.col,
+                    severity,
+                    format!("secret `{}`: {field}{e}{note}", s.name),
+                ));
+            }
+        }
+        for problem in iron_broker::tokens::validate_inputs(s, &sources) {
             diags.push(at(
-                s.source.pos.line,
-                s.source.pos.col,
+                s.pos.line,
+                s.pos.col,
                 severity,
-                format!("secret `{}`: {e}{note}", s.name),
+                format!("secret `{}`: {problem}{note}", s.name),
             ));
         }
     }
@@ -283,14 +300,20 @@ async fn run(policy_path: &Path, cmd: &[String]) -> anyhow::Result<ExitCode> {
     let proxy = start(rt.clone(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("failed to start the proxy")?;
-    let env = sandbox::sandbox_env(&rt.policy, proxy.addr, &ca);
+    let extra = state::gcp_stub_env(&rt.policy, &state::state_dir()).map_err(anyhow::Error::msg)?;
+    let env = sandbox::sandbox_env(&rt.policy, proxy.addr, &ca, &extra);
     let Some((program, args)) = cmd.split_first() else {
         bail!("no command given");
     };
     let mut child = tokio::process::Command::new(program);
     child.args(args);
     // The sandbox never inherits a variable a secret source reads.
-    for var in SourceResolver::env_vars(rt.policy.secrets.iter().map(|s| &s.source)) {
+    for var in SourceResolver::env_vars(
+        rt.policy
+            .secrets
+            .iter()
+            .flat_map(|s| s.sources().into_iter().map(|(_, src)| src)),
+    ) {
         child.env_remove(var);
     }
     for (k, v) in &env {

@@ -67,6 +67,13 @@ pub enum ProxyError {
         /// Secret name.
         secret: String,
     },
+    /// The first token mint for a secret is still running past the wait.
+    /// 503 `credential_pending` with `Retry-After`.
+    #[error("credential for secret {secret} is still being minted; retry shortly")]
+    CredentialPending {
+        /// Secret name.
+        secret: String,
+    },
     /// The upstream could not be resolved or connected to. 502 `upstream_unreachable`.
     #[error("upstream is unreachable")]
     UpstreamUnreachable,
@@ -115,6 +122,7 @@ impl ProxyError {
             | Self::UpstreamTls
             | Self::Upstream => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::CredentialPending { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -129,6 +137,7 @@ impl ProxyError {
             Self::PlaceholderNotAllowed { .. } => "placeholder_not_allowed",
             Self::CleartextInjectionRefused { .. } => "cleartext_injection_refused",
             Self::CredentialUnavailable { .. } => "credential_unavailable",
+            Self::CredentialPending { .. } => "credential_pending",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTls => "upstream_tls_error",
             Self::UpstreamTimeout => "upstream_timeout",

@@ -53,7 +53,9 @@ pub struct Runtime {
     /// The pooled upstream client.
     pub client: upstream::UpstreamClient,
     /// Secret sources.
-    pub sources: SourceResolver,
+    pub sources: Arc<SourceResolver>,
+    /// Access tokens of `oauth_token` and `gcp_auth` secrets.
+    pub tokens: Arc<iron_broker::tokens::TokenCache>,
     /// Where audit lines go.
     pub audit: Arc<dyn AuditSink>,
     id_prefix: u32,
@@ -93,13 +95,23 @@ impl Runtime {
         .map_err(|e| format!("failed to set up leaf certificates: {e}"))?;
         let tls = upstream::client_tls_config(&policy, provider)?;
         let client = upstream::build_client(&policy, tls);
+        let sources = Arc::new(SourceResolver::new(env));
+        let tokens = iron_broker::tokens::TokenCache::new(
+            Arc::new(upstream::ClientTransport::new(
+                client.clone(),
+                policy.proxy.limits.upstream_response_header_timeout,
+            )),
+            sources.clone(),
+            iron_broker::tokens::TokenSettings::default(),
+        );
         let seed = std::collections::hash_map::RandomState::new();
         let id_prefix = std::hash::BuildHasher::hash_one(&seed, std::process::id()) as u32;
         Ok(Self {
             policy,
             leaves,
             client,
-            sources: SourceResolver::new(env),
+            sources,
+            tokens,
             audit,
             id_prefix,
             ids: AtomicU64::new(0),

@@ -14,7 +14,8 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use iron_broker::SecretValue;
-use iron_policy::{RequestView, SecretValues, normalize_host};
+use iron_broker::tokens::TokenError;
+use iron_policy::{RequestView, SecretKind, SecretValues, Stub, normalize_host};
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::Runtime;
@@ -167,6 +168,24 @@ async fn exchange(
         return Err(ProxyError::InvalidPath);
     }
 
+    // token-endpoint stubs: answered here, never forwarded
+    if let Some((s, stub)) = policy.stub_for(&host, port, tls, req.method().as_str(), &path) {
+        let secret = &policy.secrets[s];
+        let mut rec = guard
+            .rec
+            .take()
+            .unwrap_or_else(|| AuditRecord::new("request", String::new(), conn.client, ""));
+        rec.status = 200;
+        rec.outcome = "stubbed";
+        rec.secrets = vec![AppliedSecret {
+            name: secret.name.clone(),
+            location: "stub".into(),
+        }];
+        rec.stop_clock();
+        rt.audit.emit(&rec);
+        return Ok(stub_response(&secret.placeholder, stub));
+    }
+
     // plan
     let is_upgrade = is_upgrade(req.headers());
     let hop = hop_by_hop(req.headers());
@@ -194,15 +213,28 @@ async fn exchange(
     let mut values = Values(Vec::with_capacity(plan.secrets.len()));
     for &s in &plan.secrets {
         let secret = &policy.secrets[s];
-        match rt.sources.resolve(&secret.source) {
-            Ok(v) => values.0.push((s, v)),
-            Err(e) => {
+        let value = match &secret.kind {
+            SecretKind::Static(source) => rt.sources.resolve(source).map_err(|e| {
                 warn!(secret = %secret.name, error = %e, "secret source unavailable; refusing request");
-                return Err(ProxyError::CredentialUnavailable {
+                ProxyError::CredentialUnavailable {
                     secret: secret.name.clone(),
-                });
+                }
+            }),
+            SecretKind::OAuth(_) | SecretKind::Gcp(_) => {
+                rt.tokens.token(secret).await.map_err(|e| {
+                    warn!(secret = %secret.name, error = %e, "no access token; refusing request");
+                    match e {
+                        TokenError::Pending => ProxyError::CredentialPending {
+                            secret: secret.name.clone(),
+                        },
+                        TokenError::Unavailable { .. } => ProxyError::CredentialUnavailable {
+                            secret: secret.name.clone(),
+                        },
+                    }
+                })
             }
-        }
+        }?;
+        values.0.push((s, value));
     }
 
     // rewrite
@@ -356,6 +388,32 @@ async fn exchange(
         }),
     );
     Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// The synthetic token response of a stub: the secret's placeholder as the access token,
+/// which the proxy then replaces on the secret's hosts.
+fn stub_response(placeholder: &str, stub: Stub) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "access_token": placeholder,
+        "token_type": "Bearer",
+        "expires_in": 3600,
+    });
+    let mut resp = Response::new(crate::body::full(bytes::Bytes::from(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )));
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store"),
+    );
+    if stub == Stub::GcpMetadata {
+        h.insert("metadata-flavor", HeaderValue::from_static("Google"));
+    }
+    resp
 }
 
 /// The `bind` phase: the request's authority (absolute-form URI, else `Host`) must name the

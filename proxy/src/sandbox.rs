@@ -14,8 +14,14 @@ use crate::state::CaFiles;
 /// git `GIT_SSL_CAINFO`, Python requests `REQUESTS_CA_BUNDLE`, httpx and urllib
 /// `SSL_CERT_FILE`, Node `NODE_EXTRA_CA_CERTS` (added to its roots, so it gets the CA
 /// alone), gcloud `CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE`, cargo `CARGO_HTTP_CAINFO`, Deno
-/// `DENO_CERT`. The replacing ones get the bundle (proxy CA + system roots).
-pub fn sandbox_env(policy: &Policy, proxy: SocketAddr, ca: &CaFiles) -> Vec<(String, String)> {
+/// `DENO_CERT`. The replacing ones get the bundle (proxy CA + system roots). `extra` (for
+/// example the `gcp_auth` stub key file variables) is appended.
+pub fn sandbox_env(
+    policy: &Policy,
+    proxy: SocketAddr,
+    ca: &CaFiles,
+    extra: &[(String, String)],
+) -> Vec<(String, String)> {
     let url = format!("http://{proxy}");
     let bundle = ca.bundle.display().to_string();
     let cert = ca.cert.display().to_string();
@@ -42,6 +48,7 @@ pub fn sandbox_env(policy: &Policy, proxy: SocketAddr, ca: &CaFiles) -> Vec<(Str
     for s in &policy.secrets {
         env.push((s.name.clone(), s.placeholder.clone()));
     }
+    env.extend(extra.iter().cloned());
     env
 }
 

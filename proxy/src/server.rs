@@ -177,6 +177,11 @@ async fn check_connect(
     if !policy.allows_destination(&host, port, true) {
         return Err(ProxyError::DestinationNotAllowed { host, port });
     }
+    if policy.is_stub_host(&host, port) {
+        // Token endpoints are answered locally; other paths on the host are checked when
+        // (and if) a request is forwarded.
+        return Ok((host, port, None));
+    }
     let addrs = resolve_checked(policy, &host, port)
         .await
         .map_err(|e| match e {

@@ -86,3 +86,51 @@ fn write_bundle(ca: &CertificateAuthority, dir: &Path) -> Result<PathBuf, String
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     crate::pipeline::ErrorChain(e).to_string()
 }
+
+/// For the first `gcp_auth` secret: writes (once) a stub service-account key file into the
+/// state directory and returns the variables that point Google clients at it:
+/// `GOOGLE_APPLICATION_CREDENTIALS` and `CLOUDSDK_AUTH_CREDENTIAL_FILE_OVERRIDE` (gcloud
+/// ignores the former). The file holds a freshly generated RSA key that is *not* the real
+/// key; clients sign their token request with it, and the proxy answers that request with
+/// a stub token and injects the real one.
+///
+/// # Errors
+/// A message when the key cannot be generated or the file written.
+pub fn gcp_stub_env(policy: &Policy, dir: &Path) -> Result<Vec<(String, String)>, String> {
+    let Some(secret) = policy
+        .secrets
+        .iter()
+        .find(|s| matches!(s.kind, iron_policy::SecretKind::Gcp(_)))
+    else {
+        return Ok(Vec::new());
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("failed to create state directory {}: {e}", dir.display()))?;
+    let path = dir.join(format!("gcp-stub-{}.json", secret.name));
+    if !path.exists() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)
+            .map_err(|e| format!("failed to generate the stub key: {e}"))?;
+        let doc = serde_json::json!({
+            "type": "service_account",
+            "project_id": "iron-proxy-stub",
+            "private_key_id": "iron-proxy-stub",
+            "private_key": key.serialize_pem(),
+            "client_email": "iron-proxy-stub@iron-proxy-stub.iam.gserviceaccount.com",
+            "client_id": "000000000000000000000",
+            "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+            "token_uri": format!("https://{}/token", iron_policy::model::GCP_TOKEN_HOST),
+        });
+        let tmp = dir.join(format!(".gcp-stub-{}.{}", secret.name, std::process::id()));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| format!("failed to write {}: {e}", path.display()))?;
+    }
+    let path = std::path::absolute(&path)
+        .unwrap_or(path)
+        .display()
+        .to_string();
+    Ok(vec![
+        ("GOOGLE_APPLICATION_CREDENTIALS".into(), path.clone()),
+        ("CLOUDSDK_AUTH_CREDENTIAL_FILE_OVERRIDE".into(), path),
+    ])
+}

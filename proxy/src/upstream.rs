@@ -176,6 +176,55 @@ pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {
         .build(https)
 }
 
+/// Token-endpoint requests over the pooled client, so they get the same resolution, deny
+/// CIDRs, roots and timeouts as proxied traffic. Redirects are never followed (the client
+/// does not follow them); responses over [`iron_broker::tokens::MAX_TOKEN_RESPONSE`] bytes
+/// are refused.
+#[derive(Clone)]
+pub struct ClientTransport {
+    client: UpstreamClient,
+    timeout: std::time::Duration,
+}
+
+impl ClientTransport {
+    /// A transport over `client`, waiting at most `timeout` for response headers.
+    pub fn new(client: UpstreamClient, timeout: std::time::Duration) -> Self {
+        Self { client, timeout }
+    }
+}
+
+impl iron_broker::tokens::TokenTransport for ClientTransport {
+    fn send(
+        &self,
+        req: http::Request<Vec<u8>>,
+    ) -> Pin<
+        Box<
+            dyn Future<
+                    Output = Result<http::Response<Vec<u8>>, iron_broker::tokens::TransportError>,
+                > + Send,
+        >,
+    > {
+        use http_body_util::BodyExt as _;
+        let this = self.clone();
+        Box::pin(async move {
+            let err = |m: String| iron_broker::tokens::TransportError(m);
+            let (parts, body) = req.into_parts();
+            let req = http::Request::from_parts(parts, crate::body::full(bytes::Bytes::from(body)));
+            let resp = tokio::time::timeout(this.timeout, this.client.request(req))
+                .await
+                .map_err(|_| err("no response in time".into()))?
+                .map_err(|e| err(classify(&e).code().to_string()))?;
+            let (parts, body) = resp.into_parts();
+            let bytes = http_body_util::Limited::new(body, iron_broker::tokens::MAX_TOKEN_RESPONSE)
+                .collect()
+                .await
+                .map_err(|_| err("response body failed or too large".into()))?
+                .to_bytes();
+            Ok(http::Response::from_parts(parts, bytes.to_vec()))
+        })
+    }
+}
+
 /// Maps a client error to the proxy error the client sees, by walking the cause chain.
 pub fn classify(err: &hyper_util::client::legacy::Error) -> ProxyError {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);

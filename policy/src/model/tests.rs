@@ -64,7 +64,7 @@ fn parses_a_full_policy() {
     assert_eq!(p.secrets.len(), 2);
     assert_eq!(p.secrets[0].placeholder, "GITHUB_TOKEN");
     assert_eq!(
-        p.secrets[1].source.kind,
+        p.secrets[1].sources()[0].1.kind,
         SourceKind::File(PathBuf::from("/etc/iron/keys.json"))
     );
     assert!(p.secrets[1].optional);
@@ -163,7 +163,7 @@ fn secret_rules() {
     );
     assert!(errors(&base("[[secrets]]\nname = \"TOKEN_ONE\"\ntype = \"http\"\nsource = { env = \"V\" }\nhosts = [\"b.test\"]")).join("").contains("duplicate secret name"));
     assert!(
-        errors(&base("").replace("type = \"http\"", "type = \"oauth_token\""))
+        errors(&base("").replace("type = \"http\"", "type = \"pg_dsn\""))
             .join("")
             .contains("not supported yet")
     );
@@ -245,4 +245,128 @@ fn deny_cidrs() {
     assert!(!denied("::ffff:127.0.0.1"));
     assert!(!denied("93.184.216.34"));
     assert!(!denied("2606:4700::1111"));
+}
+
+#[test]
+fn oauth_and_gcp_secrets() {
+    let p = parse(
+        r#"version = 1
+[[secrets]]
+name = "MAIL_TOKEN"
+type = "oauth_token"
+grant = "refresh_token"
+token_endpoint = "https://id.example.test:8443/oauth/token?x=1"
+scopes = ["mail.read"]
+fields = { client_id = { env = "CID" }, refresh_token = { file = "rt.json", json_key = "refresh_token" } }
+token_endpoint_headers = { "X-Api-Key" = { env = "IDP_KEY" } }
+client_auth = "client_secret_basic"
+hosts = ["mail.example.test"]
+
+[[secrets]]
+name = "GCP_TOKEN"
+type = "gcp_auth"
+keyfile = { file = "sa.json" }
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let SecretKind::OAuth(o) = &p.secrets[0].kind else {
+        panic!("not oauth")
+    };
+    assert_eq!(o.grant, Grant::RefreshToken);
+    assert_eq!(o.token_endpoint.host, "id.example.test");
+    assert_eq!(o.token_endpoint.port, 8443);
+    assert_eq!(o.token_endpoint.path, "/oauth/token");
+    assert_eq!(o.client_auth, ClientAuth::Basic);
+    assert_eq!(p.secrets[0].sources().len(), 3);
+    assert!(
+        matches!(&p.secrets[0].mode, HttpMode::Inject { target: InjectTarget::Header(h), .. } if h == "Authorization")
+    );
+    let SecretKind::Gcp(g) = &p.secrets[1].kind else {
+        panic!("not gcp")
+    };
+    assert_eq!(g.scopes, vec![GCP_DEFAULT_SCOPE.to_string()]);
+    assert!(p.secrets[1].allows_host("storage.googleapis.com", 443, true));
+    // Stubs: the token endpoint, Google's token endpoint, the metadata server.
+    assert_eq!(
+        p.stub_for("id.example.test", 8443, true, "POST", "/oauth/token"),
+        Some((0, Stub::OAuthToken))
+    );
+    assert_eq!(
+        p.stub_for("id.example.test", 8443, true, "POST", "/other"),
+        None
+    );
+    assert_eq!(
+        p.stub_for("oauth2.googleapis.com", 443, true, "POST", "/token"),
+        Some((1, Stub::GcpToken))
+    );
+    assert_eq!(
+        p.stub_for(
+            "metadata.google.internal",
+            80,
+            false,
+            "GET",
+            "/computeMetadata/v1/instance/service-accounts/default/token"
+        ),
+        Some((1, Stub::GcpMetadata))
+    );
+    assert!(p.allows_destination("id.example.test", 8443, true));
+    assert!(p.allows_destination("oauth2.googleapis.com", 443, true));
+}
+
+#[test]
+fn oauth_field_rules() {
+    let base = |grant: &str, fields: &str, extra: &str| {
+        format!(
+            "version = 1\n[[secrets]]\nname = \"TOKEN_ONE\"\ntype = \"oauth_token\"\ngrant = \"{grant}\"\ntoken_endpoint = \"https://id.test/token\"\nfields = {{ {fields} }}\nhosts = [\"a.test\"]\n{extra}"
+        )
+    };
+    assert!(
+        parse(&base(
+            "client_credentials",
+            "client_id = { env = \"A\" }, client_secret = { env = \"B\" }",
+            ""
+        ))
+        .is_ok()
+    );
+    let e = errors(&base(
+        "client_credentials",
+        "client_id = { env = \"A\" }",
+        "",
+    ))
+    .join("\n");
+    assert!(
+        e.contains("grant client_credentials needs field `client_secret`"),
+        "{e}"
+    );
+    let e = errors(&base("password", "client_id = { env = \"A\" }, username = { env = \"U\" }, password = { env = \"P\" }, refresh_token = { env = \"R\" }", "")).join("\n");
+    assert!(
+        e.contains("field `refresh_token` is not used by grant password"),
+        "{e}"
+    );
+    let e = errors(&base(
+        "client_credentials",
+        "client_id = { env = \"A\" }, client_secret = { env = \"B\" }",
+        "audience = \"x\"\nsource = { env = \"S\" }",
+    ))
+    .join("\n");
+    assert!(
+        e.contains("`audience` is only used by grant jwt_bearer"),
+        "{e}"
+    );
+    assert!(
+        e.contains("`source` is not valid for type `oauth_token`"),
+        "{e}"
+    );
+    let e = errors(&base("magic", "", "")).join("\n");
+    assert!(e.contains("unknown grant `magic`"), "{e}");
+    let e = errors(
+        &base(
+            "client_credentials",
+            "client_id = { env = \"A\" }, client_secret = { env = \"B\" }",
+            "",
+        )
+        .replace("https://id.test/token", "http://id.test/token"),
+    )
+    .join("\n");
+    assert!(e.contains("must be an https:// URL"), "{e}");
 }

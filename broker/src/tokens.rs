@@ -1,0 +1,886 @@
+//! Access tokens for `oauth_token` and `gcp_auth` secrets: minting (the four OAuth grants,
+//! RFC 7523 JWT bearer, Google service accounts) and a per-secret cache.
+//!
+//! The cache refreshes ahead of expiry (a skew of a fifth of the token's lifetime, clamped
+//! to 1 s–5 min, not a fixed 10 s — REFERENCE.md D26), runs at most one mint per secret at
+//! a time (single-flight), and runs each mint on its own task, so a request that stops
+//! waiting never cancels or poisons it (REFERENCE.md D1). Retryable failures (network,
+//! 5xx, 429, malformed responses) are retried with jittered exponential backoff inside a
+//! mint; an OAuth error code such as `invalid_grant` marks the secret failed until its
+//! inputs change. A token without `expires_in` lives [`DEFAULT_LIFETIME`]. A refresh token
+//! the IdP rotates is kept in memory for the next refresh. The IdP's response body is never
+//! logged or returned: errors carry status codes and OAuth error codes only.
+//!
+//! Token-endpoint calls go through a [`TokenTransport`] supplied by the proxy, so they use
+//! the same resolution, deny CIDRs, upstream roots and timeouts as proxied traffic, and
+//! never follow redirects.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use futures_util::future::{BoxFuture, Shared};
+use iron_policy::{ClientAuth, GcpSpec, Grant, OAuthSpec, Secret, SecretKind};
+use tokio::time::Instant;
+
+use crate::{SecretValue, SourceResolver};
+
+/// Lifetime assumed for a token whose response has no `expires_in`.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// Google's token endpoint, used when a key file names none.
+pub const GOOGLE_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+/// The RFC 7523 grant type.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// Largest token response read, in bytes.
+pub const MAX_TOKEN_RESPONSE: usize = 1024 * 1024;
+
+/// The future a [`TokenTransport`] returns: the whole response, or why there is none.
+pub type TransportFuture =
+    Pin<Box<dyn Future<Output = Result<http::Response<Vec<u8>>, TransportError>> + Send>>;
+
+/// Sends one token-endpoint request. Implemented by the proxy over its upstream client.
+pub trait TokenTransport: Send + Sync {
+    /// Sends `req` (an absolute `https` URI) and returns the whole response.
+    fn send(&self, req: http::Request<Vec<u8>>) -> TransportFuture;
+}
+
+/// A token-endpoint request that got no HTTP response (DNS, connect, TLS, timeout, denied
+/// address). The message names the failure, never a credential.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct TransportError(pub String);
+
+/// Why a mint failed. Never carries a token, secret or response body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MintError {
+    /// The IdP answered with an OAuth error code (RFC 6749 §5.2).
+    #[error("token endpoint refused the grant: {code}")]
+    Rejected {
+        /// The OAuth error code, e.g. `invalid_grant`.
+        code: String,
+    },
+    /// The IdP answered with an HTTP error and no OAuth error code.
+    #[error("token endpoint answered http {0}")]
+    Status(u16),
+    /// No response.
+    #[error("token endpoint unreachable: {0}")]
+    Transport(String),
+    /// A success response that is not a usable token response.
+    #[error("token endpoint sent an invalid token response")]
+    Malformed,
+    /// A credential input could not be read.
+    #[error("{0}")]
+    Source(String),
+    /// A key or key file is unusable.
+    #[error("{0}")]
+    Key(String),
+}
+
+impl MintError {
+    /// True when trying again later may succeed without any change.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Status(s) => *s >= 500 || *s == 429 || *s == 408,
+            Self::Transport(_) | Self::Malformed => true,
+            Self::Rejected { code } => {
+                matches!(
+                    code.as_str(),
+                    "temporarily_unavailable" | "server_error" | "slow_down"
+                )
+            }
+            Self::Source(_) | Self::Key(_) => false,
+        }
+    }
+}
+
+/// Why the proxy cannot have a token for a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// No token can be had now (502 `credential_unavailable`).
+    #[error("credential unavailable: {reason}")]
+    Unavailable {
+        /// What failed (codes and names only).
+        reason: String,
+    },
+    /// The first mint is still running past the wait (503 `credential_pending`).
+    #[error("first token mint still in progress")]
+    Pending,
+}
+
+/// An access token.
+#[derive(Debug, Clone)]
+pub struct Token {
+    /// The token.
+    pub value: SecretValue,
+    /// When it expires.
+    pub expires_at: Instant,
+    /// Its lifetime when issued.
+    pub lifetime: Duration,
+    /// A rotated refresh token, if the IdP sent one.
+    pub refresh_token: Option<SecretValue>,
+}
+
+impl Token {
+    /// When to start refreshing: a fifth of the lifetime before expiry, clamped to 1 s–5 min.
+    pub fn refresh_at(&self) -> Instant {
+        let skew = (self.lifetime / 5).clamp(Duration::from_secs(1), Duration::from_secs(300));
+        self.expires_at.checked_sub(skew).unwrap_or(self.expires_at)
+    }
+}
+
+/// Tunables of the cache.
+#[derive(Debug, Clone)]
+pub struct TokenSettings {
+    /// How long a request waits for a mint before giving up. Default 10 s.
+    pub wait: Duration,
+    /// Time allowed for one token-endpoint request. Default 15 s.
+    pub request_timeout: Duration,
+    /// Attempts per mint for retryable failures. Default 3.
+    pub attempts: u32,
+    /// First backoff; doubled per attempt, with up to 50 % jitter. Default 250 ms.
+    pub backoff: Duration,
+}
+
+impl Default for TokenSettings {
+    fn default() -> Self {
+        Self {
+            wait: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(15),
+            attempts: 3,
+            backoff: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Public state of one token secret, for status reporting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenStatus {
+    /// Time to expiry of the cached token, if any.
+    pub expires_in: Option<Duration>,
+    /// Set when the secret failed terminally (until its inputs change).
+    pub failed: Option<String>,
+    /// The last error, if the last mint failed.
+    pub last_error: Option<String>,
+    /// Token-endpoint requests made for this secret.
+    pub mints: u64,
+}
+
+type MintFuture = Shared<BoxFuture<'static, Result<Token, MintError>>>;
+
+#[derive(Default)]
+struct Entry {
+    fingerprint: u64,
+    token: Option<Token>,
+    rotated_refresh: Option<SecretValue>,
+    failed: Option<String>,
+    last_error: Option<String>,
+    inflight: Option<MintFuture>,
+    mints: u64,
+}
+
+/// The resolved inputs of one mint.
+struct Inputs {
+    fields: BTreeMap<String, SecretValue>,
+    headers: Vec<(String, SecretValue)>,
+}
+
+/// Per-secret access-token cache. Cheap to share (`Arc`).
+pub struct TokenCache {
+    transport: Arc<dyn TokenTransport>,
+    sources: Arc<SourceResolver>,
+    settings: TokenSettings,
+    entries: Mutex<HashMap<String, Entry>>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache").finish_non_exhaustive()
+    }
+}
+
+impl TokenCache {
+    /// A cache minting through `transport`, reading inputs with `sources`.
+    pub fn new(
+        transport: Arc<dyn TokenTransport>,
+        sources: Arc<SourceResolver>,
+        settings: TokenSettings,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            transport,
+            sources,
+            settings,
+            entries: Mutex::new(HashMap::new()),
+            hasher: std::collections::hash_map::RandomState::new(),
+        })
+    }
+
+    /// The access token for `secret` (an `oauth_token` or `gcp_auth` secret), minting or
+    /// refreshing as needed.
+    ///
+    /// # Errors
+    /// [`TokenError::Unavailable`] when an input is missing, the secret failed terminally,
+    /// or the mint failed; [`TokenError::Pending`] when the first mint outlasts the wait.
+    pub async fn token(self: &Arc<Self>, secret: &Secret) -> Result<SecretValue, TokenError> {
+        let unavailable = |reason: String| TokenError::Unavailable { reason };
+        let inputs = self
+            .inputs(secret)
+            .map_err(|e| unavailable(e.to_string()))?;
+        let fingerprint = self.fingerprint(secret, &inputs);
+        let now = Instant::now();
+        let (wait_on, had_token) = {
+            let mut entries = self
+                .entries
+                .lock()
+                .map_err(|_| unavailable("token cache poisoned".into()))?;
+            let entry = entries.entry(secret.name.clone()).or_default();
+            if entry.fingerprint != fingerprint {
+                // Inputs changed (or first use): start over, clearing any failure.
+                *entry = Entry {
+                    fingerprint,
+                    mints: entry.mints,
+                    ..Entry::default()
+                };
+            }
+            if let Some(reason) = &entry.failed {
+                return Err(unavailable(reason.clone()));
+            }
+            if let Some(t) = &entry.token
+                && t.expires_at > now + Duration::from_secs(1)
+            {
+                let value = t.value.clone();
+                if now >= t.refresh_at() && entry.inflight.is_none() {
+                    self.start(entry, secret, inputs, fingerprint);
+                }
+                return Ok(value);
+            }
+            if entry.inflight.is_none() {
+                self.start(entry, secret, inputs, fingerprint);
+            }
+            (
+                entry.inflight.clone(),
+                entry.token.is_some() || entry.mints > 1,
+            )
+        };
+        let Some(fut) = wait_on else {
+            return Err(unavailable("no token mint running".into()));
+        };
+        match tokio::time::timeout(self.settings.wait, fut).await {
+            Ok(Ok(t)) => Ok(t.value),
+            Ok(Err(e)) => Err(unavailable(e.to_string())),
+            Err(_) if !had_token => Err(TokenError::Pending),
+            Err(_) => Err(unavailable("token mint timed out".into())),
+        }
+    }
+
+    /// The state of `name`'s token, if it was ever requested.
+    pub fn status(&self, name: &str) -> Option<TokenStatus> {
+        let entries = self.entries.lock().ok()?;
+        let e = entries.get(name)?;
+        let now = Instant::now();
+        Some(TokenStatus {
+            expires_in: e
+                .token
+                .as_ref()
+                .map(|t| t.expires_at.saturating_duration_since(now)),
+            failed: e.failed.clone(),
+            last_error: e.last_error.clone(),
+            mints: e.mints,
+        })
+    }
+
+    fn start(
+        self: &Arc<Self>,
+        entry: &mut Entry,
+        secret: &Secret,
+        inputs: Inputs,
+        fingerprint: u64,
+    ) {
+        entry.mints += 1;
+        let this = self.clone();
+        let secret = secret.clone();
+        let rotated = entry.rotated_refresh.clone();
+        let handle = tokio::spawn(async move {
+            let result = this.mint_with_retries(&secret, &inputs, rotated).await;
+            this.store(&secret.name, fingerprint, &result);
+            result
+        });
+        let fut = async move {
+            handle
+                .await
+                .unwrap_or_else(|_| Err(MintError::Transport("token mint task ended".into())))
+        }
+        .boxed()
+        .shared();
+        entry.inflight = Some(fut);
+    }
+
+    fn store(&self, name: &str, fingerprint: u64, result: &Result<Token, MintError>) {
+        let Ok(mut entries) = self.entries.lock() else {
+            return;
+        };
+        let Some(entry) = entries.get_mut(name) else {
+            return;
+        };
+        if entry.fingerprint != fingerprint {
+            return; // inputs changed while minting: the result belongs to old inputs
+        }
+        entry.inflight = None;
+        match result {
+            Ok(t) => {
+                if let Some(rt) = &t.refresh_token {
+                    entry.rotated_refresh = Some(rt.clone());
+                }
+                entry.token = Some(t.clone());
+                entry.last_error = None;
+            }
+            Err(e) => {
+                tracing::warn!(secret = %name, error = %e, "token mint failed");
+                entry.last_error = Some(e.to_string());
+                if !e.is_retryable() {
+                    entry.failed = Some(e.to_string());
+                    entry.token = None;
+                }
+            }
+        }
+    }
+
+    async fn mint_with_retries(
+        &self,
+        secret: &Secret,
+        inputs: &Inputs,
+        rotated: Option<SecretValue>,
+    ) -> Result<Token, MintError> {
+        let mut delay = self.settings.backoff;
+        let mut attempt = 1;
+        loop {
+            let r = tokio::time::timeout(
+                self.settings.request_timeout,
+                mint(&self.transport, secret, inputs, rotated.as_ref()),
+            )
+            .await
+            .unwrap_or_else(|_| Err(MintError::Transport("token request timed out".into())));
+            match r {
+                Err(e) if e.is_retryable() && attempt < self.settings.attempts => {
+                    tracing::debug!(secret = %secret.name, attempt, error = %e, "token mint failed; retrying");
+                    tokio::time::sleep(delay + jitter(delay / 2)).await;
+                    delay *= 2;
+                    attempt += 1;
+                }
+                other => {
+                    if other.is_ok() {
+                        tracing::debug!(secret = %secret.name, "minted access token");
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+
+    fn inputs(&self, secret: &Secret) -> Result<Inputs, MintError> {
+        let read = |field: &str, src| {
+            self.sources
+                .resolve(src)
+                .map_err(|e| MintError::Source(format!("field {field}: {e}")))
+        };
+        match &secret.kind {
+            SecretKind::OAuth(o) => Ok(Inputs {
+                fields: o
+                    .fields
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), read(k, v)?)))
+                    .collect::<Result<_, MintError>>()?,
+                headers: o
+                    .token_endpoint_headers
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), read(k, v)?)))
+                    .collect::<Result<_, MintError>>()?,
+            }),
+            SecretKind::Gcp(g) => Ok(Inputs {
+                fields: [("keyfile".to_string(), read("keyfile", &g.keyfile)?)].into(),
+                headers: Vec::new(),
+            }),
+            SecretKind::Static(_) => Err(MintError::Source("not a token secret".into())),
+        }
+    }
+
+    /// A keyed hash of every input (names and values, length-prefixed): detects change
+    /// without keeping plaintext.
+    fn fingerprint(&self, secret: &Secret, inputs: &Inputs) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write(secret.name.as_bytes());
+        for (k, v) in inputs
+            .fields
+            .iter()
+            .chain(inputs.headers.iter().map(|(k, v)| (k, v)))
+        {
+            h.write_usize(k.len());
+            h.write(k.as_bytes());
+            h.write_usize(v.expose().len());
+            h.write(v.expose());
+        }
+        h.write(format!("{:?}", secret.kind).as_bytes());
+        h.finish()
+    }
+}
+
+fn jitter(max: Duration) -> Duration {
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX).max(1);
+    Duration::from_millis(r % ms)
+}
+
+fn text(v: &SecretValue) -> Result<&str, MintError> {
+    std::str::from_utf8(v.expose())
+        .map_err(|_| MintError::Source("a credential field is not UTF-8".into()))
+}
+
+/// Performs one mint for `secret` (no retries).
+async fn mint(
+    transport: &Arc<dyn TokenTransport>,
+    secret: &Secret,
+    inputs: &Inputs,
+    rotated: Option<&SecretValue>,
+) -> Result<Token, MintError> {
+    match &secret.kind {
+        SecretKind::OAuth(o) => match o.grant {
+            Grant::JwtBearer => {
+                let assertion = jwt_bearer_assertion(o, inputs)?;
+                let mut form = vec![
+                    ("grant_type", JWT_BEARER_GRANT.to_string()),
+                    ("assertion", assertion),
+                ];
+                if !o.scopes.is_empty() {
+                    form.push(("scope", o.scopes.join(" ")));
+                }
+                post_form(&**transport, &o.token_endpoint.url, &form, &inputs.headers).await
+            }
+            _ => oauth2_grant(transport, o, inputs, rotated).await,
+        },
+        SecretKind::Gcp(g) => {
+            let key = ServiceAccountKey::parse(
+                inputs
+                    .fields
+                    .get("keyfile")
+                    .map(SecretValue::expose)
+                    .unwrap_or_default(),
+            )?;
+            let assertion = gcp_assertion(g, &key)?;
+            let form = [
+                ("grant_type", JWT_BEARER_GRANT.to_string()),
+                ("assertion", assertion),
+            ];
+            post_form(&**transport, &key.token_uri, &form, &[]).await
+        }
+        SecretKind::Static(_) => Err(MintError::Source("not a token secret".into())),
+    }
+}
+
+/// The `oauth2` crate's HTTP client over a [`TokenTransport`], adding the
+/// `token_endpoint_headers` and turning 5xx/429 into retryable errors.
+struct OAuthHttp {
+    transport: Arc<dyn TokenTransport>,
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+impl<'c> oauth2::AsyncHttpClient<'c> for OAuthHttp {
+    type Error = HttpErr;
+    type Future = Pin<Box<dyn Future<Output = Result<oauth2::HttpResponse, HttpErr>> + Send + 'c>>;
+
+    fn call(&'c self, mut req: oauth2::HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            for (k, v) in &self.headers {
+                req.headers_mut().insert(k.clone(), v.clone());
+            }
+            let resp = self
+                .transport
+                .send(req)
+                .await
+                .map_err(|e| HttpErr::Transport(e.0))?;
+            if resp.status().is_server_error() || resp.status().as_u16() == 429 {
+                return Err(HttpErr::Status(resp.status().as_u16()));
+            }
+            Ok(resp)
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HttpErr {
+    #[error("{0}")]
+    Transport(String),
+    #[error("http {0}")]
+    Status(u16),
+}
+
+/// refresh_token, client_credentials and password grants through the `oauth2` crate.
+async fn oauth2_grant(
+    transport: &Arc<dyn TokenTransport>,
+    o: &OAuthSpec,
+    inputs: &Inputs,
+    rotated: Option<&SecretValue>,
+) -> Result<Token, MintError> {
+    use oauth2::basic::BasicClient;
+    use oauth2::{
+        AuthType, ClientId, ClientSecret, RefreshToken, RequestTokenError, ResourceOwnerPassword,
+        ResourceOwnerUsername, Scope, TokenResponse, TokenUrl,
+    };
+
+    let field = |k: &str| -> Result<String, MintError> {
+        inputs
+            .fields
+            .get(k)
+            .ok_or_else(|| MintError::Source(format!("field {k} is missing")))
+            .and_then(|v| text(v).map(str::to_string))
+    };
+    let token_url = TokenUrl::new(o.token_endpoint.url.clone())
+        .map_err(|_| MintError::Key("invalid token endpoint".into()))?;
+    let mut client = BasicClient::new(ClientId::new(field("client_id")?))
+        .set_token_uri(token_url)
+        .set_auth_type(match o.client_auth {
+            ClientAuth::Post => AuthType::RequestBody,
+            ClientAuth::Basic => AuthType::BasicAuth,
+        });
+    if inputs.fields.contains_key("client_secret") {
+        client = client.set_client_secret(ClientSecret::new(field("client_secret")?));
+    }
+    let headers: Vec<(http::HeaderName, http::HeaderValue)> = inputs
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            let name = http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| MintError::Key(format!("invalid header name {k}")))?;
+            let mut value = http::HeaderValue::from_bytes(v.expose()).map_err(|_| {
+                MintError::Source(format!(
+                    "token endpoint header {k} is not a valid header value"
+                ))
+            })?;
+            value.set_sensitive(true);
+            Ok((name, value))
+        })
+        .collect::<Result<_, MintError>>()?;
+    let http_client = OAuthHttp {
+        transport: transport.clone(),
+        headers,
+    };
+    let scopes = o.scopes.iter().cloned().map(Scope::new);
+    let result = match o.grant {
+        Grant::RefreshToken => {
+            let rt = match rotated {
+                Some(r) => text(r)?.to_string(),
+                None => field("refresh_token")?,
+            };
+            client
+                .exchange_refresh_token(&RefreshToken::new(rt))
+                .add_scopes(scopes)
+                .request_async(&http_client)
+                .await
+        }
+        Grant::ClientCredentials => {
+            client
+                .exchange_client_credentials()
+                .add_scopes(scopes)
+                .request_async(&http_client)
+                .await
+        }
+        Grant::Password => {
+            let user = ResourceOwnerUsername::new(field("username")?);
+            let pass = ResourceOwnerPassword::new(field("password")?);
+            client
+                .exchange_password(&user, &pass)
+                .add_scopes(scopes)
+                .request_async(&http_client)
+                .await
+        }
+        Grant::JwtBearer => {
+            return Err(MintError::Key(
+                "jwt_bearer is not an oauth2-crate grant".into(),
+            ));
+        }
+    };
+    match result {
+        Ok(tok) => {
+            let lifetime = tok.expires_in().unwrap_or(DEFAULT_LIFETIME);
+            if tok.access_token().secret().is_empty() {
+                return Err(MintError::Malformed);
+            }
+            Ok(Token {
+                value: SecretValue::new(tok.access_token().secret().as_bytes().to_vec()),
+                expires_at: Instant::now() + lifetime,
+                lifetime,
+                refresh_token: tok
+                    .refresh_token()
+                    .map(|r| SecretValue::new(r.secret().as_bytes().to_vec())),
+            })
+        }
+        Err(RequestTokenError::ServerResponse(e)) => Err(MintError::Rejected {
+            code: e.error().as_ref().to_string(),
+        }),
+        Err(RequestTokenError::Request(HttpErr::Status(s))) => Err(MintError::Status(s)),
+        Err(RequestTokenError::Request(HttpErr::Transport(t))) => Err(MintError::Transport(t)),
+        Err(RequestTokenError::Parse(..) | RequestTokenError::Other(_)) => {
+            Err(MintError::Malformed)
+        }
+    }
+}
+
+/// POSTs a form to a token endpoint and parses the token response (RFC 6749 §5.1/§5.2).
+async fn post_form(
+    transport: &dyn TokenTransport,
+    url: &str,
+    form: &[(&str, String)],
+    headers: &[(String, SecretValue)],
+) -> Result<Token, MintError> {
+    let body = form
+        .iter()
+        .map(|(k, v)| format!("{}={}", urlencode(k), urlencode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let mut req = http::Request::post(url)
+        .header(
+            http::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        )
+        .header(http::header::ACCEPT, "application/json")
+        .body(body.into_bytes())
+        .map_err(|_| MintError::Key(format!("invalid token endpoint {url}")))?;
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| MintError::Key(format!("invalid header name {k}")))?;
+        let mut value = http::HeaderValue::from_bytes(v.expose()).map_err(|_| {
+            MintError::Source(format!(
+                "token endpoint header {k} is not a valid header value"
+            ))
+        })?;
+        value.set_sensitive(true);
+        req.headers_mut().insert(name, value);
+    }
+    let resp = transport
+        .send(req)
+        .await
+        .map_err(|e| MintError::Transport(e.0))?;
+    parse_token_response(resp.status().as_u16(), resp.body())
+}
+
+/// Parses a token endpoint response.
+///
+/// # Errors
+/// [`MintError::Rejected`] for an OAuth error body, [`MintError::Status`] for another HTTP
+/// error, [`MintError::Malformed`] for a 2xx that is not a token response.
+pub fn parse_token_response(status: u16, body: &[u8]) -> Result<Token, MintError> {
+    #[derive(serde::Deserialize)]
+    struct Resp {
+        access_token: Option<String>,
+        expires_in: Option<serde_json::Value>,
+        refresh_token: Option<String>,
+        error: Option<String>,
+    }
+    let parsed: Option<Resp> = serde_json::from_slice(body).ok();
+    if !(200..300).contains(&status) {
+        return match parsed.and_then(|r| r.error) {
+            Some(code) if status < 500 => Err(MintError::Rejected {
+                code: sanitize_code(&code),
+            }),
+            _ => Err(MintError::Status(status)),
+        };
+    }
+    let r = parsed.ok_or(MintError::Malformed)?;
+    let token = r
+        .access_token
+        .filter(|t| !t.is_empty())
+        .ok_or(MintError::Malformed)?;
+    let lifetime = match r.expires_in {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(Duration::from_secs),
+        Some(serde_json::Value::String(s)) => s.parse().ok().map(Duration::from_secs),
+        _ => None,
+    }
+    .unwrap_or(DEFAULT_LIFETIME);
+    Ok(Token {
+        value: SecretValue::new(token.into_bytes()),
+        expires_at: Instant::now() + lifetime,
+        lifetime,
+        refresh_token: r.refresh_token.map(|t| SecretValue::new(t.into_bytes())),
+    })
+}
+
+/// OAuth error codes are short ASCII words; anything else is not repeated verbatim.
+fn sanitize_code(code: &str) -> String {
+    if !code.is_empty()
+        && code.len() <= 64
+        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        code.to_string()
+    } else {
+        "unrecognized_error".to_string()
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn jti() -> String {
+    let a = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let b = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{a:016x}{b:016x}")
+}
+
+/// The RFC 7523 §2.1 assertion: RS256, `iss`, `sub`, `aud` (the `audience`, else the token
+/// endpoint URL), `iat`, `exp` (+5 min), `jti`; `kid` from `private_key_id`.
+fn jwt_bearer_assertion(o: &OAuthSpec, inputs: &Inputs) -> Result<String, MintError> {
+    let get = |k: &str| inputs.fields.get(k).map(text).transpose();
+    let key = inputs
+        .fields
+        .get("private_key")
+        .ok_or_else(|| MintError::Source("field private_key is missing".into()))?;
+    let encoding = jsonwebtoken::EncodingKey::from_rsa_pem(key.expose())
+        .map_err(|_| MintError::Key("field private_key is not an RSA private key in PEM".into()))?;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = get("private_key_id")?.map(str::to_string);
+    let iat = now_secs();
+    let claims = serde_json::json!({
+        "iss": get("issuer")?.unwrap_or_default(),
+        "sub": get("subject")?.unwrap_or_default(),
+        "aud": o.audience.clone().unwrap_or_else(|| o.token_endpoint.url.clone()),
+        "iat": iat,
+        "exp": iat + 300,
+        "jti": jti(),
+    });
+    jsonwebtoken::encode(&header, &claims, &encoding)
+        .map_err(|_| MintError::Key("failed to sign the JWT assertion".into()))
+}
+
+/// The fields of a Google service-account key file that minting uses.
+#[derive(Clone)]
+pub struct ServiceAccountKey {
+    /// `client_email`.
+    pub client_email: String,
+    /// `private_key` (PEM).
+    pub private_key: SecretValue,
+    /// `private_key_id`, if any.
+    pub private_key_id: Option<String>,
+    /// `token_uri`, default [`GOOGLE_TOKEN_URI`].
+    pub token_uri: String,
+}
+
+impl std::fmt::Debug for ServiceAccountKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceAccountKey")
+            .field("client_email", &self.client_email)
+            .field("private_key", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServiceAccountKey {
+    /// Parses a service-account key file and checks its RSA key.
+    ///
+    /// # Errors
+    /// [`MintError::Key`] naming the missing or invalid field.
+    pub fn parse(json: &[u8]) -> Result<Self, MintError> {
+        #[derive(serde::Deserialize)]
+        struct Raw {
+            client_email: Option<String>,
+            private_key: Option<String>,
+            private_key_id: Option<String>,
+            token_uri: Option<String>,
+        }
+        let raw: Raw = serde_json::from_slice(json)
+            .map_err(|_| MintError::Key("keyfile is not a service-account JSON document".into()))?;
+        let client_email = raw
+            .client_email
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| MintError::Key("keyfile has no client_email".into()))?;
+        let private_key = raw
+            .private_key
+            .ok_or_else(|| MintError::Key("keyfile has no private_key".into()))?;
+        jsonwebtoken::EncodingKey::from_rsa_pem(private_key.as_bytes()).map_err(|_| {
+            MintError::Key("keyfile private_key is not an RSA private key in PEM".into())
+        })?;
+        Ok(Self {
+            client_email,
+            private_key: SecretValue::new(private_key.into_bytes()),
+            private_key_id: raw.private_key_id,
+            token_uri: raw
+                .token_uri
+                .unwrap_or_else(|| GOOGLE_TOKEN_URI.to_string()),
+        })
+    }
+}
+
+/// Google's service-account assertion: RS256, `iss` = client email, `scope`, `aud` = token
+/// URI, `iat`, `exp` (+1 h), `sub` for domain-wide delegation.
+fn gcp_assertion(g: &GcpSpec, key: &ServiceAccountKey) -> Result<String, MintError> {
+    let encoding =
+        jsonwebtoken::EncodingKey::from_rsa_pem(key.private_key.expose()).map_err(|_| {
+            MintError::Key("keyfile private_key is not an RSA private key in PEM".into())
+        })?;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid.clone_from(&key.private_key_id);
+    let iat = now_secs();
+    let mut claims = serde_json::json!({
+        "iss": key.client_email,
+        "scope": g.scopes.join(" "),
+        "aud": key.token_uri,
+        "iat": iat,
+        "exp": iat + 3600,
+    });
+    if let Some(sub) = &g.subject {
+        claims["sub"] = serde_json::Value::String(sub.clone());
+    }
+    jsonwebtoken::encode(&header, &claims, &encoding)
+        .map_err(|_| MintError::Key("failed to sign the JWT assertion".into()))
+}
+
+/// Checks what can be checked without contacting the IdP: every input is readable, RSA
+/// keys parse, a GCP key file has its fields. Returns one message per problem.
+pub fn validate_inputs(secret: &Secret, sources: &SourceResolver) -> Vec<String> {
+    let mut out = Vec::new();
+    match &secret.kind {
+        SecretKind::OAuth(o) => {
+            if o.grant == Grant::JwtBearer
+                && let Some(src) = o.fields.get("private_key")
+                && let Ok(v) = sources.resolve(src)
+                && jsonwebtoken::EncodingKey::from_rsa_pem(v.expose()).is_err()
+            {
+                out.push("field private_key is not an RSA private key in PEM".to_string());
+            }
+        }
+        SecretKind::Gcp(g) => {
+            if let Ok(v) = sources.resolve(&g.keyfile)
+                && let Err(e) = ServiceAccountKey::parse(v.expose())
+            {
+                out.push(e.to_string());
+            }
+        }
+        SecretKind::Static(_) => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
