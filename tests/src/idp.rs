@@ -242,9 +242,7 @@ async fn token(
     };
     let mut new_refresh = None;
     let ok = match grant.as_str() {
-        "client_credentials" => {
-            client_ok() && (basic.is_some() || f.contains_key("client_secret"))
-        }
+        "client_credentials" => client_ok() && (basic.is_some() || f.contains_key("client_secret")),
         "password" => {
             client_ok()
                 && f.get("username").map(String::as_str) == Some(USERNAME)

@@ -365,3 +365,91 @@ fn check_validates_token_secrets_without_the_idp() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_or_grant_secret_in_trace_logs() {
+    if !have("curl") {
+        return;
+    }
+    let s = setup().await;
+    let home = s.w.dir.path().join("home");
+    let proxy = Spawned::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_iron-proxy-e2e")),
+        &s.w.policy_path,
+        &home,
+        &token_env(),
+        "trace",
+    );
+    let port = s.w.port();
+    let idp_port = s.idp.addr.port();
+    let mut bodies = String::new();
+    for url in ["cc", "rt", "pw", "jwt", "gcp"].map(|h| format!("https://{h}.test:{port}/x")) {
+        let r = curl_via(proxy.addr, &proxy.ca, &[&url]).await;
+        assert_eq!(r.status, 200, "{r:?}");
+        bodies.push_str(&r.body);
+    }
+    let stub = curl_via(
+        proxy.addr,
+        &proxy.ca,
+        &[
+            "-d",
+            "grant_type=client_credentials",
+            &format!("https://idp.test:{idp_port}/token"),
+        ],
+    )
+    .await;
+    bodies.push_str(&stub.body);
+    // The gcp_auth stub key file is offered to the sandbox by `env`.
+    let env = std::process::Command::new(env!("CARGO_BIN_EXE_iron-proxy-e2e"))
+        .args(["env", "--policy"])
+        .arg(&s.w.policy_path)
+        .env("IRON_PROXY_HOME", &home)
+        .envs(token_env())
+        .output()
+        .expect("env");
+    let env_text = String::from_utf8_lossy(&env.stdout).into_owned();
+    let log = proxy.stop();
+    assert!(log.contains("TRACE"), "not at trace level");
+    let issued = s.idp.state.issued.lock().expect("lock").clone();
+    assert_eq!(issued.len(), 5);
+    let private_body: String = s
+        .keys
+        .private_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    for secret in issued.iter().map(String::as_str).chain([
+        idp::CLIENT_SECRET,
+        idp::REFRESH_TOKEN,
+        idp::PASSWORD,
+        &private_body[..40],
+    ]) {
+        assert!(!log.contains(secret), "secret in logs");
+        assert!(!bodies.contains(secret), "secret in a response");
+        assert!(!env_text.contains(secret), "secret in env output");
+    }
+    assert!(
+        stub.body.contains("\"access_token\":\"CC_TOKEN\""),
+        "{}",
+        stub.body
+    );
+    let keyfile = env_text
+        .lines()
+        .find_map(|l| l.strip_prefix("export GOOGLE_APPLICATION_CREDENTIALS='"))
+        .map(|v| v.trim_end_matches('\'').to_string())
+        .expect("GOOGLE_APPLICATION_CREDENTIALS");
+    assert!(env_text.contains(&format!(
+        "export CLOUDSDK_AUTH_CREDENTIAL_FILE_OVERRIDE='{keyfile}'"
+    )));
+    let stub_key: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&keyfile).expect("stub key file"))
+            .expect("json");
+    assert_eq!(stub_key["type"], "service_account");
+    assert_eq!(stub_key["token_uri"], "https://oauth2.googleapis.com/token");
+    assert!(
+        !stub_key["private_key"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&private_body[..40])
+    );
+}
