@@ -195,7 +195,12 @@ pub struct TokenCache {
     settings: TokenSettings,
     entries: Mutex<HashMap<String, Entry>>,
     hasher: std::collections::hash_map::RandomState,
+    observer: std::sync::OnceLock<MintObserver>,
 }
+
+/// Called after every mint with the secret name and `ok` or the error kind (`rejected`,
+/// `status`, `transport`, `malformed`, `source`, `key`). For metrics.
+pub type MintObserver = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 impl std::fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -216,7 +221,13 @@ impl TokenCache {
             settings,
             entries: Mutex::new(HashMap::new()),
             hasher: std::collections::hash_map::RandomState::new(),
+            observer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the mint observer (once; later calls are ignored).
+    pub fn set_observer(&self, observer: MintObserver) {
+        let _ = self.observer.set(observer);
     }
 
     /// The access token for `secret` (an `oauth_token` or `gcp_auth` secret), minting or
@@ -320,6 +331,18 @@ impl TokenCache {
     }
 
     fn store(&self, name: &str, fingerprint: u64, result: &Result<Token, MintError>) {
+        if let Some(observe) = self.observer.get() {
+            let kind = match result {
+                Ok(_) => "ok",
+                Err(MintError::Rejected { .. }) => "rejected",
+                Err(MintError::Status(_)) => "status",
+                Err(MintError::Transport(_)) => "transport",
+                Err(MintError::Malformed) => "malformed",
+                Err(MintError::Source(_)) => "source",
+                Err(MintError::Key(_)) => "key",
+            };
+            observe(name, kind);
+        }
         let Ok(mut entries) = self.entries.lock() else {
             return;
         };

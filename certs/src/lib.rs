@@ -314,17 +314,26 @@ impl LeafCache {
     /// # Errors
     /// [`CertError`] when minting fails (for example a host that is not a valid DNS name).
     pub fn server_config(&self, host: &str) -> Result<Arc<ServerConfig>, CertError> {
+        self.server_config_traced(host).map(|(c, _)| c)
+    }
+
+    /// As [`LeafCache::server_config`], also saying whether the cache already held a fresh
+    /// leaf (`true`) or one was minted (`false`).
+    ///
+    /// # Errors
+    /// As [`LeafCache::server_config`].
+    pub fn server_config_traced(&self, host: &str) -> Result<(Arc<ServerConfig>, bool), CertError> {
         if let Some(hit) = self.cache.get(host) {
             if hit.not_after > SystemTime::now() + LEAF_REMINT_MARGIN {
                 tracing::trace!(host, "leaf cache hit");
-                return Ok(hit.config.clone());
+                return Ok((hit.config.clone(), true));
             }
             self.cache.remove(host);
         }
         let leaf = self
             .cache
             .get_or_insert_with(host, || self.mint(host).map(Arc::new))?;
-        Ok(leaf.config.clone())
+        Ok((leaf.config.clone(), false))
     }
 
     fn mint(&self, host: &str) -> Result<CachedLeaf, CertError> {

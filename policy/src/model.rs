@@ -16,7 +16,7 @@ use toml::Spanned;
 use crate::error::{Diagnostic, PolicyErrors, Severity, line_col};
 use crate::host::HostPattern;
 use crate::matcher::PlaceholderMatcher;
-use crate::raw::{RawLimits, RawPolicy, RawProxy, RawSecret, RawSource};
+use crate::raw::{RawFragment, RawLimits, RawPolicy, RawProxy, RawSecret, RawSource};
 
 /// A 1-based line and column in the policy file, kept so later checks (source presence)
 /// can point at the right place.
@@ -62,6 +62,8 @@ pub struct Limits {
     /// Most concurrent client connections; further connections wait in the accept queue.
     /// Default 4096.
     pub max_connections: usize,
+    /// On SIGTERM, how long requests in flight may take to finish. Default 30 s.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
@@ -76,6 +78,7 @@ impl Default for Limits {
             upstream_response_header_timeout: Duration::from_secs(120),
             leaf_cache_size: 1000,
             max_connections: 4096,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -88,6 +91,8 @@ pub struct ProxySettings {
     pub listen: SocketAddr,
     /// Admin API listen address, if any.
     pub admin_listen: Option<SocketAddr>,
+    /// Bearer token the admin API requires (mandatory when `admin_listen` is not loopback).
+    pub admin_token: Option<SourceRef>,
     /// Interception CA certificate and key (PEM). `None`: the state directory's CA.
     pub ca: Option<(PathBuf, PathBuf)>,
     /// Egress mode.
@@ -626,6 +631,8 @@ pub struct Secret {
     pub kind: SecretKind,
     /// Where the entry's `name` is written.
     pub pos: Pos,
+    /// The file the entry is written in (the main policy or a drop-in fragment).
+    pub file: PathBuf,
 }
 
 impl Secret {
@@ -672,8 +679,13 @@ pub struct Policy {
     pub proxy: ProxySettings,
     /// `[[secrets]]`, in file order.
     pub secrets: Vec<Secret>,
-    /// Warnings found while loading (catch-all patterns, short placeholders…).
+    /// Warnings found while loading (catch-all patterns, short placeholders, shadowing…).
     pub warnings: Vec<Diagnostic>,
+    /// Every file read: the policy, then its drop-in fragments in load order.
+    pub files: Vec<PathBuf>,
+    /// Directories whose changes may change the policy (the policy's, and each include
+    /// pattern's), for file watching.
+    pub watch_dirs: Vec<PathBuf>,
     pub(crate) matcher: PlaceholderMatcher,
 }
 
@@ -753,38 +765,80 @@ impl Policy {
             Some(p) => cx.proxy(p.get_ref()),
             None => cx.proxy(&RawProxy::default()),
         };
-        let mut secrets = Vec::new();
-        let mut names = HashSet::new();
-        let mut placeholders = HashSet::new();
-        for s in &raw.secrets {
-            if let Some(secret) = cx.secret(s) {
-                if !names.insert(secret.name.clone()) {
+        let mut secrets: Vec<Secret> = Vec::new();
+        cx.secrets(&raw.secrets, &mut secrets);
+        let mut files = vec![path.to_path_buf()];
+        let mut watch_dirs = vec![cx.base.clone()];
+        let mut diags = std::mem::take(&mut cx.diags);
+        for pattern in &raw.include {
+            let full = cx.path(pattern.get_ref());
+            if let Some(dir) = full.parent()
+                && !watch_dirs.iter().any(|d| d == dir)
+            {
+                watch_dirs.push(dir.to_path_buf());
+            }
+            let mut matched: Vec<PathBuf> = match glob::glob(&full.to_string_lossy()) {
+                Ok(paths) => paths.filter_map(Result::ok).collect(),
+                Err(e) => {
                     cx.error(
-                        s.span().start,
-                        format!("duplicate secret name `{}`", secret.name),
+                        pattern.span().start,
+                        format!("invalid include pattern: {}", e.msg),
                     );
+                    continue;
                 }
-                if !placeholders.insert(secret.placeholder.clone()) {
-                    cx.error(
-                        s.span().start,
-                        format!(
-                            "secret `{}` reuses placeholder `{}` of another secret",
-                            secret.name, secret.placeholder
-                        ),
-                    );
+            };
+            matched.sort();
+            for frag in matched {
+                if files.contains(&frag) {
+                    continue;
                 }
-                secrets.push(secret);
+                match std::fs::read_to_string(&frag) {
+                    Ok(t) => {
+                        let mut fcx = Cx {
+                            text: &t,
+                            file: frag.clone(),
+                            base: frag.parent().map(Path::to_path_buf).unwrap_or_default(),
+                            diags: Vec::new(),
+                        };
+                        fcx.fragment(&mut secrets);
+                        diags.append(&mut fcx.diags);
+                    }
+                    Err(e) => cx.error(
+                        pattern.span().start,
+                        format!("failed to read included file {}: {e}", frag.display()),
+                    ),
+                }
+                files.push(frag);
             }
         }
-        if cx.diags.iter().any(|d| d.severity == Severity::Error) {
-            return Err(cx.into_errors());
+        let mut placeholders: HashMap<&str, &str> = HashMap::new();
+        for secret in &secrets {
+            if let Some(other) = placeholders.insert(&secret.placeholder, &secret.name) {
+                diags.push(Diagnostic {
+                    file: secret.file.clone(),
+                    line: secret.pos.line,
+                    col: secret.pos.col,
+                    severity: Severity::Error,
+                    message: format!(
+                        "secret `{}` reuses placeholder `{}` of secret `{other}`",
+                        secret.name, secret.placeholder
+                    ),
+                });
+            }
+        }
+        diags.append(&mut cx.diags);
+        diags.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+        if diags.iter().any(|d| d.severity == Severity::Error) {
+            return Err(PolicyErrors { diagnostics: diags });
         }
         let matcher = PlaceholderMatcher::new(&secrets);
         Ok(Self {
             path: path.to_path_buf(),
             proxy,
             secrets,
-            warnings: cx.diags,
+            warnings: diags,
+            files,
+            watch_dirs,
             matcher,
         })
     }
@@ -871,6 +925,24 @@ impl Policy {
         }
     }
 
+    /// What `host:port` is to the policy, for metrics and audit: `secret`, `stub`,
+    /// `passthrough`, `allow`, `open` or `denied` (first that applies).
+    pub fn host_class(&self, host: &str, port: u16, tls: bool) -> &'static str {
+        if self.secrets.iter().any(|s| s.allows_host(host, port, tls)) {
+            "secret"
+        } else if tls && self.is_stub_host(host, port) {
+            "stub"
+        } else if self.is_passthrough(host, port) {
+            "passthrough"
+        } else if self.proxy.allow.iter().any(|p| p.matches(host, port, tls)) {
+            "allow"
+        } else if self.proxy.egress == Egress::Open {
+            "open"
+        } else {
+            "denied"
+        }
+    }
+
     /// True when the resolved address `ip` falls in a deny CIDR and in no `allow_cidrs`
     /// exception. IPv4-mapped IPv6 addresses are unmapped first.
     pub fn is_address_denied(&self, ip: IpAddr) -> bool {
@@ -926,6 +998,60 @@ impl Cx<'_> {
         Pos { line, col }
     }
 
+    /// Validates `raw` secrets into `out`. A name already in `out` from another file is
+    /// replaced (drop-in shadowing, reported as a warning); twice in one file is an error.
+    fn secrets(&mut self, raw: &[Spanned<RawSecret>], out: &mut Vec<Secret>) {
+        let mut here = HashSet::new();
+        for s in raw {
+            let Some(secret) = self.secret(s) else {
+                continue;
+            };
+            if !here.insert(secret.name.clone()) {
+                self.error(
+                    s.span().start,
+                    format!("duplicate secret name `{}`", secret.name),
+                );
+                continue;
+            }
+            match out.iter_mut().find(|o| o.name == secret.name) {
+                Some(old) => {
+                    let at = s.span().start;
+                    self.warn(
+                        at,
+                        format!(
+                            "secret `{}` here replaces the one at {}:{}:{}",
+                            secret.name,
+                            old.file.display(),
+                            old.pos.line,
+                            old.pos.col
+                        ),
+                    );
+                    *old = secret;
+                }
+                None => out.push(secret),
+            }
+        }
+    }
+
+    /// Parses this context's text as a drop-in fragment: `[[secrets]]` only.
+    fn fragment(&mut self, out: &mut Vec<Secret>) {
+        let raw: RawFragment = match toml::from_str(self.text) {
+            Ok(r) => r,
+            Err(e) => {
+                let offset = e.span().map_or(0, |s| s.start);
+                self.error(offset, e.message().trim().to_string());
+                return;
+            }
+        };
+        if let Some(v) = raw.version.as_ref().filter(|v| *v.get_ref() != 1) {
+            self.error(
+                v.span().start,
+                format!("unsupported policy version {}; expected 1", v.get_ref()),
+            );
+        }
+        self.secrets(&raw.secrets, out);
+    }
+
     fn into_errors(mut self) -> PolicyErrors {
         self.diags.sort_by_key(|d| (d.line, d.col));
         PolicyErrors {
@@ -977,6 +1103,19 @@ impl Cx<'_> {
             .admin_listen
             .as_ref()
             .and_then(|v| self.addr(v, "admin_listen"));
+        let admin_token = raw
+            .admin_token
+            .as_ref()
+            .and_then(|t| self.source(t, "admin_token"));
+        if let (Some(a), None) = (&admin_listen, &admin_token)
+            && !a.ip().is_loopback()
+        {
+            let at = raw.admin_listen.as_ref().map_or(0, |v| v.span().start);
+            self.error(
+                    at,
+                    "`admin_listen` is not a loopback address: set `admin_token` (a secret reference) so the admin API requires a bearer token".into(),
+                );
+        }
         let ca = match (&raw.ca_cert, &raw.ca_key) {
             (Some(c), Some(k)) => Some((self.path(c.get_ref()), self.path(k.get_ref()))),
             (None, None) => None,
@@ -1055,6 +1194,7 @@ impl Cx<'_> {
         ProxySettings {
             listen,
             admin_listen,
+            admin_token,
             ca,
             egress,
             allow,
@@ -1121,6 +1261,11 @@ impl Cx<'_> {
             &raw.upstream_connect_timeout_secs,
             "upstream_connect_timeout_secs",
             &mut l.upstream_connect_timeout,
+        );
+        secs(
+            &raw.shutdown_grace_secs,
+            "shutdown_grace_secs",
+            &mut l.shutdown_grace,
         );
         secs(
             &raw.upstream_response_header_timeout_secs,
@@ -1237,6 +1382,7 @@ impl Cx<'_> {
             mode: mode?,
             kind: kind?,
             pos: self.pos(name_at),
+            file: self.file.clone(),
         })
     }
 

@@ -11,7 +11,18 @@ use toml::Spanned;
 pub(crate) struct RawPolicy {
     pub version: Option<Spanned<i64>>,
     #[serde(default)]
+    pub include: Vec<Spanned<String>>,
+    #[serde(default)]
     pub proxy: Option<Spanned<RawProxy>>,
+    #[serde(default)]
+    pub secrets: Vec<Spanned<RawSecret>>,
+}
+
+/// A drop-in fragment named by `include`: secrets only.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFragment {
+    pub version: Option<Spanned<i64>>,
     #[serde(default)]
     pub secrets: Vec<Spanned<RawSecret>>,
 }
@@ -21,6 +32,7 @@ pub(crate) struct RawPolicy {
 pub(crate) struct RawProxy {
     pub listen: Option<Spanned<String>>,
     pub admin_listen: Option<Spanned<String>>,
+    pub admin_token: Option<Spanned<RawSource>>,
     pub ca_cert: Option<Spanned<String>>,
     pub ca_key: Option<Spanned<String>>,
     pub egress: Option<Spanned<String>>,
@@ -50,6 +62,7 @@ pub(crate) struct RawLimits {
     pub upstream_response_header_timeout_secs: Option<Spanned<u64>>,
     pub leaf_cache_size: Option<Spanned<u64>>,
     pub max_connections: Option<Spanned<u64>>,
+    pub shutdown_grace_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

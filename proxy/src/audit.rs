@@ -37,6 +37,10 @@ pub struct AuditRecord {
     pub port: u16,
     /// `https` (intercepted), `http` (cleartext) or `tunnel`.
     pub scheme: &'static str,
+    /// What the destination is to the policy: `secret` (a secret's host), `stub` (answered
+    /// locally), `passthrough`, `allow` (on `[proxy].allow`), `open` (reachable only because
+    /// egress is open) or `denied` (not reachable).
+    pub host_class: &'static str,
     /// Path without the query.
     pub path: String,
     /// Status sent to the client (0 when none was sent).
@@ -73,6 +77,7 @@ impl AuditRecord {
             host: String::new(),
             port: 0,
             scheme: "https",
+            host_class: "denied",
             path: String::new(),
             status: 0,
             outcome: "forwarded",

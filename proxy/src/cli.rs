@@ -59,6 +59,45 @@ enum Command {
     /// A self-contained demonstration: local TLS origin, demo policy, requests through the
     /// proxy, and what each side saw.
     Demo,
+    /// List or show secrets: names, types, hosts, sources, state — never values. Reads the
+    /// running proxy's admin API with `--admin`, else the policy file.
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+    /// Ask the running proxy to reload its policy (POST /v1/reload on the admin API).
+    Reload {
+        /// The policy file (its `admin_listen` is used).
+        #[arg(long, conflicts_with = "admin")]
+        policy: Option<PathBuf>,
+        /// The admin API address, e.g. 127.0.0.1:9090.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretsCommand {
+    /// One line per secret.
+    List {
+        /// The policy file.
+        #[arg(long, required_unless_present = "admin")]
+        policy: Option<PathBuf>,
+        /// The admin API address, e.g. 127.0.0.1:9090.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
+    /// One secret in detail (JSON).
+    Show {
+        /// The secret's name.
+        name: String,
+        /// The policy file.
+        #[arg(long, required_unless_present = "admin")]
+        policy: Option<PathBuf>,
+        /// The admin API address, e.g. 127.0.0.1:9090.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +171,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { policy, cmd } => run(&policy, &cmd).await,
+        Command::Secrets { command } => secrets(command).await,
+        Command::Reload { policy, admin } => {
+            let addr = match (admin, policy) {
+                (Some(a), _) => a,
+                (None, Some(p)) => load(&p)?
+                    .proxy
+                    .admin_listen
+                    .ok_or_else(|| anyhow::anyhow!("{} sets no admin_listen", p.display()))?,
+                (None, None) => bail!("give --policy or --admin"),
+            };
+            let (status, body) = crate::admin::call(addr, http::Method::POST, "/v1/reload")
+                .await
+                .map_err(anyhow::Error::msg)?;
+            print!("{body}");
+            Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Demo => {
             let report = crate::demo::run().await.map_err(anyhow::Error::msg)?;
             print!("{report}");
@@ -152,70 +211,8 @@ fn load(path: &Path) -> anyhow::Result<Policy> {
     }
 }
 
-/// Parses the policy, then checks what parsing cannot: every required secret's source is
-/// present and readable, the CA (if named) loads, `upstream_ca` files are usable.
 fn validate(path: &Path) -> (Option<Policy>, Vec<Diagnostic>) {
-    let policy = match Policy::load(path) {
-        Ok(p) => p,
-        Err(e) => return (None, e.diagnostics),
-    };
-    let mut diags = policy.warnings.clone();
-    let at = |line: usize, col: usize, severity: Severity, message: String| Diagnostic {
-        file: path.to_path_buf(),
-        line,
-        col,
-        severity,
-        message,
-    };
-    let sources = SourceResolver::new(Arc::new(ProcessEnv));
-    for s in &policy.secrets {
-        let (severity, note) = if s.optional {
-            (
-                Severity::Warning,
-                " (optional secret: requests needing it are refused)",
-            )
-        } else {
-            (Severity::Error, "")
-        };
-        for (field, src) in s.sources() {
-            if let Err(e) = sources.resolve(src) {
-                let field = if field == "source" {
-                    String::new()
-                } else {
-                    format!("field {field}: ")
-                };
-                diags.push(at(
-                    src.pos.line,
-                    src.pos.col,
-                    severity,
-                    format!("secret `{}`: {field}{e}{note}", s.name),
-                ));
-            }
-        }
-        for problem in iron_broker::tokens::validate_inputs(s, &sources) {
-            diags.push(at(
-                s.pos.line,
-                s.pos.col,
-                severity,
-                format!("secret `{}`: {problem}{note}", s.name),
-            ));
-        }
-    }
-    if let Some((cert, key)) = &policy.proxy.ca
-        && let Err(e) = CertificateAuthority::load(cert, key)
-    {
-        diags.push(at(
-            1,
-            1,
-            Severity::Error,
-            format!("[proxy] ca_cert/ca_key: {}", chain(&e)),
-        ));
-    }
-    if let Err(e) = crate::upstream::client_tls_config(&policy, crate::crypto_provider()) {
-        diags.push(at(1, 1, Severity::Error, format!("[proxy] {e}")));
-    }
-    diags.sort_by_key(|d| (d.line, d.col));
-    (Some(policy), diags)
+    crate::loader::load(path, Arc::new(ProcessEnv))
 }
 
 fn check(path: &Path) -> ExitCode {
@@ -255,24 +252,137 @@ async fn runtime(policy: &Path) -> anyhow::Result<(Arc<Runtime>, state::CaFiles)
         Arc::new(StderrAudit),
     )
     .map_err(anyhow::Error::msg)?;
-    Ok((Arc::new(rt), ca))
+    Ok((rt, ca))
 }
 
 async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
     let (rt, ca) = runtime(policy_path).await?;
-    let listen = rt.policy.proxy.listen;
+    let policy = rt.policy();
+    let listen = policy.proxy.listen;
     let proxy = start(rt.clone(), listen)
         .await
         .with_context(|| format!("failed to listen on {listen}"))?;
+    let _admin = match policy.proxy.admin_listen {
+        Some(a) => {
+            let (addr, task) = crate::admin::start(rt.clone(), a)
+                .await
+                .with_context(|| format!("failed to listen on admin_listen {a}"))?;
+            tracing::info!(addr = %addr, "admin API listening");
+            Some(task)
+        }
+        None => None,
+    };
+    crate::watch::spawn(rt.clone()).map_err(anyhow::Error::msg)?;
     tracing::info!(
         addr = %proxy.addr,
         ca = %ca.cert.display(),
-        secrets = rt.policy.secrets.len(),
+        secrets = policy.secrets.len(),
         "iron-proxy listening"
     );
     shutdown_signal().await;
-    tracing::info!("shutting down");
-    proxy.stop();
+    let grace = rt.policy().proxy.limits.shutdown_grace;
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: draining requests in flight"
+    );
+    if proxy.drain(grace).await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!("grace period over with connections still open; exiting");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn secrets(command: SecretsCommand) -> anyhow::Result<ExitCode> {
+    let (name, policy, admin) = match command {
+        SecretsCommand::List { policy, admin } => (None, policy, admin),
+        SecretsCommand::Show {
+            name,
+            policy,
+            admin,
+        } => (Some(name), policy, admin),
+    };
+    let view: serde_json::Value = match (admin, policy) {
+        (Some(addr), _) => {
+            let path = match &name {
+                Some(n) => format!("/v1/secrets/{n}"),
+                None => "/v1/secrets".into(),
+            };
+            let (status, body) = crate::admin::call(addr, http::Method::GET, &path)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if status != 200 {
+                print!("{body}");
+                return Ok(ExitCode::from(1));
+            }
+            serde_json::from_str(&body).context("admin API answered something that is not JSON")?
+        }
+        (None, Some(p)) => {
+            let (rt, _) = runtime(&p).await?;
+            let policy = rt.policy();
+            let views: Vec<serde_json::Value> = policy
+                .secrets
+                .iter()
+                .filter(|s| name.as_deref().is_none_or(|n| n == s.name))
+                .map(|s| crate::admin::secret_view(&rt, s))
+                .collect();
+            match &name {
+                Some(n) => views
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("no secret named {n}"))?,
+                None => serde_json::json!({ "secrets": views }),
+            }
+        }
+        (None, None) => bail!("give --policy or --admin"),
+    };
+    if name.is_some() {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&view).unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24} {:<12} {:<8} {:<40} SOURCES",
+        "NAME", "TYPE", "STATE", "HOSTS"
+    );
+    for s in view["secrets"].as_array().cloned().unwrap_or_default() {
+        let list = |k: &str| -> String {
+            s[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default()
+        };
+        let sources = s["sources"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| {
+                        format!(
+                            "{}={}:{}",
+                            x["field"].as_str().unwrap_or(""),
+                            x["kind"].as_str().unwrap_or(""),
+                            x["ref"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:<12} {:<8} {:<40} {}",
+            s["name"].as_str().unwrap_or(""),
+            s["type"].as_str().unwrap_or(""),
+            s["state"].as_str().unwrap_or(""),
+            list("hosts"),
+            sources
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -300,8 +410,10 @@ async fn run(policy_path: &Path, cmd: &[String]) -> anyhow::Result<ExitCode> {
     let proxy = start(rt.clone(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("failed to start the proxy")?;
-    let extra = state::gcp_stub_env(&rt.policy, &state::state_dir()).map_err(anyhow::Error::msg)?;
-    let env = sandbox::sandbox_env(&rt.policy, proxy.addr, &ca, &extra);
+    let extra =
+        state::gcp_stub_env(&rt.policy(), &state::state_dir()).map_err(anyhow::Error::msg)?;
+    let policy = rt.policy();
+    let env = sandbox::sandbox_env(&policy, proxy.addr, &ca, &extra);
     let Some((program, args)) = cmd.split_first() else {
         bail!("no command given");
     };
@@ -309,7 +421,7 @@ async fn run(policy_path: &Path, cmd: &[String]) -> anyhow::Result<ExitCode> {
     child.args(args);
     // The sandbox never inherits a variable a secret source reads.
     for var in SourceResolver::env_vars(
-        rt.policy
+        policy
             .secrets
             .iter()
             .flat_map(|s| s.sources().into_iter().map(|(_, src)| src)),

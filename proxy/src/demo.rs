@@ -60,12 +60,12 @@ hosts = ["{DEMO_HOST}:{port}"]
     let policy = Arc::new(Policy::load(&policy_path).map_err(|e| e.to_string())?);
     let ca = state::load_ca(&policy, &dir.path().join("state"))?;
     let audit = Arc::new(MemoryAudit::default());
-    let rt = Arc::new(Runtime::new(
+    let rt = Runtime::new(
         policy.clone(),
         ca.ca.clone(),
         Arc::new(ProcessEnv),
         audit.clone(),
-    )?);
+    )?;
     let proxy = start(rt, policy.proxy.listen)
         .await
         .map_err(|e| format!("failed to start the proxy: {e}"))?;

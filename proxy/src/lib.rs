@@ -4,20 +4,26 @@
 //! intercepts TLS with its own CA and swaps each placeholder for the real credential, only
 //! on the way to the hosts that credential is meant for (DESIGN.md). This crate is the
 //! listener, CONNECT handling, TLS interception, the request pipeline, the upstream client,
-//! the audit log and the command line. Policy parsing and the placeholder plan live in
-//! `iron-policy`, certificates in `iron-certs`, secret sources in `iron-broker`.
+//! the audit log, metrics, the admin API, hot reload and the command line. Policy parsing
+//! and the placeholder plan live in `iron-policy`, certificates in `iron-certs`, secret
+//! sources and token minting in `iron-broker`.
 //!
 //! Modules:
-//! - [`server`]: accept loop, CONNECT, tunnels, interception.
+//! - [`server`]: accept loop, CONNECT, tunnels, interception, graceful drain.
 //! - [`pipeline`]: the per-request phases bind → plan → resolve → rewrite → forward → audit.
 //! - [`upstream`]: policy-checked resolution, the pooled verified client, error mapping.
+//! - [`loader`]: loading and fully validating a policy (check, serve, reload).
+//! - [`admin`]: the admin API (health, readiness, metrics, secrets, reload, probe).
+//! - [`metrics`]: Prometheus metrics.
 //! - [`error`]: `ProxyError` and the error envelope.
 //! - [`audit`]: the JSON audit line.
 //! - [`state`]: the state directory, CA bootstrap and CA bundle.
 //! - [`sandbox`]: the sandbox environment (`env`, `run`).
-//! - [`origin`]: a recording local TLS origin (used by `demo` and the tests).
+//! - [`origin`], [`client`]: a recording local TLS origin and a minimal proxy client (used
+//!   by `demo` and the tests).
 //! - [`cli`]: the `iron-proxy` command line.
 
+pub mod admin;
 pub mod audit;
 pub mod body;
 pub mod cli;
@@ -25,39 +31,87 @@ pub mod client;
 pub mod demo;
 pub mod error;
 pub mod io;
+pub mod loader;
+pub mod metrics;
 pub mod origin;
 pub mod pipeline;
 pub mod sandbox;
 pub mod server;
 pub mod state;
 pub mod upstream;
+pub mod watch;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use iron_broker::{Env, SourceResolver};
 use iron_certs::{CertificateAuthority, LeafCache};
-use iron_policy::Policy;
+use iron_policy::{Diagnostic, Policy};
 use tokio::net::TcpListener;
 
 pub use audit::{AuditRecord, AuditSink, MemoryAudit, StderrAudit};
 pub use error::ProxyError;
 
+/// The policy in force and what is built from it. Swapped whole on reload; a request keeps
+/// the `Active` it started with.
+pub struct Active {
+    /// The policy.
+    pub policy: Arc<Policy>,
+    /// The pooled upstream client built for it (resolution, deny CIDRs, roots).
+    pub client: upstream::UpstreamClient,
+}
+
+/// Per-secret usage counters for `/v1/secrets` (seed: status counters per tool).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SecretUsage {
+    /// Requests the secret was applied to.
+    pub invocations: u64,
+    /// Requests refused because the secret could not be had.
+    pub errors: u64,
+    /// The last such failure (names and codes only).
+    pub last_error: Option<String>,
+    /// RFC 3339 time the secret was last applied.
+    pub last_used: Option<String>,
+}
+
+/// What a successful reload changed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadSummary {
+    /// Secret names now in force.
+    pub secrets: Vec<String>,
+    /// Names added by this reload.
+    pub added: Vec<String>,
+    /// Names removed by this reload.
+    pub removed: Vec<String>,
+    /// Files read.
+    pub files: Vec<String>,
+    /// Warnings (`FILE:LINE:COL: warning: …`), including settings that need a restart.
+    pub warnings: Vec<String>,
+}
+
 /// Everything a running proxy shares across connections.
 pub struct Runtime {
-    /// The policy in force.
-    pub policy: Arc<Policy>,
+    active: Arc<ArcSwap<Active>>,
     /// Leaf certificates for intercepted hosts.
     pub leaves: LeafCache,
-    /// The pooled upstream client.
-    pub client: upstream::UpstreamClient,
     /// Secret sources.
     pub sources: Arc<SourceResolver>,
     /// Access tokens of `oauth_token` and `gcp_auth` secrets.
     pub tokens: Arc<iron_broker::tokens::TokenCache>,
-    /// Where audit lines go.
+    /// Where audit records go (see [`Runtime::emit`]).
     pub audit: Arc<dyn AuditSink>,
+    /// Metrics.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Per-secret usage.
+    pub usage: Mutex<HashMap<String, SecretUsage>>,
+    /// Set once the proxy listener is bound.
+    pub listening: std::sync::atomic::AtomicBool,
+    env: Arc<dyn Env>,
+    reload_lock: tokio::sync::Mutex<()>,
     id_prefix: u32,
     ids: AtomicU64,
 }
@@ -73,6 +127,12 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 impl Runtime {
     /// Builds the runtime for `policy`, intercepting with `ca`, reading secret sources from
     /// `env`, writing audit records to `audit`.
@@ -84,7 +144,7 @@ impl Runtime {
         ca: Arc<CertificateAuthority>,
         env: Arc<dyn Env>,
         audit: Arc<dyn AuditSink>,
-    ) -> Result<Self, String> {
+    ) -> Result<Arc<Self>, String> {
         let provider = crypto_provider();
         let leaves = LeafCache::new(
             ca,
@@ -95,33 +155,200 @@ impl Runtime {
         .map_err(|e| format!("failed to set up leaf certificates: {e}"))?;
         let tls = upstream::client_tls_config(&policy, provider)?;
         let client = upstream::build_client(&policy, tls);
-        let sources = Arc::new(SourceResolver::new(env));
+        let active = Arc::new(ArcSwap::from_pointee(Active { policy, client }));
+        let sources = Arc::new(SourceResolver::new(env.clone()));
+        let metrics = Arc::new(metrics::Metrics::default());
         let tokens = iron_broker::tokens::TokenCache::new(
-            Arc::new(upstream::ClientTransport::new(
-                client.clone(),
-                policy.proxy.limits.upstream_response_header_timeout,
-            )),
+            Arc::new(upstream::ClientTransport::new(active.clone())),
             sources.clone(),
             iron_broker::tokens::TokenSettings::default(),
         );
+        let m = metrics.clone();
+        tokens.set_observer(Arc::new(move |secret: &str, result: &str| {
+            m.token_mints
+                .get_or_create(&metrics::SecretResult {
+                    secret: secret.to_string(),
+                    result: result.to_string(),
+                })
+                .inc();
+        }));
         let seed = std::collections::hash_map::RandomState::new();
         let id_prefix = std::hash::BuildHasher::hash_one(&seed, std::process::id()) as u32;
-        Ok(Self {
-            policy,
+        Ok(Arc::new(Self {
+            active,
             leaves,
-            client,
             sources,
             tokens,
             audit,
+            metrics,
+            usage: Mutex::new(HashMap::new()),
+            listening: std::sync::atomic::AtomicBool::new(false),
+            env,
+            reload_lock: tokio::sync::Mutex::new(()),
             id_prefix,
             ids: AtomicU64::new(0),
-        })
+        }))
+    }
+
+    /// The policy and client in force now.
+    pub fn active(&self) -> Arc<Active> {
+        self.active.load_full()
+    }
+
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.active.load().policy.clone()
     }
 
     /// A new request id: 16 hex digits, unique within the process.
     pub fn next_request_id(&self) -> String {
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
         format!("{:08x}{:08x}", self.id_prefix, n as u32)
+    }
+
+    /// Emits an audit record: counts it in the metrics and the secret usage, then writes it.
+    pub fn emit(&self, rec: &AuditRecord) {
+        self.metrics.observe(rec);
+        if !rec.secrets.is_empty()
+            && let Ok(mut usage) = self.usage.lock()
+        {
+            let now = now_rfc3339();
+            for s in &rec.secrets {
+                let u = usage.entry(s.name.clone()).or_default();
+                u.invocations += 1;
+                u.last_used = Some(now.clone());
+            }
+        }
+        self.audit.emit(rec);
+    }
+
+    /// Records that `secret` could not be had for a request.
+    pub fn secret_failed(&self, secret: &str, reason: &str) {
+        if let Ok(mut usage) = self.usage.lock() {
+            let u = usage.entry(secret.to_string()).or_default();
+            u.errors += 1;
+            u.last_error = Some(reason.to_string());
+        }
+    }
+
+    /// Reloads the policy from its file(s): loads and validates everything first, then
+    /// swaps atomically. Requests in flight finish on the policy they started with. An
+    /// invalid policy is refused and the running one stays (DESIGN.md decision 13).
+    /// Changing the CA is refused (it needs a restart); a changed `listen`, `admin_listen`
+    /// or `max_connections` is accepted with a warning that it applies on restart.
+    ///
+    /// # Errors
+    /// Every diagnostic (errors and warnings) when the new policy is invalid.
+    pub async fn reload(&self) -> Result<ReloadSummary, Vec<Diagnostic>> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let old = self.policy();
+        let path: PathBuf = old.path.clone();
+        let env = self.env.clone();
+        let (policy, mut diags) = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || loader::load(&path, env))
+                .await
+                .unwrap_or_else(|_| (None, Vec::new()))
+        };
+        let refuse = |mut diags: Vec<Diagnostic>, metrics: &metrics::Metrics| {
+            metrics::Metrics::count(&metrics.reloads, "invalid");
+            if diags.is_empty() {
+                diags.push(Diagnostic {
+                    file: path.clone(),
+                    line: 1,
+                    col: 1,
+                    severity: iron_policy::Severity::Error,
+                    message: "reload failed".into(),
+                });
+            }
+            tracing::warn!(
+                errors = diags.len(),
+                "policy reload refused; the running policy stays"
+            );
+            for d in &diags {
+                tracing::warn!("{d}");
+            }
+            Err(diags)
+        };
+        let Some(policy) = policy.filter(|_| !loader::has_errors(&diags)) else {
+            return refuse(diags, &self.metrics);
+        };
+        let at1 = |severity, message: String| Diagnostic {
+            file: path.clone(),
+            line: 1,
+            col: 1,
+            severity,
+            message,
+        };
+        if policy.proxy.ca != old.proxy.ca {
+            diags.push(at1(
+                iron_policy::Severity::Error,
+                "[proxy] ca_cert/ca_key changed: changing the CA needs a restart".into(),
+            ));
+            return refuse(diags, &self.metrics);
+        }
+        for (changed, key) in [
+            (policy.proxy.listen != old.proxy.listen, "listen"),
+            (
+                policy.proxy.admin_listen != old.proxy.admin_listen,
+                "admin_listen",
+            ),
+            (
+                policy.proxy.limits.max_connections != old.proxy.limits.max_connections,
+                "limits.max_connections",
+            ),
+            (
+                policy.proxy.limits.leaf_cache_size != old.proxy.limits.leaf_cache_size,
+                "limits.leaf_cache_size",
+            ),
+        ] {
+            if changed {
+                diags.push(at1(
+                    iron_policy::Severity::Warning,
+                    format!("[proxy] {key} changed: it takes effect on restart"),
+                ));
+            }
+        }
+        let tls = match upstream::client_tls_config(&policy, crypto_provider()) {
+            Ok(t) => t,
+            Err(e) => {
+                diags.push(at1(iron_policy::Severity::Error, format!("[proxy] {e}")));
+                return refuse(diags, &self.metrics);
+            }
+        };
+        let policy = Arc::new(policy);
+        let client = upstream::build_client(&policy, tls);
+        let names =
+            |p: &Policy| -> Vec<String> { p.secrets.iter().map(|s| s.name.clone()).collect() };
+        let (new_names, old_names) = (names(&policy), names(&old));
+        let summary = ReloadSummary {
+            added: new_names
+                .iter()
+                .filter(|n| !old_names.contains(n))
+                .cloned()
+                .collect(),
+            removed: old_names
+                .iter()
+                .filter(|n| !new_names.contains(n))
+                .cloned()
+                .collect(),
+            secrets: new_names,
+            files: policy
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect(),
+            warnings: diags.iter().map(ToString::to_string).collect(),
+        };
+        self.active.store(Arc::new(Active { policy, client }));
+        metrics::Metrics::count(&self.metrics.reloads, "ok");
+        tracing::info!(
+            secrets = summary.secrets.len(),
+            added = ?summary.added,
+            removed = ?summary.removed,
+            "policy reloaded"
+        );
+        Ok(summary)
     }
 }
 
@@ -130,19 +357,32 @@ impl Runtime {
 pub struct Running {
     /// The address it listens on.
     pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stops accepting connections (connections already open finish on their own).
+    /// Stops accepting connections at once (open connections finish on their own).
     pub fn stop(&self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+
+    /// Stops accepting, asks open connections to finish their current request and close,
+    /// and waits up to `grace` for them. Returns true when everything drained in time.
+    pub async fn drain(mut self, grace: std::time::Duration) -> bool {
+        let _ = self.shutdown.send(true);
+        match self.task.take() {
+            Some(task) => tokio::time::timeout(grace, task).await.is_ok(),
+            None => true,
+        }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 
@@ -153,6 +393,12 @@ impl Drop for Running {
 pub async fn start(rt: Arc<Runtime>, addr: SocketAddr) -> std::io::Result<Running> {
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
-    let task = tokio::spawn(server::serve(rt, listener));
-    Ok(Running { addr, task })
+    let (shutdown, rx) = tokio::sync::watch::channel(false);
+    rt.listening.store(true, Ordering::Relaxed);
+    let task = tokio::spawn(server::serve(rt, listener, rx));
+    Ok(Running {
+        addr,
+        shutdown,
+        task: Some(task),
+    })
 }

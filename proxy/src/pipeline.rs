@@ -19,7 +19,7 @@ use iron_policy::{RequestView, SecretKind, SecretValues, Stub, normalize_host};
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::Runtime;
-use crate::audit::{AppliedSecret, AuditRecord, AuditSink};
+use crate::audit::{AppliedSecret, AuditRecord};
 use crate::body::{BodyEnd, Counted, ProxyBody};
 use crate::error::ProxyError;
 use crate::upstream::classify;
@@ -45,7 +45,9 @@ pub struct Conn {
     /// `None` on the proxy port (absolute-form requests), `Some` inside a CONNECT tunnel.
     pub dest: Option<Dest>,
     /// The `max_connections` slot this connection (and its tunnels) holds.
-    pub slot: Option<Arc<tokio::sync::OwnedSemaphorePermit>>,
+    pub slot: Option<Arc<crate::server::Slot>>,
+    /// Turns true when the proxy is shutting down.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Headers never forwarded (RFC 9110 §7.6.1), plus `Proxy-Authorization`.
@@ -64,7 +66,7 @@ const HOP_BY_HOP: &[&str] = &[
 /// Emits the record as `client_cancel` if the request is dropped before an outcome.
 struct AuditGuard {
     rec: Option<AuditRecord>,
-    sink: Arc<dyn AuditSink>,
+    rt: Arc<Runtime>,
 }
 
 impl AuditGuard {
@@ -81,7 +83,7 @@ impl Drop for AuditGuard {
         if let Some(mut r) = self.rec.take() {
             r.outcome = "client_cancel";
             r.stop_clock();
-            self.sink.emit(&r);
+            self.rt.emit(&r);
         }
     }
 }
@@ -113,7 +115,7 @@ pub async fn handle(
             conn.client,
             req.method().as_str(),
         )),
-        sink: rt.audit.clone(),
+        rt: rt.clone(),
     };
     let result = exchange(&rt, &conn, req, &mut guard).instrument(span).await;
     match result {
@@ -127,7 +129,7 @@ pub async fn handle(
                 };
                 rec.error = Some(e.code());
                 rec.stop_clock();
-                rt.audit.emit(&rec);
+                rt.emit(&rec);
             }
             e.to_response(&id)
         }
@@ -140,7 +142,8 @@ async fn exchange(
     mut req: Request<Incoming>,
     guard: &mut AuditGuard,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let policy = rt.policy.clone();
+    let active = rt.active();
+    let policy = &active.policy;
 
     // bind
     let (host, port, tls) = bind(conn, &req)?;
@@ -151,6 +154,7 @@ async fn exchange(
         rec.host.clone_from(&host);
         rec.port = port;
         rec.scheme = if tls { "https" } else { "http" };
+        rec.host_class = policy.host_class(&host, port, tls);
         rec.path.clone_from(&path);
     }
     if !policy.allows_destination(&host, port, tls) {
@@ -182,7 +186,7 @@ async fn exchange(
             location: "stub".into(),
         }];
         rec.stop_clock();
-        rt.audit.emit(&rec);
+        rt.emit(&rec);
         return Ok(stub_response(&secret.placeholder, stub));
     }
 
@@ -216,6 +220,7 @@ async fn exchange(
         let value = match &secret.kind {
             SecretKind::Static(source) => rt.sources.resolve(source).map_err(|e| {
                 warn!(secret = %secret.name, error = %e, "secret source unavailable; refusing request");
+                rt.secret_failed(&secret.name, &e.to_string());
                 ProxyError::CredentialUnavailable {
                     secret: secret.name.clone(),
                 }
@@ -223,6 +228,7 @@ async fn exchange(
             SecretKind::OAuth(_) | SecretKind::Gcp(_) => {
                 rt.tokens.token(secret).await.map_err(|e| {
                     warn!(secret = %secret.name, error = %e, "no access token; refusing request");
+                    rt.secret_failed(&secret.name, &e.to_string());
                     match e {
                         TokenError::Pending => ProxyError::CredentialPending {
                             secret: secret.name.clone(),
@@ -238,7 +244,7 @@ async fn exchange(
     }
 
     // rewrite
-    let out = plan.apply(&policy, &view, &values);
+    let out = plan.apply(policy, &view, &values);
     let first_secret = || ProxyError::CredentialUnavailable {
         secret: plan
             .secrets
@@ -308,9 +314,10 @@ async fn exchange(
     *up.uri_mut() = uri;
     *up.headers_mut() = headers;
     let limits = &policy.proxy.limits;
+    let sent = std::time::Instant::now();
     let resp = match tokio::time::timeout(
         limits.upstream_response_header_timeout,
-        rt.client.request(up),
+        active.client.request(up),
     )
     .await
     {
@@ -320,7 +327,12 @@ async fn exchange(
             warn!(host = %host, port, error = %ErrorChain(&e), code = mapped.code(), "upstream request failed");
             return Err(mapped);
         }
-        Ok(Ok(r)) => r,
+        Ok(Ok(r)) => {
+            rt.metrics
+                .upstream_seconds
+                .observe(sent.elapsed().as_secs_f64());
+            r
+        }
     };
 
     // respond, audit when the body ends
@@ -343,7 +355,7 @@ async fn exchange(
     if let Some(upstream_upgrade) = upstream_upgrade {
         rec.outcome = "upgraded";
         rec.stop_clock();
-        rt.audit.emit(&rec);
+        rt.emit(&rec);
         if let Some(client_upgrade) = client_upgrade {
             let idle = policy.proxy.limits.idle_timeout;
             tokio::spawn(
@@ -369,7 +381,7 @@ async fn exchange(
             http_body_util::Empty::new().map_err(|n| match n {}).boxed(),
         ));
     }
-    let sink = rt.audit.clone();
+    let sink = rt.clone();
     let bytes_out = Arc::new(AtomicU64::new(0));
     let out_count = bytes_out.clone();
     let body = Counted::new(

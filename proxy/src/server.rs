@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use iron_policy::{Limits, normalize_host};
 use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::Runtime;
@@ -24,18 +24,48 @@ use crate::audit::AuditRecord;
 use crate::body::{ProxyBody, full};
 use crate::error::ProxyError;
 use crate::io::{Prefixed, relay};
+use crate::metrics::Metrics;
 use crate::pipeline::{self, Conn, Dest};
 use crate::upstream::{DialError, resolve_checked};
 
-/// Accepts connections on `listener` until the task is dropped or aborted.
-pub async fn serve(rt: Arc<Runtime>, listener: TcpListener) {
-    let limits = rt.policy.proxy.limits.clone();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+/// A client connection's hold on one of the `max_connections` slots; tunnels opened on the
+/// connection share it, so the slot is released when the last of them ends.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Accepts connections on `listener` until `shutdown` turns true, then asks every open
+/// connection to finish its current request and close, and returns once all have (the
+/// caller bounds the wait with its grace period).
+pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let max = rt.policy().proxy.limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
         };
-        let (tcp, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let (tcp, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -44,15 +74,46 @@ pub async fn serve(rt: Arc<Runtime>, listener: TcpListener) {
             }
         };
         let _ = tcp.set_nodelay(true);
+        rt.metrics.active_connections.inc();
+        let slot = Arc::new(Slot {
+            _permit: permit,
+            gauge: rt.metrics.active_connections.clone(),
+        });
         let rt = rt.clone();
         let span = info_span!("conn", client = %peer);
+        let shutdown = shutdown.clone();
         tokio::spawn(
             async move {
-                serve_proxy_connection(rt, tcp, peer, permit).await;
+                serve_proxy_connection(rt, tcp, peer, slot, shutdown).await;
             }
             .instrument(span),
         );
     }
+    drop(listener);
+    tracing::info!("stopped accepting; draining open connections");
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+}
+
+/// Serves `conn` until it ends, or until `shutdown` turns true, after which the connection
+/// finishes its in-flight request and closes.
+async fn graceful<I, S, B>(
+    conn: hyper::server::conn::http1::UpgradeableConnection<I, S>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = shutdown.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+    }
+    conn.await
 }
 
 fn http1_builder(limits: &Limits) -> http1::Builder {
@@ -69,14 +130,16 @@ async fn serve_proxy_connection(
     rt: Arc<Runtime>,
     tcp: TcpStream,
     peer: SocketAddr,
-    slot: OwnedSemaphorePermit,
+    slot: Arc<Slot>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let limits = rt.policy.proxy.limits.clone();
+    let limits = rt.policy().proxy.limits.clone();
     // The connection slot lives as long as the connection or any tunnel opened on it.
     let conn = Arc::new(Conn {
         client: peer,
         dest: None,
-        slot: Some(Arc::new(slot)),
+        slot: Some(slot),
+        shutdown: shutdown.clone(),
     });
     let svc = service_fn(move |req: Request<Incoming>| {
         let rt = rt.clone();
@@ -89,11 +152,10 @@ async fn serve_proxy_connection(
             })
         }
     });
-    if let Err(e) = http1_builder(&limits)
+    let served = http1_builder(&limits)
         .serve_connection(TokioIo::new(tcp), svc)
-        .with_upgrades()
-        .await
-    {
+        .with_upgrades();
+    if let Err(e) = graceful(served, shutdown).await {
         debug!(error = %e, "client connection ended with an error");
     }
 }
@@ -104,9 +166,8 @@ async fn connect(
     conn: Arc<Conn>,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let client = conn.client;
     let id = rt.next_request_id();
-    let mut rec = AuditRecord::new("connect", id.clone(), client, "CONNECT");
+    let mut rec = AuditRecord::new("connect", id.clone(), conn.client, "CONNECT");
     rec.scheme = "tunnel";
     let checked = check_connect(&rt, &req, &mut rec).await;
     match checked {
@@ -115,7 +176,7 @@ async fn connect(
             rec.outcome = "refused";
             rec.error = Some(e.code());
             rec.stop_clock();
-            rt.audit.emit(&rec);
+            rt.emit(&rec);
             e.to_response(&id)
         }
         Ok((host, port, passthrough)) => {
@@ -126,7 +187,7 @@ async fn connect(
                         async move {
                             let _slot = conn;
                             let Ok(up) = on_upgrade.await else { return };
-                            let idle = rt.policy.proxy.limits.idle_timeout;
+                            let idle = rt.policy().proxy.limits.idle_timeout;
                             let (to_up, to_client) = relay(TokioIo::new(up), upstream, idle).await;
                             rec.kind = "tunnel";
                             rec.status = 200;
@@ -134,7 +195,7 @@ async fn connect(
                             rec.bytes_in = to_up;
                             rec.bytes_out = to_client;
                             rec.stop_clock();
-                            rt.audit.emit(&rec);
+                            rt.emit(&rec);
                         }
                         .in_current_span(),
                     );
@@ -158,7 +219,8 @@ async fn connect(
 
 /// The CONNECT-stage checks: a `host:port` authority, on the egress allowlist, resolving to
 /// at least one permitted address. Passthrough hosts are dialled here (the checked address),
-/// so a dial failure is answered before the tunnel opens.
+/// so a dial failure is answered before the tunnel opens. Stub hosts (token endpoints) are
+/// never dialled.
 async fn check_connect(
     rt: &Runtime,
     req: &Request<Incoming>,
@@ -171,9 +233,10 @@ async fn check_connect(
     let port = auth
         .port_u16()
         .ok_or(ProxyError::BadRequest("CONNECT authority needs a port"))?;
+    let policy = rt.policy();
     rec.host.clone_from(&host);
     rec.port = port;
-    let policy = &rt.policy;
+    rec.host_class = policy.host_class(&host, port, true);
     if !policy.allows_destination(&host, port, true) {
         return Err(ProxyError::DestinationNotAllowed { host, port });
     }
@@ -182,7 +245,7 @@ async fn check_connect(
         // (and if) a request is forwarded.
         return Ok((host, port, None));
     }
-    let addrs = resolve_checked(policy, &host, port)
+    let addrs = resolve_checked(&policy, &host, port)
         .await
         .map_err(|e| match e {
             DialError::Denied { host } => ProxyError::DestinationAddressDenied { host },
@@ -211,7 +274,7 @@ async fn intercept<T>(rt: Arc<Runtime>, mut io: T, outer: Arc<Conn>, host: Strin
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = rt.policy.proxy.limits.clone();
+    let limits = rt.policy().proxy.limits.clone();
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.client_header_timeout, io.read(&mut first)).await {
         Ok(Ok(1)) => {}
@@ -219,17 +282,28 @@ where
     }
     let io = Prefixed::new(first.to_vec(), io);
     if first[0] == 0x16 {
+        let handshakes = &rt.metrics.tls_handshakes;
         let acceptor =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
         let start = match tokio::time::timeout(limits.tls_handshake_timeout, acceptor).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return debug!(error = %e, "client hello failed"),
-            Err(_) => return debug!("client hello timed out"),
+            Ok(Err(e)) => {
+                Metrics::count(handshakes, "error");
+                return debug!(error = %e, "client hello failed");
+            }
+            Err(_) => {
+                Metrics::count(handshakes, "timeout");
+                return debug!("client hello timed out");
+            }
         };
         let sni = start.client_hello().server_name().and_then(normalize_host);
-        let config = match rt.leaves.server_config(&host) {
-            Ok(c) => c,
+        let config = match rt.leaves.server_config_traced(&host) {
+            Ok((c, hit)) => {
+                Metrics::count(&rt.metrics.leaf_cache, if hit { "hit" } else { "miss" });
+                c
+            }
             Err(e) => {
+                Metrics::count(handshakes, "error");
                 return warn!(host = %host, error = %pipeline::ErrorChain(&e), "failed to mint leaf certificate");
             }
         };
@@ -238,9 +312,16 @@ where
                 .await
             {
                 Ok(Ok(t)) => t,
-                Ok(Err(e)) => return debug!(error = %e, "client tls handshake failed"),
-                Err(_) => return debug!("client tls handshake timed out"),
+                Ok(Err(e)) => {
+                    Metrics::count(handshakes, "error");
+                    return debug!(error = %e, "client tls handshake failed");
+                }
+                Err(_) => {
+                    Metrics::count(handshakes, "timeout");
+                    return debug!("client tls handshake timed out");
+                }
             };
+        Metrics::count(handshakes, "ok");
         let dest = Dest {
             host,
             port,
@@ -265,22 +346,23 @@ async fn serve_tunnel<T>(rt: Arc<Runtime>, io: T, outer: &Conn, dest: Dest)
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = rt.policy.proxy.limits.clone();
+    let limits = rt.policy().proxy.limits.clone();
     let conn = Arc::new(Conn {
         client: outer.client,
         dest: Some(dest),
         slot: outer.slot.clone(),
+        shutdown: outer.shutdown.clone(),
     });
+    let shutdown = outer.shutdown.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let rt = rt.clone();
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(pipeline::handle(rt, conn, req).await) }
     });
-    if let Err(e) = http1_builder(&limits)
+    let served = http1_builder(&limits)
         .serve_connection(TokioIo::new(io), svc)
-        .with_upgrades()
-        .await
-    {
+        .with_upgrades();
+    if let Err(e) = graceful(served, shutdown).await {
         debug!(error = %e, "tunnel connection ended with an error");
     }
 }

@@ -182,14 +182,14 @@ pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {
 /// are refused.
 #[derive(Clone)]
 pub struct ClientTransport {
-    client: UpstreamClient,
-    timeout: std::time::Duration,
+    active: Arc<arc_swap::ArcSwap<crate::Active>>,
 }
 
 impl ClientTransport {
-    /// A transport over `client`, waiting at most `timeout` for response headers.
-    pub fn new(client: UpstreamClient, timeout: std::time::Duration) -> Self {
-        Self { client, timeout }
+    /// A transport over the client in force (it follows reloads), waiting at most the
+    /// policy's `upstream_response_header_timeout` for response headers.
+    pub fn new(active: Arc<arc_swap::ArcSwap<crate::Active>>) -> Self {
+        Self { active }
     }
 }
 
@@ -205,12 +205,13 @@ impl iron_broker::tokens::TokenTransport for ClientTransport {
         >,
     > {
         use http_body_util::BodyExt as _;
-        let this = self.clone();
+        let active = self.active.load_full();
         Box::pin(async move {
             let err = |m: String| iron_broker::tokens::TransportError(m);
+            let timeout = active.policy.proxy.limits.upstream_response_header_timeout;
             let (parts, body) = req.into_parts();
             let req = http::Request::from_parts(parts, crate::body::full(bytes::Bytes::from(body)));
-            let resp = tokio::time::timeout(this.timeout, this.client.request(req))
+            let resp = tokio::time::timeout(timeout, active.client.request(req))
                 .await
                 .map_err(|_| err("no response in time".into()))?
                 .map_err(|e| err(classify(&e).code().to_string()))?;

@@ -138,10 +138,15 @@ impl World {
         let audit = Arc::new(MemoryAudit::default());
         let rt = Runtime::new(policy.clone(), ca.ca.clone(), Arc::new(env), audit.clone())
             .expect("runtime");
-        let running = iron_proxy::start(Arc::new(rt), policy.proxy.listen)
+        let running = iron_proxy::start(rt.clone(), policy.proxy.listen)
             .await
             .expect("start");
-        InProcess { running, ca, audit }
+        InProcess {
+            running,
+            ca,
+            audit,
+            rt,
+        }
     }
 }
 
@@ -153,6 +158,8 @@ pub struct InProcess {
     pub ca: CaFiles,
     /// Its audit records.
     pub audit: Arc<MemoryAudit>,
+    /// The runtime (for reloads and the admin API).
+    pub rt: Arc<Runtime>,
 }
 
 impl InProcess {

@@ -370,3 +370,68 @@ fn oauth_field_rules() {
     .join("\n");
     assert!(e.contains("must be an https:// URL"), "{e}");
 }
+
+#[test]
+fn drop_in_fragments_shadow_earlier_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("policy.d")).unwrap();
+    std::fs::write(
+        d.join("policy.toml"),
+        "version = 1\ninclude = [\"policy.d/*.toml\"]\n[[secrets]]\nname = \"GITHUB_TOKEN\"\ntype = \"http\"\nsource = { env = \"A\" }\nhosts = [\"a.test\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("policy.d/10-github.toml"),
+        "[[secrets]]\nname = \"GITHUB_TOKEN\"\ntype = \"http\"\nsource = { env = \"B\" }\nhosts = [\"b.test\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("policy.d/20-extra.toml"),
+        "version = 1\n[[secrets]]\nname = \"EXTRA_KEY\"\ntype = \"http\"\nsource = { file = \"extra.txt\" }\nhosts = [\"c.test\"]\n",
+    )
+    .unwrap();
+    let p = Policy::load(&d.join("policy.toml")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.secrets.len(), 2);
+    let gh = p.secret("GITHUB_TOKEN").unwrap();
+    assert_eq!(gh.file, d.join("policy.d/10-github.toml"));
+    assert!(gh.allows_host("b.test", 443, true));
+    assert!(!gh.allows_host("a.test", 443, true));
+    // Relative paths in a fragment resolve against the fragment's directory.
+    assert_eq!(
+        p.secret("EXTRA_KEY").unwrap().sources()[0].1.kind,
+        SourceKind::File(d.join("policy.d/extra.txt"))
+    );
+    let shadow = p
+        .warnings
+        .iter()
+        .find(|w| w.message.contains("replaces"))
+        .unwrap()
+        .to_string();
+    assert!(
+        shadow.starts_with(&format!(
+            "{}:1:1: warning: secret `GITHUB_TOKEN` here replaces the one at {}:4:8",
+            d.join("policy.d/10-github.toml").display(),
+            d.join("policy.toml").display()
+        )),
+        "{shadow}"
+    );
+    assert_eq!(p.files.len(), 3);
+
+    // A broken fragment is reported in its own file.
+    std::fs::write(
+        d.join("policy.d/30-bad.toml"),
+        "[[secrets]]\nname = \"X_TOKEN_1\"\nbogus = 1\n",
+    )
+    .unwrap();
+    let err = Policy::load(&d.join("policy.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "{}:3:1: unknown field `bogus`",
+            d.join("policy.d/30-bad.toml").display()
+        )),
+        "{err}"
+    );
+}

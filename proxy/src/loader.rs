@@ -1,0 +1,88 @@
+//! Loading a policy for use: parse (with drop-in fragments), then check what parsing cannot —
+//! every required secret's sources are present, RSA keys and key files parse, the CA (if
+//! named) loads, `upstream_ca` files are usable. Used by `check`, `serve` and every reload,
+//! so a policy that `check` refuses is never swapped in (DESIGN.md decision 13).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use iron_broker::{Env, SourceResolver};
+use iron_certs::CertificateAuthority;
+use iron_policy::{Diagnostic, Policy, Severity};
+
+/// Loads and fully validates the policy at `path`, reading sources through `env`.
+/// Returns the policy (if it parsed) and every diagnostic, errors and warnings, sorted by
+/// file and position. The policy is usable only when no diagnostic is an error.
+pub fn load(path: &Path, env: Arc<dyn Env>) -> (Option<Policy>, Vec<Diagnostic>) {
+    let policy = match Policy::load(path) {
+        Ok(p) => p,
+        Err(e) => return (None, e.diagnostics),
+    };
+    let mut diags = policy.warnings.clone();
+    let sources = SourceResolver::new(env);
+    for s in &policy.secrets {
+        let at = |line: usize, col: usize, severity: Severity, message: String| Diagnostic {
+            file: s.file.clone(),
+            line,
+            col,
+            severity,
+            message,
+        };
+        let (severity, note) = if s.optional {
+            (
+                Severity::Warning,
+                " (optional secret: requests needing it are refused)",
+            )
+        } else {
+            (Severity::Error, "")
+        };
+        for (field, src) in s.sources() {
+            if let Err(e) = sources.resolve(src) {
+                let field = if field == "source" {
+                    String::new()
+                } else {
+                    format!("field {field}: ")
+                };
+                diags.push(at(
+                    src.pos.line,
+                    src.pos.col,
+                    severity,
+                    format!("secret `{}`: {field}{e}{note}", s.name),
+                ));
+            }
+        }
+        for problem in iron_broker::tokens::validate_inputs(s, &sources) {
+            diags.push(at(
+                s.pos.line,
+                s.pos.col,
+                severity,
+                format!("secret `{}`: {problem}{note}", s.name),
+            ));
+        }
+    }
+    let top = |message: String| Diagnostic {
+        file: path.to_path_buf(),
+        line: 1,
+        col: 1,
+        severity: Severity::Error,
+        message,
+    };
+    if let Some((cert, key)) = &policy.proxy.ca
+        && let Err(e) = CertificateAuthority::load(cert, key)
+    {
+        diags.push(top(format!(
+            "[proxy] ca_cert/ca_key: {}",
+            crate::pipeline::ErrorChain(&e)
+        )));
+    }
+    if let Err(e) = crate::upstream::client_tls_config(&policy, crate::crypto_provider()) {
+        diags.push(top(format!("[proxy] {e}")));
+    }
+    diags.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+    (Some(policy), diags)
+}
+
+/// True when any diagnostic is an error.
+pub fn has_errors(diags: &[Diagnostic]) -> bool {
+    diags.iter().any(|d| d.severity == Severity::Error)
+}

@@ -1,0 +1,199 @@
+//! Prometheus metrics (text format on the admin listener's `/metrics`), with an explicit
+//! registry. Labels are bounded: outcome and error codes, host classes, secret *names*,
+//! results — never values, placeholders in query strings or other client input.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::audit::AuditRecord;
+
+/// Labels of `iron_proxy_requests`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `request`, `connect` or `tunnel`.
+    pub kind: String,
+    /// Audit outcome.
+    pub outcome: String,
+    /// Error code, or `none`.
+    pub code: String,
+    /// Host class (see [`crate::audit::AuditRecord::host_class`]).
+    pub host_class: String,
+}
+
+/// A secret name label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretLabel {
+    /// Secret name.
+    pub secret: String,
+}
+
+/// A secret name and a result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretResult {
+    /// Secret name.
+    pub secret: String,
+    /// `ok` or an error kind.
+    pub result: String,
+}
+
+/// A result label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// The result.
+    pub result: String,
+}
+
+/// An error-code label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// The error code.
+    pub code: String,
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests, refused CONNECTs and passthrough tunnels, by outcome.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Secrets swapped or injected, by secret.
+    pub injections: Family<SecretLabel, Counter>,
+    /// Refusals, by error code.
+    pub refusals: Family<CodeLabel, Counter>,
+    /// Time from forwarding a request to the upstream's response headers, in seconds.
+    pub upstream_seconds: Histogram,
+    /// Open client connections (tunnels included).
+    pub active_connections: Gauge,
+    /// Client TLS handshakes in intercepted tunnels, by result.
+    pub tls_handshakes: Family<ResultLabel, Counter>,
+    /// Leaf certificate cache lookups, `hit` or `miss`.
+    pub leaf_cache: Family<ResultLabel, Counter>,
+    /// Token mints, by secret and result.
+    pub token_mints: Family<SecretResult, Counter>,
+    /// Seconds until the cached token of each token secret expires.
+    pub token_expiry_seconds: Family<SecretLabel, Gauge<f64, AtomicU64>>,
+    /// Policy reloads, `ok` or `invalid`.
+    pub reloads: Family<ResultLabel, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("iron_proxy");
+        let m = Self {
+            requests: Family::default(),
+            injections: Family::default(),
+            refusals: Family::default(),
+            upstream_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            active_connections: Gauge::default(),
+            tls_handshakes: Family::default(),
+            leaf_cache: Family::default(),
+            token_mints: Family::default(),
+            token_expiry_seconds: Family::default(),
+            reloads: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests, refused CONNECTs and tunnels by outcome",
+            m.requests.clone(),
+        );
+        registry.register(
+            "injections",
+            "Secrets swapped or injected, by secret",
+            m.injections.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Requests refused by the proxy, by error code",
+            m.refusals.clone(),
+        );
+        registry.register(
+            "upstream_response_seconds",
+            "Time to upstream response headers",
+            m.upstream_seconds.clone(),
+        );
+        registry.register(
+            "active_connections",
+            "Open client connections",
+            m.active_connections.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "Client TLS handshakes by result",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "leaf_cache_lookups",
+            "Leaf certificate cache lookups",
+            m.leaf_cache.clone(),
+        );
+        registry.register(
+            "token_mints",
+            "Token mints by secret and result",
+            m.token_mints.clone(),
+        );
+        registry.register(
+            "token_expiry_seconds",
+            "Seconds until the cached access token expires",
+            m.token_expiry_seconds.clone(),
+        );
+        registry.register("reloads", "Policy reloads by result", m.reloads.clone());
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Counts an audit record: one per request, refused CONNECT or tunnel.
+    pub fn observe(&self, rec: &AuditRecord) {
+        let code = rec.error.unwrap_or("none");
+        self.requests
+            .get_or_create(&RequestLabels {
+                kind: rec.kind.to_string(),
+                outcome: rec.outcome.to_string(),
+                code: code.to_string(),
+                host_class: rec.host_class.to_string(),
+            })
+            .inc();
+        if rec.outcome == "refused" {
+            self.refusals
+                .get_or_create(&CodeLabel {
+                    code: code.to_string(),
+                })
+                .inc();
+        }
+        for s in &rec.secrets {
+            self.injections
+                .get_or_create(&SecretLabel {
+                    secret: s.name.clone(),
+                })
+                .inc();
+        }
+    }
+
+    /// Counts a result in a `result`-labelled family.
+    pub fn count(family: &Family<ResultLabel, Counter>, result: &str) {
+        family
+            .get_or_create(&ResultLabel {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
