@@ -1,0 +1,436 @@
+//! End-to-end: operations — hot reload under load, drop-in fragments, the admin API
+//! (secrets, readiness, metrics, probe) and graceful shutdown.
+
+#![allow(clippy::expect_used)] // setup helpers: a failed step is a failed test
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::Full;
+use iron_proxy::client;
+use iron_proxy::origin::OriginOptions;
+use iron_tests::*;
+
+async fn admin(p: &InProcess) -> SocketAddr {
+    let (addr, _task) =
+        iron_proxy::admin::start(p.rt.clone(), "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("admin");
+    addr
+}
+
+async fn get_json(addr: SocketAddr, method: Method, path: &str) -> (u16, serde_json::Value) {
+    let (status, body) = iron_proxy::admin::call(addr, method, path)
+        .await
+        .expect("admin call");
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+    )
+}
+
+async fn get(
+    send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    authority: &str,
+) -> u16 {
+    let req = Request::get("/loop")
+        .header("host", authority)
+        .header("authorization", "Bearer GITHUB_TOKEN")
+        .body(Full::new(Bytes::new()))
+        .expect("req");
+    client::fetch(send, req)
+        .await
+        .map(|r| r.status)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_under_load_drops_nothing_and_keeps_the_old_policy_on_errors() {
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let authority = format!("api.github.test:{}", w.port());
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut loops = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let (addr, ca, authority) = (p.addr(), p.ca.ca.cert_pem().to_string(), authority.clone());
+        loops.push(tokio::spawn(async move {
+            let mut send = client::tunnel(addr, &authority, "api.github.test", &ca)
+                .await
+                .expect("tunnel");
+            while !stop.load(Ordering::Relaxed) {
+                // Every policy version below allows this request.
+                if get(&mut send, &authority).await == 200 {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let good = std::fs::read_to_string(&w.policy_path).expect("policy");
+    let mut refused = 0;
+    for i in 0..20 {
+        let text = match i % 4 {
+            // Invalid: a typo'd key.
+            1 => good.replace("allow_cidrs", "allow_cidr"),
+            // Invalid: a secret without hosts.
+            3 => good.replace("hosts = [\"inject.test:", "hostz = [\"inject.test:"),
+            // Valid: a different but compatible policy.
+            2 => good.replace("other.test", "other2.test"),
+            _ => good.clone(),
+        };
+        std::fs::write(&w.policy_path, text).expect("write");
+        match p.rt.reload().await {
+            Ok(_) => {}
+            Err(diags) => {
+                refused += 1;
+                assert!(diags.iter().any(|d| {
+                    d.to_string()
+                        .starts_with(&w.policy_path.display().to_string())
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.expect("loop");
+    }
+    assert_eq!(refused, 10);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during reloads"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 20,
+        "too few requests to mean anything"
+    );
+    // The last write was invalid: the previous valid policy (with other2.test) stays.
+    assert!(
+        p.rt.policy()
+            .allows_destination("other2.test", w.port(), true)
+    );
+    let m = p.rt.metrics.encode();
+    assert!(
+        m.contains("iron_proxy_reloads_total{result=\"invalid\"} 10"),
+        "{m}"
+    );
+    assert!(
+        m.contains("iron_proxy_reloads_total{result=\"ok\"} 10"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_in_secret_is_usable_without_restart() {
+    if !have("curl") {
+        return;
+    }
+    let policy = STANDARD_POLICY.replacen(
+        "version = 1\n",
+        "version = 1\ninclude = [\"policy.d/*.toml\"]\n",
+        1,
+    );
+    let w = World::new(&policy, OriginOptions::default()).await;
+    std::fs::create_dir(w.dir.path().join("policy.d")).expect("mkdir");
+    let mut env = standard_env();
+    env.insert("REAL_LATE_KEY".into(), "late_REALsecret_321".into());
+    let p = w.proxy(env).await;
+    iron_proxy::watch::spawn(p.rt.clone()).expect("watch");
+    let port = w.port();
+    let url = format!("https://other.test:{port}/late");
+    let r = p.curl(&[&url, "-H", "X-Late-Key: LATE_KEY_PH"]).await;
+    assert_eq!(r.status, 200, "placeholder unknown so far: forwarded as is");
+    // A broken fragment: refused, traffic continues on the old policy.
+    std::fs::write(
+        w.dir.path().join("policy.d/10-late.toml"),
+        "[[secrets]]\nname = \"LATE_KEY\"\nbroken = true\n",
+    )
+    .expect("write");
+    // The good version replaces it; the watcher picks it up.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(p.rt.policy().secret("LATE_KEY").is_none());
+    std::fs::write(
+        w.dir.path().join("policy.d/10-late.toml"),
+        format!("[[secrets]]\nname = \"LATE_KEY\"\nplaceholder = \"LATE_KEY_PH\"\ntype = \"http\"\nsource = {{ env = \"REAL_LATE_KEY\" }}\nmatch_headers = [\"X-Late-Key\"]\nhosts = [\"other.test:{port}\"]\n"),
+    )
+    .expect("write");
+    let mut seen = false;
+    for _ in 0..40 {
+        if p.rt.policy().secret("LATE_KEY").is_some() {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen, "drop-in not loaded within 2 s");
+    let r = p.curl(&[&url, "-H", "X-Late-Key: LATE_KEY_PH"]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        w.origin
+            .records()
+            .last()
+            .expect("rec")
+            .header("x-late-key")
+            .as_deref(),
+        Some("late_REALsecret_321")
+    );
+    let m = p.rt.metrics.encode();
+    assert!(
+        m.contains("iron_proxy_reloads_total{result=\"invalid\"}"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_secrets_readiness_and_probe() {
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let mut env = standard_env();
+    env.remove("REAL_MAPS_KEY");
+    let p = w.proxy(env).await;
+    let a = admin(&p).await;
+    let (status, list) = get_json(a, Method::GET, "/v1/secrets").await;
+    assert_eq!(status, 200);
+    let text = list.to_string();
+    for real in ALL_REAL {
+        assert!(!text.contains(real), "a value in /v1/secrets");
+    }
+    let maps = list["secrets"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|s| s["name"] == "MAPS_KEY")
+        .expect("MAPS_KEY")
+        .clone();
+    assert_eq!(maps["state"], "missing");
+    assert!(
+        maps["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("REAL_MAPS_KEY")
+    );
+    assert_eq!(maps["sources"][0]["kind"], "env");
+    assert_eq!(maps["sources"][0]["ref"], "REAL_MAPS_KEY");
+    let (_, gh) = get_json(a, Method::GET, "/v1/secrets/GITHUB_TOKEN").await;
+    assert_eq!(gh["state"], "ok");
+    assert_eq!(gh["type"], "http");
+    assert_eq!(get_json(a, Method::GET, "/v1/secrets/NOPE").await.0, 404);
+
+    // Readiness: MAPS_KEY is required and missing.
+    let (status, ready) = get_json(a, Method::GET, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(
+        ready["reasons"][0]
+            .as_str()
+            .expect("reason")
+            .contains("MAPS_KEY")
+    );
+    // Make it optional: ready.
+    let text = std::fs::read_to_string(&w.policy_path)
+        .expect("read")
+        .replace(
+            "source = { env = \"REAL_MAPS_KEY\" }",
+            "source = { env = \"REAL_MAPS_KEY\" }\noptional = true",
+        );
+    std::fs::write(&w.policy_path, text).expect("write");
+    let (status, body) = get_json(a, Method::POST, "/v1/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(get_json(a, Method::GET, "/readyz").await.0, 200);
+    // A broken policy: 422 with positions, and the old policy stays.
+    std::fs::write(&w.policy_path, "version = 1\n[proxy]\nlisten = 7\n").expect("write");
+    let (status, body) = get_json(a, Method::POST, "/v1/reload").await;
+    assert_eq!(status, 422);
+    assert!(
+        body["errors"][0]
+            .as_str()
+            .expect("error")
+            .contains("policy.toml:3:10"),
+        "{body}"
+    );
+    assert_eq!(get_json(a, Method::GET, "/readyz").await.0, 200);
+
+    // Usage counters after a request.
+    let mut send = client::tunnel(
+        p.addr(),
+        &format!("api.github.test:{}", w.port()),
+        "api.github.test",
+        p.ca.ca.cert_pem(),
+    )
+    .await
+    .expect("tunnel");
+    assert_eq!(
+        get(&mut send, &format!("api.github.test:{}", w.port())).await,
+        200
+    );
+    let (_, gh) = get_json(a, Method::GET, "/v1/secrets/GITHUB_TOKEN").await;
+    assert_eq!(gh["invocations"], 1);
+    assert!(gh["last_used"].is_string());
+
+    // Probe: the origin is reachable (any answer counts); an unreachable host is reported.
+    let (_, probe) = get_json(a, Method::POST, "/v1/secrets/GITHUB_TOKEN/probe").await;
+    let r = &probe["results"][0];
+    assert_eq!(r["reachable"], true, "{probe}");
+    assert_eq!(r["status"], 200);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    let text = std::fs::read_to_string(&w.policy_path).ok();
+    assert!(text.is_some());
+    std::fs::write(
+        &w.policy_path,
+        STANDARD_POLICY
+            .replace("{PORT}", &w.port().to_string())
+            .replace(
+                &format!("hosts = [\"api.github.test:{}\"]", w.port()),
+                &format!(
+                    "hosts = [\"api.github.test:{}\", \"api.github.test:{dead_port}\"]",
+                    w.port()
+                ),
+            )
+            .replace(
+                "source = { env = \"REAL_MAPS_KEY\" }",
+                "source = { env = \"REAL_MAPS_KEY\" }\noptional = true",
+            ),
+    )
+    .expect("write");
+    assert_eq!(get_json(a, Method::POST, "/v1/reload").await.0, 200);
+    let (_, probe) = get_json(a, Method::POST, "/v1/secrets/GITHUB_TOKEN/probe").await;
+    assert_eq!(probe["results"][0]["reachable"], true, "{probe}");
+    assert_eq!(probe["results"][1]["reachable"], false, "{probe}");
+    assert_eq!(
+        probe["results"][1]["error"], "upstream_unreachable",
+        "{probe}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_every_request_and_parse() {
+    if !have("curl") {
+        return;
+    }
+    let (w, p) = {
+        let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+        let p = w.proxy(standard_env()).await;
+        (w, p)
+    };
+    let a = admin(&p).await;
+    let port = w.port();
+    let mut sent = 0;
+    for args in [
+        vec![
+            format!("https://api.github.test:{port}/m"),
+            "-H".into(),
+            "Authorization: Bearer GITHUB_TOKEN".into(),
+        ],
+        vec![format!("https://other.test:{port}/m")],
+        vec![
+            format!("https://other.test:{port}/m"),
+            "-H".into(),
+            "Authorization: Bearer GITHUB_TOKEN".into(),
+        ],
+        vec![format!("https://evil.test:{port}/m")],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        p.curl(&args).await;
+        sent += 1;
+    }
+    let (status, body) = iron_proxy::admin::call(a, Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert_eq!(status, 200);
+    assert!(body.ends_with("# EOF\n"));
+    // Sum of iron_proxy_requests_total over all label sets = requests sent (each curl is one
+    // request, or one refused CONNECT).
+    let total: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("iron_proxy_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(total, f64::from(sent), "{body}");
+    assert!(
+        body.contains("iron_proxy_injections_total{secret=\"GITHUB_TOKEN\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("iron_proxy_refusals_total{code=\"placeholder_not_allowed\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("iron_proxy_refusals_total{code=\"destination_not_allowed\"} 1"),
+        "{body}"
+    );
+    for real in ALL_REAL {
+        assert!(!body.contains(real));
+    }
+    // A real Prometheus/OpenMetrics parser accepts it, when installed (CI installs it).
+    let parser = std::process::Command::new("python3")
+        .args(["-c", "import prometheus_client"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if parser {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("m.txt");
+        std::fs::write(&f, &body).expect("write");
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as p\nfams = list(p(open(sys.argv[1]).read()))\nprint(int(sum(s.value for f in fams if f.name == 'iron_proxy_requests' for s in f.samples if s.name == 'iron_proxy_requests_total')))",
+            ])
+            .arg(&f)
+            .output()
+            .expect("python");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{sent}")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_slow_upload_in_flight() {
+    if !have("curl") {
+        return;
+    }
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let home = w.dir.path().join("home");
+    let proxy = Spawned::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_iron-proxy-e2e")),
+        &w.policy_path,
+        &home,
+        &standard_env(),
+        "info",
+    );
+    let file = w.dir.path().join("slow.bin");
+    std::fs::write(&file, vec![1u8; 600_000]).expect("write");
+    let url = format!("https://api.github.test:{}/slow", w.port());
+    let (addr, ca) = (proxy.addr, proxy.ca.clone());
+    let file_s = file.display().to_string();
+    let upload = tokio::spawn(async move {
+        curl_via(addr, &ca, &["-T", &file_s, "--limit-rate", "200K", &url]).await
+    });
+    // Wait until the upload is under way, then SIGTERM.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let pid = proxy.child.id();
+    let _ = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status();
+    let r = upload.await.expect("upload");
+    assert_eq!(r.status, 200, "upload cut by shutdown: {r:?}");
+    assert!(r.body.contains("\"bytes\":600000"), "{}", r.body);
+    let log = proxy.stop();
+    assert!(log.contains("draining"), "{log}");
+    assert!(log.contains("drained; exiting"), "{log}");
+}
