@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""iron-proxy benchmark harness (see bench/README.md). Called by bench/run.sh."""
+import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROXY_BIN = os.path.join(ROOT, "target", "release", "iron-proxy")
+HOST = "bench.test"
+PASS_HOST = "pass.test"
+
+SCENARIOS = [
+    # name, oha args
+    ("keep-alive GET 93 B, 1 conn", ["-c", "1"], "GET"),
+    ("keep-alive GET 93 B, 32 conns", ["-c", "32"], "GET"),
+    ("new connection per request, c=1", ["-c", "1", "--disable-keepalive"], "GET"),
+    ("new connection per request, c=16", ["-c", "16", "--disable-keepalive"], "GET"),
+    ("keep-alive POST 100 KiB, 8 conns", ["-c", "8"], "POST"),
+]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, capture_output=True, text=True, **kw)
+
+
+def make_certs(d):
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+       "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem", "-subj", "/CN=bench-origin-ca", "-days", "2")
+    sh("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+       "-keyout", f"{d}/origin.key", "-out", f"{d}/origin.csr", "-subj", f"/CN={HOST}")
+    with open(f"{d}/ext.cnf", "w") as f:
+        f.write(f"subjectAltName=DNS:{HOST},DNS:{PASS_HOST}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    sh("openssl", "x509", "-req", "-in", f"{d}/origin.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+       "-CAcreateserial", "-out", f"{d}/origin.crt", "-days", "2", "-extfile", f"{d}/ext.cnf")
+
+
+def start_nginx(d, port):
+    body = "x" * 92 + "\n"  # 93 bytes
+    os.makedirs(f"{d}/www", exist_ok=True)
+    with open(f"{d}/www/index.txt", "w") as f:
+        f.write(body)
+    conf = f"""
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_max_body_size 10m;
+  client_body_buffer_size 256k;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {d}/origin.crt;
+    ssl_certificate_key {d}/origin.key;
+    ssl_session_cache shared:SSL:10m;
+    root {d}/www;
+    location = / {{ default_type text/plain; try_files /index.txt =404; }}
+    location = /post {{ client_body_in_single_buffer off; default_type text/plain; return 200 "{body.strip()}\\n"; }}
+  }}
+}}
+"""
+    with open(f"{d}/nginx.conf", "w") as f:
+        f.write(conf)
+    subprocess.run(["nginx", "-c", f"{d}/nginx.conf", "-p", d], check=True)
+
+
+def stop_nginx(d):
+    subprocess.run(["nginx", "-c", f"{d}/nginx.conf", "-p", d, "-s", "quit"], capture_output=True)
+
+
+def start_proxy(d, origin_port, port):
+    policy = f"""version = 1
+[proxy]
+listen = "127.0.0.1:{port}"
+allow_cidrs = ["127.0.0.1/32"]
+upstream_ca = ["{d}/ca.pem"]
+passthrough = ["{PASS_HOST}:{origin_port}"]
+resolve = {{ "{HOST}" = "127.0.0.1", "{PASS_HOST}" = "127.0.0.1" }}
+
+[[secrets]]
+name = "BENCH_TOKEN"
+type = "http"
+source = {{ env = "BENCH_REAL_TOKEN" }}
+match_headers = ["Authorization"]
+hosts = ["{HOST}:{origin_port}"]
+"""
+    with open(f"{d}/policy.toml", "w") as f:
+        f.write(policy)
+    env = dict(os.environ, BENCH_REAL_TOKEN="bench-real-token-value", IRON_PROXY_HOME=f"{d}/state", IRON_PROXY_LOG="warn")
+    log = open(f"{d}/proxy.log", "w")
+    p = subprocess.Popen([PROXY_BIN, "serve", "--policy", f"{d}/policy.toml"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return p
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("iron-proxy did not start; see " + f"{d}/proxy.log")
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def oha(url, extra, method, duration, proxy=None, cacert=None, body_file=None, headers=()):
+    args = ["oha", "--no-tui", "--output-format", "json", "-z", f"{duration}s", "--no-pre-lookup"] + extra
+    if proxy:
+        args += ["-x", proxy]
+    if cacert:
+        args += ["--cacert", cacert]
+    if method == "POST":
+        args += ["-m", "POST", "-D", body_file]
+    for h in headers:
+        args += ["-H", h]
+    args.append(url)
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"rps": 0.0, "ok": 0, "errors": out.stderr.strip()[:200]}
+    r = json.loads(out.stdout)
+    ok = sum(v for k, v in r.get("statusCodeDistribution", {}).items() if k.startswith("2"))
+    total = sum(r.get("statusCodeDistribution", {}).values())
+    return {"rps": ok / duration, "ok": ok, "non2xx": total - ok, "errors": r.get("errorDistribution", {})}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", default=None, help="substring of a scenario name")
+    a = ap.parse_args()
+    d = tempfile.mkdtemp(prefix="iron-bench-")
+    os.chmod(d, 0o755)  # nginx workers (nobody) read the document root
+    make_certs(d)
+    origin_port = free_port()
+    proxy_port = free_port()
+    start_nginx(d, origin_port)
+    proxy = start_proxy(d, origin_port, proxy_port)
+    with open(f"{d}/body.bin", "wb") as f:
+        f.write(b"b" * 100 * 1024)
+    proxy_ca = f"{d}/state/ca.crt"
+    bundle = f"{d}/bundle.pem"
+    with open(bundle, "w") as f:
+        f.write(open(proxy_ca).read() + open(f"{d}/ca.pem").read())
+    targets = {
+        "direct": dict(url=f"https://{HOST}:{origin_port}", proxy=None, extra=["--connect-to", f"{HOST}:{origin_port}:127.0.0.1:{origin_port}"], headers=()),
+        "iron-proxy (intercept + swap)": dict(url=f"https://{HOST}:{origin_port}", proxy=f"http://127.0.0.1:{proxy_port}", extra=[], headers=("Authorization: Bearer BENCH_TOKEN",)),
+        "iron-proxy (passthrough)": dict(url=f"https://{PASS_HOST}:{origin_port}", proxy=f"http://127.0.0.1:{proxy_port}", extra=[], headers=()),
+    }
+    results = []
+    try:
+        for name, extra, method in SCENARIOS:
+            if a.only and a.only not in name:
+                continue
+            runs = {t: [] for t in targets}
+            cpu = {t: [] for t in targets}
+            for rep in range(a.reps):
+                for t, cfg in targets.items():  # interleaved
+                    path = "/post" if method == "POST" else "/"
+                    before = cpu_ticks(proxy.pid)
+                    r = oha(cfg["url"] + path, extra + cfg["extra"], method, a.duration, proxy=cfg["proxy"],
+                            cacert=bundle, body_file=f"{d}/body.bin", headers=cfg["headers"])
+                    ticks = cpu_ticks(proxy.pid) - before
+                    runs[t].append(r)
+                    if cfg["proxy"] and r["ok"]:
+                        cpu[t].append(ticks * 1000.0 / os.sysconf("SC_CLK_TCK") / r["ok"])
+                    print(f"{name:38} {t:30} rep {rep + 1}: {r['rps']:9.0f} req/s", file=sys.stderr)
+            direct = statistics.median(x["rps"] for x in runs["direct"])
+            row = {"scenario": name, "targets": {}}
+            for t in targets:
+                rps = [x["rps"] for x in runs[t]]
+                med = statistics.median(rps)
+                row["targets"][t] = {
+                    "median_rps": med, "min_rps": min(rps), "max_rps": max(rps),
+                    "ratio_to_direct": (med / direct) if direct else None,
+                    "proxy_cpu_ms_per_request": statistics.median(cpu[t]) if cpu[t] else None,
+                    "errors": [x.get("errors") for x in runs[t] if x.get("errors")],
+                }
+            results.append(row)
+    finally:
+        rss = peak_rss_kib(proxy.pid)
+        proxy.send_signal(signal.SIGTERM)
+        try:
+            proxy.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+        stop_nginx(d)
+    out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "duration_s": a.duration, "reps": a.reps,
+           "cpus": os.cpu_count(), "proxy_peak_rss_mib": round(rss / 1024, 1), "results": results}
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", "latest.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    md = [f"Run {out['date']}, {a.reps} × {a.duration} s per cell, interleaved, {out['cpus']} cores shared by oha, nginx and the proxy. "
+          f"iron-proxy peak RSS over the whole run: {out['proxy_peak_rss_mib']} MiB.", "",
+          "| scenario | target | median req/s | min–max | × direct | proxy CPU ms/req |", "|---|---|---|---|---|---|"]
+    for row in results:
+        for t, v in row["targets"].items():
+            ratio = f"{v['ratio_to_direct']:.2f}×" if v["ratio_to_direct"] is not None else "–"
+            cpu = f"{v['proxy_cpu_ms_per_request']:.3f}" if v["proxy_cpu_ms_per_request"] is not None else "–"
+            md.append(f"| {row['scenario']} | {t} | {v['median_rps']:.0f} | {v['min_rps']:.0f}–{v['max_rps']:.0f} | {ratio} | {cpu} |")
+    with open(os.path.join(ROOT, "bench", "results", "latest.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+    shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# iron-proxy benchmark: one command. Builds release, starts a local TLS origin (nginx,
+# installed if missing), installs oha if missing, and measures direct vs iron-proxy
+# (interception with a placeholder swap on every request) vs iron-proxy passthrough, plus
+# Squid / mitmproxy when installed. Writes bench/results/latest.{md,json}.
+#   bench/run.sh [--duration SECS] [--reps N] [--only SCENARIO]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v nginx >/dev/null 2>&1; then
+  apt-get update -q && apt-get install -y -q nginx-light || apt-get install -y -q nginx
+fi
+if ! command -v oha >/dev/null 2>&1; then
+  cargo install oha --locked
+fi
+command -v openssl >/dev/null 2>&1 || apt-get install -y -q openssl
+cargo build --release -p iron-proxy
+exec python3 bench/bench.py "$@"
