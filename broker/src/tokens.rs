@@ -427,7 +427,9 @@ impl TokenCache {
                 fields: [("keyfile".to_string(), read("keyfile", &g.keyfile)?)].into(),
                 headers: Vec::new(),
             }),
-            SecretKind::Static(_) => Err(MintError::Source("not a token secret".into())),
+            SecretKind::Static(_) | SecretKind::Pg(_) => {
+                Err(MintError::Source("not a token secret".into()))
+            }
         }
     }
 
@@ -501,7 +503,9 @@ async fn mint(
             ];
             post_form(&**transport, &key.token_uri, &form, &[]).await
         }
-        SecretKind::Static(_) => Err(MintError::Source("not a token secret".into())),
+        SecretKind::Static(_) | SecretKind::Pg(_) => {
+            Err(MintError::Source("not a token secret".into()))
+        }
     }
 }
 
@@ -900,7 +904,7 @@ pub fn validate_inputs(secret: &Secret, sources: &SourceResolver) -> Vec<String>
                 out.push(e.to_string());
             }
         }
-        SecretKind::Static(_) => {}
+        SecretKind::Static(_) | SecretKind::Pg(_) => {}
     }
     out
 }

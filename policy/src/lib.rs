@@ -25,6 +25,6 @@ pub use host::{HostPattern, PortSpec, normalize_host};
 pub use matcher::{Applied, Location, Plan, PlanError, RequestView, Rewritten, SecretValues};
 pub use model::{
     ClientAuth, Egress, GcpSpec, Grant, HeaderSelector, HttpMode, InjectFormatter, InjectTarget,
-    Limits, OAuthSpec, Policy, Pos, ProxySettings, Secret, SecretKind, SourceKind, SourceRef, Stub,
-    TokenEndpoint,
+    Limits, OAuthSpec, PgSpec, Policy, Pos, ProxySettings, Secret, SecretKind, SourceKind,
+    SourceRef, Stub, TokenEndpoint,
 };

@@ -17,20 +17,28 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use crate::encoding::{decode_mapped, encode_component};
 use crate::model::{HttpMode, InjectTarget, Policy, Secret};
 
-/// The compiled placeholder automaton. Pattern `i` belongs to secret `i`.
+/// The compiled placeholder automaton over the HTTP-applied secrets (`pg_dsn` secrets are
+/// relayed, not matched). `owners[i]` is the secret index of pattern `i`.
 #[derive(Debug, Clone)]
 pub(crate) struct PlaceholderMatcher {
     ac: Option<AhoCorasick>,
+    owners: Vec<usize>,
 }
 
 impl PlaceholderMatcher {
     pub(crate) fn new(secrets: &[Secret]) -> Self {
+        let owners: Vec<usize> = secrets
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !matches!(s.kind, crate::model::SecretKind::Pg(_)))
+            .map(|(i, _)| i)
+            .collect();
         let ac = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
-            .build(secrets.iter().map(|s| s.placeholder.as_bytes()))
+            .build(owners.iter().map(|&i| secrets[i].placeholder.as_bytes()))
             .ok()
-            .filter(|_| !secrets.is_empty());
-        Self { ac }
+            .filter(|_| !owners.is_empty());
+        Self { ac, owners }
     }
 
     /// Matches in `hay` as (secret index, start, end).
@@ -38,7 +46,7 @@ impl PlaceholderMatcher {
         self.ac
             .iter()
             .flat_map(move |ac| ac.find_iter(hay))
-            .map(|m| (m.pattern().as_usize(), m.start(), m.end()))
+            .map(|m| (self.owners[m.pattern().as_usize()], m.start(), m.end()))
     }
 
     fn replace(&self, hay: &[u8], values: &dyn SecretValues) -> Vec<u8> {

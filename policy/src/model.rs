@@ -589,6 +589,33 @@ pub struct GcpSpec {
     pub subject: Option<String>,
 }
 
+/// `type = "pg_dsn"` settings: a local Postgres listener whose sandbox-side password is a
+/// placeholder, relayed to the upstream named by the real DSN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgSpec {
+    /// The upstream DSN (URL or key=value form), as a secret reference.
+    pub source: SourceRef,
+    /// The database; must equal the DSN's `dbname`.
+    pub database: String,
+    /// Relay listen address; `None`: a loopback port chosen once and kept in the state
+    /// directory.
+    pub listen: Option<SocketAddr>,
+    /// The sandbox-side user name; `None`: the DSN's user.
+    pub user: Option<String>,
+    /// The sandbox-side (placeholder) password; `None`: generated once and kept in the
+    /// state directory.
+    pub password: Option<String>,
+    /// `SET ROLE` after login.
+    pub role: Option<String>,
+    /// `set_config(name, value, false)` after login, in name order; the client cannot
+    /// override them at startup.
+    pub settings: Vec<(String, String)>,
+    /// Offer TLS to clients (a leaf from the proxy CA). Default true.
+    pub client_tls: bool,
+    /// Most concurrent sessions. Default 64.
+    pub max_connections: usize,
+}
+
 /// Where a secret's value comes from, by type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretKind {
@@ -598,6 +625,8 @@ pub enum SecretKind {
     OAuth(OAuthSpec),
     /// `type = "gcp_auth"`: an access token minted from a service-account key.
     Gcp(GcpSpec),
+    /// `type = "pg_dsn"`: a Postgres relay.
+    Pg(PgSpec),
 }
 
 /// A request the proxy answers itself so sandbox SDKs holding stub credentials can finish
@@ -642,6 +671,7 @@ impl Secret {
             SecretKind::Static(_) => "http",
             SecretKind::OAuth(_) => "oauth_token",
             SecretKind::Gcp(_) => "gcp_auth",
+            SecretKind::Pg(_) => "pg_dsn",
         }
     }
 
@@ -660,6 +690,7 @@ impl Secret {
                 )
                 .collect(),
             SecretKind::Gcp(g) => vec![("keyfile", &g.keyfile)],
+            SecretKind::Pg(p) => vec![("source", &p.source)],
         }
     }
 
@@ -888,7 +919,7 @@ impl Policy {
                         return Some((i, Stub::GcpMetadata));
                     }
                 }
-                SecretKind::Static(_) => {}
+                SecretKind::Static(_) | SecretKind::Pg(_) => {}
             }
         }
         None
@@ -899,7 +930,7 @@ impl Policy {
         self.secrets.iter().any(|s| match &s.kind {
             SecretKind::OAuth(o) => o.token_endpoint.host == host && o.token_endpoint.port == port,
             SecretKind::Gcp(_) => host == GCP_TOKEN_HOST && port == 443,
-            SecretKind::Static(_) => false,
+            SecretKind::Static(_) | SecretKind::Pg(_) => false,
         })
     }
 
@@ -1299,11 +1330,12 @@ impl Cx<'_> {
             Some(("http", _)) => "http",
             Some(("oauth_token", _)) => "oauth_token",
             Some(("gcp_auth", _)) => "gcp_auth",
+            Some(("pg_dsn", _)) => "pg_dsn",
             None => {
                 self.error(name_at, format!("secret `{name_s}` has no `type`"));
                 return None;
             }
-            Some((t @ ("pg_dsn" | "brokered_token"), at)) => {
+            Some((t @ "brokered_token", at)) => {
                 self.error(
                     at,
                     format!("secret `{name_s}`: type `{t}` is not supported yet"),
@@ -1313,7 +1345,7 @@ impl Cx<'_> {
             Some((other, at)) => {
                 self.error(
                     at,
-                    format!("secret `{name_s}`: unknown type `{other}`; expected \"http\", \"oauth_token\" or \"gcp_auth\""),
+                    format!("secret `{name_s}`: unknown type `{other}`; expected \"http\", \"oauth_token\", \"gcp_auth\" or \"pg_dsn\""),
                 );
                 return None;
             }
@@ -1342,6 +1374,7 @@ impl Cx<'_> {
             }
             Some(h) => self.patterns(h.get_ref(), "hosts"),
             None if ty == "gcp_auth" => HostPattern::parse(GCP_DEFAULT_HOST).into_iter().collect(),
+            None if ty == "pg_dsn" => Vec::new(),
             None => {
                 self.error(name_at, format!("secret `{name_s}` has no `hosts`"));
                 Vec::new()
@@ -1361,6 +1394,16 @@ impl Cx<'_> {
                     source.map(SecretKind::Static),
                 )
             }
+            "pg_dsn" => (
+                Some(HttpMode::Replace {
+                    headers: HeaderSelector {
+                        entries: Vec::new(),
+                    },
+                    query: Vec::new(),
+                    path: false,
+                }),
+                self.pg(raw, &name_s, name_at).map(SecretKind::Pg),
+            ),
             "oauth_token" => (
                 self.token_mode(raw, &name_s),
                 self.oauth(raw, &name_s, name_at).map(SecretKind::OAuth),
@@ -1407,6 +1450,39 @@ impl Cx<'_> {
             ("client_auth", at(&raw.client_auth)),
             ("keyfile", at(&raw.keyfile)),
             ("subject", at(&raw.subject)),
+            ("database", at(&raw.database)),
+            ("listen", at(&raw.listen)),
+            ("user", at(&raw.user)),
+            ("password", at(&raw.password)),
+            ("role", at(&raw.role)),
+            ("settings", at(&raw.settings)),
+            ("client_tls", at(&raw.client_tls)),
+            ("max_connections", at(&raw.max_connections)),
+            ("hosts", if ty == "pg_dsn" { at(&raw.hosts) } else { None }),
+            (
+                "inject_header",
+                if ty == "pg_dsn" {
+                    at(&raw.inject_header)
+                } else {
+                    None
+                },
+            ),
+            (
+                "inject_formatter",
+                if ty == "pg_dsn" {
+                    at(&raw.inject_formatter)
+                } else {
+                    None
+                },
+            ),
+            (
+                "placeholder",
+                if ty == "pg_dsn" {
+                    at(&raw.placeholder)
+                } else {
+                    None
+                },
+            ),
         ];
         let allowed: &[&str] = match ty {
             "http" => &[
@@ -1416,6 +1492,17 @@ impl Cx<'_> {
                 "match_query",
                 "match_path",
                 "inject_query_param",
+            ],
+            "pg_dsn" => &[
+                "source",
+                "database",
+                "listen",
+                "user",
+                "password",
+                "role",
+                "settings",
+                "client_tls",
+                "max_connections",
             ],
             "oauth_token" => &[
                 "grant",
@@ -1599,6 +1686,74 @@ impl Cx<'_> {
             token_endpoint_headers,
             audience,
             client_auth,
+        })
+    }
+
+    fn pg(&mut self, raw: &RawSecret, name: &str, name_at: usize) -> Option<PgSpec> {
+        let source = match &raw.source {
+            Some(s) => self.source(s, name),
+            None => {
+                self.error(
+                    name_at,
+                    format!("secret `{name}` has no `source` (the upstream DSN)"),
+                );
+                None
+            }
+        };
+        let database = match &raw.database {
+            Some(d) if !d.get_ref().is_empty() => Some(d.get_ref().clone()),
+            Some(d) => {
+                self.error(
+                    d.span().start,
+                    format!("secret `{name}`: `database` is empty"),
+                );
+                None
+            }
+            None => {
+                self.error(name_at, format!("secret `{name}`: pg_dsn needs `database`"));
+                None
+            }
+        };
+        let listen = raw.listen.as_ref().and_then(|l| self.addr(l, "listen"));
+        if let Some(pw) = &raw.password
+            && (pw.get_ref().len() < 16
+                || !pw
+                    .get_ref()
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b)))
+        {
+            self.error(pw.span().start, format!("secret `{name}`: `password` (the sandbox-side placeholder) must be 16+ characters of [A-Za-z0-9-_.~]"));
+        }
+        let max_connections = match &raw.max_connections {
+            Some(m) if *m.get_ref() == 0 => {
+                self.error(
+                    m.span().start,
+                    format!("secret `{name}`: `max_connections` must be positive"),
+                );
+                64
+            }
+            Some(m) => usize::try_from(*m.get_ref()).unwrap_or(usize::MAX),
+            None => 64,
+        };
+        Some(PgSpec {
+            source: source?,
+            database: database?,
+            listen,
+            user: raw.user.as_ref().map(|u| u.get_ref().clone()),
+            password: raw.password.as_ref().map(|p| p.get_ref().clone()),
+            role: raw.role.as_ref().map(|r| r.get_ref().clone()),
+            settings: raw
+                .settings
+                .as_ref()
+                .map(|s| {
+                    s.get_ref()
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            client_tls: raw.client_tls.as_ref().is_none_or(|c| *c.get_ref()),
+            max_connections,
         })
     }
 

@@ -94,6 +94,15 @@ pub(crate) struct RawSecret {
     // gcp_auth
     pub keyfile: Option<Spanned<RawSource>>,
     pub subject: Option<Spanned<String>>,
+    // pg_dsn
+    pub database: Option<Spanned<String>>,
+    pub listen: Option<Spanned<String>>,
+    pub user: Option<Spanned<String>>,
+    pub password: Option<Spanned<String>>,
+    pub role: Option<Spanned<String>>,
+    pub settings: Option<Spanned<BTreeMap<String, String>>>,
+    pub client_tls: Option<Spanned<bool>>,
+    pub max_connections: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]

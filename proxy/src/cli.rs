@@ -165,7 +165,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let policy = load(&policy)?;
             let dir = state::state_dir();
             let ca = state::load_ca(&policy, &dir).map_err(anyhow::Error::msg)?;
-            let extra = state::gcp_stub_env(&policy, &dir).map_err(anyhow::Error::msg)?;
+            let mut extra = state::gcp_stub_env(&policy, &dir).map_err(anyhow::Error::msg)?;
+            let sources = SourceResolver::new(Arc::new(ProcessEnv));
+            extra
+                .extend(sandbox::pg_env(&policy, &sources, &dir, &ca).map_err(anyhow::Error::msg)?);
             let env = sandbox::sandbox_env(&policy, policy.proxy.listen, &ca, &extra);
             print!("{}", sandbox::export_lines(&env));
             Ok(ExitCode::SUCCESS)
@@ -272,6 +275,9 @@ async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let _relays = crate::pg::start_all(&rt, &state::state_dir())
+        .await
+        .map_err(anyhow::Error::msg)?;
     crate::watch::spawn(rt.clone()).map_err(anyhow::Error::msg)?;
     tracing::info!(
         addr = %proxy.addr,

@@ -34,6 +34,7 @@ pub mod io;
 pub mod loader;
 pub mod metrics;
 pub mod origin;
+pub mod pg;
 pub mod pipeline;
 pub mod sandbox;
 pub mod server;

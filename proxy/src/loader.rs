@@ -51,6 +51,28 @@ pub fn load(path: &Path, env: Arc<dyn Env>) -> (Option<Policy>, Vec<Diagnostic>)
                 ));
             }
         }
+        if let iron_policy::SecretKind::Pg(spec) = &s.kind
+            && let Ok(v) = sources.resolve(&spec.source)
+        {
+            match crate::pg::Dsn::parse(&String::from_utf8_lossy(v.expose())) {
+                Ok(dsn) if dsn.dbname != spec.database => diags.push(at(
+                    s.pos.line,
+                    s.pos.col,
+                    Severity::Error,
+                    format!(
+                        "secret `{}`: `database` is `{}` but the DSN names database `{}`",
+                        s.name, spec.database, dsn.dbname
+                    ),
+                )),
+                Ok(_) => {}
+                Err(e) => diags.push(at(
+                    spec.source.pos.line,
+                    spec.source.pos.col,
+                    severity,
+                    format!("secret `{}`: the DSN is invalid: {e}", s.name),
+                )),
+            }
+        }
         for problem in iron_broker::tokens::validate_inputs(s, &sources) {
             diags.push(at(
                 s.pos.line,

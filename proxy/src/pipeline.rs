@@ -225,6 +225,10 @@ async fn exchange(
                     secret: secret.name.clone(),
                 }
             }),
+            // pg_dsn secrets have no placeholder in the HTTP matcher; never planned here.
+            SecretKind::Pg(_) => Err(ProxyError::CredentialUnavailable {
+                secret: secret.name.clone(),
+            }),
             SecretKind::OAuth(_) | SecretKind::Gcp(_) => {
                 rt.tokens.token(secret).await.map_err(|e| {
                     warn!(secret = %secret.name, error = %e, "no access token; refusing request");

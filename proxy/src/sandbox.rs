@@ -46,7 +46,9 @@ pub fn sandbox_env(
     env.push(("NODE_EXTRA_CA_CERTS".into(), cert));
     env.push(("NODE_USE_ENV_PROXY".into(), "1".into()));
     for s in &policy.secrets {
-        env.push((s.name.clone(), s.placeholder.clone()));
+        if !matches!(s.kind, iron_policy::SecretKind::Pg(_)) {
+            env.push((s.name.clone(), s.placeholder.clone()));
+        }
     }
     env.extend(extra.iter().cloned());
     env
@@ -63,4 +65,29 @@ pub fn export_lines(env: &[(String, String)]) -> String {
         out.push_str("'\n");
     }
     out
+}
+
+/// For each `pg_dsn` secret, `NAME=postgresql://USER:PLACEHOLDER@HOST:PORT/DB` (the relay's
+/// address and the sandbox-side credentials kept in the state directory), plus
+/// `PGSSLROOTCERT` naming the proxy CA so `sslmode=verify-full` works against the relay.
+///
+/// # Errors
+/// A message when a secret's DSN cannot be read or its state cannot be written.
+pub fn pg_env(
+    policy: &Policy,
+    sources: &iron_broker::SourceResolver,
+    dir: &std::path::Path,
+    ca: &CaFiles,
+) -> Result<Vec<(String, String)>, String> {
+    let mut env = Vec::new();
+    for s in &policy.secrets {
+        if let iron_policy::SecretKind::Pg(spec) = &s.kind {
+            let side = crate::pg::client_side(sources, s, spec, dir)?;
+            env.push((s.name.clone(), crate::pg::sandbox_dsn(&side, spec)));
+        }
+    }
+    if !env.is_empty() {
+        env.push(("PGSSLROOTCERT".into(), ca.cert.display().to_string()));
+    }
+    Ok(env)
 }

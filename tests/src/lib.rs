@@ -5,6 +5,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test harness: a failed setup step is a failed test
 
 pub mod idp;
+pub mod pgcluster;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

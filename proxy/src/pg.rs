@@ -1,0 +1,1228 @@
+//! The Postgres relay for `pg_dsn` secrets.
+//!
+//! For each `pg_dsn` secret the proxy listens locally and hands the sandbox a DSN whose
+//! password is a placeholder. A client session is: startup (SSLRequest answered `S` with a
+//! leaf from the proxy CA when `client_tls`, GSSENCRequest answered `N`, CancelRequest
+//! mapped to the real upstream keys), SCRAM-SHA-256 authentication *by the relay* against
+//! the placeholder (RFC 5802/7677, constant-time check), then a login upstream with the real
+//! DSN (TLS per `sslmode`, always verified; SCRAM-SHA-256, with channel binding over TLS;
+//! MD5 or cleartext only when the DSN's `require_auth` names them), then `role`/`settings`,
+//! then bytes relayed both ways without parsing. The client sees BackendKeyData of the
+//! relay's own; a CancelRequest with those keys is forwarded with the real ones.
+//! (REFERENCE.md §2.11 and D11, D27.)
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::{BufMut, BytesMut};
+use hmac::{KeyInit, Mac};
+use iron_broker::SecretValue;
+use iron_policy::{PgSpec, Secret, SecretKind};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::Runtime;
+use crate::audit::{AppliedSecret, AuditRecord};
+
+/// Largest startup packet accepted, in bytes (PostgreSQL's own limit is 10 000).
+pub const MAX_STARTUP: usize = 10_000;
+/// Largest message accepted during authentication, in bytes.
+pub const MAX_AUTH_MESSAGE: usize = 64 * 1024;
+/// Time allowed for the whole handshake (client auth + upstream login).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// SCRAM iteration count used for the sandbox-side verifier.
+pub const SCRAM_ITERATIONS: u32 = 4096;
+/// Startup parameters a client may set; others are not forwarded. `options` and
+/// `replication` are refused.
+pub const ALLOWED_PARAMS: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "extra_float_digits",
+    "search_path",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "intervalstyle",
+    "datestyle",
+    "timezone",
+];
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// `sslmode` of an upstream DSN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS if the server offers it (verified when used).
+    Prefer,
+    /// TLS required (verified: iron-proxy never uses unverified TLS, DESIGN.md decision 6).
+    Require,
+}
+
+/// A parsed upstream DSN. `Debug` never shows the password.
+#[derive(Clone)]
+pub struct Dsn {
+    /// Host name or IP.
+    pub host: String,
+    /// Port (default 5432).
+    pub port: u16,
+    /// User.
+    pub user: String,
+    /// Password, if any.
+    pub password: Option<SecretValue>,
+    /// Database (default: the user).
+    pub dbname: String,
+    /// TLS mode (default prefer).
+    pub sslmode: SslMode,
+    /// Authentication methods allowed (`require_auth`; default `scram-sha-256`).
+    pub require_auth: Vec<String>,
+    /// `channel_binding=require`: only SCRAM-SHA-256-PLUS over TLS is accepted (libpq's
+    /// meaning). `prefer` (default) uses it whenever the upstream offers it.
+    pub channel_binding_required: bool,
+}
+
+impl std::fmt::Debug for Dsn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dsn")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("dbname", &self.dbname)
+            .field("password", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dsn {
+    /// Parses `postgres[ql]://user:pass@host:port/db?k=v` or `key=value …` (libpq forms).
+    ///
+    /// # Errors
+    /// A message naming the problem; never the DSN text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let mut kv: HashMap<String, String> = HashMap::new();
+        if let Some(rest) = text
+            .strip_prefix("postgresql://")
+            .or_else(|| text.strip_prefix("postgres://"))
+        {
+            let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let (authority, path) = main.split_once('/').unwrap_or((main, ""));
+            let (userinfo, hostport) = match authority.rsplit_once('@') {
+                Some((u, h)) => (Some(u), h),
+                None => (None, authority),
+            };
+            let dec = |s: &str| {
+                String::from_utf8_lossy(&iron_policy::encoding::decode_mapped(s, false).bytes)
+                    .into_owned()
+            };
+            if let Some(u) = userinfo {
+                let (user, pass) = u.split_once(':').map_or((u, None), |(a, b)| (a, Some(b)));
+                kv.insert("user".into(), dec(user));
+                if let Some(p) = pass {
+                    kv.insert("password".into(), dec(p));
+                }
+            }
+            let hostport = hostport.split(',').next().unwrap_or("");
+            let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+                let (h, after) = h.split_once(']').ok_or("invalid IPv6 host in DSN")?;
+                (h.to_string(), after.strip_prefix(':').map(str::to_string))
+            } else {
+                match hostport.rsplit_once(':') {
+                    Some((h, p)) => (h.to_string(), Some(p.to_string())),
+                    None => (hostport.to_string(), None),
+                }
+            };
+            if !host.is_empty() {
+                kv.insert("host".into(), dec(&host));
+            }
+            if let Some(p) = port.filter(|p| !p.is_empty()) {
+                kv.insert("port".into(), p);
+            }
+            if !path.is_empty() {
+                kv.insert("dbname".into(), dec(path));
+            }
+            for pair in query.split('&').filter(|p| !p.is_empty()) {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                kv.insert(dec(k), dec(v));
+            }
+        } else {
+            let mut chars = text.chars().peekable();
+            loop {
+                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                    chars.next();
+                }
+                let mut key = String::new();
+                while let Some(&c) = chars.peek() {
+                    if c == '=' || c.is_whitespace() {
+                        break;
+                    }
+                    key.push(c);
+                    chars.next();
+                }
+                if key.is_empty() {
+                    break;
+                }
+                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                    chars.next();
+                }
+                if chars.next() != Some('=') {
+                    return Err(format!("DSN key {key} has no value"));
+                }
+                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                    chars.next();
+                }
+                let mut value = String::new();
+                if chars.peek() == Some(&'\'') {
+                    chars.next();
+                    loop {
+                        match chars.next() {
+                            Some('\\') => value.extend(chars.next()),
+                            Some('\'') => break,
+                            Some(c) => value.push(c),
+                            None => {
+                                return Err(format!("unterminated quote in DSN value of {key}"));
+                            }
+                        }
+                    }
+                } else {
+                    while let Some(&c) = chars.peek() {
+                        if c.is_whitespace() {
+                            break;
+                        }
+                        value.push(c);
+                        chars.next();
+                    }
+                }
+                kv.insert(key, value);
+            }
+        }
+        let user = kv
+            .remove("user")
+            .filter(|u| !u.is_empty())
+            .ok_or("DSN has no user")?;
+        let sslmode = match kv.get("sslmode").map(String::as_str) {
+            None | Some("prefer" | "allow") => SslMode::Prefer,
+            Some("disable") => SslMode::Disable,
+            Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
+            Some(other) => return Err(format!("unsupported sslmode {other}")),
+        };
+        let channel_binding_required = match kv.get("channel_binding").map(String::as_str) {
+            None | Some("prefer" | "disable") => false,
+            Some("require") => true,
+            Some(other) => return Err(format!("unsupported channel_binding {other}")),
+        };
+        let port = match kv.get("port") {
+            Some(p) => p.parse().map_err(|_| "invalid port in DSN".to_string())?,
+            None => 5432,
+        };
+        Ok(Self {
+            host: kv.remove("host").unwrap_or_else(|| "localhost".into()),
+            port,
+            dbname: kv.remove("dbname").unwrap_or_else(|| user.clone()),
+            password: kv
+                .remove("password")
+                .map(|p| SecretValue::new(p.into_bytes())),
+            user,
+            sslmode,
+            channel_binding_required,
+            require_auth: kv
+                .get("require_auth")
+                .map(|r| {
+                    r.split(',')
+                        .map(|s| s.trim().to_ascii_lowercase())
+                        .collect()
+                })
+                .unwrap_or_else(|| vec!["scram-sha-256".into()]),
+        })
+    }
+}
+
+/// The sandbox side of a `pg_dsn` secret: where it listens and the credentials it accepts.
+#[derive(Clone)]
+pub struct ClientSide {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// User the sandbox must log in as.
+    pub user: String,
+    /// The placeholder password.
+    pub password: SecretValue,
+}
+
+/// The sandbox side of `secret`: `listen`/`password` from the policy, else a loopback port
+/// and a random password chosen once and kept in `dir` (`pg-NAME.json`, mode 0600), so
+/// `env`, `serve` and `run` agree; the user from the policy, else the DSN's.
+///
+/// # Errors
+/// A message when the DSN cannot be read or parsed, or the state file cannot be written.
+pub fn client_side(
+    rt_sources: &iron_broker::SourceResolver,
+    secret: &Secret,
+    spec: &PgSpec,
+    dir: &Path,
+) -> Result<ClientSide, String> {
+    let state_path = dir.join(format!("pg-{}.json", secret.name));
+    let saved: serde_json::Value = std::fs::read(&state_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let mut port = saved["port"].as_u64().and_then(|p| u16::try_from(p).ok());
+    let mut password = saved["password"].as_str().map(str::to_string);
+    let mut dirty = false;
+    if spec.listen.is_none() && port.is_none() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| format!("cannot pick a port: {e}"))?;
+        port = l.local_addr().ok().map(|a| a.port());
+        dirty = true;
+    }
+    if spec.password.is_none() && password.is_none() {
+        let mut b = [0u8; 24];
+        let _ = crate::crypto_provider().secure_random.fill(&mut b);
+        password = Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b));
+        dirty = true;
+    }
+    if dirty {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let doc = serde_json::json!({"port": port, "password": password});
+        let tmp = dir.join(format!(".pg-{}.{}", secret.name, std::process::id()));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(doc.to_string().as_bytes()))
+            .and_then(|()| std::fs::rename(&tmp, &state_path))
+            .map_err(|e| format!("cannot write {}: {e}", state_path.display()))?;
+    }
+    let listen = spec
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], port.unwrap_or(0))));
+    let user = match &spec.user {
+        Some(u) => u.clone(),
+        None => {
+            let dsn = rt_sources
+                .resolve(&spec.source)
+                .map_err(|e| format!("secret {}: {e}", secret.name))?;
+            let text = String::from_utf8_lossy(dsn.expose()).into_owned();
+            Dsn::parse(&text)
+                .map_err(|e| format!("secret {}: {e}", secret.name))?
+                .user
+        }
+    };
+    let password = spec.password.clone().or(password).unwrap_or_default();
+    Ok(ClientSide {
+        listen,
+        user,
+        password: SecretValue::new(password.into_bytes()),
+    })
+}
+
+/// The sandbox DSN: `postgresql://USER:PASSWORD@HOST:PORT/DB`.
+pub fn sandbox_dsn(side: &ClientSide, spec: &PgSpec) -> String {
+    let enc = |s: &[u8]| iron_policy::encoding::encode_component(s);
+    format!(
+        "postgresql://{}:{}@{}/{}",
+        enc(side.user.as_bytes()),
+        enc(side.password.expose()),
+        side.listen,
+        enc(spec.database.as_bytes())
+    )
+}
+
+/// Upstream cancel targets by the relay's own (pid, key).
+type CancelMap = Arc<Mutex<HashMap<(i32, i32), (SocketAddr, i32, i32)>>>;
+
+/// A running relay.
+#[derive(Debug)]
+pub struct Relay {
+    /// Secret name.
+    pub name: String,
+    /// Listen address.
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts one relay per `pg_dsn` secret. Relays follow policy reloads for new sessions
+/// (DSN, role, settings); adding or removing a `pg_dsn` secret needs a restart.
+///
+/// # Errors
+/// A message when a sandbox side cannot be set up or a listener cannot bind.
+pub async fn start_all(rt: &Arc<Runtime>, state_dir: &Path) -> Result<Vec<Relay>, String> {
+    let policy = rt.policy();
+    let mut relays = Vec::new();
+    for secret in &policy.secrets {
+        let SecretKind::Pg(spec) = &secret.kind else {
+            continue;
+        };
+        let side = client_side(&rt.sources, secret, spec, state_dir)?;
+        let listener = TcpListener::bind(side.listen).await.map_err(|e| {
+            format!(
+                "secret {}: cannot listen on {}: {e}",
+                secret.name, side.listen
+            )
+        })?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let verifier = Arc::new(Verifier::new(side.password.expose()));
+        let cancels: CancelMap = Arc::new(Mutex::new(HashMap::new()));
+        let slots = Arc::new(Semaphore::new(spec.max_connections));
+        let name = secret.name.clone();
+        let rt2 = rt.clone();
+        let user = side.user.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, peer)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let (rt, name, user, verifier, cancels) = (
+                    rt2.clone(),
+                    name.clone(),
+                    user.clone(),
+                    verifier.clone(),
+                    cancels.clone(),
+                );
+                let permit = slots.clone().try_acquire_owned();
+                tokio::spawn(async move {
+                    let mut tcp = tcp;
+                    let Ok(_permit) = permit else {
+                        let _ =
+                            send_error(&mut tcp, "53300", "too many connections for this relay")
+                                .await;
+                        return;
+                    };
+                    session(rt, &name, &user, &verifier, &cancels, tcp, peer).await;
+                });
+            }
+        });
+        tracing::info!(secret = %secret.name, addr = %addr, "postgres relay listening");
+        relays.push(Relay {
+            name: secret.name.clone(),
+            addr,
+            task,
+        });
+    }
+    Ok(relays)
+}
+
+/// The SCRAM-SHA-256 verifier of the placeholder password.
+struct Verifier {
+    salt: [u8; 16],
+    stored_key: [u8; 32],
+    server_key: [u8; 32],
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut m = <HmacSha256 as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable_hmac());
+    m.update(data);
+    m.finalize().into_bytes().into()
+}
+
+fn unreachable_hmac() -> HmacSha256 {
+    // HMAC accepts keys of any length; this is never reached.
+    <HmacSha256 as KeyInit>::new_from_slice(b"k").unwrap_or_else(|_| std::process::abort())
+}
+
+impl Verifier {
+    fn new(password: &[u8]) -> Self {
+        let mut salt = [0u8; 16];
+        let _ = crate::crypto_provider().secure_random.fill(&mut salt);
+        // PBKDF2-HMAC-SHA256, one block (RFC 8018 §5.2).
+        let mut block = salt.to_vec();
+        block.extend_from_slice(&1u32.to_be_bytes());
+        let mut u = hmac(password, &block);
+        let mut salted = u;
+        for _ in 1..SCRAM_ITERATIONS {
+            u = hmac(password, &u);
+            for (s, x) in salted.iter_mut().zip(u.iter()) {
+                *s ^= x;
+            }
+        }
+        let client_key = hmac(&salted, b"Client Key");
+        Self {
+            salt,
+            stored_key: Sha256::digest(client_key).into(),
+            server_key: hmac(&salted, b"Server Key"),
+        }
+    }
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Why a session ended before relaying.
+struct Refusal {
+    sqlstate: &'static str,
+    message: String,
+    code: &'static str,
+}
+
+fn refuse(sqlstate: &'static str, code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        sqlstate,
+        message: message.into(),
+        code,
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+async fn session(
+    rt: Arc<Runtime>,
+    name: &str,
+    user: &str,
+    verifier: &Verifier,
+    cancels: &CancelMap,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) {
+    let mut rec = AuditRecord::new("pg", rt.next_request_id(), peer, "STARTUP");
+    rec.scheme = "postgres";
+    rec.host_class = "secret";
+    rec.secrets = vec![AppliedSecret {
+        name: name.to_string(),
+        location: "pg".into(),
+    }];
+    let setup = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&rt, name, user, verifier, cancels, tcp, &mut rec),
+    )
+    .await;
+    let (client, upstream, own_keys) = match setup {
+        Ok(Ok(Some(s))) => s,
+        Ok(Ok(None)) => return, // cancel request or client gone before a session
+        Ok(Err(())) => {
+            rec.outcome = "refused";
+            rec.stop_clock();
+            rt.emit(&rec);
+            return;
+        }
+        Err(_) => {
+            rec.outcome = "refused";
+            rec.error = Some("pg_handshake_timeout");
+            rec.stop_clock();
+            rt.emit(&rec);
+            return;
+        }
+    };
+    let idle = Duration::from_secs(24 * 3600);
+    let (up, down) = crate::io::relay(client, upstream, idle).await;
+    if let Ok(mut m) = cancels.lock() {
+        m.remove(&own_keys);
+    }
+    rec.status = 0;
+    rec.outcome = "closed";
+    rec.bytes_in = up;
+    rec.bytes_out = down;
+    rec.stop_clock();
+    rt.emit(&rec);
+}
+
+type Established = (Box<dyn Stream>, Box<dyn Stream>, (i32, i32));
+
+async fn handshake(
+    rt: &Arc<Runtime>,
+    name: &str,
+    user: &str,
+    verifier: &Verifier,
+    cancels: &CancelMap,
+    tcp: TcpStream,
+    rec: &mut AuditRecord,
+) -> Result<Option<Established>, ()> {
+    let policy = rt.policy();
+    let Some(SecretKind::Pg(spec)) = policy.secret(name).map(|s| s.kind.clone()) else {
+        return Err(());
+    };
+    let mut client: Box<dyn Stream> = Box::new(tcp);
+    // startup phase
+    let params = loop {
+        let Ok(packet) = read_startup(&mut client).await else {
+            return Ok(None);
+        };
+        if packet.len() < 4 {
+            return Ok(None);
+        }
+        let code = i32::from_be_bytes([packet[0], packet[1], packet[2], packet[3]]);
+        match code {
+            80_877_103 => {
+                // SSLRequest
+                if spec.client_tls {
+                    if client.write_all(b"S").await.is_err() {
+                        return Ok(None);
+                    }
+                    let host = rec.host.clone();
+                    let leaf_host = if host.is_empty() {
+                        "127.0.0.1".to_string()
+                    } else {
+                        host
+                    };
+                    let Ok(config) = rt.leaves.server_config(&leaf_host) else {
+                        return Err(());
+                    };
+                    let Ok(tls) = tokio_rustls::TlsAcceptor::from(config).accept(client).await
+                    else {
+                        return Ok(None);
+                    };
+                    client = Box::new(tls);
+                } else if client.write_all(b"N").await.is_err() {
+                    return Ok(None);
+                }
+            }
+            80_877_104 => {
+                // GSSENCRequest
+                if client.write_all(b"N").await.is_err() {
+                    return Ok(None);
+                }
+            }
+            80_877_102 if packet.len() >= 12 => {
+                // CancelRequest: forward with the real keys, if known.
+                let pid = i32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+                let key = i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
+                let target = cancels
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&(pid, key)).copied());
+                if let Some((addr, rpid, rkey)) = target
+                    && let Ok(mut up) = TcpStream::connect(addr).await
+                {
+                    let mut buf = BytesMut::new();
+                    postgres_protocol::message::frontend::cancel_request(rpid, rkey, &mut buf);
+                    let _ = up.write_all(&buf).await;
+                }
+                return Ok(None);
+            }
+            196_608 => break parse_params(&packet[4..]),
+            _ => {
+                let _ = send_error(&mut client, "0A000", "unsupported frontend protocol").await;
+                return Ok(None);
+            }
+        }
+    };
+    let got_user = params.get("user").cloned().unwrap_or_default();
+    let got_db = params
+        .get("database")
+        .cloned()
+        .unwrap_or_else(|| got_user.clone());
+    rec.path = format!("/{got_db}");
+    if params.contains_key("options") || params.contains_key("replication") {
+        fail(
+            &mut client,
+            refuse(
+                "0A000",
+                "pg_refused_parameter",
+                "startup parameters options and replication are not allowed through the relay",
+            ),
+            rec,
+        )
+        .await;
+        return Err(());
+    }
+    if !ct_eq(got_user.as_bytes(), user.as_bytes()) {
+        fail(
+            &mut client,
+            refuse(
+                "28000",
+                "pg_unknown_user",
+                format!("role \"{got_user}\" is not allowed through this relay"),
+            ),
+            rec,
+        )
+        .await;
+        return Err(());
+    }
+    if got_db != spec.database {
+        fail(
+            &mut client,
+            refuse(
+                "3D000",
+                "pg_unknown_database",
+                format!("database \"{got_db}\" is not served by this relay"),
+            ),
+            rec,
+        )
+        .await;
+        return Err(());
+    }
+    if let Err(r) = scram_server(&mut client, verifier).await {
+        fail(&mut client, r, rec).await;
+        return Err(());
+    }
+    // upstream login
+    let dsn = match rt
+        .sources
+        .resolve(&spec.source)
+        .map_err(|e| e.to_string())
+        .and_then(|v| Dsn::parse(&String::from_utf8_lossy(v.expose())))
+    {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(secret = %name, error = %e, "upstream DSN unavailable");
+            fail(
+                &mut client,
+                refuse(
+                    "08006",
+                    "credential_unavailable",
+                    "the upstream DSN is unavailable",
+                ),
+                rec,
+            )
+            .await;
+            return Err(());
+        }
+    };
+    rec.host.clone_from(&dsn.host);
+    rec.port = dsn.port;
+    if dsn.dbname != spec.database {
+        fail(
+            &mut client,
+            refuse(
+                "3D000",
+                "pg_dsn_database_mismatch",
+                "the relay's database does not match its DSN",
+            ),
+            rec,
+        )
+        .await;
+        return Err(());
+    }
+    let forwarded: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| ALLOWED_PARAMS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let (upstream, statuses, real_keys, addr) =
+        match login_upstream(rt, &dsn, &forwarded, &spec).await {
+            Ok(x) => x,
+            Err(r) => {
+                tracing::warn!(secret = %name, code = r.code, "upstream login failed");
+                fail(&mut client, r, rec).await;
+                return Err(());
+            }
+        };
+    // Tell the client it is in.
+    let mut own = [0u8; 8];
+    let _ = crate::crypto_provider().secure_random.fill(&mut own);
+    let own_keys = (
+        i32::from_be_bytes([own[0] & 0x7f, own[1], own[2], own[3]]),
+        i32::from_be_bytes([own[4], own[5], own[6], own[7]]),
+    );
+    if let Ok(mut m) = cancels.lock() {
+        m.insert(own_keys, (addr, real_keys.0, real_keys.1));
+    }
+    let mut out = BytesMut::new();
+    auth_message(&mut out, 0, &[]);
+    for (k, v) in &statuses {
+        let mut body = Vec::new();
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+        message(&mut out, b'S', &body);
+    }
+    let mut kd = Vec::new();
+    kd.extend_from_slice(&own_keys.0.to_be_bytes());
+    kd.extend_from_slice(&own_keys.1.to_be_bytes());
+    message(&mut out, b'K', &kd);
+    message(&mut out, b'Z', b"I");
+    if client.write_all(&out).await.is_err() {
+        return Ok(None);
+    }
+    rec.status = 0;
+    Ok(Some((client, upstream, own_keys)))
+}
+
+async fn fail(client: &mut Box<dyn Stream>, r: Refusal, rec: &mut AuditRecord) {
+    rec.error = Some(r.code);
+    let _ = send_error(client, r.sqlstate, &r.message).await;
+}
+
+async fn read_startup(s: &mut Box<dyn Stream>) -> std::io::Result<Vec<u8>> {
+    let len = s.read_i32().await?;
+    let len = usize::try_from(len).unwrap_or(0);
+    if !(8..=MAX_STARTUP).contains(&len) {
+        return Err(std::io::Error::other("startup packet length out of range"));
+    }
+    let mut buf = vec![0u8; len - 4];
+    s.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+fn parse_params(body: &[u8]) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let mut parts = body.split(|b| *b == 0);
+    while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+        if k.is_empty() {
+            break;
+        }
+        out.insert(
+            String::from_utf8_lossy(k).into_owned(),
+            String::from_utf8_lossy(v).into_owned(),
+        );
+    }
+    out
+}
+
+/// Reads one tagged message (tag, body), refusing bodies over `cap` bytes.
+async fn read_message(s: &mut Box<dyn Stream>, cap: usize) -> std::io::Result<(u8, Vec<u8>)> {
+    let tag = s.read_u8().await?;
+    let len = usize::try_from(s.read_i32().await?).unwrap_or(0);
+    if !(4..=cap + 4).contains(&len) {
+        return Err(std::io::Error::other("message length out of range"));
+    }
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).await?;
+    Ok((tag, body))
+}
+
+fn message(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.put_u8(tag);
+    out.put_i32(i32::try_from(body.len() + 4).unwrap_or(i32::MAX));
+    out.put_slice(body);
+}
+
+fn auth_message(out: &mut BytesMut, code: i32, data: &[u8]) {
+    let mut body = code.to_be_bytes().to_vec();
+    body.extend_from_slice(data);
+    message(out, b'R', &body);
+}
+
+async fn send_error<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    sqlstate: &str,
+    msg: &str,
+) -> std::io::Result<()> {
+    let mut body = Vec::new();
+    for (t, v) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', sqlstate),
+        (b'M', msg),
+    ] {
+        body.push(t);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = BytesMut::new();
+    message(&mut out, b'E', &body);
+    w.write_all(&out).await?;
+    w.flush().await
+}
+
+/// Server side of SCRAM-SHA-256 (RFC 5802 §5, RFC 7677), without channel binding.
+async fn scram_server(client: &mut Box<dyn Stream>, v: &Verifier) -> Result<(), Refusal> {
+    let proto = || refuse("08P01", "pg_protocol_error", "invalid SASL exchange");
+    let bad_password = || refuse("28P01", "pg_auth_failed", "password authentication failed");
+    let mut out = BytesMut::new();
+    auth_message(&mut out, 10, b"SCRAM-SHA-256\0\0");
+    client.write_all(&out).await.map_err(|_| proto())?;
+    let (tag, body) = read_message(client, MAX_AUTH_MESSAGE)
+        .await
+        .map_err(|_| proto())?;
+    if tag != b'p' {
+        return Err(proto());
+    }
+    let nul = body.iter().position(|b| *b == 0).ok_or_else(proto)?;
+    if &body[..nul] != b"SCRAM-SHA-256" || body.len() < nul + 5 {
+        return Err(proto());
+    }
+    let first = std::str::from_utf8(&body[nul + 5..]).map_err(|_| proto())?;
+    // gs2-header: "n,," or "y,," (no channel binding); "p=" would need -PLUS, not offered.
+    let (gs2, bare) = if let Some(b) = first.strip_prefix("n,,") {
+        ("n,,", b)
+    } else if let Some(b) = first.strip_prefix("y,,") {
+        ("y,,", b)
+    } else {
+        return Err(proto());
+    };
+    let cnonce = bare
+        .split(',')
+        .find_map(|a| a.strip_prefix("r="))
+        .ok_or_else(proto)?;
+    let mut sn = [0u8; 18];
+    let _ = crate::crypto_provider().secure_random.fill(&mut sn);
+    let nonce = format!("{cnonce}{}", B64.encode(sn));
+    let server_first = format!("r={nonce},s={},i={SCRAM_ITERATIONS}", B64.encode(v.salt));
+    let mut out = BytesMut::new();
+    auth_message(&mut out, 11, server_first.as_bytes());
+    client.write_all(&out).await.map_err(|_| proto())?;
+    let (tag, body) = read_message(client, MAX_AUTH_MESSAGE)
+        .await
+        .map_err(|_| proto())?;
+    if tag != b'p' {
+        return Err(proto());
+    }
+    let fin = std::str::from_utf8(&body).map_err(|_| proto())?;
+    let (without_proof, proof) = fin.rsplit_once(",p=").ok_or_else(proto)?;
+    let cb = without_proof
+        .split(',')
+        .find_map(|a| a.strip_prefix("c="))
+        .ok_or_else(proto)?;
+    let r = without_proof
+        .split(',')
+        .find_map(|a| a.strip_prefix("r="))
+        .ok_or_else(proto)?;
+    if B64.decode(cb).ok().as_deref() != Some(gs2.as_bytes()) || r != nonce {
+        return Err(proto());
+    }
+    let proof = B64.decode(proof).map_err(|_| proto())?;
+    let auth = format!("{bare},{server_first},{without_proof}");
+    let sig = hmac(&v.stored_key, auth.as_bytes());
+    if proof.len() != 32 {
+        return Err(bad_password());
+    }
+    let client_key: Vec<u8> = proof.iter().zip(sig.iter()).map(|(a, b)| a ^ b).collect();
+    let stored: [u8; 32] = Sha256::digest(&client_key).into();
+    if !ct_eq(&stored, &v.stored_key) {
+        return Err(bad_password());
+    }
+    let server_sig = hmac(&v.server_key, auth.as_bytes());
+    let mut out = BytesMut::new();
+    auth_message(
+        &mut out,
+        12,
+        format!("v={}", B64.encode(server_sig)).as_bytes(),
+    );
+    client.write_all(&out).await.map_err(|_| proto())?;
+    Ok(())
+}
+
+type Upstream = (
+    Box<dyn Stream>,
+    Vec<(String, String)>,
+    (i32, i32),
+    SocketAddr,
+);
+
+/// Logs in to the upstream with the real DSN; returns the stream after `ReadyForQuery`,
+/// the server's ParameterStatus values, its BackendKeyData and the address dialled.
+async fn login_upstream(
+    rt: &Arc<Runtime>,
+    dsn: &Dsn,
+    params: &[(String, String)],
+    spec: &PgSpec,
+) -> Result<Upstream, Refusal> {
+    let unreachable = |m: String| refuse("08006", "pg_upstream_unreachable", m);
+    let policy = rt.policy();
+    let host = iron_policy::normalize_host(&dsn.host)
+        .ok_or_else(|| unreachable("invalid upstream host".into()))?;
+    let addrs = crate::upstream::resolve_checked(&policy, &host, dsn.port)
+        .await
+        .map_err(|e| match e {
+            crate::upstream::DialError::Denied { .. } => refuse(
+                "08006",
+                "destination_address_denied",
+                "the upstream address is in a denied range",
+            ),
+            crate::upstream::DialError::Resolve { .. } => {
+                unreachable("the upstream host does not resolve".into())
+            }
+        })?;
+    let timeout = policy.proxy.limits.upstream_connect_timeout;
+    let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(&addrs[..]))
+        .await
+        .map_err(|_| unreachable("connecting to the upstream timed out".into()))?
+        .map_err(|_| unreachable("could not connect to the upstream".into()))?;
+    let addr = tcp
+        .peer_addr()
+        .map_err(|_| unreachable("upstream connection failed".into()))?;
+    let _ = tcp.set_nodelay(true);
+    let mut tls_cert_hash: Option<Vec<u8>> = None;
+    let mut stream: Box<dyn Stream> = if dsn.sslmode == SslMode::Disable {
+        Box::new(tcp)
+    } else {
+        let mut buf = BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut buf);
+        tcp.write_all(&buf)
+            .await
+            .map_err(|_| unreachable("upstream connection failed".into()))?;
+        let answer = tcp
+            .read_u8()
+            .await
+            .map_err(|_| unreachable("upstream connection failed".into()))?;
+        match (answer, dsn.sslmode) {
+            (b'S', _) => {
+                let config = crate::upstream::client_tls_config(&policy, crate::crypto_provider())
+                    .map_err(unreachable)?;
+                let name = rustls_pki_types::ServerName::try_from(host.clone())
+                    .map_err(|_| unreachable("invalid upstream host".into()))?;
+                let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|_| {
+                        refuse(
+                            "08006",
+                            "upstream_tls_error",
+                            "upstream TLS verification failed",
+                        )
+                    })?;
+                tls_cert_hash = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| Sha256::digest(c.as_ref()).to_vec());
+                Box::new(tls)
+            }
+            (_, SslMode::Prefer) => Box::new(tcp),
+            _ => {
+                return Err(refuse(
+                    "08006",
+                    "upstream_tls_error",
+                    "the upstream does not offer TLS but the DSN requires it",
+                ));
+            }
+        }
+    };
+    let mut startup: Vec<(&str, &str)> = vec![("user", &dsn.user), ("database", &dsn.dbname)];
+    for (k, v) in params {
+        if !spec.settings.iter().any(|(s, _)| s.eq_ignore_ascii_case(k)) {
+            startup.push((k, v));
+        }
+    }
+    let mut buf = BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(startup.iter().copied(), &mut buf)
+        .map_err(|_| unreachable("bad startup".into()))?;
+    stream
+        .write_all(&buf)
+        .await
+        .map_err(|_| unreachable("upstream connection failed".into()))?;
+    let password = dsn
+        .password
+        .clone()
+        .unwrap_or_else(|| SecretValue::new(Vec::new()));
+    let auth_failed = || {
+        refuse(
+            "08006",
+            "pg_upstream_auth_failed",
+            "the relay could not log in to the upstream",
+        )
+    };
+    let allows = |m: &str| dsn.require_auth.iter().any(|a| a == m);
+    let mut scram: Option<postgres_protocol::authentication::sasl::ScramSha256> = None;
+    let mut statuses = Vec::new();
+    let mut keys = (0, 0);
+    loop {
+        let (tag, body) = read_message(&mut stream, 1024 * 1024)
+            .await
+            .map_err(|_| unreachable("the upstream closed the connection".into()))?;
+        match tag {
+            b'R' if body.len() >= 4 => {
+                let code = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                let data = &body[4..];
+                let mut out = BytesMut::new();
+                match code {
+                    0 => {}
+                    3 if allows("password") => {
+                        postgres_protocol::message::frontend::password_message(
+                            password.expose(),
+                            &mut out,
+                        )
+                        .map_err(|_| auth_failed())?;
+                    }
+                    5 if allows("md5") && data.len() >= 4 => {
+                        let salt = [data[0], data[1], data[2], data[3]];
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            dsn.user.as_bytes(),
+                            password.expose(),
+                            salt,
+                        );
+                        postgres_protocol::message::frontend::password_message(
+                            hash.as_bytes(),
+                            &mut out,
+                        )
+                        .map_err(|_| auth_failed())?;
+                    }
+                    10 if allows("scram-sha-256") => {
+                        let mechs: Vec<&[u8]> =
+                            data.split(|b| *b == 0).filter(|m| !m.is_empty()).collect();
+                        use postgres_protocol::authentication::sasl::{
+                            ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256,
+                        };
+                        let (mech, cb) = match &tls_cert_hash {
+                            Some(h) if mechs.contains(&SCRAM_SHA_256_PLUS.as_bytes()) => (
+                                SCRAM_SHA_256_PLUS,
+                                ChannelBinding::tls_server_end_point(h.clone()),
+                            ),
+                            Some(_) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                            None => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        };
+                        if !mechs.contains(&mech.as_bytes())
+                            || (dsn.channel_binding_required && mech != SCRAM_SHA_256_PLUS)
+                        {
+                            return Err(auth_failed());
+                        }
+                        let s = ScramSha256::new(password.expose(), cb);
+                        postgres_protocol::message::frontend::sasl_initial_response(
+                            mech,
+                            s.message(),
+                            &mut out,
+                        )
+                        .map_err(|_| auth_failed())?;
+                        scram = Some(s);
+                    }
+                    11 => {
+                        let s = scram.as_mut().ok_or_else(auth_failed)?;
+                        s.update(data).map_err(|_| auth_failed())?;
+                        postgres_protocol::message::frontend::sasl_response(s.message(), &mut out)
+                            .map_err(|_| auth_failed())?;
+                    }
+                    12 => {
+                        scram
+                            .as_mut()
+                            .ok_or_else(auth_failed)?
+                            .finish(data)
+                            .map_err(|_| auth_failed())?;
+                    }
+                    _ => {
+                        return Err(refuse(
+                            "08006",
+                            "pg_upstream_auth_refused",
+                            "the upstream asked for an authentication method the DSN does not allow",
+                        ));
+                    }
+                }
+                if !out.is_empty() {
+                    stream.write_all(&out).await.map_err(|_| auth_failed())?;
+                }
+            }
+            b'S' => statuses.extend(parameter_status(&body)),
+            b'K' if body.len() >= 8 => {
+                keys = (
+                    i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                    i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+                );
+            }
+            b'Z' => break,
+            b'E' => {
+                let (code, msg) = error_fields(&body);
+                tracing::warn!(sqlstate = %code, message = %msg, "upstream refused the login");
+                return Err(refuse(
+                    "08006",
+                    "pg_upstream_auth_failed",
+                    "the relay could not log in to the upstream",
+                ));
+            }
+            _ => {}
+        }
+    }
+    // role and settings, applied after login
+    let mut sql = String::new();
+    for (k, v) in &spec.settings {
+        sql.push_str(&format!(
+            "SELECT pg_catalog.set_config({}, {}, false);",
+            literal(k),
+            literal(v)
+        ));
+    }
+    if let Some(role) = &spec.role {
+        sql.push_str(&format!("SET ROLE {};", ident(role)));
+    }
+    if !sql.is_empty() {
+        let mut buf = BytesMut::new();
+        postgres_protocol::message::frontend::query(&sql, &mut buf).map_err(|_| auth_failed())?;
+        stream.write_all(&buf).await.map_err(|_| auth_failed())?;
+        loop {
+            let (tag, body) = read_message(&mut stream, 1024 * 1024)
+                .await
+                .map_err(|_| auth_failed())?;
+            match tag {
+                b'E' => {
+                    let (code, msg) = error_fields(&body);
+                    tracing::warn!(sqlstate = %code, message = %msg, "applying role/settings failed");
+                    return Err(refuse(
+                        "42501",
+                        "pg_settings_failed",
+                        "the relay could not apply its role or settings",
+                    ));
+                }
+                b'S' => {
+                    if let Some((k, v)) = parameter_status(&body) {
+                        statuses.retain(|(n, _)| *n != k);
+                        statuses.push((k, v));
+                    }
+                }
+                b'Z' => break,
+                _ => {}
+            }
+        }
+    }
+    Ok((stream, statuses, keys, addr))
+}
+
+/// The (name, value) of a ParameterStatus ('S') message body.
+fn parameter_status(body: &[u8]) -> Option<(String, String)> {
+    let mut parts = body.split(|b| *b == 0);
+    let (k, v) = (parts.next()?, parts.next()?);
+    Some((
+        String::from_utf8_lossy(k).into_owned(),
+        String::from_utf8_lossy(v).into_owned(),
+    ))
+}
+
+fn error_fields(body: &[u8]) -> (String, String) {
+    let (mut code, mut msg) = (String::new(), String::new());
+    for f in body.split(|b| *b == 0) {
+        match f.first() {
+            Some(b'C') => code = String::from_utf8_lossy(&f[1..]).into_owned(),
+            Some(b'M') => msg = String::from_utf8_lossy(&f[1..]).into_owned(),
+            _ => {}
+        }
+    }
+    (code, msg)
+}
+
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dsn_forms() {
+        let d = Dsn::parse("postgresql://app%40x:p%2Fw@db.example.com:6543/appdb?sslmode=verify-full&require_auth=scram-sha-256,md5").unwrap();
+        assert_eq!(
+            (d.host.as_str(), d.port, d.user.as_str(), d.dbname.as_str()),
+            ("db.example.com", 6543, "app@x", "appdb")
+        );
+        assert_eq!(d.password.unwrap().expose(), b"p/w");
+        assert_eq!(d.sslmode, SslMode::Require);
+        assert_eq!(d.require_auth, vec!["scram-sha-256", "md5"]);
+        let d = Dsn::parse(
+            "host=127.0.0.1 port=5433 user=app password='it''s \\'x\\'' dbname=app sslmode=disable",
+        )
+        .unwrap();
+        assert_eq!(
+            (d.host.as_str(), d.port, d.dbname.as_str()),
+            ("127.0.0.1", 5433, "app")
+        );
+        assert_eq!(d.sslmode, SslMode::Disable);
+        assert!(format!("{d:?}").contains("[redacted]"));
+        assert!(Dsn::parse("host=x").is_err());
+    }
+}

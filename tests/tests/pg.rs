@@ -1,0 +1,325 @@
+//! End-to-end: the Postgres relay against a real PostgreSQL 15 cluster (SCRAM auth), with
+//! psql and tokio-postgres as clients.
+
+#![allow(clippy::expect_used)] // setup helpers: a failed step is a failed test
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use iron_policy::Policy;
+use iron_proxy::{MemoryAudit, Runtime};
+use iron_tests::pgcluster::PgCluster;
+
+const APP_PASSWORD: &str = "app_REALpassword_77";
+
+struct Relay {
+    _dir: tempfile::TempDir,
+    dsn: String,
+    ca: std::path::PathBuf,
+    audit: Arc<MemoryAudit>,
+    _relays: Vec<iron_proxy::pg::Relay>,
+}
+
+fn cluster() -> Option<PgCluster> {
+    let c = PgCluster::start()?;
+    c.psql(&format!("create role app login password '{APP_PASSWORD}'"))
+        .expect("role");
+    c.psql("create database app owner app").expect("db");
+    Some(c)
+}
+
+async fn relay(c: &PgCluster, extra: &str, upstream_port: u16) -> Relay {
+    let _ = c;
+    let real =
+        format!("postgresql://app:{APP_PASSWORD}@127.0.0.1:{upstream_port}/app?sslmode=disable");
+    relay_with(extra, "", None, &real).await
+}
+
+/// A relay for `real_dsn`; `proxy_extra` is added to `[proxy]`, `upstream_ca` (PEM) is
+/// written as `upstream-ca.pem` next to the policy.
+async fn relay_with(
+    extra: &str,
+    proxy_extra: &str,
+    upstream_ca: Option<&str>,
+    real_dsn: &str,
+) -> Relay {
+    let dir = tempfile::tempdir().expect("tmp");
+    if let Some(pem) = upstream_ca {
+        std::fs::write(dir.path().join("upstream-ca.pem"), pem).expect("upstream ca");
+    }
+    let policy_path = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy_path,
+        format!(
+            "version = 1\n[proxy]\nlisten = \"127.0.0.1:0\"\nallow_cidrs = [\"127.0.0.1/32\"]\n{proxy_extra}\n\n[[secrets]]\nname = \"DATABASE_URL\"\ntype = \"pg_dsn\"\ndatabase = \"app\"\nsource = {{ env = \"REAL_DATABASE_URL\" }}\n{extra}\n"
+        ),
+    )
+    .expect("policy");
+    let env: HashMap<String, String> =
+        [("REAL_DATABASE_URL".to_string(), real_dsn.to_string())].into();
+    let policy = Arc::new(Policy::load(&policy_path).expect("policy"));
+    let state = dir.path().join("state");
+    let ca = iron_proxy::state::load_ca(&policy, &state).expect("ca");
+    let audit = Arc::new(MemoryAudit::default());
+    let rt = Runtime::new(policy.clone(), ca.ca.clone(), Arc::new(env), audit.clone()).expect("rt");
+    let relays = iron_proxy::pg::start_all(&rt, &state)
+        .await
+        .expect("relays");
+    let penv = iron_proxy::sandbox::pg_env(&policy, &rt.sources, &state, &ca).expect("pg env");
+    let dsn = penv
+        .iter()
+        .find(|(k, _)| k == "DATABASE_URL")
+        .expect("DATABASE_URL")
+        .1
+        .clone();
+    Relay {
+        _dir: dir,
+        dsn,
+        ca: ca.cert.clone(),
+        audit,
+        _relays: relays,
+    }
+}
+
+fn psql(dsn: &str, sql: &str) -> (bool, String, String) {
+    let out = std::process::Command::new("psql")
+        .arg(dsn)
+        .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_and_tokio_postgres_through_the_relay() {
+    let Some(c) = cluster() else {
+        return eprintln!("postgres not installed; skipped");
+    };
+    let r = relay(&c, "settings = { \"app.tenant\" = \"t-42\" }", c.port).await;
+    assert!(!r.dsn.contains(APP_PASSWORD));
+    // psql (sslmode=prefer by default: TLS to the relay with the proxy's leaf).
+    let (ok, out, err) = psql(
+        &r.dsn,
+        "select current_user, current_setting('app.tenant'), ssl from pg_stat_ssl where pid = pg_backend_pid()",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        out, "app|t-42|f",
+        "upstream leg is plain (sslmode=disable in the DSN)"
+    );
+    // verify-full against the relay with the proxy CA.
+    let (ok, out, err) = psql(
+        &format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            r.dsn,
+            r.ca.display()
+        ),
+        "select 1",
+    );
+    assert!(ok && out == "1", "{err}");
+    // The placeholder does not work against the upstream directly.
+    let placeholder = r
+        .dsn
+        .split(':')
+        .nth(2)
+        .and_then(|s| s.split('@').next())
+        .expect("password")
+        .to_string();
+    let direct = format!(
+        "postgresql://app:{placeholder}@127.0.0.1:{}/app?sslmode=disable",
+        c.port
+    );
+    let (ok, _, err) = psql(&direct, "select 1");
+    assert!(
+        !ok && err.contains("password authentication failed"),
+        "{err}"
+    );
+
+    // tokio-postgres: extended protocol, transactions, COPY, a 100 MB result.
+    let client = connect(&r.dsn).await.expect("connect");
+    let row = client
+        .query_one("select $1::int + 1, $2::text", &[&41i32, &"x"])
+        .await
+        .expect("query");
+    assert_eq!(row.get::<_, i32>(0), 42);
+    client
+        .batch_execute("create table t (id int, v text)")
+        .await
+        .expect("create");
+    let mut tx_client = connect(&r.dsn).await.expect("connect");
+    let tx = tx_client.transaction().await.expect("tx");
+    tx.execute("insert into t values (1, 'rolled back')", &[])
+        .await
+        .expect("insert");
+    tx.rollback().await.expect("rollback");
+    use futures_util::SinkExt as _;
+    let sink = client.copy_in("copy t from stdin").await.expect("copy in");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"2\ttwo\n3\tthree\n"))
+        .await
+        .expect("send");
+    assert_eq!(sink.finish().await.expect("finish"), 2);
+    use futures_util::StreamExt as _;
+    let out = client
+        .copy_out("copy (select * from t order by id) to stdout")
+        .await
+        .expect("copy out");
+    let chunks: Vec<_> = out.collect().await;
+    let text: Vec<u8> = chunks
+        .into_iter()
+        .flat_map(|c| c.expect("chunk").to_vec())
+        .collect();
+    assert_eq!(text, b"2\ttwo\n3\tthree\n");
+    let rows = client
+        .query(
+            "select repeat('x', 1000) from generate_series(1, 100000)",
+            &[],
+        )
+        .await
+        .expect("large result");
+    assert_eq!(rows.len(), 100_000);
+    drop(client);
+    drop(tx_client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit = r.audit.records();
+    let big = audit.iter().map(|a| a.bytes_out).max().unwrap_or(0);
+    assert!(big > 100_000_000, "audit bytes_out {big}");
+    assert!(audit.iter().all(|a| a.kind == "pg"));
+    let all = serde_json::to_string(&audit).expect("json");
+    assert!(!all.contains(APP_PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_cancel_upstream_down_and_concurrency() {
+    let Some(c) = cluster() else { return };
+    let r = relay(&c, "", c.port).await;
+    let code = |e: tokio_postgres::Error| {
+        e.code()
+            .map(|c| c.code().to_string())
+            .unwrap_or_else(|| e.to_string())
+    };
+    let bad_pw = r
+        .dsn
+        .replacen("postgresql://app:", "postgresql://app:wrong", 1);
+    assert_eq!(
+        connect(&bad_pw).await.err().map(code).as_deref(),
+        Some("28P01")
+    );
+    let bad_user = r
+        .dsn
+        .replacen("postgresql://app:", "postgresql://mallory:", 1);
+    assert_eq!(
+        connect(&bad_user).await.err().map(code).as_deref(),
+        Some("28000")
+    );
+    let bad_db = format!("{}other", r.dsn.trim_end_matches("app"));
+    assert_eq!(
+        connect(&bad_db).await.err().map(code).as_deref(),
+        Some("3D000")
+    );
+    let opts = format!("{}?options=-crole%3Dpostgres", r.dsn);
+    assert_eq!(
+        connect(&opts).await.err().map(code).as_deref(),
+        Some("0A000")
+    );
+
+    // Cancel of pg_sleep returns within a second.
+    let client = connect(&r.dsn).await.expect("connect");
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel");
+    let res = tokio::time::timeout(Duration::from_secs(5), sleeper)
+        .await
+        .expect("returned")
+        .expect("join");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(res.err().map(code).as_deref(), Some("57014"));
+
+    // 50 concurrent sessions.
+    let mut tasks = Vec::new();
+    for i in 0..50i32 {
+        let dsn = r.dsn.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&dsn).await.expect("connect");
+            let row = c
+                .query_one("select $1::int * 2", &[&i])
+                .await
+                .expect("query");
+            row.get::<_, i32>(0)
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.expect("join"), i32::try_from(i).expect("i") * 2);
+    }
+
+    // The upstream down: a clean 08006, not a hang.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead_port = dead.local_addr().expect("addr").port();
+    drop(dead);
+    let r2 = relay(&c, "", dead_port).await;
+    let started = Instant::now();
+    assert_eq!(
+        connect(&r2.dsn).await.err().map(code).as_deref(),
+        Some("08006")
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_tls_verify_full_with_channel_binding() {
+    let Some((c, ca_pem)) = PgCluster::start_tls() else {
+        return;
+    };
+    c.psql(&format!("create role app login password '{APP_PASSWORD}'"))
+        .expect("role");
+    c.psql("create database app owner app").expect("db");
+    // verify-full with the test CA as upstream_ca: the upstream leg is TLS, SCRAM with
+    // channel binding (SCRAM-SHA-256-PLUS) is chosen.
+    let real = format!(
+        "postgresql://app:{APP_PASSWORD}@127.0.0.1:{}/app?sslmode=verify-full&channel_binding=require",
+        c.port
+    );
+    let r = relay_with(
+        "",
+        "upstream_ca = [\"upstream-ca.pem\"]",
+        Some(&ca_pem),
+        &real,
+    )
+    .await;
+    let (ok, out, err) = psql(
+        &format!("{}?sslmode=disable", r.dsn),
+        "select ssl, current_user from pg_stat_ssl where pid = pg_backend_pid()",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out, "t|app", "the upstream leg is TLS");
+
+    // Without the test CA the upstream certificate does not verify: a clean 08006 error.
+    let r2 = relay_with("", "", None, &real).await;
+    let (ok, _, err) = psql(&format!("{}?sslmode=disable", r2.dsn), "select 1");
+    assert!(!ok, "connected without a verifiable upstream certificate");
+    assert!(!err.contains(APP_PASSWORD), "{err}");
+    assert!(err.contains("upstream"), "{err}");
+    let audit = serde_json::to_string(&r2.audit.records()).expect("json");
+    assert!(!audit.contains(APP_PASSWORD));
+}
