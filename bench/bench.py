@@ -139,12 +139,158 @@ def oha(url, extra, method, duration, proxy=None, cacert=None, body_file=None, h
     return {"rps": ok / duration, "ok": ok, "non2xx": total - ok, "errors": r.get("errorDistribution", {})}
 
 
+PG_BIN = "/usr/lib/postgresql/15/bin"
+PG_PASSWORD = "bench_REAL_pg_pw_1"
+
+
+def as_postgres(*args):
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else list(args)
+
+
+def wait_port(port, what, log):
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{what} did not start; see {log}")
+
+
+def pgbench(dsn, duration, clients):
+    env = dict(os.environ)
+    env.pop("PGPASSWORD", None)
+    out = subprocess.run(["pgbench", "-n", "-S", "-T", str(duration), "-c", str(clients), "-j", "2", dsn],
+                         capture_output=True, text=True, env=env)
+    r = {"tps": 0.0, "latency_ms": None, "failed": None, "exit": out.returncode}
+    for line in out.stdout.splitlines():
+        if line.startswith("tps ="):
+            r["tps"] = float(line.split()[2])
+        elif line.startswith("latency average ="):
+            r["latency_ms"] = float(line.split()[3])
+        elif line.startswith("number of failed transactions:"):
+            r["failed"] = int(line.split(":")[1].split()[0])
+    if out.returncode != 0:
+        r["error"] = (out.stderr.strip() or out.stdout.strip())[-300:]
+    return r
+
+
+def pg_bench(a):
+    """pgbench -S direct, through the iron-proxy relay, and through pgbouncer (if installed)."""
+    if not os.path.exists(f"{PG_BIN}/initdb") or not shutil.which("pgbench"):
+        print("postgresql-15 / pgbench not installed: Postgres bench skipped", file=sys.stderr)
+        return None
+    d = tempfile.mkdtemp(prefix="iron-pgbench-")
+    os.chmod(d, 0o755)
+    with open(f"{d}/pw", "w") as f:
+        f.write(PG_PASSWORD)
+    subprocess.run(["chown", "-R", "postgres:postgres", d])
+    sh(*as_postgres(f"{PG_BIN}/initdb", "-D", f"{d}/data", "-U", "app", "--auth=scram-sha-256",
+                    f"--pwfile={d}/pw", "--no-sync"))
+    pg_port, relay_port, proxy_port, bouncer_port = free_port(), free_port(), free_port(), free_port()
+    pg = subprocess.Popen(as_postgres(f"{PG_BIN}/postgres", "-D", f"{d}/data", "-p", str(pg_port), "-k", d,
+                                      "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=100"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = [pg]
+    try:
+        wait_port(pg_port, "postgres", d)
+        time.sleep(0.5)
+        direct = f"postgresql://app:{PG_PASSWORD}@127.0.0.1:{pg_port}/app?sslmode=disable"
+        sh(*as_postgres(f"{PG_BIN}/createdb", "-h", "127.0.0.1", "-p", str(pg_port), "-U", "app", "app"),
+           env=dict(os.environ, PGPASSWORD=PG_PASSWORD))
+        sh("pgbench", "-i", "-q", "-s", "10", direct)
+        policy = f"""version = 1
+[proxy]
+listen = "127.0.0.1:{proxy_port}"
+allow_cidrs = ["127.0.0.1/32"]
+
+[[secrets]]
+name = "DATABASE_URL"
+type = "pg_dsn"
+database = "app"
+listen = "127.0.0.1:{relay_port}"
+source = {{ env = "BENCH_REAL_DSN" }}
+"""
+        with open(f"{d}/policy.toml", "w") as f:
+            f.write(policy)
+        env = dict(os.environ, BENCH_REAL_DSN=direct, IRON_PROXY_HOME=f"{d}/state", IRON_PROXY_LOG="warn")
+        log = open(f"{d}/proxy.log", "w")
+        proxy = subprocess.Popen([PROXY_BIN, "serve", "--policy", f"{d}/policy.toml"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=log)
+        procs.append(proxy)
+        wait_port(relay_port, "iron-proxy relay", f"{d}/proxy.log")
+        relay_dsn = sh(PROXY_BIN, "env", "--policy", f"{d}/policy.toml", env=env).stdout
+        relay_dsn = next(l.split("=", 1)[1].strip("'") for l in relay_dsn.splitlines()
+                         if l.startswith("export DATABASE_URL="))
+        targets = {"direct": direct + "", "iron-proxy relay": relay_dsn + "?sslmode=disable"}
+        if shutil.which("pgbouncer") or os.path.exists("/usr/sbin/pgbouncer"):
+            bouncer = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+            with open(f"{d}/userlist.txt", "w") as f:
+                f.write(f'"app" "{PG_PASSWORD}"\n')
+            with open(f"{d}/pgbouncer.ini", "w") as f:
+                f.write(f"""[databases]
+app = host=127.0.0.1 port={pg_port} dbname=app
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {bouncer_port}
+auth_type = scram-sha-256
+auth_file = {d}/userlist.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 20
+unix_socket_dir =
+logfile = {d}/pgbouncer.log
+pidfile = {d}/pgbouncer.pid
+""")
+            subprocess.run(["chown", "-R", "postgres:postgres", d])
+            procs.append(subprocess.Popen(as_postgres(bouncer, f"{d}/pgbouncer.ini"),
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_port(bouncer_port, "pgbouncer", f"{d}/pgbouncer.log")
+            targets["pgbouncer (session pool)"] = f"postgresql://app:{PG_PASSWORD}@127.0.0.1:{bouncer_port}/app?sslmode=disable"
+        clients = 8
+        runs = {t: [] for t in targets}
+        for rep in range(a.reps):
+            for t, dsn in targets.items():
+                r = pgbench(dsn, a.pg_duration, clients)
+                runs[t].append(r)
+                print(f"pgbench -S c={clients} {t:26} rep {rep + 1}: {r['tps']:9.0f} tps "
+                      f"{r['latency_ms']} ms failed={r['failed']} {r.get('error', '')}", file=sys.stderr)
+        rows = []
+        base = statistics.median(x["tps"] for x in runs["direct"])
+        for t, rs in runs.items():
+            tps = statistics.median(x["tps"] for x in rs)
+            lat = [x["latency_ms"] for x in rs if x["latency_ms"] is not None]
+            rows.append({"target": t, "median_tps": tps, "ratio_to_direct": tps / base if base else None,
+                         "median_latency_ms": statistics.median(lat) if lat else None,
+                         "failed": sum(x["failed"] or 0 for x in rs),
+                         "errors": [x["error"] for x in rs if x.get("error")]})
+        return {"clients": clients, "duration_s": a.pg_duration, "scale": 10, "rows": rows}
+    finally:
+        for p in reversed(procs[1:]):
+            p.send_signal(signal.SIGTERM)
+        subprocess.run(["kill", "-INT", open(f"{d}/data/postmaster.pid").read().split()[0]]
+                       if os.path.exists(f"{d}/data/postmaster.pid") else ["true"])
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--only", default=None, help="substring of a scenario name")
+    ap.add_argument("--pg-duration", type=int, default=20, help="seconds per pgbench run")
+    ap.add_argument("--no-pg", action="store_true", help="skip the Postgres relay bench")
+    ap.add_argument("--pg-only", action="store_true", help="only the Postgres relay bench")
     a = ap.parse_args()
+    pg = None if a.no_pg else pg_bench(a)
+    if a.pg_only:
+        print(json.dumps(pg, indent=2))
+        return
     d = tempfile.mkdtemp(prefix="iron-bench-")
     os.chmod(d, 0o755)  # nginx workers (nobody) read the document root
     make_certs(d)
@@ -202,7 +348,8 @@ def main():
             proxy.kill()
         stop_nginx(d)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "duration_s": a.duration, "reps": a.reps,
-           "cpus": os.cpu_count(), "proxy_peak_rss_mib": round(rss / 1024, 1), "results": results}
+           "cpus": os.cpu_count(), "proxy_peak_rss_mib": round(rss / 1024, 1), "results": results,
+           "postgres": pg}
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "latest.json"), "w") as f:
         json.dump(out, f, indent=2)
@@ -214,6 +361,14 @@ def main():
             ratio = f"{v['ratio_to_direct']:.2f}×" if v["ratio_to_direct"] is not None else "–"
             cpu = f"{v['proxy_cpu_ms_per_request']:.3f}" if v["proxy_cpu_ms_per_request"] is not None else "–"
             md.append(f"| {row['scenario']} | {t} | {v['median_rps']:.0f} | {v['min_rps']:.0f}–{v['max_rps']:.0f} | {ratio} | {cpu} |")
+    if pg:
+        md += ["", f"Postgres relay: `pgbench -n -S -c {pg['clients']} -j 2 -T {pg['duration_s']}` (scale {pg['scale']}), "
+                   f"{a.reps} run(s) per target, interleaved; TLS off on every leg.", "",
+               "| target | median TPS | × direct | median latency ms | failed transactions | errors |",
+               "|---|---|---|---|---|---|"]
+        for r in pg["rows"]:
+            ratio = f"{r['ratio_to_direct']:.2f}×" if r["ratio_to_direct"] is not None else "–"
+            md.append(f"| {r['target']} | {r['median_tps']:.0f} | {ratio} | {r['median_latency_ms']} | {r['failed']} | {len(r['errors'])} |")
     with open(os.path.join(ROOT, "bench", "results", "latest.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))

@@ -3,7 +3,8 @@
 # installed if missing), installs oha if missing, and measures direct vs iron-proxy
 # (interception with a placeholder swap on every request) vs iron-proxy passthrough, plus
 # Squid / mitmproxy when installed. Writes bench/results/latest.{md,json}.
-#   bench/run.sh [--duration SECS] [--reps N] [--only SCENARIO]
+# Also pgbench -S direct vs through the Postgres relay vs pgbouncer.
+#   bench/run.sh [--duration SECS] [--reps N] [--only SCENARIO] [--pg-duration SECS] [--no-pg | --pg-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v nginx >/dev/null 2>&1; then
@@ -13,5 +14,9 @@ if ! command -v oha >/dev/null 2>&1; then
   cargo install oha --locked
 fi
 command -v openssl >/dev/null 2>&1 || apt-get install -y -q openssl
+# The Postgres relay bench: a real cluster, pgbench, and pgbouncer to compare with.
+[ -x /usr/lib/postgresql/15/bin/initdb ] || apt-get install -y -q postgresql-15
+command -v pgbench >/dev/null 2>&1 || apt-get install -y -q postgresql-client-15
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || apt-get install -y -q pgbouncer || true
 cargo build --release -p iron-proxy
 exec python3 bench/bench.py "$@"

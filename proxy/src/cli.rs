@@ -167,8 +167,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let ca = state::load_ca(&policy, &dir).map_err(anyhow::Error::msg)?;
             let mut extra = state::gcp_stub_env(&policy, &dir).map_err(anyhow::Error::msg)?;
             let sources = SourceResolver::new(Arc::new(ProcessEnv));
-            extra
-                .extend(sandbox::pg_env(&policy, &sources, &dir, &ca).map_err(anyhow::Error::msg)?);
+            extra.extend(
+                sandbox::pg_env(&policy, &sources, &dir, &ca, &[]).map_err(anyhow::Error::msg)?,
+            );
             let env = sandbox::sandbox_env(&policy, policy.proxy.listen, &ca, &extra);
             print!("{}", sandbox::export_lines(&env));
             Ok(ExitCode::SUCCESS)
@@ -275,7 +276,7 @@ async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let _relays = crate::pg::start_all(&rt, &state::state_dir())
+    let _relays = crate::pg::start_all(&rt, &state::state_dir(), false)
         .await
         .map_err(anyhow::Error::msg)?;
     crate::watch::spawn(rt.clone()).map_err(anyhow::Error::msg)?;
@@ -416,9 +417,17 @@ async fn run(policy_path: &Path, cmd: &[String]) -> anyhow::Result<ExitCode> {
     let proxy = start(rt.clone(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("failed to start the proxy")?;
-    let extra =
-        state::gcp_stub_env(&rt.policy(), &state::state_dir()).map_err(anyhow::Error::msg)?;
+    let dir = state::state_dir();
+    // Relays of their own on fresh loopback ports (unless the policy fixes `listen`), so
+    // `run` works beside a `serve` sharing the state directory.
+    let relays = crate::pg::start_all(&rt, &dir, true)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let policy = rt.policy();
+    let mut extra = state::gcp_stub_env(&policy, &dir).map_err(anyhow::Error::msg)?;
+    extra.extend(
+        sandbox::pg_env(&policy, &rt.sources, &dir, &ca, &relays).map_err(anyhow::Error::msg)?,
+    );
     let env = sandbox::sandbox_env(&policy, proxy.addr, &ca, &extra);
     let Some((program, args)) = cmd.split_first() else {
         bail!("no command given");

@@ -361,11 +361,17 @@ impl Drop for Relay {
 }
 
 /// Starts one relay per `pg_dsn` secret. Relays follow policy reloads for new sessions
-/// (DSN, role, settings); adding or removing a `pg_dsn` secret needs a restart.
+/// (DSN, role, settings); adding or removing a `pg_dsn` secret needs a restart. With
+/// `ephemeral`, a secret without a fixed `listen` gets a fresh loopback port instead of the
+/// one kept in the state directory (`run`, beside a `serve` holding that port).
 ///
 /// # Errors
 /// A message when a sandbox side cannot be set up or a listener cannot bind.
-pub async fn start_all(rt: &Arc<Runtime>, state_dir: &Path) -> Result<Vec<Relay>, String> {
+pub async fn start_all(
+    rt: &Arc<Runtime>,
+    state_dir: &Path,
+    ephemeral: bool,
+) -> Result<Vec<Relay>, String> {
     let policy = rt.policy();
     let mut relays = Vec::new();
     for secret in &policy.secrets {
@@ -373,7 +379,12 @@ pub async fn start_all(rt: &Arc<Runtime>, state_dir: &Path) -> Result<Vec<Relay>
             continue;
         };
         let side = client_side(&rt.sources, secret, spec, state_dir)?;
-        let listener = TcpListener::bind(side.listen).await.map_err(|e| {
+        let bind = if ephemeral && spec.listen.is_none() {
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        } else {
+            side.listen
+        };
+        let listener = TcpListener::bind(bind).await.map_err(|e| {
             format!(
                 "secret {}: cannot listen on {}: {e}",
                 secret.name, side.listen
@@ -388,8 +399,14 @@ pub async fn start_all(rt: &Arc<Runtime>, state_dir: &Path) -> Result<Vec<Relay>
         let user = side.user.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, peer)) = listener.accept().await else {
-                    continue;
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(secret = %name, error = %e, "postgres relay accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                 };
                 let _ = tcp.set_nodelay(true);
                 let (rt, name, user, verifier, cancels) = (

@@ -68,7 +68,8 @@ pub fn export_lines(env: &[(String, String)]) -> String {
 }
 
 /// For each `pg_dsn` secret, `NAME=postgresql://USER:PLACEHOLDER@HOST:PORT/DB` (the relay's
-/// address and the sandbox-side credentials kept in the state directory), plus
+/// address and the sandbox-side credentials kept in the state directory; the address of a
+/// running relay in `relays` when it has one for the secret), plus
 /// `PGSSLROOTCERT` naming the proxy CA so `sslmode=verify-full` works against the relay.
 ///
 /// # Errors
@@ -78,11 +79,15 @@ pub fn pg_env(
     sources: &iron_broker::SourceResolver,
     dir: &std::path::Path,
     ca: &CaFiles,
+    relays: &[crate::pg::Relay],
 ) -> Result<Vec<(String, String)>, String> {
     let mut env = Vec::new();
     for s in &policy.secrets {
         if let iron_policy::SecretKind::Pg(spec) = &s.kind {
-            let side = crate::pg::client_side(sources, s, spec, dir)?;
+            let mut side = crate::pg::client_side(sources, s, spec, dir)?;
+            if let Some(r) = relays.iter().find(|r| r.name == s.name) {
+                side.listen = r.addr;
+            }
             env.push((s.name.clone(), crate::pg::sandbox_dsn(&side, spec)));
         }
     }

@@ -63,10 +63,11 @@ async fn relay_with(
     let ca = iron_proxy::state::load_ca(&policy, &state).expect("ca");
     let audit = Arc::new(MemoryAudit::default());
     let rt = Runtime::new(policy.clone(), ca.ca.clone(), Arc::new(env), audit.clone()).expect("rt");
-    let relays = iron_proxy::pg::start_all(&rt, &state)
+    let relays = iron_proxy::pg::start_all(&rt, &state, false)
         .await
         .expect("relays");
-    let penv = iron_proxy::sandbox::pg_env(&policy, &rt.sources, &state, &ca).expect("pg env");
+    let penv =
+        iron_proxy::sandbox::pg_env(&policy, &rt.sources, &state, &ca, &relays).expect("pg env");
     let dsn = penv
         .iter()
         .find(|(k, _)| k == "DATABASE_URL")
@@ -322,4 +323,51 @@ async fn upstream_tls_verify_full_with_channel_binding() {
     assert!(err.contains("upstream"), "{err}");
     let audit = serde_json::to_string(&r2.audit.records()).expect("json");
     assert!(!audit.contains(APP_PASSWORD));
+}
+
+/// The acceptance path with the real binary: `run` gives the child a `DATABASE_URL` whose
+/// password is the placeholder; psql in the child reaches the upstream as its user; the real
+/// password is nowhere in the child's environment or the proxy's output.
+#[test]
+fn run_gives_the_sandbox_a_working_placeholder_dsn() {
+    let Some(c) = cluster() else { return };
+    let dir = tempfile::tempdir().expect("tmp");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[proxy]\nlisten = \"127.0.0.1:0\"\nallow_cidrs = [\"127.0.0.1/32\"]\n\n[[secrets]]\nname = \"DATABASE_URL\"\ntype = \"pg_dsn\"\ndatabase = \"app\"\nsource = { env = \"REAL_DSN\" }\n",
+    )
+    .expect("policy");
+    let real = format!(
+        "postgresql://app:{APP_PASSWORD}@127.0.0.1:{}/app?sslmode=disable",
+        c.port
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iron-proxy-e2e"))
+        .args(["run", "--policy"])
+        .arg(&policy)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "psql \"$DATABASE_URL\" -XAtc 'select current_user' && env",
+        ])
+        .env("REAL_DSN", &real)
+        .env("IRON_PROXY_HOME", dir.path().join("state"))
+        .output()
+        .expect("run");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.lines().next(), Some("app"), "{stdout}");
+    assert!(
+        stdout.contains("DATABASE_URL=postgresql://app:"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(APP_PASSWORD) && !stdout.contains("REAL_DSN"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains(APP_PASSWORD), "{stderr}");
 }
