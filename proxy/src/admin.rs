@@ -83,11 +83,6 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<ProxyBody> {
     reply(status, &json!({"error": code, "message": message}))
 }
 
-/// Constant-time comparison of two byte strings (length is not hidden).
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn route(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<ProxyBody> {
     let policy = rt.policy();
     if let Some(src) = &policy.proxy.admin_token {
@@ -107,7 +102,7 @@ async fn route(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<ProxyBody>
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
             .unwrap_or_default();
-        if !ct_eq(given, expected.expose()) {
+        if !iron_broker::ct_eq(given, expected.expose()) {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",

@@ -481,10 +481,6 @@ impl Verifier {
     }
 }
 
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Why a session ended before relaying.
 struct Refusal {
     sqlstate: &'static str,
@@ -653,7 +649,7 @@ async fn handshake(
         .await;
         return Err(());
     }
-    if !ct_eq(got_user.as_bytes(), user.as_bytes()) {
+    if !iron_broker::ct_eq(got_user.as_bytes(), user.as_bytes()) {
         fail(
             &mut client,
             refuse(
@@ -909,7 +905,7 @@ async fn scram_server(client: &mut Box<dyn Stream>, v: &Verifier) -> Result<(), 
     }
     let client_key: Vec<u8> = proof.iter().zip(sig.iter()).map(|(a, b)| a ^ b).collect();
     let stored: [u8; 32] = Sha256::digest(&client_key).into();
-    if !ct_eq(&stored, &v.stored_key) {
+    if !iron_broker::ct_eq(&stored, &v.stored_key) {
         return Err(bad_password());
     }
     let server_sig = hmac(&v.server_key, auth.as_bytes());

@@ -21,8 +21,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use iron_policy::Policy;
 use rustls::ClientConfig;
 use rustls::crypto::CryptoProvider;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject as _;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
@@ -123,28 +121,7 @@ pub fn client_tls_config(
     policy: &Policy,
     provider: Arc<CryptoProvider>,
 ) -> Result<ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for path in &policy.proxy.upstream_ca {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("failed to read upstream_ca {}: {e}", path.display()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("invalid PEM in upstream_ca {}: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "upstream_ca {} holds no certificate",
-                path.display()
-            ));
-        }
-        for c in certs {
-            roots.add(c).map_err(|e| {
-                format!(
-                    "unusable certificate in upstream_ca {}: {e}",
-                    path.display()
-                )
-            })?;
-        }
-    }
+    let roots = iron_broker::tls::roots_with(&policy.proxy.upstream_ca)?;
     // ALPN (`http/1.1`) is set by the connector builder, which refuses a preset list.
     Ok(ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
