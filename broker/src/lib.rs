@@ -1,8 +1,8 @@
 //! Turns a secret reference from the policy into a usable credential.
 //!
-//! For now: static sources — `{ env = "VAR" }`, `{ file = "path" }`, each optionally with
-//! `json_key` (DESIGN.md decision 9). Token minting (OAuth2, GCP) and the broker daemon
-//! build on this crate later. Values are held in [`SecretValue`], which redacts `Debug`,
+//! Static sources — `{ env = "VAR" }`, `{ file = "path" }`, each optionally with
+//! `json_key` (DESIGN.md decision 9); token minting (OAuth2, GCP) in [`tokens`]; the
+//! `iron-token-broker` daemon ([`daemon`]) with its durable [`store`]. Values are held in [`SecretValue`], which redacts `Debug`,
 //! has no `Display` or `Serialize`, and is zeroized on drop.
 //!
 //! Sources are read lazily, on first use; a file is re-read whenever its modification time
@@ -18,6 +18,10 @@ use std::time::SystemTime;
 use iron_policy::{SourceKind, SourceRef};
 use zeroize::Zeroizing;
 
+pub mod cli;
+pub mod daemon;
+pub mod store;
+pub mod tls;
 pub mod tokens;
 
 /// A secret value. `Debug` prints `[redacted]`; read it with [`SecretValue::expose`].
@@ -250,6 +254,13 @@ fn pluck(doc: &[u8], key: &str, what: &str) -> Result<SecretValue, SourceError> 
         Some(_) => Err(json_err(format!("json_key {key} is not a string"))),
         None => Err(json_err(format!("json_key {key} is missing"))),
     }
+}
+
+/// Compares two secrets in time independent of where they differ (the length is not
+/// hidden). For bearer tokens and placeholders checked against what a client sent.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq as _;
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]

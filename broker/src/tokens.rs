@@ -453,7 +453,8 @@ impl TokenCache {
     }
 }
 
-fn jitter(max: Duration) -> Duration {
+/// A random duration in `[0, max)` (`RandomState` as the entropy source).
+pub(crate) fn jitter(max: Duration) -> Duration {
     let r = std::collections::hash_map::RandomState::new()
         .build_hasher()
         .finish();
@@ -658,7 +659,7 @@ async fn oauth2_grant(
 }
 
 /// POSTs a form to a token endpoint and parses the token response (RFC 6749 §5.1/§5.2).
-async fn post_form(
+pub(crate) async fn post_form(
     transport: &dyn TokenTransport,
     url: &str,
     form: &[(&str, String)],

@@ -6,6 +6,7 @@
 
 pub mod idp;
 pub mod pgcluster;
+pub mod rotating_idp;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,0 +1,1222 @@
+//! `iron-token-broker`: the single writer of rotating refresh tokens (DESIGN.md decision 12,
+//! REFERENCE.md §2.10 with its defect D6 fixed).
+//!
+//! Rotation protocol, per credential ([`Credential::refresh`]):
+//! 1. take the store lease (one refresher across every broker sharing the store);
+//! 2. re-read the record under the lease: if another broker already refreshed, adopt its
+//!    access token and stop; if the record has `in_flight` set, its holder died between
+//!    calling the IdP and storing the answer — the IdP may have rotated the token, so the
+//!    credential is marked dead with reason `rotation_interrupted` (log, metric, state)
+//!    instead of replaying a possibly rotated-out token;
+//! 3. write the intent (`in_flight`) durably — an unwritable store stops here, before the
+//!    IdP is called;
+//! 4. call the token endpoint (5xx and network errors retried with backoff; an OAuth error
+//!    code is terminal: dead with that code as reason);
+//! 5. write the new refresh token durably (retrying while holding the lease, keeping it in
+//!    memory) before the access token is served; a failed refresh never overwrites the
+//!    stored token.
+//!
+//! HTTP API: `GET /v1/credentials/{id}/access_token` → `{access_token, expires_at,
+//! expires_in}` (`Cache-Control: no-store`); `GET /healthz`; `GET /metrics`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use iron_policy::{Pos, SourceKind, SourceRef};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use std::sync::atomic::AtomicU64;
+
+use crate::store::{CredState, InFlight, Lease, Record, Store, StoreConfig, StoreError, now_ms};
+use crate::tokens::{MintError, TokenTransport, TransportError, TransportFuture};
+use crate::{SecretValue, SourceResolver};
+
+// ---------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------
+
+/// A secret reference in the broker config: `{ env = "VAR" }` or `{ file = "path" }`, with
+/// optional `json_key` (as in the proxy policy).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    /// Environment variable.
+    pub env: Option<String>,
+    /// File (relative to the config file's directory).
+    pub file: Option<PathBuf>,
+    /// JSON field of the value.
+    pub json_key: Option<String>,
+}
+
+impl SecretRef {
+    fn to_source(&self, base: &Path, what: &str) -> Result<SourceRef, String> {
+        let kind = match (&self.env, &self.file) {
+            (Some(v), None) => SourceKind::Env(v.clone()),
+            (None, Some(f)) => SourceKind::File(base.join(f)),
+            _ => return Err(format!("{what}: give exactly one of `env` or `file`")),
+        };
+        Ok(SourceRef {
+            kind,
+            json_key: self.json_key.clone(),
+            pos: Pos::default(),
+        })
+    }
+}
+
+/// `store = { file = "DIR" }` or `store = { postgres = { dsn = <secret reference> } }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum StoreSpec {
+    /// A directory (relative to the config file).
+    File(PathBuf),
+    /// A Postgres database.
+    Postgres {
+        /// The DSN, as a secret reference.
+        dsn: SecretRef,
+    },
+}
+
+/// Listener TLS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// One `[[credentials]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSpec {
+    /// Id used in the API path and the store.
+    pub id: String,
+    /// The IdP's token endpoint (`https`).
+    pub token_endpoint: String,
+    /// OAuth client id.
+    pub client_id: String,
+    /// OAuth client secret (sent in the form body), as a secret reference.
+    pub client_secret: Option<SecretRef>,
+    /// Scopes sent with each refresh.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Extra headers sent to the token endpoint.
+    #[serde(default)]
+    pub token_endpoint_headers: HashMap<String, String>,
+    /// Refresh this fraction of the lifetime before expiry (default 0.3).
+    pub early_refresh_fraction: Option<f64>,
+    /// …but at most this many seconds before (default 300).
+    pub early_refresh_max_secs: Option<u64>,
+    /// Lifetime assumed when the IdP sends no `expires_in` (default 300 s).
+    pub default_lifetime_secs: Option<u64>,
+}
+
+/// The broker config file (`version = 1`, unknown keys rejected).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Must be 1.
+    pub version: u32,
+    /// API listen address (default `127.0.0.1:8181`).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token callers must present; required off loopback.
+    pub auth_token: Option<SecretRef>,
+    /// Serve the API over TLS.
+    pub tls: Option<TlsSpec>,
+    /// Extra CA files trusted for token endpoints.
+    #[serde(default)]
+    pub upstream_ca: Vec<PathBuf>,
+    /// Where credential state lives.
+    pub store: StoreSpec,
+    /// Seconds one token-endpoint exchange may take, retries included (default 30).
+    pub refresh_timeout_secs: Option<u64>,
+    /// The credentials.
+    #[serde(default)]
+    pub credentials: Vec<CredentialSpec>,
+    /// Directory of the config file (set by [`Config::load`]).
+    #[serde(skip)]
+    pub base: PathBuf,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8181))
+}
+
+impl Config {
+    /// Reads and validates the config file.
+    ///
+    /// # Errors
+    /// `FILE: message` (with line and column for TOML errors).
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        let mut cfg: Self =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        cfg.base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let err = |m: String| format!("{}: {m}", path.display());
+        if cfg.version != 1 {
+            return Err(err(format!("unsupported version {}", cfg.version)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &cfg.credentials {
+            if !seen.insert(c.id.clone()) {
+                return Err(err(format!("credential `{}` is defined twice", c.id)));
+            }
+            if !c.token_endpoint.starts_with("https://") {
+                return Err(err(format!(
+                    "credential `{}`: token_endpoint must be https",
+                    c.id
+                )));
+            }
+            if let Some(f) = c.early_refresh_fraction
+                && !(0.05..=0.9).contains(&f)
+            {
+                return Err(err(format!(
+                    "credential `{}`: early_refresh_fraction must be within 0.05–0.9",
+                    c.id
+                )));
+            }
+        }
+        if !cfg.listen.ip().is_loopback() && cfg.auth_token.is_none() {
+            return Err(err(format!(
+                "listen {} is not loopback: set auth_token",
+                cfg.listen
+            )));
+        }
+        cfg.upstream_ca = cfg.upstream_ca.iter().map(|p| cfg.base.join(p)).collect();
+        Ok(cfg)
+    }
+
+    /// The store location with its secret reference resolved.
+    ///
+    /// # Errors
+    /// A message when the DSN's source cannot be read.
+    pub fn store_config(&self, sources: &SourceResolver) -> Result<StoreConfig, String> {
+        match &self.store {
+            StoreSpec::File(dir) => Ok(StoreConfig::File(self.base.join(dir))),
+            StoreSpec::Postgres { dsn } => {
+                let v = sources
+                    .resolve(&dsn.to_source(&self.base, "store.postgres.dsn")?)
+                    .map_err(|e| format!("store.postgres.dsn: {e}"))?;
+                Ok(StoreConfig::Postgres(
+                    String::from_utf8_lossy(v.expose()).into_owned(),
+                ))
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Token-endpoint transport
+// ---------------------------------------------------------------------------------------
+
+type HttpsClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// HTTPS-only client for token endpoints: web PKI roots plus `upstream_ca`.
+struct Transport {
+    client: HttpsClient,
+    timeout: Duration,
+}
+
+impl Transport {
+    fn new(upstream_ca: &[PathBuf], timeout: Duration) -> Result<Self, String> {
+        let roots = crate::tls::roots_with(upstream_ca)?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(https);
+        Ok(Self { client, timeout })
+    }
+}
+
+impl TokenTransport for Transport {
+    fn send(&self, req: http::Request<Vec<u8>>) -> TransportFuture {
+        use http_body_util::BodyExt as _;
+        let client = self.client.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let req = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
+            let resp = tokio::time::timeout(timeout, client.request(req))
+                .await
+                .map_err(|_| TransportError("token endpoint did not answer in time".into()))?
+                .map_err(|e| TransportError(format!("token endpoint request failed: {e}")))?;
+            let (parts, body) = resp.into_parts();
+            let bytes = http_body_util::Limited::new(body, crate::tokens::MAX_TOKEN_RESPONSE)
+                .collect()
+                .await
+                .map_err(|_| TransportError("token response failed or too large".into()))?
+                .to_bytes();
+            Ok(http::Response::from_parts(parts, bytes.to_vec()))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    credential: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CredLabels {
+    credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeadLabels {
+    credential: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    endpoint: String,
+    status: u16,
+}
+
+/// The broker's Prometheus series.
+struct Metrics {
+    registry: Registry,
+    attempts: Family<AttemptLabels, Counter>,
+    token_age: Family<CredLabels, Gauge<f64, AtomicU64>>,
+    time_to_expiry: Family<CredLabels, Gauge<f64, AtomicU64>>,
+    dead: Family<DeadLabels, Gauge>,
+    http: Family<HttpLabels, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "broker_refresh_attempts",
+            "Refresh attempts by credential and result (ok, adopted, retryable, rejected, store_error, interrupted)",
+            attempts.clone(),
+        );
+        let token_age = Family::<CredLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "broker_token_age_seconds",
+            "Seconds since the access token was issued",
+            token_age.clone(),
+        );
+        let time_to_expiry = Family::<CredLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "broker_token_time_to_expiry_seconds",
+            "Seconds until the access token expires",
+            time_to_expiry.clone(),
+        );
+        let dead = Family::<DeadLabels, Gauge>::default();
+        registry.register(
+            "broker_credential_dead",
+            "1 when the credential needs a human (reason label says why)",
+            dead.clone(),
+        );
+        let http = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "broker_http_requests",
+            "API requests by endpoint and status",
+            http.clone(),
+        );
+        Self {
+            registry,
+            attempts,
+            token_age,
+            time_to_expiry,
+            dead,
+            http,
+        }
+    }
+
+    fn attempt(&self, credential: &str, result: &str) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                credential: credential.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Credentials
+// ---------------------------------------------------------------------------------------
+
+/// Why a credential cannot serve now. Each maps to an API status and error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServeError {
+    /// Never bootstrapped (422 `not_bootstrapped`).
+    #[error("credential has no refresh token yet: run `iron-token-broker credentials set`")]
+    NotBootstrapped,
+    /// Needs a human (422 `credential_dead`).
+    #[error("credential is dead: {0}")]
+    Dead(String),
+    /// The store cannot be read or written (503 `store_unavailable`).
+    #[error("{0}")]
+    Store(String),
+    /// The IdP failed in a retryable way (503 `idp_unavailable`).
+    #[error("token endpoint unavailable: {0}")]
+    Idp(String),
+    /// Another broker holds the refresh lease past the wait (503 `refresh_in_progress`).
+    #[error("another broker is refreshing this credential")]
+    Busy,
+}
+
+/// A servable access token.
+#[derive(Clone)]
+struct Cached {
+    access: SecretValue,
+    expires_at_ms: u64,
+    lifetime_ms: u64,
+    issued_at_ms: u64,
+}
+
+/// One credential's runtime: cache, single-flight, and the rotation protocol.
+pub struct Credential {
+    spec: CredentialSpec,
+    client_secret: Option<SourceRef>,
+    cached: Mutex<Option<Cached>>,
+    /// In-process single flight: one refresh cycle at a time.
+    flight: tokio::sync::Mutex<()>,
+    /// A refreshed record whose durable write failed, with its lease: written before
+    /// anything else, never replaced by another IdP call.
+    unsaved: tokio::sync::Mutex<Option<(Lease, Record)>>,
+}
+
+impl Credential {
+    fn early_ms(&self, lifetime_ms: u64) -> u64 {
+        let f = self.spec.early_refresh_fraction.unwrap_or(0.3);
+        let max = self.spec.early_refresh_max_secs.unwrap_or(300) * 1000;
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let early = (lifetime_ms as f64 * f) as u64;
+        early.min(max)
+    }
+
+    /// A token is served while more than half of the early-refresh window remains.
+    fn servable(&self, c: &Cached, now: u64) -> bool {
+        c.expires_at_ms > now + self.early_ms(c.lifetime_ms) / 2
+    }
+
+    /// For a scheduled refresh, a token still inside the early window is not fresh enough:
+    /// only a newer one (from another broker) is adopted instead of refreshing.
+    fn fresh_enough(&self, c: &Cached, now: u64, scheduled: bool) -> bool {
+        if scheduled {
+            c.expires_at_ms > now + self.early_ms(c.lifetime_ms)
+        } else {
+            self.servable(c, now)
+        }
+    }
+
+    fn cached(&self, now: u64) -> Option<Cached> {
+        let g = self.cached.lock().ok()?;
+        g.as_ref().filter(|c| self.servable(c, now)).cloned()
+    }
+
+    fn adopt(&self, rec: &Record) -> Option<Cached> {
+        let access = rec.access_token.as_ref()?;
+        let c = Cached {
+            access: SecretValue::new(access.as_bytes().to_vec()),
+            expires_at_ms: rec.expires_at_ms?,
+            lifetime_ms: rec.lifetime_ms.max(1),
+            issued_at_ms: rec.last_refresh_ms.unwrap_or_default(),
+        };
+        if let Ok(mut g) = self.cached.lock() {
+            *g = Some(c.clone());
+        }
+        Some(c)
+    }
+
+    /// When the scheduler should refresh next (Unix ms), from the cached token.
+    fn next_refresh_ms(&self) -> Option<u64> {
+        let g = self.cached.lock().ok()?;
+        let c = g.as_ref()?;
+        let early = self.early_ms(c.lifetime_ms);
+        let jitter =
+            u64::try_from(crate::tokens::jitter(Duration::from_millis(early / 5 + 1)).as_millis())
+                .unwrap_or(0);
+        Some(c.expires_at_ms.saturating_sub(early) + jitter)
+    }
+}
+
+/// The broker: config, store, credentials, metrics.
+pub struct Broker {
+    creds: HashMap<String, Arc<Credential>>,
+    store: Store,
+    transport: Arc<dyn TokenTransport>,
+    sources: SourceResolver,
+    auth: Option<SecretValue>,
+    owner: String,
+    metrics: Metrics,
+    refresh_timeout: Duration,
+}
+
+impl Broker {
+    /// Opens the store and prepares every credential.
+    ///
+    /// # Errors
+    /// A message naming the part of the config or store that failed.
+    pub async fn new(cfg: &Config) -> Result<Arc<Self>, String> {
+        let sources = SourceResolver::new(Arc::new(crate::ProcessEnv));
+        let auth = match &cfg.auth_token {
+            Some(r) => Some(
+                sources
+                    .resolve(&r.to_source(&cfg.base, "auth_token")?)
+                    .map_err(|e| format!("auth_token: {e}"))?,
+            ),
+            None => None,
+        };
+        let store = Store::open(&cfg.store_config(&sources)?)
+            .await
+            .map_err(|e| e.to_string())?;
+        let refresh_timeout = Duration::from_secs(cfg.refresh_timeout_secs.unwrap_or(30).max(1));
+        let transport: Arc<dyn TokenTransport> = Arc::new(Transport::new(
+            &cfg.upstream_ca,
+            Duration::from_secs(15).min(refresh_timeout),
+        )?);
+        let mut creds = HashMap::new();
+        for spec in &cfg.credentials {
+            let client_secret = spec
+                .client_secret
+                .as_ref()
+                .map(|s| {
+                    s.to_source(
+                        &cfg.base,
+                        &format!("credential `{}` client_secret", spec.id),
+                    )
+                })
+                .transpose()?;
+            creds.insert(
+                spec.id.clone(),
+                Arc::new(Credential {
+                    spec: spec.clone(),
+                    client_secret,
+                    cached: Mutex::new(None),
+                    flight: tokio::sync::Mutex::new(()),
+                    unsaved: tokio::sync::Mutex::new(None),
+                }),
+            );
+        }
+        let owner = format!(
+            "{}:{}:{:x}",
+            std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "host".into()),
+            std::process::id(),
+            now_ms()
+        );
+        Ok(Arc::new(Self {
+            creds,
+            store,
+            transport,
+            sources,
+            auth,
+            owner,
+            metrics: Metrics::new(),
+            refresh_timeout,
+        }))
+    }
+
+    /// A servable access token for `id`, refreshing (with the rotation protocol) when the
+    /// cached one is too close to expiry. Waits at most `wait`.
+    ///
+    /// # Errors
+    /// [`ServeError`]; `None` for an unknown id.
+    pub async fn access_token(
+        self: &Arc<Self>,
+        id: &str,
+        wait: Duration,
+    ) -> Option<Result<(SecretValue, u64), ServeError>> {
+        let cred = self.creds.get(id)?.clone();
+        if let Some(c) = cred.cached(now_ms()) {
+            return Some(Ok((c.access, c.expires_at_ms)));
+        }
+        // The refresh runs detached: a caller that gives up does not cancel it mid-rotation.
+        let this = self.clone();
+        let c2 = cred.clone();
+        let task = tokio::spawn(async move { this.ensure_fresh(&c2).await });
+        Some(match tokio::time::timeout(wait, task).await {
+            Ok(Ok(r)) => r.map(|c| (c.access, c.expires_at_ms)),
+            Ok(Err(_)) => Err(ServeError::Store("refresh task failed".into())),
+            Err(_) => Err(ServeError::Busy),
+        })
+    }
+
+    /// Single-flight: returns the cached token if servable, else runs one refresh cycle.
+    async fn ensure_fresh(&self, cred: &Credential) -> Result<Cached, ServeError> {
+        let _flight = cred.flight.lock().await;
+        if let Some(c) = cred.cached(now_ms()) {
+            return Ok(c);
+        }
+        self.cycle_until_done(cred, false).await
+    }
+
+    /// Runs [`Broker::refresh_cycle`] until it is not `Busy` (another broker's refresh),
+    /// for at most twice the refresh timeout.
+    async fn cycle_until_done(
+        &self,
+        cred: &Credential,
+        scheduled: bool,
+    ) -> Result<Cached, ServeError> {
+        let deadline = tokio::time::Instant::now() + self.refresh_timeout * 2;
+        loop {
+            match self.refresh_cycle(cred, scheduled).await {
+                Err(ServeError::Busy) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(
+                        Duration::from_millis(50)
+                            + crate::tokens::jitter(Duration::from_millis(100)),
+                    )
+                    .await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn mark_dead_metric(&self, id: &str, reason: &str) {
+        self.metrics
+            .dead
+            .get_or_create(&DeadLabels {
+                credential: id.to_string(),
+                reason: reason.to_string(),
+            })
+            .set(1);
+    }
+
+    /// One pass of the rotation protocol (module docs). `Busy` when another broker holds
+    /// the lease.
+    async fn refresh_cycle(
+        &self,
+        cred: &Credential,
+        scheduled: bool,
+    ) -> Result<Cached, ServeError> {
+        let id = cred.spec.id.as_str();
+        let store_err = |e: StoreError| ServeError::Store(e.to_string());
+        // A refreshed token not yet durable goes first; the IdP is not called meanwhile.
+        {
+            let mut unsaved = cred.unsaved.lock().await;
+            if let Some((lease, rec)) = unsaved.take() {
+                match self.store.write(&lease, &rec).await {
+                    Ok(()) => {
+                        self.store.release(lease).await;
+                        tracing::info!(credential = %id, "stored the rotated refresh token after earlier write failures");
+                        return cred.adopt(&rec).ok_or_else(|| {
+                            ServeError::Store("stored record has no access token".into())
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!(credential = %id, error = %e, "the rotated refresh token is still not durable; holding it in memory");
+                        *unsaved = Some((lease, rec));
+                        self.metrics.attempt(id, "store_error");
+                        return Err(store_err(e));
+                    }
+                }
+            }
+        }
+        let now = now_ms();
+        let rec = self.store.load(id).await.map_err(store_err)?;
+        let Some(rec) = rec else {
+            return Err(ServeError::NotBootstrapped);
+        };
+        if rec.state == CredState::Dead {
+            return Err(ServeError::Dead(
+                rec.dead_reason.unwrap_or_else(|| "dead".into()),
+            ));
+        }
+        if rec.in_flight.is_none()
+            && let Some(c) = cred.adopt(&rec)
+            && cred.fresh_enough(&c, now, scheduled)
+        {
+            self.metrics.attempt(id, "adopted");
+            return Ok(c);
+        }
+        let Some(lease) = self
+            .store
+            .acquire(id, &self.owner, self.refresh_timeout * 3)
+            .await
+            .map_err(store_err)?
+        else {
+            return Err(ServeError::Busy);
+        };
+        let result = self.refresh_under_lease(cred, &lease, scheduled).await;
+        match result {
+            Ok(Some(rec)) => {
+                // Not durable: keep the lease and the record; never call the IdP again
+                // with the older token.
+                *cred.unsaved.lock().await = Some((lease, rec));
+                Err(ServeError::Store(
+                    "the rotated refresh token could not be stored yet".into(),
+                ))
+            }
+            Ok(None) => {
+                self.store.release(lease).await;
+                cred.cached(0)
+                    .ok_or_else(|| ServeError::Store("no token after refresh".into()))
+            }
+            Err(e) => {
+                self.store.release(lease).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Steps 2–5 under the lease. `Ok(None)`: the cache holds a fresh token; `Ok(Some(rec))`:
+    /// the IdP answered but `rec` could not be made durable.
+    async fn refresh_under_lease(
+        &self,
+        cred: &Credential,
+        lease: &Lease,
+        scheduled: bool,
+    ) -> Result<Option<Record>, ServeError> {
+        let id = cred.spec.id.as_str();
+        let store_err = |e: StoreError| ServeError::Store(e.to_string());
+        let mut rec = lease.record.clone();
+        if rec.state == CredState::Dead {
+            return Err(ServeError::Dead(
+                rec.dead_reason.unwrap_or_else(|| "dead".into()),
+            ));
+        }
+        if rec.in_flight.is_none()
+            && let Some(c) = cred.adopt(&rec)
+            && cred.fresh_enough(&c, now_ms(), scheduled)
+        {
+            self.metrics.attempt(id, "adopted");
+            return Ok(None);
+        }
+        if let Some(f) = &rec.in_flight {
+            tracing::error!(
+                credential = %id,
+                owner = %f.owner,
+                started_at_ms = f.started_at_ms,
+                "a refresh was interrupted after the IdP may have been called; the stored refresh token may be rotated out. Marking the credential dead (rotation_interrupted): re-bootstrap with `credentials set`, or `credentials revive` to retry the stored token"
+            );
+            rec.in_flight = None;
+            rec.state = CredState::Dead;
+            rec.dead_reason = Some("rotation_interrupted".into());
+            rec.updated_at_ms = now_ms();
+            self.store.write(lease, &rec).await.map_err(store_err)?;
+            self.metrics.attempt(id, "interrupted");
+            self.mark_dead_metric(id, "rotation_interrupted");
+            return Err(ServeError::Dead("rotation_interrupted".into()));
+        }
+        // Intent, durable before the IdP is called.
+        rec.in_flight = Some(InFlight {
+            owner: self.owner.clone(),
+            started_at_ms: now_ms(),
+        });
+        rec.updated_at_ms = now_ms();
+        if let Err(e) = self.store.write(lease, &rec).await {
+            tracing::error!(credential = %id, error = %e, "cannot record the refresh intent; not calling the IdP");
+            self.metrics.attempt(id, "store_error");
+            return Err(store_err(e));
+        }
+        crate::store::crash_point("after_intent");
+        let minted = self.call_idp(cred, &rec.refresh_token).await;
+        let mut done = rec.clone();
+        done.in_flight = None;
+        done.updated_at_ms = now_ms();
+        match minted {
+            Ok(tok) => {
+                crate::store::crash_point("after_idp");
+                let now = now_ms();
+                let lifetime_ms = u64::try_from(tok.lifetime.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                if let Some(rt) = &tok.refresh_token {
+                    done.refresh_token = String::from_utf8_lossy(rt.expose()).into_owned();
+                }
+                done.access_token = Some(String::from_utf8_lossy(tok.value.expose()).into_owned());
+                done.expires_at_ms = Some(now + lifetime_ms);
+                done.lifetime_ms = lifetime_ms;
+                done.last_refresh_ms = Some(now);
+                done.generation += 1;
+                // Durable before served: a few quick retries while we hold the lease.
+                let mut last = None;
+                for attempt in 0..5u32 {
+                    match self.store.write(lease, &done).await {
+                        Ok(()) => {
+                            last = None;
+                            break;
+                        }
+                        Err(StoreError::Fenced(_)) => {
+                            tracing::error!(credential = %id, "lease lost while refreshing; the rotated refresh token could not be stored");
+                            last = Some(StoreError::Fenced(id.to_string()));
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(credential = %id, attempt, error = %e, "storing the rotated refresh token failed; retrying");
+                            last = Some(e);
+                            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                        }
+                    }
+                }
+                if last.is_some() {
+                    self.metrics.attempt(id, "store_error");
+                    return Ok(Some(done));
+                }
+                crate::store::crash_point("after_commit");
+                self.metrics.attempt(id, "ok");
+                cred.adopt(&done);
+                tracing::info!(credential = %id, generation = done.generation, expires_in_ms = lifetime_ms, "refreshed");
+                Ok(None)
+            }
+            Err(e) if e.is_retryable() => {
+                // The exchange finished without a new token: clear the intent, keep the token.
+                let _ = self.store.write(lease, &done).await;
+                self.metrics.attempt(id, "retryable");
+                tracing::warn!(credential = %id, error = %e, "refresh failed; will retry");
+                Err(ServeError::Idp(e.to_string()))
+            }
+            Err(e) => {
+                let reason = match &e {
+                    MintError::Rejected { code } => code.clone(),
+                    other => other.to_string(),
+                };
+                done.state = CredState::Dead;
+                done.dead_reason = Some(reason.clone());
+                let _ = self.store.write(lease, &done).await;
+                self.metrics.attempt(id, "rejected");
+                self.mark_dead_metric(id, &reason);
+                tracing::error!(credential = %id, reason = %reason, "the IdP refused the refresh token; the credential is dead until re-bootstrapped");
+                Err(ServeError::Dead(reason))
+            }
+        }
+    }
+
+    /// The refresh_token grant (RFC 6749 §6) with retries on 5xx/network errors inside the
+    /// refresh timeout.
+    async fn call_idp(
+        &self,
+        cred: &Credential,
+        refresh_token: &str,
+    ) -> Result<crate::tokens::Token, MintError> {
+        let spec = &cred.spec;
+        let mut form = vec![
+            ("grant_type", "refresh_token".to_string()),
+            ("refresh_token", refresh_token.to_string()),
+            ("client_id", spec.client_id.clone()),
+        ];
+        if let Some(src) = &cred.client_secret {
+            let v = self
+                .sources
+                .resolve(src)
+                .map_err(|e| MintError::Source(format!("client_secret: {e}")))?;
+            form.push((
+                "client_secret",
+                String::from_utf8_lossy(v.expose()).into_owned(),
+            ));
+        }
+        if !spec.scopes.is_empty() {
+            form.push(("scope", spec.scopes.join(" ")));
+        }
+        let headers: Vec<(String, SecretValue)> = spec
+            .token_endpoint_headers
+            .iter()
+            .map(|(k, v)| (k.clone(), SecretValue::new(v.as_bytes().to_vec())))
+            .collect();
+        let deadline = tokio::time::Instant::now() + self.refresh_timeout;
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let r =
+                crate::tokens::post_form(&*self.transport, &spec.token_endpoint, &form, &headers)
+                    .await;
+            let r = r.map(|mut t| {
+                if t.lifetime == crate::tokens::DEFAULT_LIFETIME
+                    && let Some(d) = spec.default_lifetime_secs
+                {
+                    t.lifetime = Duration::from_secs(d);
+                }
+                t
+            });
+            match r {
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() + delay < deadline => {
+                    tracing::debug!(credential = %spec.id, error = %e, "token endpoint failed; retrying");
+                    tokio::time::sleep(delay + crate::tokens::jitter(delay / 2)).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Background refresh ahead of expiry, with jitter; backs off on failure.
+    async fn schedule(self: Arc<Self>, cred: Arc<Credential>) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let wait = match cred.next_refresh_ms() {
+                Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
+                None => Duration::ZERO,
+            };
+            tokio::time::sleep(wait).await;
+            match self.ensure_fresh_scheduled(&cred).await {
+                Ok(()) => backoff = Duration::from_secs(1),
+                Err(e) => {
+                    if !matches!(e, ServeError::NotBootstrapped | ServeError::Dead(_)) {
+                        tracing::warn!(credential = %cred.spec.id, error = %e, "scheduled refresh failed");
+                    }
+                    tokio::time::sleep(backoff + crate::tokens::jitter(backoff / 2)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+    }
+
+    async fn ensure_fresh_scheduled(&self, cred: &Credential) -> Result<(), ServeError> {
+        let _flight = cred.flight.lock().await;
+        if cred.next_refresh_ms().is_some_and(|at| now_ms() < at) {
+            return Ok(()); // an on-demand refresh got there first
+        }
+        self.cycle_until_done(cred, true).await.map(|_| ())
+    }
+
+    fn encode_metrics(&self) -> String {
+        let now = now_ms();
+        for (id, cred) in &self.creds {
+            if let Ok(g) = cred.cached.lock()
+                && let Some(c) = g.as_ref()
+            {
+                let l = CredLabels {
+                    credential: id.clone(),
+                };
+                #[allow(clippy::cast_precision_loss)]
+                {
+                    self.metrics
+                        .token_age
+                        .get_or_create(&l)
+                        .set(now.saturating_sub(c.issued_at_ms) as f64 / 1000.0);
+                    self.metrics
+                        .time_to_expiry
+                        .get_or_create(&l)
+                        .set((c.expires_at_ms as f64 - now as f64) / 1000.0);
+                }
+            }
+        }
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.metrics.registry);
+        out
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        req: &Request<Incoming>,
+    ) -> (Response<Full<Bytes>>, &'static str) {
+        let path = req.uri().path().to_string();
+        if path == "/healthz" {
+            return (text(StatusCode::OK, "ok\n"), "healthz");
+        }
+        if path == "/metrics" {
+            return (text(StatusCode::OK, &self.encode_metrics()), "metrics");
+        }
+        let Some(id) = path
+            .strip_prefix("/v1/credentials/")
+            .and_then(|r| r.strip_suffix("/access_token"))
+        else {
+            return (
+                json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
+                "other",
+            );
+        };
+        if let Some(expected) = &self.auth {
+            let given = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .unwrap_or_default();
+            if !crate::ct_eq(given, expected.expose()) {
+                return (
+                    json_error(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "missing or wrong bearer token",
+                    ),
+                    "access_token",
+                );
+            }
+        }
+        if req.method() != Method::GET {
+            let mut r = json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET",
+            );
+            r.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("GET"));
+            return (r, "access_token");
+        }
+        let Some(result) = self.access_token(id, self.refresh_timeout * 2).await else {
+            return (
+                json_error(
+                    StatusCode::NOT_FOUND,
+                    "unknown_credential",
+                    &format!("no credential `{id}`"),
+                ),
+                "access_token",
+            );
+        };
+        let resp = match result {
+            Ok((token, expires_at_ms)) => {
+                let now = now_ms();
+                #[allow(clippy::cast_precision_loss)]
+                let body = serde_json::json!({
+                    "access_token": String::from_utf8_lossy(token.expose()),
+                    "expires_at": rfc3339_ms(expires_at_ms),
+                    "expires_in": expires_at_ms.saturating_sub(now) as f64 / 1000.0,
+                });
+                let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+                let h = r.headers_mut();
+                h.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                h.insert(
+                    http::header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("no-store"),
+                );
+                r
+            }
+            Err(e) => {
+                let (status, code, reason) = match &e {
+                    ServeError::NotBootstrapped => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "credential_dead",
+                        "not_bootstrapped".to_string(),
+                    ),
+                    ServeError::Dead(r) => (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "credential_dead",
+                        r.clone(),
+                    ),
+                    ServeError::Store(_) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        String::new(),
+                    ),
+                    ServeError::Idp(_) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "idp_unavailable",
+                        String::new(),
+                    ),
+                    ServeError::Busy => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "refresh_in_progress",
+                        String::new(),
+                    ),
+                };
+                let mut body = serde_json::json!({"error": code, "message": e.to_string()});
+                if !reason.is_empty() {
+                    body["reason"] = serde_json::Value::String(reason);
+                }
+                let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+                *r.status_mut() = status;
+                let h = r.headers_mut();
+                h.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                h.insert(
+                    http::header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("no-store"),
+                );
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    h.insert(
+                        http::header::RETRY_AFTER,
+                        http::HeaderValue::from_static("1"),
+                    );
+                }
+                r
+            }
+        };
+        (resp, "access_token")
+    }
+}
+
+/// `ms` (Unix milliseconds) as RFC 3339 UTC.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({"error": code, "message": message});
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Runs the broker until SIGTERM/SIGINT: loads the config, opens the store, starts one
+/// scheduler per credential and serves the API.
+///
+/// # Errors
+/// Config, store, TLS or listen failures, with the cause.
+pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let cfg = Config::load(config_path).map_err(anyhow::Error::msg)?;
+    let broker = Broker::new(&cfg).await.map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let tls = match &cfg.tls {
+        Some(t) => Some(
+            tls_acceptor(&cfg.base.join(&t.cert), &cfg.base.join(&t.key))
+                .map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    tracing::info!(addr = %listener.local_addr()?, credentials = broker.creds.len(), tls = tls.is_some(), "iron-token-broker listening");
+    for cred in broker.creds.values() {
+        tokio::spawn(broker.clone().schedule(cred.clone()));
+    }
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            () = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let broker = broker.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => {
+                    if let Ok(Ok(s)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    {
+                        serve_conn(broker, s).await;
+                    }
+                }
+                None => serve_conn(broker, tcp).await,
+            }
+        });
+    }
+    tracing::info!("iron-token-broker stopping");
+    Ok(())
+}
+
+async fn serve_conn<S>(broker: Arc<Broker>, io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let broker = broker.clone();
+        async move {
+            let (resp, endpoint) = broker.route(&req).await;
+            broker
+                .metrics
+                .http
+                .get_or_create(&HttpLabels {
+                    endpoint: endpoint.to_string(),
+                    status: resp.status().as_u16(),
+                })
+                .inc();
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+        .await;
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("tls.cert {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls.cert {}: {e}", cert.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("tls.key {}: {e}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("tls: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Opens the store of `config_path` for the admin commands (no daemon needed).
+///
+/// # Errors
+/// Config or store failures.
+pub async fn open_store(config_path: &Path) -> Result<(Config, Store), String> {
+    let cfg = Config::load(config_path)?;
+    let sources = SourceResolver::new(Arc::new(crate::ProcessEnv));
+    let store = Store::open(&cfg.store_config(&sources)?)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((cfg, store))
+}
