@@ -464,12 +464,23 @@ impl PgStore {
             client: tokio::sync::Mutex::new(None),
         };
         let c = s.client().await?;
-        // Several brokers may start at once: serialize schema creation.
-        c.batch_execute(&format!(
-            "SELECT pg_advisory_lock(7311); {SCHEMA}; SELECT pg_advisory_unlock(7311);"
-        ))
-        .await
-        .map_err(pg_err)?;
+        // A broker role may lack CREATE: only create the table when it is missing, and
+        // serialize creation when several brokers start at once.
+        let exists: bool = c
+            .query_one(
+                "SELECT to_regclass('iron_broker_credentials') IS NOT NULL",
+                &[],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        if !exists {
+            c.batch_execute(&format!(
+                "SELECT pg_advisory_lock(7311); {SCHEMA}; SELECT pg_advisory_unlock(7311);"
+            ))
+            .await
+            .map_err(pg_err)?;
+        }
         Ok(s)
     }
 
@@ -601,7 +612,14 @@ fn parse_row(id: &str, text: &str) -> Result<Record, StoreError> {
 
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     // tokio-postgres errors never include the password of the DSN.
-    StoreError::Io(format!("postgres: {e}"))
+    match e.as_db_error() {
+        Some(db) => StoreError::Io(format!(
+            "postgres: {} (SQLSTATE {})",
+            db.message(),
+            db.code().code()
+        )),
+        None => StoreError::Io(format!("postgres: {e}")),
+    }
 }
 
 #[cfg(test)]

@@ -427,6 +427,13 @@ impl TokenCache {
                 fields: [("keyfile".to_string(), read("keyfile", &g.keyfile)?)].into(),
                 headers: Vec::new(),
             }),
+            SecretKind::Brokered(b) => Ok(Inputs {
+                fields: match &b.token {
+                    Some(t) => [("broker.token".to_string(), read("broker.token", t)?)].into(),
+                    None => Default::default(),
+                },
+                headers: Vec::new(),
+            }),
             SecretKind::Static(_) | SecretKind::Pg(_) => {
                 Err(MintError::Source("not a token secret".into()))
             }
@@ -504,10 +511,75 @@ async fn mint(
             ];
             post_form(&**transport, &key.token_uri, &form, &[]).await
         }
+        SecretKind::Brokered(b) => broker_token(&**transport, b, inputs).await,
         SecretKind::Static(_) | SecretKind::Pg(_) => {
             Err(MintError::Source("not a token secret".into()))
         }
     }
+}
+
+/// Asks `iron-token-broker` for the credential's access token
+/// (`GET {url}/v1/credentials/{id}/access_token` → `{access_token, expires_in}`). Every
+/// failure is reported as retryable: a dead credential can be revived at the broker, so
+/// the proxy never caches a broker refusal as terminal.
+async fn broker_token(
+    transport: &dyn TokenTransport,
+    b: &iron_policy::BrokeredSpec,
+    inputs: &Inputs,
+) -> Result<Token, MintError> {
+    let mut req = http::Request::get(b.access_token_url())
+        .header(http::header::ACCEPT, "application/json")
+        .body(Vec::new())
+        .map_err(|_| MintError::Key(format!("invalid broker url {}", b.url)))?;
+    if let Some(t) = inputs.fields.get("broker.token") {
+        let mut v = http::HeaderValue::from_bytes(&[b"Bearer ".as_slice(), t.expose()].concat())
+            .map_err(|_| MintError::Source("broker.token is not a valid header value".into()))?;
+        v.set_sensitive(true);
+        req.headers_mut().insert(http::header::AUTHORIZATION, v);
+    }
+    let resp = transport
+        .send(req)
+        .await
+        .map_err(|e| MintError::Transport(format!("broker: {}", e.0)))?;
+    #[derive(serde::Deserialize)]
+    struct Ok_ {
+        access_token: String,
+        expires_in: f64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Err_ {
+        error: Option<String>,
+        reason: Option<String>,
+    }
+    let status = resp.status().as_u16();
+    if status != 200 {
+        let e: Option<Err_> = serde_json::from_slice(resp.body()).ok();
+        let code = e
+            .as_ref()
+            .and_then(|e| e.error.as_deref())
+            .map(sanitize_code)
+            .unwrap_or_default();
+        let reason = e
+            .as_ref()
+            .and_then(|e| e.reason.as_deref())
+            .map(sanitize_code)
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        return Err(MintError::Transport(format!(
+            "broker answered {status} {code}{reason}"
+        )));
+    }
+    let ok: Ok_ = serde_json::from_slice(resp.body()).map_err(|_| MintError::Malformed)?;
+    if ok.access_token.is_empty() || !ok.expires_in.is_finite() || ok.expires_in <= 0.0 {
+        return Err(MintError::Malformed);
+    }
+    let lifetime = Duration::from_secs_f64(ok.expires_in.min(86_400.0));
+    Ok(Token {
+        value: SecretValue::new(ok.access_token.into_bytes()),
+        expires_at: Instant::now() + lifetime,
+        lifetime,
+        refresh_token: None,
+    })
 }
 
 /// The `oauth2` crate's HTTP client over a [`TokenTransport`], adding the
@@ -905,7 +977,7 @@ pub fn validate_inputs(secret: &Secret, sources: &SourceResolver) -> Vec<String>
                 out.push(e.to_string());
             }
         }
-        SecretKind::Static(_) | SecretKind::Pg(_) => {}
+        SecretKind::Static(_) | SecretKind::Pg(_) | SecretKind::Brokered(_) => {}
     }
     out
 }

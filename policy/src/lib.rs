@@ -24,7 +24,7 @@ pub use error::{Diagnostic, PolicyErrors, Severity};
 pub use host::{HostPattern, PortSpec, normalize_host};
 pub use matcher::{Applied, Location, Plan, PlanError, RequestView, Rewritten, SecretValues};
 pub use model::{
-    ClientAuth, Egress, GcpSpec, Grant, HeaderSelector, HttpMode, InjectFormatter, InjectTarget,
-    Limits, OAuthSpec, PgSpec, Policy, Pos, ProxySettings, Secret, SecretKind, SourceKind,
-    SourceRef, Stub, TokenEndpoint,
+    BrokeredSpec, ClientAuth, Egress, GcpSpec, Grant, HeaderSelector, HttpMode, InjectFormatter,
+    InjectTarget, Limits, OAuthSpec, PgSpec, Policy, Pos, ProxySettings, Secret, SecretKind,
+    SourceKind, SourceRef, Stub, TokenEndpoint,
 };

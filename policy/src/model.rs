@@ -627,6 +627,30 @@ pub enum SecretKind {
     Gcp(GcpSpec),
     /// `type = "pg_dsn"`: a Postgres relay.
     Pg(PgSpec),
+    /// `type = "brokered_token"`: an access token served by `iron-token-broker`.
+    Brokered(BrokeredSpec),
+}
+
+/// `type = "brokered_token"` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokeredSpec {
+    /// The broker's credential id (default: the secret's name).
+    pub credential: String,
+    /// The broker's base URL: `https://…`, or `http://` on a loopback address.
+    pub url: String,
+    /// Bearer token for the broker, as a secret reference.
+    pub token: Option<SourceRef>,
+}
+
+impl BrokeredSpec {
+    /// `GET` URL of the access token: `{url}/v1/credentials/{credential}/access_token`.
+    pub fn access_token_url(&self) -> String {
+        format!(
+            "{}/v1/credentials/{}/access_token",
+            self.url.trim_end_matches('/'),
+            self.credential
+        )
+    }
 }
 
 /// A request the proxy answers itself so sandbox SDKs holding stub credentials can finish
@@ -672,6 +696,7 @@ impl Secret {
             SecretKind::OAuth(_) => "oauth_token",
             SecretKind::Gcp(_) => "gcp_auth",
             SecretKind::Pg(_) => "pg_dsn",
+            SecretKind::Brokered(_) => "brokered_token",
         }
     }
 
@@ -691,6 +716,7 @@ impl Secret {
                 .collect(),
             SecretKind::Gcp(g) => vec![("keyfile", &g.keyfile)],
             SecretKind::Pg(p) => vec![("source", &p.source)],
+            SecretKind::Brokered(b) => b.token.iter().map(|t| ("broker.token", t)).collect(),
         }
     }
 
@@ -919,7 +945,7 @@ impl Policy {
                         return Some((i, Stub::GcpMetadata));
                     }
                 }
-                SecretKind::Static(_) | SecretKind::Pg(_) => {}
+                SecretKind::Static(_) | SecretKind::Pg(_) | SecretKind::Brokered(_) => {}
             }
         }
         None
@@ -930,7 +956,7 @@ impl Policy {
         self.secrets.iter().any(|s| match &s.kind {
             SecretKind::OAuth(o) => o.token_endpoint.host == host && o.token_endpoint.port == port,
             SecretKind::Gcp(_) => host == GCP_TOKEN_HOST && port == 443,
-            SecretKind::Static(_) | SecretKind::Pg(_) => false,
+            SecretKind::Static(_) | SecretKind::Pg(_) | SecretKind::Brokered(_) => false,
         })
     }
 
@@ -1331,21 +1357,15 @@ impl Cx<'_> {
             Some(("oauth_token", _)) => "oauth_token",
             Some(("gcp_auth", _)) => "gcp_auth",
             Some(("pg_dsn", _)) => "pg_dsn",
+            Some(("brokered_token", _)) => "brokered_token",
             None => {
                 self.error(name_at, format!("secret `{name_s}` has no `type`"));
-                return None;
-            }
-            Some((t @ "brokered_token", at)) => {
-                self.error(
-                    at,
-                    format!("secret `{name_s}`: type `{t}` is not supported yet"),
-                );
                 return None;
             }
             Some((other, at)) => {
                 self.error(
                     at,
-                    format!("secret `{name_s}`: unknown type `{other}`; expected \"http\", \"oauth_token\", \"gcp_auth\" or \"pg_dsn\""),
+                    format!("secret `{name_s}`: unknown type `{other}`; expected \"http\", \"oauth_token\", \"gcp_auth\", \"pg_dsn\" or \"brokered_token\""),
                 );
                 return None;
             }
@@ -1408,6 +1428,11 @@ impl Cx<'_> {
                 self.token_mode(raw, &name_s),
                 self.oauth(raw, &name_s, name_at).map(SecretKind::OAuth),
             ),
+            "brokered_token" => (
+                self.token_mode(raw, &name_s),
+                self.brokered(raw, &name_s, name_at)
+                    .map(SecretKind::Brokered),
+            ),
             _ => (
                 self.token_mode(raw, &name_s),
                 self.gcp(raw, &name_s, name_at).map(SecretKind::Gcp),
@@ -1458,6 +1483,8 @@ impl Cx<'_> {
             ("settings", at(&raw.settings)),
             ("client_tls", at(&raw.client_tls)),
             ("max_connections", at(&raw.max_connections)),
+            ("credential", at(&raw.credential)),
+            ("broker", at(&raw.broker)),
             ("hosts", if ty == "pg_dsn" { at(&raw.hosts) } else { None }),
             (
                 "inject_header",
@@ -1513,6 +1540,7 @@ impl Cx<'_> {
                 "audience",
                 "client_auth",
             ],
+            "brokered_token" => &["credential", "broker"],
             _ => &["keyfile", "scopes", "subject"],
         };
         for (key, pos) in present {
@@ -1754,6 +1782,61 @@ impl Cx<'_> {
                 .unwrap_or_default(),
             client_tls: raw.client_tls.as_ref().is_none_or(|c| *c.get_ref()),
             max_connections,
+        })
+    }
+
+    fn brokered(&mut self, raw: &RawSecret, name: &str, name_at: usize) -> Option<BrokeredSpec> {
+        let Some(b) = &raw.broker else {
+            self.error(
+                name_at,
+                format!("secret `{name}`: brokered_token needs `broker = {{ url = \"…\" }}`"),
+            );
+            return None;
+        };
+        let b = b.get_ref();
+        let url = b.url.get_ref().trim_end_matches('/').to_string();
+        let loopback_http = url.strip_prefix("http://").is_some_and(|rest| {
+            let authority = rest.split('/').next().unwrap_or_default();
+            let host = authority
+                .rsplit_once(':')
+                .map_or(authority, |(h, _)| h)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        if !(url.starts_with("https://") || loopback_http) {
+            self.error(
+                b.url.span().start,
+                format!(
+                    "secret `{name}`: broker url must be https://, or http:// on a loopback address"
+                ),
+            );
+        }
+        let token = b.token.as_ref().and_then(|t| self.source(t, name));
+        let credential = match &raw.credential {
+            Some(c)
+                if c.get_ref().is_empty()
+                    || !c
+                        .get_ref()
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) =>
+            {
+                self.error(
+                    c.span().start,
+                    format!("secret `{name}`: `credential` must be [A-Za-z0-9-_.]+"),
+                );
+                return None;
+            }
+            Some(c) => c.get_ref().clone(),
+            None => name.to_string(),
+        };
+        Some(BrokeredSpec {
+            credential,
+            url,
+            token,
         })
     }
 

@@ -103,6 +103,16 @@ pub(crate) struct RawSecret {
     pub settings: Option<Spanned<BTreeMap<String, String>>>,
     pub client_tls: Option<Spanned<bool>>,
     pub max_connections: Option<Spanned<u64>>,
+    // brokered_token
+    pub credential: Option<Spanned<String>>,
+    pub broker: Option<Spanned<RawBroker>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBroker {
+    pub url: Spanned<String>,
+    pub token: Option<Spanned<RawSource>>,
 }
 
 #[derive(Debug, Deserialize)]

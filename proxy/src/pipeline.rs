@@ -229,17 +229,21 @@ async fn exchange(
             SecretKind::Pg(_) => Err(ProxyError::CredentialUnavailable {
                 secret: secret.name.clone(),
             }),
-            SecretKind::OAuth(_) | SecretKind::Gcp(_) => {
+            SecretKind::OAuth(_) | SecretKind::Gcp(_) | SecretKind::Brokered(_) => {
                 rt.tokens.token(secret).await.map_err(|e| {
                     warn!(secret = %secret.name, error = %e, "no access token; refusing request");
                     rt.secret_failed(&secret.name, &e.to_string());
+                    let brokered = matches!(secret.kind, SecretKind::Brokered(_));
                     match e {
-                        TokenError::Pending => ProxyError::CredentialPending {
+                        // The broker is the one minting: a slow broker is unavailable.
+                        TokenError::Pending if !brokered => ProxyError::CredentialPending {
                             secret: secret.name.clone(),
                         },
-                        TokenError::Unavailable { .. } => ProxyError::CredentialUnavailable {
-                            secret: secret.name.clone(),
-                        },
+                        TokenError::Pending | TokenError::Unavailable { .. } => {
+                            ProxyError::CredentialUnavailable {
+                                secret: secret.name.clone(),
+                            }
+                        }
                     }
                 })
             }

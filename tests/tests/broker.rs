@@ -1,0 +1,709 @@
+//! End-to-end: `iron-token-broker` (as a process) against a fake IdP that rotates refresh
+//! tokens and revokes the family on reuse, with iron-proxy instances fetching access tokens
+//! from it (`brokered_token`).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a failed setup step is a failed test
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use iron_proxy::client;
+use iron_proxy::origin::OriginOptions;
+use iron_tests::pgcluster::PgCluster;
+use iron_tests::rotating_idp::{self, RotatingIdp};
+use iron_tests::*;
+
+const BROKER_TOKEN: &str = "bt_REALbrokerBEARER_31";
+const BIN: &str = env!("CARGO_BIN_EXE_iron-token-broker-e2e");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A broker config in `dir` for credential `codex` at `idp`, with `store`
+/// (a TOML value) and 1 s refresh timeouts scaled for tests.
+fn write_config(dir: &Path, idp: &RotatingIdp, port: u16, store: &str) -> PathBuf {
+    std::fs::write(dir.join("idp-ca.pem"), &idp.ca_pem).unwrap();
+    let path = dir.join(format!("broker-{port}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"version = 1
+listen = "127.0.0.1:{port}"
+auth_token = {{ env = "BROKER_TOKEN" }}
+upstream_ca = ["idp-ca.pem"]
+store = {store}
+refresh_timeout_secs = 5
+
+[[credentials]]
+id = "codex"
+token_endpoint = "{url}"
+client_id = "{cid}"
+client_secret = {{ env = "BROKER_CLIENT_SECRET" }}
+scopes = ["openid", "offline_access"]
+"#,
+            url = idp.token_url(),
+            cid = rotating_idp::CLIENT_ID,
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn broker_cmd(config: &Path, extra_env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("BROKER_TOKEN", BROKER_TOKEN)
+        .env("BROKER_CLIENT_SECRET", rotating_idp::CLIENT_SECRET)
+        .env("IRON_TOKEN_BROKER_LOG", "debug");
+    for (k, v) in extra_env {
+        c.env(k, v);
+    }
+    c
+}
+
+/// A broker process; its stderr is collected for leak checks.
+struct Broker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Broker {
+    fn start(config: &Path, port: u16, extra_env: &[(&str, &str)]) -> Self {
+        let log = config.with_extension(format!(
+            "log-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let child = broker_cmd(config, extra_env)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn broker");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "broker did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, log }
+    }
+
+    fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cli(config: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env("BROKER_TOKEN", BROKER_TOKEN)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `GET /v1/credentials/codex/access_token` with the bearer: (status, body).
+async fn access_token(port: u16) -> (u16, serde_json::Value) {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-m", "30", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("Authorization: Bearer {BROKER_TOKEN}"))
+        .arg(format!(
+            "http://127.0.0.1:{port}/v1/credentials/codex/access_token"
+        ))
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+const PROXY_POLICY: &str = r#"version = 1
+
+[proxy]
+listen = "127.0.0.1:0"
+allow_cidrs = ["127.0.0.1/32"]
+upstream_ca = ["origin-ca.pem"]
+resolve = { "api.codex.test" = "127.0.0.1" }
+
+[[secrets]]
+name = "CODEX_TOKEN"
+type = "brokered_token"
+credential = "codex"
+broker = { url = "http://127.0.0.1:{BROKER_PORT}", token = { env = "BROKER_TOKEN" } }
+hosts = ["api.codex.test:{PORT}"]
+"#;
+
+fn proxy_env() -> HashMap<String, String> {
+    [("BROKER_TOKEN".to_string(), BROKER_TOKEN.to_string())].into()
+}
+
+/// Drives `workers` keep-alive loops through `proxy` until `stop`; counts statuses.
+fn load(
+    p: &InProcess,
+    port: u16,
+    workers: usize,
+    stop: &Arc<AtomicBool>,
+    ok: &Arc<AtomicUsize>,
+    failed: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let authority = format!("api.codex.test:{port}");
+    (0..workers)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let (addr, ca, authority) =
+                (p.addr(), p.ca.ca.cert_pem().to_string(), authority.clone());
+            tokio::spawn(async move {
+                let mut send = client::tunnel(addr, &authority, "api.codex.test", &ca)
+                    .await
+                    .expect("tunnel");
+                while !stop.load(Ordering::Relaxed) {
+                    let req = Request::get("/v1/responses")
+                        .header("host", &authority)
+                        .header("authorization", "Bearer CODEX_TOKEN")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    match client::fetch(&mut send, req).await {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            send = client::tunnel(addr, &authority, "api.codex.test", &ca)
+                                .await
+                                .expect("tunnel");
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Waits `dur` while checking, every 100 ms, that each request the origin saw since the
+/// last check carried a token the IdP issued and that is valid now (never the placeholder,
+/// never nothing, never expired or revoked). `checked` counts the requests checked.
+async fn run_checking(w: &World, idp: &RotatingIdp, dur: Duration, checked: &mut usize) {
+    let end = Instant::now() + dur;
+    loop {
+        let recs = w.origin.records();
+        for r in &recs[*checked..] {
+            let auth = r.header("authorization").unwrap_or_default();
+            let token = auth.strip_prefix("Bearer ").unwrap_or_default();
+            assert!(
+                token.starts_with("at_REAL_"),
+                "request forwarded without an access token: {auth:?}"
+            );
+            assert!(
+                idp.is_valid_access(token),
+                "request forwarded with an expired or revoked token"
+            );
+        }
+        *checked = recs.len();
+        if Instant::now() >= end {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_share_one_broker_without_reuse_and_nothing_leaks() {
+    let idp = RotatingIdp::start().await;
+    idp.state.lifetime_secs.store(1, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+
+    // Not bootstrapped yet: 422 with the reason.
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["reason"], "not_bootstrapped");
+    // Bootstrap from stdin, with the daemon running.
+    let (ok, out, err) = cli(
+        &config,
+        &["credentials", "set", "--id", "codex"],
+        Some(&format!("{}\n", rotating_idp::SEED_REFRESH)),
+    );
+    assert!(ok, "{err}");
+    assert!(!out.contains("rt_REAL"));
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["access_token"]
+            .as_str()
+            .unwrap()
+            .starts_with("at_REAL_")
+    );
+    assert!(body["expires_in"].as_f64().unwrap() > 0.0);
+    // Auth, unknown id, method.
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!(
+            "http://127.0.0.1:{bport}/v1/credentials/codex/access_token"
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+        .arg(format!("Authorization: Bearer {BROKER_TOKEN}"))
+        .arg(format!(
+            "http://127.0.0.1:{bport}/v1/credentials/nope/access_token"
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+
+    // Two proxies × 50 concurrent keep-alive loops for 6 s across ~6 token expiries.
+    let w = World::new(
+        &PROXY_POLICY.replace("{BROKER_PORT}", &bport.to_string()),
+        OriginOptions::default(),
+    )
+    .await;
+    let p1 = w.proxy(proxy_env()).await;
+    let p2 = w.proxy(proxy_env()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut loops = load(&p1, w.port(), 50, &stop, &ok, &failed);
+    loops.extend(load(&p2, w.port(), 50, &stop, &ok, &failed));
+    let mut seen = 0;
+    run_checking(&w, &idp, Duration::from_secs(6), &mut seen).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    let st = &idp.state;
+    assert_eq!(
+        st.reuse_events.load(Ordering::SeqCst),
+        0,
+        "refresh token reuse detected"
+    );
+    assert_eq!(st.revoked_families.load(Ordering::SeqCst), 0);
+    let refreshes = st.refreshes.load(Ordering::SeqCst);
+    assert!(
+        (3..=20).contains(&refreshes),
+        "{refreshes} refreshes in 6 s with 1 s tokens"
+    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed");
+    run_checking(&w, &idp, Duration::ZERO, &mut seen).await;
+    assert!(
+        seen > 100 && seen == ok.load(Ordering::Relaxed),
+        "{seen} requests"
+    );
+
+    // Metrics and `credentials list` show state, never a token; neither do the logs.
+    let metrics = Command::new("curl")
+        .arg(format!("http://127.0.0.1:{bport}/metrics"))
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout).into_owned();
+    assert!(
+        metrics.contains("broker_refresh_attempts_total{credential=\"codex\",result=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("broker_token_time_to_expiry_seconds"),
+        "{metrics}"
+    );
+    let (ok_list, list, err) = cli(&config, &["credentials", "list"], None);
+    assert!(ok_list, "{err}");
+    assert!(list.contains("codex") && list.contains(" ok "), "{list}");
+    let log = b.kill();
+    for text in [&metrics, &list, &log] {
+        assert!(
+            !text.contains("rt_REAL")
+                && !text.contains("at_REAL")
+                && !text.contains(BROKER_TOKEN)
+                && !text.contains(rotating_idp::CLIENT_SECRET),
+            "a token leaked:\n{text}"
+        );
+    }
+    let audit = serde_json::to_string(&p1.audit.records()).unwrap();
+    assert!(!audit.contains("at_REAL") && !audit.contains(BROKER_TOKEN));
+}
+
+/// A broker killed at each step of a rotation, then restarted: the credential survives, or
+/// is reported dead with a reason — never silently dead. The file store is never torn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_at_each_rotation_step_is_survived_or_reported() {
+    for point in [
+        "after_intent",
+        "after_idp",
+        "after_tmp_write",
+        "after_commit",
+    ] {
+        let idp = RotatingIdp::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let bport = free_port();
+        let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+        std::fs::write(dir.path().join("seed"), rotating_idp::SEED_REFRESH).unwrap();
+        let (ok, _, err) = cli(
+            &config,
+            &[
+                "credentials",
+                "set",
+                "--id",
+                "codex",
+                "--refresh-token-file",
+                dir.path().join("seed").to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(ok, "{err}");
+
+        // The scheduler refreshes at start: the broker reaches the crash point by itself.
+        let status = broker_cmd(&config, &[("IRON_TOKEN_BROKER_CRASH_AT", point)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("broker");
+        assert!(
+            !status.success(),
+            "{point}: the broker should have died mid-rotation"
+        );
+        // The record is whole JSON whatever the crash point.
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("creds/codex.json")).unwrap())
+                .unwrap_or_else(|e| panic!("{point}: torn record: {e}"));
+        let b = Broker::start(&config, bport, &[]);
+        let (status, body) = access_token(bport).await;
+        let (_, list, _) = cli(&config, &["credentials", "list"], None);
+        let reuse = idp.state.reuse_events.load(Ordering::SeqCst);
+        match point {
+            "after_commit" | "after_tmp_write" => {
+                // after_commit: the rotated token was durable before the crash. after_tmp_write
+                // fires on the first write (the intent): the rename never happened, the old
+                // record is intact and the IdP was not called. Either way: served, no reuse.
+                assert_eq!(status, 200, "{point}: {body}");
+                assert!(rec.get("in_flight").is_none());
+                assert_eq!(reuse, 0);
+            }
+            _ => {
+                // A rotation may have happened and its result is lost: reported, not replayed.
+                assert_eq!(status, 422, "{point}: {body}");
+                assert_eq!(body["reason"], "rotation_interrupted", "{point}");
+                assert!(list.contains("rotation_interrupted"), "{list}");
+                assert_eq!(
+                    reuse, 0,
+                    "{point}: the broker replayed a possibly rotated token"
+                );
+                let metrics = Command::new("curl")
+                    .arg(format!("http://127.0.0.1:{bport}/metrics"))
+                    .output()
+                    .unwrap();
+                assert!(String::from_utf8_lossy(&metrics.stdout).contains(
+                    "broker_credential_dead{credential=\"codex\",reason=\"rotation_interrupted\"} 1"
+                ));
+            }
+        }
+        if point == "after_intent" {
+            // The IdP was never called: reviving keeps the family alive.
+            assert_eq!(idp.state.refreshes.load(Ordering::SeqCst), 0);
+            let (ok, _, err) = cli(&config, &["credentials", "revive", "--id", "codex"], None);
+            assert!(ok, "{err}");
+            let (status, body) = access_token(bport).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        if point == "after_idp" {
+            // Re-consent: a new refresh token from the IdP brings it back.
+            let fresh = idp.new_family();
+            let (ok, _, err) = cli(
+                &config,
+                &["credentials", "set", "--id", "codex"],
+                Some(&fresh),
+            );
+            assert!(ok, "{err}");
+            let (status, body) = access_token(bport).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let log = b.kill();
+        assert!(
+            !log.contains("rt_REAL") && !log.contains("at_REAL"),
+            "{log}"
+        );
+    }
+}
+
+/// SIGKILL at random moments under load with 2 s tokens: no request is forwarded without a
+/// valid token, and every family revocation is reported as a dead credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_sigkills_under_load_never_forward_without_a_token() {
+    let idp = RotatingIdp::start().await;
+    idp.state.lifetime_secs.store(2, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+    let (ok, _, err) = cli(
+        &config,
+        &["credentials", "set", "--id", "codex"],
+        Some(rotating_idp::SEED_REFRESH),
+    );
+    assert!(ok, "{err}");
+    let w = World::new(
+        &PROXY_POLICY.replace("{BROKER_PORT}", &bport.to_string()),
+        OriginOptions::default(),
+    )
+    .await;
+    let p = w.proxy(proxy_env()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let loops = load(&p, w.port(), 8, &stop, &ok, &failed);
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut seen = 0;
+    let mut seed = 0x9e37_79b9_u64;
+    while started.elapsed() < Duration::from_secs(15) {
+        let b = Broker::start(&config, bport, &[]);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        run_checking(
+            &w,
+            &idp,
+            Duration::from_millis(300 + seed % 1700),
+            &mut seen,
+        )
+        .await;
+        let log = b.kill(); // SIGKILL
+        assert!(
+            !log.contains("rt_REAL") && !log.contains("at_REAL"),
+            "{log}"
+        );
+        kills += 1;
+    }
+    let b = Broker::start(&config, bport, &[]);
+    run_checking(&w, &idp, Duration::from_secs(1), &mut seen).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    run_checking(&w, &idp, Duration::ZERO, &mut seen).await;
+    let revoked = idp.state.revoked_families.load(Ordering::SeqCst);
+    let (status, body) = access_token(bport).await;
+    if revoked > 0 {
+        // Only acceptable when reported: the credential is dead with a reason.
+        assert_eq!(
+            status, 422,
+            "family revoked but the broker says {status} {body}"
+        );
+    } else {
+        assert_eq!(status, 200, "{body}");
+    }
+    assert!(kills >= 5 && seen > 50, "{kills} kills, {seen} requests");
+    drop(b);
+}
+
+/// Two brokers on one Postgres store, two proxies: one refresh per expiry, zero reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_brokers_on_postgres_refresh_once_per_expiry() {
+    let Some(pg) = PgCluster::start() else { return };
+    pg.psql("create database broker").unwrap();
+    let dsn = format!(
+        "postgresql://postgres:{}@127.0.0.1:{}/broker",
+        iron_tests::pgcluster::SUPER_PASSWORD,
+        pg.port
+    );
+    let idp = RotatingIdp::start().await;
+    idp.state.lifetime_secs.store(1, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dsn"), &dsn).unwrap();
+    let store = "{ postgres = { dsn = { file = \"dsn\" } } }";
+    let (port_a, port_b) = (free_port(), free_port());
+    let config_a = write_config(dir.path(), &idp, port_a, store);
+    let config_b = write_config(dir.path(), &idp, port_b, store);
+    let (ok, _, err) = cli(
+        &config_a,
+        &["credentials", "set", "--id", "codex"],
+        Some(rotating_idp::SEED_REFRESH),
+    );
+    assert!(ok, "{err}");
+    let a = Broker::start(&config_a, port_a, &[]);
+    let b = Broker::start(&config_b, port_b, &[]);
+    let w = World::new(
+        &PROXY_POLICY.replace("{BROKER_PORT}", &port_a.to_string()),
+        OriginOptions::default(),
+    )
+    .await;
+    let pa = w.proxy(proxy_env()).await;
+    // The second proxy asks the second broker.
+    let policy_b = w.dir.path().join("policy-b.toml");
+    std::fs::write(
+        &policy_b,
+        std::fs::read_to_string(&w.policy_path)
+            .unwrap()
+            .replace(&format!(":{port_a}\""), &format!(":{port_b}\"")),
+    )
+    .unwrap();
+    let pb = {
+        let policy = Arc::new(iron_policy::Policy::load(&policy_b).unwrap());
+        let ca = iron_proxy::state::load_ca(&policy, &w.dir.path().join("state")).unwrap();
+        let audit = Arc::new(iron_proxy::MemoryAudit::default());
+        let rt = iron_proxy::Runtime::new(
+            policy.clone(),
+            ca.ca.clone(),
+            Arc::new(proxy_env()),
+            audit.clone(),
+        )
+        .unwrap();
+        let running = iron_proxy::start(rt.clone(), policy.proxy.listen)
+            .await
+            .unwrap();
+        InProcess {
+            running,
+            ca,
+            audit,
+            rt,
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let mut loops = load(&pa, w.port(), 30, &stop, &ok, &failed);
+    loops.extend(load(&pb, w.port(), 30, &stop, &ok, &failed));
+    let mut seen = 0;
+    run_checking(&w, &idp, Duration::from_secs(8), &mut seen).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+    run_checking(&w, &idp, Duration::ZERO, &mut seen).await;
+    let st = &idp.state;
+    assert_eq!(
+        st.reuse_events.load(Ordering::SeqCst),
+        0,
+        "refresh token reuse detected"
+    );
+    let refreshes = st.refreshes.load(Ordering::SeqCst);
+    // 8 s of 1 s tokens refreshed ~0.3 s early: about 11; two uncoordinated brokers would
+    // make about twice that.
+    assert!(
+        (5..=16).contains(&refreshes),
+        "{refreshes} refreshes in 8 s"
+    );
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(seen > 100, "{seen} requests");
+    let (_, list, _) = cli(&config_b, &["credentials", "list"], None);
+    assert!(
+        list.contains("codex") && !list.contains("rt_REAL"),
+        "{list}"
+    );
+    drop((a, b));
+}
+
+/// A store the broker cannot write: the IdP is not called, the error is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwritable_store_means_no_refresh_attempt() {
+    let Some(pg) = PgCluster::start() else { return };
+    pg.psql("create database broker").unwrap();
+    let idp = RotatingIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin_dsn = format!(
+        "postgresql://postgres:{}@127.0.0.1:{}/broker",
+        iron_tests::pgcluster::SUPER_PASSWORD,
+        pg.port
+    );
+    std::fs::write(dir.path().join("admin-dsn"), &admin_dsn).unwrap();
+    let admin = write_config(
+        dir.path(),
+        &idp,
+        1,
+        "{ postgres = { dsn = { file = \"admin-dsn\" } } }",
+    );
+    let (ok, _, err) = cli(
+        &admin,
+        &["credentials", "set", "--id", "codex"],
+        Some(rotating_idp::SEED_REFRESH),
+    );
+    assert!(ok, "{err}");
+    // A broker role that may read but not write the table.
+    let out = Command::new("psql")
+        .arg(&admin_dsn)
+        .args(["-X", "-q", "-c", "create role reader login password 'reader_pw_1'; grant select on iron_broker_credentials to reader"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(
+        dir.path().join("reader-dsn"),
+        format!(
+            "postgresql://reader:reader_pw_1@127.0.0.1:{}/broker",
+            pg.port
+        ),
+    )
+    .unwrap();
+    let bport = free_port();
+    let config = write_config(
+        dir.path(),
+        &idp,
+        bport,
+        "{ postgres = { dsn = { file = \"reader-dsn\" } } }",
+    );
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "store_unavailable");
+    assert_eq!(
+        idp.state.requests.load(Ordering::SeqCst),
+        0,
+        "the IdP was called without a durable intent"
+    );
+    let log = b.kill();
+    assert!(log.contains("credential store"), "{log}");
+}
