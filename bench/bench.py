@@ -157,10 +157,10 @@ def wait_port(port, what, log):
     raise SystemExit(f"{what} did not start; see {log}")
 
 
-def pgbench(dsn, duration, clients):
+def pgbench(dsn, duration, clients, mode):
     env = dict(os.environ)
     env.pop("PGPASSWORD", None)
-    out = subprocess.run(["pgbench", "-n", "-S", "-T", str(duration), "-c", str(clients), "-j", "2", dsn],
+    out = subprocess.run(["pgbench", "-n", mode, "-T", str(duration), "-c", str(clients), "-j", "2", dsn],
                          capture_output=True, text=True, env=env)
     r = {"tps": 0.0, "latency_ms": None, "failed": None, "exit": out.returncode}
     for line in out.stdout.splitlines():
@@ -248,22 +248,23 @@ pidfile = {d}/pgbouncer.pid
             wait_port(bouncer_port, "pgbouncer", f"{d}/pgbouncer.log")
             targets["pgbouncer (session pool)"] = f"postgresql://app:{PG_PASSWORD}@127.0.0.1:{bouncer_port}/app?sslmode=disable"
         clients = 8
-        runs = {t: [] for t in targets}
-        for rep in range(a.reps):
-            for t, dsn in targets.items():
-                r = pgbench(dsn, a.pg_duration, clients)
-                runs[t].append(r)
-                print(f"pgbench -S c={clients} {t:26} rep {rep + 1}: {r['tps']:9.0f} tps "
-                      f"{r['latency_ms']} ms failed={r['failed']} {r.get('error', '')}", file=sys.stderr)
         rows = []
-        base = statistics.median(x["tps"] for x in runs["direct"])
-        for t, rs in runs.items():
-            tps = statistics.median(x["tps"] for x in rs)
-            lat = [x["latency_ms"] for x in rs if x["latency_ms"] is not None]
-            rows.append({"target": t, "median_tps": tps, "ratio_to_direct": tps / base if base else None,
-                         "median_latency_ms": statistics.median(lat) if lat else None,
-                         "failed": sum(x["failed"] or 0 for x in rs),
-                         "errors": [x["error"] for x in rs if x.get("error")]})
+        for mode in ("-S", "-N"):  # select-only; simple-update (TPC-B without branch/teller updates)
+            runs = {t: [] for t in targets}
+            for rep in range(a.reps):
+                for t, dsn in targets.items():
+                    r = pgbench(dsn, a.pg_duration, clients, mode)
+                    runs[t].append(r)
+                    print(f"pgbench {mode} c={clients} {t:26} rep {rep + 1}: {r['tps']:9.0f} tps "
+                          f"{r['latency_ms']} ms failed={r['failed']} {r.get('error', '')}", file=sys.stderr)
+            base = statistics.median(x["tps"] for x in runs["direct"])
+            for t, rs in runs.items():
+                tps = statistics.median(x["tps"] for x in rs)
+                lat = [x["latency_ms"] for x in rs if x["latency_ms"] is not None]
+                rows.append({"mode": mode, "target": t, "median_tps": tps, "ratio_to_direct": tps / base if base else None,
+                             "median_latency_ms": statistics.median(lat) if lat else None,
+                             "failed": sum(x["failed"] or 0 for x in rs),
+                             "errors": [x["error"] for x in rs if x.get("error")]})
         return {"clients": clients, "duration_s": a.pg_duration, "scale": 10, "rows": rows}
     finally:
         for p in reversed(procs[1:]):
@@ -362,13 +363,13 @@ def main():
             cpu = f"{v['proxy_cpu_ms_per_request']:.3f}" if v["proxy_cpu_ms_per_request"] is not None else "–"
             md.append(f"| {row['scenario']} | {t} | {v['median_rps']:.0f} | {v['min_rps']:.0f}–{v['max_rps']:.0f} | {ratio} | {cpu} |")
     if pg:
-        md += ["", f"Postgres relay: `pgbench -n -S -c {pg['clients']} -j 2 -T {pg['duration_s']}` (scale {pg['scale']}), "
+        md += ["", f"Postgres relay: `pgbench -n -S|-N -c {pg['clients']} -j 2 -T {pg['duration_s']}` (scale {pg['scale']}), "
                    f"{a.reps} run(s) per target, interleaved; TLS off on every leg.", "",
-               "| target | median TPS | × direct | median latency ms | failed transactions | errors |",
-               "|---|---|---|---|---|---|"]
+               "| mode | target | median TPS | × direct | median latency ms | failed transactions | errors |",
+               "|---|---|---|---|---|---|---|"]
         for r in pg["rows"]:
             ratio = f"{r['ratio_to_direct']:.2f}×" if r["ratio_to_direct"] is not None else "–"
-            md.append(f"| {r['target']} | {r['median_tps']:.0f} | {ratio} | {r['median_latency_ms']} | {r['failed']} | {len(r['errors'])} |")
+            md.append(f"| {r['mode']} | {r['target']} | {r['median_tps']:.0f} | {ratio} | {r['median_latency_ms']} | {r['failed']} | {len(r['errors'])} |")
     with open(os.path.join(ROOT, "bench", "results", "latest.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
