@@ -1227,9 +1227,11 @@ mod tests {
         assert_eq!(d.sslmode, SslMode::Require);
         assert_eq!(d.require_auth, vec!["scram-sha-256", "md5"]);
         let d = Dsn::parse(
-            "host=127.0.0.1 port=5433 user=app password='it''s \\'x\\'' dbname=app sslmode=disable",
+            "host=127.0.0.1 port=5433 user=app password='it\\'s a \\\\x' dbname=app sslmode=disable",
         )
         .unwrap();
+        // libpq conninfo quoting: backslash escapes a quote or a backslash.
+        assert_eq!(d.password.as_ref().unwrap().expose(), b"it's a \\x");
         assert_eq!(
             (d.host.as_str(), d.port, d.dbname.as_str()),
             ("127.0.0.1", 5433, "app")

@@ -162,11 +162,10 @@ fn secret_rules() {
         .contains("never uses the value")
     );
     assert!(errors(&base("[[secrets]]\nname = \"TOKEN_ONE\"\ntype = \"http\"\nsource = { env = \"V\" }\nhosts = [\"b.test\"]")).join("").contains("duplicate secret name"));
-    assert!(
-        errors(&base("").replace("type = \"http\"", "type = \"pg_dsn\""))
-            .join("")
-            .contains("not supported yet")
-    );
+    // A pg_dsn secret needs `database`, and `hosts` does not belong to it.
+    let pg = errors(&base("").replace("type = \"http\"", "type = \"pg_dsn\"")).join("\n");
+    assert!(pg.contains("pg_dsn needs `database`"), "{pg}");
+    assert!(pg.contains("`hosts`"), "{pg}");
 }
 
 #[test]
