@@ -188,17 +188,26 @@ impl iron_broker::tokens::TokenTransport for ClientTransport {
             let timeout = active.policy.proxy.limits.upstream_response_header_timeout;
             let (parts, body) = req.into_parts();
             let req = http::Request::from_parts(parts, crate::body::full(bytes::Bytes::from(body)));
-            let resp = tokio::time::timeout(timeout, active.client.request(req))
+            // Headers and body under one deadline: a token endpoint that stalls mid-body is
+            // cut off like one that never answers.
+            let exchange = async {
+                let resp = active
+                    .client
+                    .request(req)
+                    .await
+                    .map_err(|e| err(classify(&e).code().to_string()))?;
+                let (parts, body) = resp.into_parts();
+                let bytes =
+                    http_body_util::Limited::new(body, iron_broker::tokens::MAX_TOKEN_RESPONSE)
+                        .collect()
+                        .await
+                        .map_err(|_| err("response body failed or too large".into()))?
+                        .to_bytes();
+                Ok(http::Response::from_parts(parts, bytes.to_vec()))
+            };
+            tokio::time::timeout(timeout, exchange)
                 .await
                 .map_err(|_| err("no response in time".into()))?
-                .map_err(|e| err(classify(&e).code().to_string()))?;
-            let (parts, body) = resp.into_parts();
-            let bytes = http_body_util::Limited::new(body, iron_broker::tokens::MAX_TOKEN_RESPONSE)
-                .collect()
-                .await
-                .map_err(|_| err("response body failed or too large".into()))?
-                .to_bytes();
-            Ok(http::Response::from_parts(parts, bytes.to_vec()))
         })
     }
 }
