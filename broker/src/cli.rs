@@ -185,9 +185,27 @@ async fn credentials(cmd: CredCommand) -> anyhow::Result<ExitCode> {
         }
         CredCommand::Revive { config, id } => {
             let (_, store) = open(&config).await?;
-            let Some(mut r) = store.load(&id).await? else {
-                anyhow::bail!("credential {id} was never bootstrapped: use `credentials set`");
+            // Read, check and write under the refresh lease, so a broker's refresh cannot
+            // run in between and a stale read never puts back an older refresh token.
+            let owner = format!("credentials-revive:{}", std::process::id());
+            let deadline = tokio::time::Instant::now() + WAIT;
+            let lease = loop {
+                if let Some(lease) = store.acquire(&id, &owner, WAIT).await? {
+                    break lease;
+                }
+                if store.load(&id).await?.is_none() {
+                    anyhow::bail!("credential {id} was never bootstrapped: use `credentials set`");
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!("credential {id} is being refreshed; try again");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             };
+            let mut r = lease.record.clone();
+            if r.state != CredState::Dead {
+                store.release(lease).await;
+                anyhow::bail!("credential {id} is not dead; nothing to revive");
+            }
             if r.dead_reason.as_deref() == Some("rotation_interrupted") {
                 eprintln!(
                     "warning: {id} died with an interrupted rotation; if the IdP rotated the token, the next refresh will be refused (and may revoke the token family)"
@@ -198,7 +216,9 @@ async fn credentials(cmd: CredCommand) -> anyhow::Result<ExitCode> {
             r.in_flight = None;
             r.generation += 1;
             r.updated_at_ms = now_ms();
-            store.put(&r, WAIT).await?;
+            let written = store.write(&lease, &r).await;
+            store.release(lease).await;
+            written?;
             println!("credential {id}: revived");
             Ok(ExitCode::SUCCESS)
         }

@@ -184,6 +184,12 @@ impl Config {
                     c.id
                 )));
             }
+            if c.default_lifetime_secs == Some(0) {
+                return Err(err(format!(
+                    "credential `{}`: default_lifetime_secs must be at least 1",
+                    c.id
+                )));
+            }
             if let Some(f) = c.early_refresh_fraction
                 && !(0.05..=0.9).contains(&f)
             {
@@ -264,20 +270,27 @@ impl TokenTransport for Transport {
         use http_body_util::BodyExt as _;
         let client = self.client.clone();
         let timeout = self.timeout;
+        // One deadline for the whole exchange: a token endpoint that sends headers and then
+        // trickles (or stalls) the body is cut off like one that never answers.
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             let req = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
-            let resp = tokio::time::timeout(timeout, client.request(req))
+            let exchange = async {
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| TransportError(format!("token endpoint request failed: {e}")))?;
+                let (parts, body) = resp.into_parts();
+                let bytes = http_body_util::Limited::new(body, crate::tokens::MAX_TOKEN_RESPONSE)
+                    .collect()
+                    .await
+                    .map_err(|_| TransportError("token response failed or too large".into()))?
+                    .to_bytes();
+                Ok(http::Response::from_parts(parts, bytes.to_vec()))
+            };
+            tokio::time::timeout(timeout, exchange)
                 .await
                 .map_err(|_| TransportError("token endpoint did not answer in time".into()))?
-                .map_err(|e| TransportError(format!("token endpoint request failed: {e}")))?;
-            let (parts, body) = resp.into_parts();
-            let bytes = http_body_util::Limited::new(body, crate::tokens::MAX_TOKEN_RESPONSE)
-                .collect()
-                .await
-                .map_err(|_| TransportError("token response failed or too large".into()))?
-                .to_bytes();
-            Ok(http::Response::from_parts(parts, bytes.to_vec()))
         })
     }
 }
@@ -316,6 +329,8 @@ struct Metrics {
     token_age: Family<CredLabels, Gauge<f64, AtomicU64>>,
     time_to_expiry: Family<CredLabels, Gauge<f64, AtomicU64>>,
     dead: Family<DeadLabels, Gauge>,
+    /// The reason currently exported per dead credential.
+    dead_reason: Mutex<HashMap<String, String>>,
     http: Family<HttpLabels, Counter>,
 }
 
@@ -325,7 +340,7 @@ impl Metrics {
         let attempts = Family::<AttemptLabels, Counter>::default();
         registry.register(
             "broker_refresh_attempts",
-            "Refresh attempts by credential and result (ok, adopted, retryable, rejected, store_error, interrupted)",
+            "Refresh attempts by credential and result (ok, adopted, retryable, rejected, store_error, source_error, interrupted, fenced_dropped)",
             attempts.clone(),
         );
         let token_age = Family::<CredLabels, Gauge<f64, AtomicU64>>::default();
@@ -358,6 +373,7 @@ impl Metrics {
             token_age,
             time_to_expiry,
             dead,
+            dead_reason: Mutex::new(HashMap::new()),
             http,
         }
     }
@@ -379,7 +395,7 @@ impl Metrics {
 /// Why a credential cannot serve now. Each maps to an API status and error code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServeError {
-    /// Never bootstrapped (422 `not_bootstrapped`).
+    /// Never bootstrapped (422 `credential_dead` with reason `not_bootstrapped`).
     #[error("credential has no refresh token yet: run `iron-token-broker credentials set`")]
     NotBootstrapped,
     /// Needs a human (422 `credential_dead`).
@@ -394,6 +410,10 @@ pub enum ServeError {
     /// Another broker holds the refresh lease past the wait (503 `refresh_in_progress`).
     #[error("another broker is refreshing this credential")]
     Busy,
+    /// An input of the refresh (the client secret) cannot be read; nothing was sent to the
+    /// IdP and the credential stays alive (503 `source_unavailable`).
+    #[error("{0}")]
+    Source(String),
 }
 
 /// A servable access token.
@@ -420,7 +440,11 @@ pub struct Credential {
 impl Credential {
     fn early_ms(&self, lifetime_ms: u64) -> u64 {
         let f = self.spec.early_refresh_fraction.unwrap_or(0.3);
-        let max = self.spec.early_refresh_max_secs.unwrap_or(300) * 1000;
+        let max = self
+            .spec
+            .early_refresh_max_secs
+            .unwrap_or(300)
+            .saturating_mul(1000);
         #[allow(
             clippy::cast_possible_truncation,
             clippy::cast_sign_loss,
@@ -474,6 +498,18 @@ impl Credential {
                 .unwrap_or(0);
         Some(c.expires_at_ms.saturating_sub(early) + jitter)
     }
+}
+
+/// Shortest and longest access-token lifetime the broker plans with (ms). An IdP that says
+/// `expires_in: 0` would otherwise have the scheduler refresh in a tight loop; one that
+/// says years would overflow the arithmetic.
+const LIFETIME_MS: (u64, u64) = (1_000, 7 * 86_400_000);
+
+/// The token's lifetime in ms, clamped to [`LIFETIME_MS`].
+fn clamp_lifetime_ms(lifetime: Duration) -> u64 {
+    u64::try_from(lifetime.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(LIFETIME_MS.0, LIFETIME_MS.1)
 }
 
 /// The broker: config, store, credentials, metrics.
@@ -610,7 +646,37 @@ impl Broker {
         }
     }
 
+    /// Sets `broker_credential_dead{credential, reason} = 1`, with `reason` one of a fixed
+    /// set (an unknown IdP error code is counted as `other`), replacing an earlier reason.
     fn mark_dead_metric(&self, id: &str, reason: &str) {
+        const KNOWN: [&str; 8] = [
+            "invalid_grant",
+            "invalid_client",
+            "unauthorized_client",
+            "unsupported_grant_type",
+            "invalid_scope",
+            "rotation_interrupted",
+            "reuse_detected",
+            "refresh_refused",
+        ];
+        let reason = if KNOWN.contains(&reason) {
+            reason
+        } else {
+            "other"
+        };
+        let mut last = self
+            .metrics
+            .dead_reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(old) = last.insert(id.to_string(), reason.to_string())
+            && old != reason
+        {
+            self.metrics.dead.remove(&DeadLabels {
+                credential: id.to_string(),
+                reason: old,
+            });
+        }
         self.metrics
             .dead
             .get_or_create(&DeadLabels {
@@ -618,6 +684,114 @@ impl Broker {
                 reason: reason.to_string(),
             })
             .set(1);
+    }
+
+    /// Removes the dead series of a credential found alive (revived or re-bootstrapped).
+    fn clear_dead_metric(&self, id: &str) {
+        let mut last = self
+            .metrics
+            .dead_reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(old) = last.remove(id) {
+            self.metrics.dead.remove(&DeadLabels {
+                credential: id.to_string(),
+                reason: old,
+            });
+        }
+    }
+
+    /// Writes `rec` under `lease`, retrying a transient store error a few times (100 ms,
+    /// doubling) while the lease is held. A lost lease is not retried.
+    async fn write_retrying(
+        &self,
+        id: &str,
+        lease: &Lease,
+        rec: &Record,
+    ) -> Result<(), StoreError> {
+        let mut last = None;
+        for attempt in 0..5u32 {
+            match self.store.write(lease, rec).await {
+                Ok(()) => return Ok(()),
+                Err(e @ StoreError::Fenced(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(credential = %id, attempt, error = %e, "credential store write failed; retrying");
+                    last = Some(e);
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| StoreError::Io("write failed".into())))
+    }
+
+    /// Writes the record held in memory after an earlier failed write (module docs), before
+    /// anything else may call the IdP. `Ok(Some)`: written, and its token is servable;
+    /// `Ok(None)`: nothing pending, or written but its token is too old, or dropped because
+    /// the store moved on; go on with a normal cycle.
+    async fn flush_unsaved(&self, cred: &Credential) -> Result<Option<Cached>, ServeError> {
+        let id = cred.spec.id.as_str();
+        let store_err = |e: StoreError| ServeError::Store(e.to_string());
+        let mut unsaved = cred.unsaved.lock().await;
+        let Some((lease, rec)) = unsaved.take() else {
+            return Ok(None);
+        };
+        match self.store.write(&lease, &rec).await {
+            Ok(()) => self.store.release(lease).await,
+            Err(StoreError::Fenced(_)) => {
+                // Our lease ran out and someone else (another broker, an admin write) took
+                // the record. Our record is still the truth only if the stored one is the
+                // one our rotation started from (a broker that found our intent marks it
+                // dead with rotation_interrupted but keeps the token and generation).
+                let taken = self
+                    .store
+                    .acquire(id, &self.owner, self.refresh_timeout * 3)
+                    .await;
+                match taken {
+                    Ok(Some(new))
+                        if new.record.generation == lease.record.generation
+                            && new.record.refresh_token == lease.record.refresh_token =>
+                    {
+                        if let Err(e) = self.store.write(&new, &rec).await {
+                            *unsaved = Some((new, rec));
+                            self.metrics.attempt(id, "store_error");
+                            return Err(store_err(e));
+                        }
+                        self.store.release(new).await;
+                        tracing::warn!(credential = %id, "stored the rotated refresh token under a new lease after the first one ran out");
+                    }
+                    Ok(Some(new)) => {
+                        self.store.release(new).await;
+                        tracing::error!(credential = %id, "the stored credential changed (a new bootstrap or another rotation) while this broker held an unstored rotated refresh token; dropping the held token");
+                        self.metrics.attempt(id, "fenced_dropped");
+                        return Ok(None);
+                    }
+                    Ok(None) => {
+                        *unsaved = Some((lease, rec));
+                        return Err(ServeError::Busy);
+                    }
+                    Err(e) => {
+                        *unsaved = Some((lease, rec));
+                        self.metrics.attempt(id, "store_error");
+                        return Err(store_err(e));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(credential = %id, error = %e, "a record is still not durable; holding it in memory");
+                *unsaved = Some((lease, rec));
+                self.metrics.attempt(id, "store_error");
+                return Err(store_err(e));
+            }
+        }
+        tracing::info!(credential = %id, "stored the held record after earlier write failures");
+        if rec.state == CredState::Dead {
+            return Err(ServeError::Dead(
+                rec.dead_reason.unwrap_or_else(|| "dead".into()),
+            ));
+        }
+        Ok(cred
+            .adopt(&rec)
+            .filter(|c| rec.in_flight.is_none() && cred.servable(c, now_ms())))
     }
 
     /// One pass of the rotation protocol (module docs). `Busy` when another broker holds
@@ -629,26 +803,9 @@ impl Broker {
     ) -> Result<Cached, ServeError> {
         let id = cred.spec.id.as_str();
         let store_err = |e: StoreError| ServeError::Store(e.to_string());
-        // A refreshed token not yet durable goes first; the IdP is not called meanwhile.
-        {
-            let mut unsaved = cred.unsaved.lock().await;
-            if let Some((lease, rec)) = unsaved.take() {
-                match self.store.write(&lease, &rec).await {
-                    Ok(()) => {
-                        self.store.release(lease).await;
-                        tracing::info!(credential = %id, "stored the rotated refresh token after earlier write failures");
-                        return cred.adopt(&rec).ok_or_else(|| {
-                            ServeError::Store("stored record has no access token".into())
-                        });
-                    }
-                    Err(e) => {
-                        tracing::error!(credential = %id, error = %e, "the rotated refresh token is still not durable; holding it in memory");
-                        *unsaved = Some((lease, rec));
-                        self.metrics.attempt(id, "store_error");
-                        return Err(store_err(e));
-                    }
-                }
-            }
+        // A record not yet durable goes first; the IdP is not called meanwhile.
+        if let Some(c) = self.flush_unsaved(cred).await? {
+            return Ok(c);
         }
         let now = now_ms();
         let rec = self.store.load(id).await.map_err(store_err)?;
@@ -656,10 +813,11 @@ impl Broker {
             return Err(ServeError::NotBootstrapped);
         };
         if rec.state == CredState::Dead {
-            return Err(ServeError::Dead(
-                rec.dead_reason.unwrap_or_else(|| "dead".into()),
-            ));
+            let reason = rec.dead_reason.unwrap_or_else(|| "dead".into());
+            self.mark_dead_metric(id, &reason);
+            return Err(ServeError::Dead(reason));
         }
+        self.clear_dead_metric(id);
         if rec.in_flight.is_none()
             && let Some(c) = cred.adopt(&rec)
             && cred.fresh_enough(&c, now, scheduled)
@@ -675,50 +833,44 @@ impl Broker {
         else {
             return Err(ServeError::Busy);
         };
-        let result = self.refresh_under_lease(cred, &lease, scheduled).await;
-        match result {
-            Ok(Some(rec)) => {
-                // Not durable: keep the lease and the record; never call the IdP again
-                // with the older token.
-                *cred.unsaved.lock().await = Some((lease, rec));
-                Err(ServeError::Store(
-                    "the rotated refresh token could not be stored yet".into(),
-                ))
-            }
-            Ok(None) => {
-                self.store.release(lease).await;
-                cred.cached(0)
-                    .ok_or_else(|| ServeError::Store("no token after refresh".into()))
-            }
-            Err(e) => {
-                self.store.release(lease).await;
-                Err(e)
-            }
+        let (result, pending) = self.refresh_under_lease(cred, &lease, scheduled).await;
+        if let Some(rec) = pending {
+            // Not durable: keep the lease and the record; never call the IdP again with
+            // an older token before this is written.
+            *cred.unsaved.lock().await = Some((lease, rec));
+            return Err(result.err().unwrap_or_else(|| {
+                ServeError::Store("the rotated refresh token could not be stored yet".into())
+            }));
         }
+        self.store.release(lease).await;
+        result?;
+        cred.cached(0)
+            .ok_or_else(|| ServeError::Store("no token after refresh".into()))
     }
 
-    /// Steps 2–5 under the lease. `Ok(None)`: the cache holds a fresh token; `Ok(Some(rec))`:
-    /// the IdP answered but `rec` could not be made durable.
+    /// Steps 2–5 under the lease. The result is `Ok` when the cache holds a fresh token;
+    /// the second value is a record that must be written before anything else (its write
+    /// failed): the caller keeps it with the lease.
     async fn refresh_under_lease(
         &self,
         cred: &Credential,
         lease: &Lease,
         scheduled: bool,
-    ) -> Result<Option<Record>, ServeError> {
+    ) -> (Result<(), ServeError>, Option<Record>) {
         let id = cred.spec.id.as_str();
         let store_err = |e: StoreError| ServeError::Store(e.to_string());
         let mut rec = lease.record.clone();
         if rec.state == CredState::Dead {
-            return Err(ServeError::Dead(
-                rec.dead_reason.unwrap_or_else(|| "dead".into()),
-            ));
+            let reason = rec.dead_reason.unwrap_or_else(|| "dead".into());
+            self.mark_dead_metric(id, &reason);
+            return (Err(ServeError::Dead(reason)), None);
         }
         if rec.in_flight.is_none()
             && let Some(c) = cred.adopt(&rec)
             && cred.fresh_enough(&c, now_ms(), scheduled)
         {
             self.metrics.attempt(id, "adopted");
-            return Ok(None);
+            return (Ok(()), None);
         }
         if let Some(f) = &rec.in_flight {
             tracing::error!(
@@ -731,11 +883,26 @@ impl Broker {
             rec.state = CredState::Dead;
             rec.dead_reason = Some("rotation_interrupted".into());
             rec.updated_at_ms = now_ms();
-            self.store.write(lease, &rec).await.map_err(store_err)?;
+            if let Err(e) = self.store.write(lease, &rec).await {
+                return (Err(store_err(e)), None);
+            }
             self.metrics.attempt(id, "interrupted");
             self.mark_dead_metric(id, "rotation_interrupted");
-            return Err(ServeError::Dead("rotation_interrupted".into()));
+            return (Err(ServeError::Dead("rotation_interrupted".into())), None);
         }
+        // Inputs first: a client secret that cannot be read stops the refresh before any
+        // intent is recorded, and the credential stays alive.
+        let client_secret = match &cred.client_secret {
+            Some(src) => match self.sources.resolve(src) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::error!(credential = %id, error = %e, "cannot read client_secret; not refreshing");
+                    self.metrics.attempt(id, "source_error");
+                    return (Err(ServeError::Source(format!("client_secret: {e}"))), None);
+                }
+            },
+            None => None,
+        };
         // Intent, durable before the IdP is called.
         rec.in_flight = Some(InFlight {
             owner: self.owner.clone(),
@@ -745,10 +912,12 @@ impl Broker {
         if let Err(e) = self.store.write(lease, &rec).await {
             tracing::error!(credential = %id, error = %e, "cannot record the refresh intent; not calling the IdP");
             self.metrics.attempt(id, "store_error");
-            return Err(store_err(e));
+            return (Err(store_err(e)), None);
         }
         crate::store::crash_point("after_intent");
-        let minted = self.call_idp(cred, &rec.refresh_token).await;
+        let minted = self
+            .call_idp(cred, &rec.refresh_token, client_secret.as_ref())
+            .await;
         let mut done = rec.clone();
         done.in_flight = None;
         done.updated_at_ms = now_ms();
@@ -756,76 +925,89 @@ impl Broker {
             Ok(tok) => {
                 crate::store::crash_point("after_idp");
                 let now = now_ms();
-                let lifetime_ms = u64::try_from(tok.lifetime.as_millis())
-                    .unwrap_or(u64::MAX)
-                    .max(1);
+                let lifetime_ms = clamp_lifetime_ms(tok.lifetime);
                 if let Some(rt) = &tok.refresh_token {
-                    done.refresh_token = String::from_utf8_lossy(rt.expose()).into_owned();
+                    let rt = String::from_utf8_lossy(rt.expose()).into_owned();
+                    if !rt.is_empty() {
+                        done.refresh_token = rt;
+                    }
                 }
                 done.access_token = Some(String::from_utf8_lossy(tok.value.expose()).into_owned());
-                done.expires_at_ms = Some(now + lifetime_ms);
+                done.expires_at_ms = Some(now.saturating_add(lifetime_ms));
                 done.lifetime_ms = lifetime_ms;
                 done.last_refresh_ms = Some(now);
                 done.generation += 1;
-                // Durable before served: a few quick retries while we hold the lease.
-                let mut last = None;
-                for attempt in 0..5u32 {
-                    match self.store.write(lease, &done).await {
-                        Ok(()) => {
-                            last = None;
-                            break;
-                        }
-                        Err(StoreError::Fenced(_)) => {
-                            tracing::error!(credential = %id, "lease lost while refreshing; the rotated refresh token could not be stored");
-                            last = Some(StoreError::Fenced(id.to_string()));
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(credential = %id, attempt, error = %e, "storing the rotated refresh token failed; retrying");
-                            last = Some(e);
-                            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                        }
-                    }
-                }
-                if last.is_some() {
+                // Durable before served.
+                if let Err(e) = self.write_retrying(id, lease, &done).await {
+                    tracing::error!(credential = %id, error = %e, "the rotated refresh token is not durable yet; holding it in memory and not serving it");
                     self.metrics.attempt(id, "store_error");
-                    return Ok(Some(done));
+                    return (Err(store_err(e)), Some(done));
                 }
                 crate::store::crash_point("after_commit");
                 self.metrics.attempt(id, "ok");
                 cred.adopt(&done);
                 tracing::info!(credential = %id, generation = done.generation, expires_in_ms = lifetime_ms, "refreshed");
-                Ok(None)
+                (Ok(()), None)
+            }
+            Err(MintError::Malformed) => {
+                // A success status with a body that is not a token response: the IdP may
+                // have rotated the refresh token, so replaying the old one could trigger
+                // reuse detection. Say so, as after a crash.
+                tracing::error!(credential = %id, "the token endpoint answered success with an unusable body; the refresh token may have been rotated. Marking the credential dead (rotation_interrupted)");
+                done.state = CredState::Dead;
+                done.dead_reason = Some("rotation_interrupted".into());
+                self.metrics.attempt(id, "interrupted");
+                self.mark_dead_metric(id, "rotation_interrupted");
+                let pending = self
+                    .write_retrying(id, lease, &done)
+                    .await
+                    .err()
+                    .map(|_| done);
+                (
+                    Err(ServeError::Dead("rotation_interrupted".into())),
+                    pending,
+                )
             }
             Err(e) if e.is_retryable() => {
-                // The exchange finished without a new token: clear the intent, keep the token.
-                let _ = self.store.write(lease, &done).await;
+                // The exchange finished without a new token: clear the intent, keep the
+                // token. If that write fails, the cleared record is held and written first.
                 self.metrics.attempt(id, "retryable");
                 tracing::warn!(credential = %id, error = %e, "refresh failed; will retry");
-                Err(ServeError::Idp(e.to_string()))
+                let pending = self
+                    .write_retrying(id, lease, &done)
+                    .await
+                    .err()
+                    .map(|_| done);
+                (Err(ServeError::Idp(e.to_string())), pending)
             }
             Err(e) => {
                 let reason = match &e {
                     MintError::Rejected { code } => code.clone(),
-                    other => other.to_string(),
+                    _ => "refresh_refused".to_string(),
                 };
                 done.state = CredState::Dead;
                 done.dead_reason = Some(reason.clone());
-                let _ = self.store.write(lease, &done).await;
                 self.metrics.attempt(id, "rejected");
                 self.mark_dead_metric(id, &reason);
-                tracing::error!(credential = %id, reason = %reason, "the IdP refused the refresh token; the credential is dead until re-bootstrapped");
-                Err(ServeError::Dead(reason))
+                tracing::error!(credential = %id, reason = %reason, error = %e, "the IdP refused the refresh token; the credential is dead until re-bootstrapped");
+                let pending = self
+                    .write_retrying(id, lease, &done)
+                    .await
+                    .err()
+                    .map(|_| done);
+                (Err(ServeError::Dead(reason)), pending)
             }
         }
     }
 
     /// The refresh_token grant (RFC 6749 §6) with retries on 5xx/network errors inside the
-    /// refresh timeout.
+    /// refresh timeout. A 2xx with an unusable body is not retried (the token may have been
+    /// rotated).
     async fn call_idp(
         &self,
         cred: &Credential,
         refresh_token: &str,
+        client_secret: Option<&SecretValue>,
     ) -> Result<crate::tokens::Token, MintError> {
         let spec = &cred.spec;
         let mut form = vec![
@@ -833,11 +1015,7 @@ impl Broker {
             ("refresh_token", refresh_token.to_string()),
             ("client_id", spec.client_id.clone()),
         ];
-        if let Some(src) = &cred.client_secret {
-            let v = self
-                .sources
-                .resolve(src)
-                .map_err(|e| MintError::Source(format!("client_secret: {e}")))?;
+        if let Some(v) = client_secret {
             form.push((
                 "client_secret",
                 String::from_utf8_lossy(v.expose()).into_owned(),
@@ -858,7 +1036,7 @@ impl Broker {
                 crate::tokens::post_form(&*self.transport, &spec.token_endpoint, &form, &headers)
                     .await;
             let r = r.map(|mut t| {
-                if t.lifetime == crate::tokens::DEFAULT_LIFETIME
+                if !t.lifetime_given
                     && let Some(d) = spec.default_lifetime_secs
                 {
                     t.lifetime = Duration::from_secs(d);
@@ -866,6 +1044,7 @@ impl Broker {
                 t
             });
             match r {
+                Err(MintError::Malformed) => return Err(MintError::Malformed),
                 Err(e) if e.is_retryable() && tokio::time::Instant::now() + delay < deadline => {
                     tracing::debug!(credential = %spec.id, error = %e, "token endpoint failed; retrying");
                     tokio::time::sleep(delay + crate::tokens::jitter(delay / 2)).await;
@@ -876,14 +1055,40 @@ impl Broker {
         }
     }
 
+    /// Before exit: waits (up to twice the refresh timeout in all) for refreshes in flight
+    /// to finish, keeps any new one from starting, and writes records held in memory, so a
+    /// SIGTERM never cuts a rotation between the IdP's answer and the store.
+    async fn quiesce(&self) {
+        let deadline = tokio::time::Instant::now() + self.refresh_timeout * 2;
+        let mut held = Vec::new();
+        for cred in self.creds.values() {
+            match tokio::time::timeout_at(deadline, cred.flight.lock()).await {
+                Ok(guard) => {
+                    if let Err(e) = self.flush_unsaved(cred).await {
+                        tracing::error!(credential = %cred.spec.id, error = %e, "stopping with a record that could not be written");
+                    }
+                    held.push(guard);
+                }
+                Err(_) => {
+                    tracing::error!(credential = %cred.spec.id, "stopping while a refresh is still in flight");
+                }
+            }
+        }
+        // The process is exiting: the runtime's workers may still run a scheduler until it
+        // stops, so the single-flight locks stay taken for good.
+        std::mem::forget(held);
+    }
+
     /// Background refresh ahead of expiry, with jitter; backs off on failure.
     async fn schedule(self: Arc<Self>, cred: Arc<Credential>) {
         let mut backoff = Duration::from_secs(1);
         loop {
+            // At least 200 ms between scheduled cycles, whatever the token's lifetime.
             let wait = match cred.next_refresh_ms() {
                 Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
                 None => Duration::ZERO,
-            };
+            }
+            .max(Duration::from_millis(200));
             tokio::time::sleep(wait).await;
             match self.ensure_fresh_scheduled(&cred).await {
                 Ok(()) => backoff = Duration::from_secs(1),
@@ -1038,8 +1243,31 @@ impl Broker {
                         "refresh_in_progress",
                         String::new(),
                     ),
+                    ServeError::Source(_) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "source_unavailable",
+                        String::new(),
+                    ),
                 };
-                let mut body = serde_json::json!({"error": code, "message": e.to_string()});
+                // Store and IdP details (SQL errors, endpoint messages) go to the log, not to
+                // the caller.
+                let message = match &e {
+                    ServeError::Store(detail) => {
+                        tracing::warn!(credential = %id, error = %detail, "cannot serve: credential store");
+                        "the credential store is unavailable; see the broker log".to_string()
+                    }
+                    ServeError::Idp(detail) => {
+                        tracing::warn!(credential = %id, error = %detail, "cannot serve: token endpoint");
+                        "the token endpoint is unavailable; see the broker log".to_string()
+                    }
+                    ServeError::Source(detail) => {
+                        tracing::warn!(credential = %id, error = %detail, "cannot serve: client_secret");
+                        "a refresh input (client_secret) cannot be read; see the broker log"
+                            .to_string()
+                    }
+                    other => other.to_string(),
+                };
+                let mut body = serde_json::json!({"error": code, "message": message});
                 if !reason.is_empty() {
                     body["reason"] = serde_json::Value::String(reason);
                 }
@@ -1160,6 +1388,7 @@ pub async fn serve(config_path: &Path) -> anyhow::Result<()> {
         });
     }
     tracing::info!("iron-token-broker stopping");
+    broker.quiesce().await;
     Ok(())
 }
 

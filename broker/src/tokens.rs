@@ -120,6 +120,9 @@ pub struct Token {
     pub expires_at: Instant,
     /// Its lifetime when issued.
     pub lifetime: Duration,
+    /// False when the IdP sent no usable `expires_in` and `lifetime` is
+    /// [`DEFAULT_LIFETIME`].
+    pub lifetime_given: bool,
     /// A rotated refresh token, if the IdP sent one.
     pub refresh_token: Option<SecretValue>,
 }
@@ -578,6 +581,7 @@ async fn broker_token(
         value: SecretValue::new(ok.access_token.into_bytes()),
         expires_at: Instant::now() + lifetime,
         lifetime,
+        lifetime_given: true,
         refresh_token: None,
     })
 }
@@ -706,6 +710,7 @@ async fn oauth2_grant(
     };
     match result {
         Ok(tok) => {
+            let lifetime_given = tok.expires_in().is_some();
             let lifetime = tok.expires_in().unwrap_or(DEFAULT_LIFETIME);
             if tok.access_token().secret().is_empty() {
                 return Err(MintError::Malformed);
@@ -714,6 +719,7 @@ async fn oauth2_grant(
                 value: SecretValue::new(tok.access_token().secret().as_bytes().to_vec()),
                 expires_at: Instant::now() + lifetime,
                 lifetime,
+                lifetime_given,
                 refresh_token: tok
                     .refresh_token()
                     .map(|r| SecretValue::new(r.secret().as_bytes().to_vec())),
@@ -795,16 +801,17 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<Token, MintError
         .access_token
         .filter(|t| !t.is_empty())
         .ok_or(MintError::Malformed)?;
-    let lifetime = match r.expires_in {
+    let given = match r.expires_in {
         Some(serde_json::Value::Number(n)) => n.as_u64().map(Duration::from_secs),
         Some(serde_json::Value::String(s)) => s.parse().ok().map(Duration::from_secs),
         _ => None,
-    }
-    .unwrap_or(DEFAULT_LIFETIME);
+    };
+    let lifetime = given.unwrap_or(DEFAULT_LIFETIME);
     Ok(Token {
         value: SecretValue::new(token.into_bytes()),
         expires_at: Instant::now() + lifetime,
         lifetime,
+        lifetime_given: given.is_some(),
         refresh_token: r.refresh_token.map(|t| SecretValue::new(t.into_bytes())),
     })
 }
