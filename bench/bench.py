@@ -35,7 +35,7 @@ def make_certs(d):
     sh("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
        "-keyout", f"{d}/origin.key", "-out", f"{d}/origin.csr", "-subj", f"/CN={HOST}")
     with open(f"{d}/ext.cnf", "w") as f:
-        f.write(f"subjectAltName=DNS:{HOST},DNS:{PASS_HOST}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+        f.write(f"subjectAltName=DNS:{HOST},DNS:{PASS_HOST},IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
     sh("openssl", "x509", "-req", "-in", f"{d}/origin.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
        "-CAcreateserial", "-out", f"{d}/origin.crt", "-days", "2", "-extfile", f"{d}/ext.cnf")
 
@@ -73,6 +73,71 @@ http {{
 
 def stop_nginx(d):
     subprocess.run(["nginx", "-c", f"{d}/nginx.conf", "-p", d, "-s", "quit"], capture_output=True)
+
+
+SQUID_CERTGEN = "/usr/lib/squid/security_file_certgen"
+
+
+def start_squid(d, port, bump):
+    """Squid as a CONNECT tunnel, or with ssl-bump (interception) when `bump`. Resolves the
+    bench host names through its own hosts_file. Runs in the foreground (-N), one process."""
+    squid = shutil.which("squid") or "/usr/sbin/squid"
+    name = "squid-bump" if bump else "squid"
+    sd = f"{d}/{name}"
+    os.makedirs(sd, exist_ok=True)
+    with open(f"{sd}/hosts", "w") as f:
+        f.write(f"127.0.0.1 {HOST} {PASS_HOST}\n")
+    port_line = f"http_port 127.0.0.1:{port}"
+    bump_lines = ""
+    if bump:
+        sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+           "-keyout", f"{sd}/ca.key", "-out", f"{sd}/ca.pem", "-subj", "/CN=bench-squid-ca", "-days", "2",
+           "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        sh(SQUID_CERTGEN, "-c", "-s", f"{sd}/ssldb", "-M", "16MB")
+        port_line += (f" ssl-bump tls-cert={sd}/ca.pem tls-key={sd}/ca.key generate-host-certificates=on"
+                      " dynamic_cert_mem_cache_size=16MB")
+        bump_lines = f"""sslcrtd_program {SQUID_CERTGEN} -s {sd}/ssldb -M 16MB
+sslcrtd_children 4
+acl step1 at_step SslBump1
+ssl_bump peek step1
+ssl_bump bump all
+tls_outgoing_options cafile={d}/ca.pem
+"""
+    with open(f"{sd}/squid.conf", "w") as f:
+        f.write(f"""{port_line}
+{bump_lines}acl SSL_ports port 1-65535
+http_access allow all
+cache deny all
+cache_mem 8 MB
+access_log none
+cache_log {sd}/cache.log
+pid_filename {sd}/squid.pid
+coredump_dir {sd}
+hosts_file {sd}/hosts
+shutdown_lifetime 1 seconds
+client_persistent_connections on
+server_persistent_connections on
+""")
+    subprocess.run(["chown", "-R", "proxy:proxy", sd])
+    p = subprocess.Popen([squid, "-N", "-f", f"{sd}/squid.conf"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, name, f"{sd}/cache.log")
+    return p, (f"{sd}/ca.pem" if bump else None)
+
+
+def start_mitmproxy(d, port):
+    """mitmdump (regular proxy mode), verifying the origin with its CA."""
+    exe = shutil.which("mitmdump") or "/opt/mitm/bin/mitmdump"
+    conf = f"{d}/mitm"
+    os.makedirs(conf, exist_ok=True)
+    p = subprocess.Popen([exe, "--listen-host", "127.0.0.1", "-p", str(port), "-q", "--set", f"confdir={conf}",
+                          "--set", f"ssl_verify_upstream_trusted_ca={d}/ca.pem"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, "mitmdump", conf)
+    for _ in range(50):
+        if os.path.exists(f"{conf}/mitmproxy-ca-cert.pem"):
+            break
+        time.sleep(0.1)
+    return p, f"{conf}/mitmproxy-ca-cert.pem"
 
 
 def start_proxy(d, origin_port, port):
@@ -287,6 +352,7 @@ def main():
     ap.add_argument("--pg-duration", type=int, default=20, help="seconds per pgbench run")
     ap.add_argument("--no-pg", action="store_true", help="skip the Postgres relay bench")
     ap.add_argument("--pg-only", action="store_true", help="only the Postgres relay bench")
+    ap.add_argument("--no-peers", action="store_true", help="skip Squid and mitmproxy")
     a = ap.parse_args()
     pg = None if a.no_pg else pg_bench(a)
     if a.pg_only:
@@ -301,15 +367,41 @@ def main():
     proxy = start_proxy(d, origin_port, proxy_port)
     with open(f"{d}/body.bin", "wb") as f:
         f.write(b"b" * 100 * 1024)
-    proxy_ca = f"{d}/state/ca.crt"
+    cas = [f"{d}/state/ca.crt", f"{d}/ca.pem"]
+    url = f"https://{HOST}:{origin_port}"
+    targets = {
+        "direct": dict(url=url, proxy=None, extra=["--connect-to", f"{HOST}:{origin_port}:127.0.0.1:{origin_port}"], headers=(), pid=None),
+        "iron-proxy (intercept + swap)": dict(url=url, proxy=f"http://127.0.0.1:{proxy_port}", extra=[], headers=("Authorization: Bearer BENCH_TOKEN",), pid=proxy.pid),
+        "iron-proxy (intercept, no placeholder)": dict(url=url, proxy=f"http://127.0.0.1:{proxy_port}", extra=[], headers=("Authorization: Bearer not-a-placeholder",), pid=proxy.pid),
+        "iron-proxy (passthrough)": dict(url=f"https://{PASS_HOST}:{origin_port}", proxy=f"http://127.0.0.1:{proxy_port}", extra=[], headers=(), pid=proxy.pid),
+    }
+    peers = []  # (name, process)
+    if not a.no_peers and (shutil.which("squid") or os.path.exists("/usr/sbin/squid")):
+        for bump in (False, True):
+            port = free_port()
+            try:
+                sp, ca = start_squid(d, port, bump)
+            except (SystemExit, subprocess.CalledProcessError) as e:
+                print(f"squid{' ssl-bump' if bump else ''} not started: {e}", file=sys.stderr)
+                continue
+            name = "squid ssl-bump" if bump else "squid tunnel"
+            peers.append((name, sp))
+            if ca:
+                cas.append(ca)
+            targets[name] = dict(url=url, proxy=f"http://127.0.0.1:{port}", extra=[], headers=(), pid=sp.pid)
+    if not a.no_peers and (shutil.which("mitmdump") or os.path.exists("/opt/mitm/bin/mitmdump")):
+        port = free_port()
+        try:
+            mp, ca = start_mitmproxy(d, port)
+            peers.append(("mitmproxy", mp))
+            cas.append(ca)
+            # mitmproxy resolves names itself: the origin's IP SAN is used instead.
+            targets["mitmproxy"] = dict(url=f"https://127.0.0.1:{origin_port}", proxy=f"http://127.0.0.1:{port}", extra=[], headers=(), pid=mp.pid)
+        except SystemExit as e:
+            print(f"mitmproxy not started: {e}", file=sys.stderr)
     bundle = f"{d}/bundle.pem"
     with open(bundle, "w") as f:
-        f.write(open(proxy_ca).read() + open(f"{d}/ca.pem").read())
-    targets = {
-        "direct": dict(url=f"https://{HOST}:{origin_port}", proxy=None, extra=["--connect-to", f"{HOST}:{origin_port}:127.0.0.1:{origin_port}"], headers=()),
-        "iron-proxy (intercept + swap)": dict(url=f"https://{HOST}:{origin_port}", proxy=f"http://127.0.0.1:{proxy_port}", extra=[], headers=("Authorization: Bearer BENCH_TOKEN",)),
-        "iron-proxy (passthrough)": dict(url=f"https://{PASS_HOST}:{origin_port}", proxy=f"http://127.0.0.1:{proxy_port}", extra=[], headers=()),
-    }
+        f.write("".join(open(c).read() for c in cas))
     results = []
     try:
         for name, extra, method in SCENARIOS:
@@ -320,12 +412,12 @@ def main():
             for rep in range(a.reps):
                 for t, cfg in targets.items():  # interleaved
                     path = "/post" if method == "POST" else "/"
-                    before = cpu_ticks(proxy.pid)
+                    before = cpu_ticks(cfg["pid"]) if cfg["pid"] else 0
                     r = oha(cfg["url"] + path, extra + cfg["extra"], method, a.duration, proxy=cfg["proxy"],
                             cacert=bundle, body_file=f"{d}/body.bin", headers=cfg["headers"])
-                    ticks = cpu_ticks(proxy.pid) - before
+                    ticks = (cpu_ticks(cfg["pid"]) - before) if cfg["pid"] else 0
                     runs[t].append(r)
-                    if cfg["proxy"] and r["ok"]:
+                    if cfg["pid"] and r["ok"]:
                         cpu[t].append(ticks * 1000.0 / os.sysconf("SC_CLK_TCK") / r["ok"])
                     print(f"{name:38} {t:30} rep {rep + 1}: {r['rps']:9.0f} req/s", file=sys.stderr)
             direct = statistics.median(x["rps"] for x in runs["direct"])
@@ -342,6 +434,14 @@ def main():
             results.append(row)
     finally:
         rss = peak_rss_kib(proxy.pid)
+        peer_rss = {}
+        for name, p in peers:
+            peer_rss[name] = round(peak_rss_kib(p.pid) / 1024, 1)
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
         proxy.send_signal(signal.SIGTERM)
         try:
             proxy.wait(timeout=10)
@@ -349,13 +449,14 @@ def main():
             proxy.kill()
         stop_nginx(d)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "duration_s": a.duration, "reps": a.reps,
-           "cpus": os.cpu_count(), "proxy_peak_rss_mib": round(rss / 1024, 1), "results": results,
+           "cpus": os.cpu_count(), "proxy_peak_rss_mib": round(rss / 1024, 1), "peer_peak_rss_mib": peer_rss, "results": results,
            "postgres": pg}
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "latest.json"), "w") as f:
         json.dump(out, f, indent=2)
     md = [f"Run {out['date']}, {a.reps} × {a.duration} s per cell, interleaved, {out['cpus']} cores shared by oha, nginx and the proxy. "
-          f"iron-proxy peak RSS over the whole run: {out['proxy_peak_rss_mib']} MiB.", "",
+          f"Peak RSS over the whole run: iron-proxy {out['proxy_peak_rss_mib']} MiB"
+          + "".join(f", {k} {v} MiB" for k, v in peer_rss.items()) + ".", "",
           "| scenario | target | median req/s | min–max | × direct | proxy CPU ms/req |", "|---|---|---|---|---|---|"]
     for row in results:
         for t, v in row["targets"].items():

@@ -1,7 +1,7 @@
 //! `iron-token-broker`: the single writer of rotating refresh tokens (DESIGN.md decision 12,
 //! REFERENCE.md §2.10 with its defect D6 fixed).
 //!
-//! Rotation protocol, per credential ([`Credential::refresh`]):
+//! Rotation protocol, per credential (`Broker::refresh_cycle`):
 //! 1. take the store lease (one refresher across every broker sharing the store);
 //! 2. re-read the record under the lease: if another broker already refreshed, adopt its
 //!    access token and stop; if the record has `in_flight` set, its holder died between
@@ -15,6 +15,12 @@
 //! 5. write the new refresh token durably (retrying while holding the lease, keeping it in
 //!    memory) before the access token is served; a failed refresh never overwrites the
 //!    stored token.
+//!
+//! A record whose write failed (the rotated token, the cleared intent, a dead mark) is held
+//! in memory with its lease and written before anything else; the IdP is not called for
+//! that credential meanwhile. A 2xx answer without a usable token is treated like a crash
+//! after the IdP call (`rotation_interrupted`), never retried with the old token. SIGTERM
+//! waits for refreshes in flight and writes held records before exit.
 //!
 //! HTTP API: `GET /v1/credentials/{id}/access_token` → `{access_token, expires_at,
 //! expires_in}` (`Cache-Control: no-store`); `GET /healthz`; `GET /metrics`.
