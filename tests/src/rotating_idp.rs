@@ -55,6 +55,9 @@ pub struct RotState {
     pub delay_ms: AtomicU64,
     /// Answer this many next token requests with an empty 503 (state is left untouched).
     pub fail_next: AtomicU32,
+    /// Rotate the refresh token on this many next valid requests but answer `200` with a
+    /// body that is not a token response (a lost or garbled answer).
+    pub malformed_next: AtomicU32,
     /// Successful refresh grants.
     pub refreshes: AtomicU64,
     /// All token requests received.
@@ -311,6 +314,19 @@ async fn handle(st: &RotState, req: Request<Incoming>) -> Response<Full<Bytes>> 
         (access, refresh)
     };
     st.refreshes.fetch_add(1, Ordering::SeqCst);
+    if st
+        .malformed_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(http::header::CONTENT_TYPE, "text/html")
+            .body(Full::new(Bytes::from_static(
+                b"<html>upstream proxy error</html>",
+            )))
+            .unwrap_or_default();
+    }
     let mut v = json!({
         "access_token": access,
         "token_type": "Bearer",

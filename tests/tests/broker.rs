@@ -719,3 +719,102 @@ async fn unwritable_store_means_no_refresh_attempt() {
     let log = b.kill();
     assert!(log.contains("credential store"), "{log}");
 }
+
+/// Bootstraps credential `codex` in a fresh file store with the IdP's seed token.
+fn bootstrap(config: &Path) {
+    let (ok, _, err) = cli(
+        config,
+        &["credentials", "set", "--id", "codex"],
+        Some(rotating_idp::SEED_REFRESH),
+    );
+    assert!(ok, "{err}");
+}
+
+/// SIGTERM while the IdP is answering: the broker waits for the rotation, stores it, then
+/// exits; the next broker serves the rotated token without calling the IdP again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_rotation_keeps_the_rotated_token() {
+    let idp = RotatingIdp::start().await;
+    idp.state.delay_ms.store(1500, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+    bootstrap(&config);
+    let b = Broker::start(&config, bport, &[]);
+    // The scheduler starts a refresh within 200 ms; stop the broker while the IdP holds it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while idp.state.requests.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no refresh started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = b.child.id().to_string();
+    let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(term.success());
+    let mut b = b;
+    let stopped = Instant::now();
+    let status = b.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(idp.state.refreshes.load(Ordering::SeqCst), 1);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("creds/codex.json")).unwrap())
+            .unwrap();
+    assert!(rec.get("in_flight").is_none(), "{rec}");
+    assert_eq!(rec["generation"], 2, "the rotated token was not stored");
+    drop(b);
+    idp.state.delay_ms.store(0, Ordering::SeqCst);
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(idp.is_valid_access(body["access_token"].as_str().unwrap()));
+    assert_eq!(idp.state.reuse_events.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        idp.state.refreshes.load(Ordering::SeqCst),
+        1,
+        "the stored token was fresh; no second refresh"
+    );
+    drop(b);
+}
+
+/// A 2xx that is not a token response after the IdP rotated: reported as
+/// `rotation_interrupted`, never retried with the old token. `revive` refuses a live
+/// credential and revives a dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbled_success_is_reported_not_replayed_and_revive_is_checked() {
+    let idp = RotatingIdp::start().await;
+    idp.state.malformed_next.store(1, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+    bootstrap(&config);
+    let (ok, _, err) = cli(&config, &["credentials", "revive", "--id", "codex"], None);
+    assert!(!ok && err.contains("not dead"), "{err}");
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["reason"], "rotation_interrupted");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        idp.state.requests.load(Ordering::SeqCst),
+        1,
+        "the broker retried after a garbled success"
+    );
+    assert_eq!(idp.state.reuse_events.load(Ordering::SeqCst), 0);
+    let (ok, _, err) = cli(&config, &["credentials", "revive", "--id", "codex"], None);
+    assert!(ok, "{err}");
+    assert!(err.contains("interrupted rotation"), "{err}");
+    let (ok, list, _) = cli(&config, &["credentials", "list"], None);
+    assert!(
+        ok && list.contains("codex") && list.contains(" ok "),
+        "{list}"
+    );
+    let log = b.kill();
+    assert!(
+        !log.contains("rt_REAL") && !log.contains("at_REAL"),
+        "{log}"
+    );
+}
