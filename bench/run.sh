@@ -2,7 +2,7 @@
 # iron-proxy benchmark: one command. Builds release, starts a local TLS origin (nginx,
 # installed if missing), installs oha if missing, and measures direct vs iron-proxy
 # (interception with a placeholder swap on every request) vs iron-proxy passthrough, plus
-# Squid / mitmproxy when installed. Writes bench/results/latest.{md,json}.
+# Squid (tunnel, ssl-bump) and mitmproxy, installed when the registries allow. Writes bench/results/latest.{md,json}.
 # Also pgbench -S direct vs through the Postgres relay vs pgbouncer.
 #   bench/run.sh [--duration SECS] [--reps N] [--only SCENARIO] [--pg-duration SECS] [--no-pg | --pg-only]
 set -euo pipefail
@@ -18,5 +18,10 @@ command -v openssl >/dev/null 2>&1 || apt-get install -y -q openssl
 [ -x /usr/lib/postgresql/15/bin/initdb ] || apt-get install -y -q postgresql-15
 command -v pgbench >/dev/null 2>&1 || apt-get install -y -q postgresql-client-15
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || apt-get install -y -q pgbouncer || true
+# Peers to compare with, when they can be installed: Squid (tunnel and ssl-bump) and
+# mitmproxy (in its own venv). Missing peers are skipped by bench.py.
+[ -x /usr/sbin/squid ] || apt-get install -y -q squid-openssl || true
+command -v mitmdump >/dev/null 2>&1 || [ -x /opt/mitm/bin/mitmdump ] \
+  || { python3 -m venv /opt/mitm && /opt/mitm/bin/pip install -q mitmproxy; } || true
 cargo build --release -p iron-proxy
 exec python3 bench/bench.py "$@"
