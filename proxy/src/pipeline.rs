@@ -157,13 +157,18 @@ async fn exchange(
         rec.host_class = policy.host_class(&host, port, tls);
         rec.path.clone_from(&path);
     }
-    if !policy.allows_destination(&host, port, tls) {
-        return Err(ProxyError::DestinationNotAllowed { host, port });
-    }
-    if let Ok(ip) = host.parse::<std::net::IpAddr>()
-        && policy.is_address_denied(ip)
-    {
-        return Err(ProxyError::DestinationAddressDenied { host });
+    // Token-endpoint and metadata-server stubs are answered here and never forwarded, so the
+    // allowlist and the denied address ranges (169.254.169.254) do not apply to them.
+    let stub = policy.stub_for(&host, port, tls, req.method().as_str(), &path);
+    if stub.is_none() {
+        if !policy.allows_destination(&host, port, tls) {
+            return Err(ProxyError::DestinationNotAllowed { host, port });
+        }
+        if let Ok(ip) = host.parse::<std::net::IpAddr>()
+            && policy.is_address_denied(ip)
+        {
+            return Err(ProxyError::DestinationAddressDenied { host });
+        }
     }
     if !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS)) {
         return Err(ProxyError::BadRequest("request path must start with /"));
@@ -173,7 +178,7 @@ async fn exchange(
     }
 
     // token-endpoint stubs: answered here, never forwarded
-    if let Some((s, stub)) = policy.stub_for(&host, port, tls, req.method().as_str(), &path) {
+    if let Some((s, stub)) = stub {
         let secret = &policy.secrets[s];
         let mut rec = guard
             .rec
@@ -181,6 +186,7 @@ async fn exchange(
             .unwrap_or_else(|| AuditRecord::new("request", String::new(), conn.client, ""));
         rec.status = 200;
         rec.outcome = "stubbed";
+        rec.host_class = "stub";
         rec.secrets = vec![AppliedSecret {
             name: secret.name.clone(),
             location: "stub".into(),
