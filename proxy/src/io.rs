@@ -97,7 +97,9 @@ where
                     let _ = bw.shutdown().await;
                 }
                 Ok(n) => {
-                    if bw.write_all(&abuf[..n]).await.is_err() {
+                    // Flush too: a TLS writer may keep encrypted records buffered after
+                    // accepting the plaintext, and nothing else would push them out.
+                    if bw.write_all(&abuf[..n]).await.is_err() || bw.flush().await.is_err() {
                         break;
                     }
                     ab += n as u64;
@@ -109,7 +111,7 @@ where
                     let _ = aw.shutdown().await;
                 }
                 Ok(n) => {
-                    if aw.write_all(&bbuf[..n]).await.is_err() {
+                    if aw.write_all(&bbuf[..n]).await.is_err() || aw.flush().await.is_err() {
                         break;
                     }
                     ba += n as u64;

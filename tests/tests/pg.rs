@@ -130,6 +130,19 @@ async fn psql_and_tokio_postgres_through_the_relay() {
         "select 1",
     );
     assert!(ok && out == "1", "{err}");
+    // A 50 MB result over TLS to the relay arrives whole (no record left in a TLS buffer).
+    let (ok, out, err) = psql(
+        &format!("{}?sslmode=require", r.dsn),
+        "select repeat('x', 1000) || i from generate_series(1, 50000) i",
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 50_000);
+    assert!(
+        lines[49_999].ends_with("x50000"),
+        "{}",
+        &lines[49_999][990..]
+    );
     // The placeholder does not work against the upstream directly.
     let placeholder = r
         .dsn
