@@ -128,9 +128,10 @@ pub struct Token {
 }
 
 impl Token {
-    /// When to start refreshing: a fifth of the lifetime before expiry, clamped to 1 s–5 min.
+    /// When to start refreshing: a fifth of the lifetime before expiry, clamped to
+    /// 100 ms–5 min (so a token living a few seconds is refreshed ahead, not after expiry).
     pub fn refresh_at(&self) -> Instant {
-        let skew = (self.lifetime / 5).clamp(Duration::from_secs(1), Duration::from_secs(300));
+        let skew = (self.lifetime / 5).clamp(Duration::from_millis(100), Duration::from_secs(300));
         self.expires_at.checked_sub(skew).unwrap_or(self.expires_at)
     }
 }
@@ -263,8 +264,10 @@ impl TokenCache {
             if let Some(reason) = &entry.failed {
                 return Err(unavailable(reason.clone()));
             }
+            // Served while more than a safety margin remains: a tenth of the lifetime, at
+            // most 1 s (a token of a few seconds would otherwise never be served from cache).
             if let Some(t) = &entry.token
-                && t.expires_at > now + Duration::from_secs(1)
+                && t.expires_at > now + (t.lifetime / 10).min(Duration::from_secs(1))
             {
                 let value = t.value.clone();
                 if now >= t.refresh_at() && entry.inflight.is_none() {
@@ -610,9 +613,41 @@ impl<'c> oauth2::AsyncHttpClient<'c> for OAuthHttp {
             if resp.status().is_server_error() || resp.status().as_u16() == 429 {
                 return Err(HttpErr::Status(resp.status().as_u16()));
             }
-            Ok(resp)
+            Ok(lenient_success(resp))
         })
     }
+}
+
+/// Makes a `2xx` JSON token response acceptable to the `oauth2` crate, which wants exactly
+/// `200`, a JSON content type, a `token_type` and a numeric `expires_in`. IdPs in the wild
+/// send `201`, `text/plain`, no `token_type` (RFC 6749 §5.1 requires it, some omit it) or
+/// `expires_in` as a string (Azure AD v1): accepted as `200`, `Bearer`, and the number.
+/// Anything else passes unchanged.
+fn lenient_success(resp: oauth2::HttpResponse) -> oauth2::HttpResponse {
+    if !resp.status().is_success() {
+        return resp;
+    }
+    let Ok(serde_json::Value::Object(mut obj)) =
+        serde_json::from_slice::<serde_json::Value>(resp.body())
+    else {
+        return resp;
+    };
+    if !obj.contains_key("token_type") {
+        obj.insert("token_type".into(), "Bearer".into());
+    }
+    if let Some(serde_json::Value::String(v)) = obj.get("expires_in")
+        && let Ok(n) = v.trim().parse::<u64>()
+    {
+        obj.insert("expires_in".into(), n.into());
+    }
+    let (mut parts, _) = resp.into_parts();
+    parts.status = http::StatusCode::OK;
+    parts.headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::to_vec(&serde_json::Value::Object(obj)).unwrap_or_default();
+    http::Response::from_parts(parts, body)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use iron_proxy::origin::OriginOptions;
 use iron_tests::idp::{self, Idp};
@@ -251,9 +252,12 @@ async fn refresh_token_rotation_is_followed() {
     s.idp.state.expires_in.store(1, Ordering::SeqCst);
     let p = s.w.proxy(token_env()).await;
     let port = s.w.port();
-    // Each request finds the 1 s token expired (refresh ahead by at least 1 s), so each
-    // refreshes with the refresh token the previous response rotated in.
-    for _ in 0..3 {
+    // Each request finds the 1 s token expired, so each refreshes with the refresh token the
+    // previous response rotated in.
+    for i in 0..3 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
         let r = p.curl(&[&format!("https://rt.test:{port}/x")]).await;
         assert_eq!(r.status, 200, "{r:?}");
     }
@@ -291,11 +295,15 @@ async fn sandbox_sdk_token_dance_is_stubbed() {
          r = requests.get('https://cc.test:{port}/sdk', headers={{'Authorization': 'Bearer ' + t['access_token']}})\n\
          g = requests.post('https://oauth2.googleapis.com/token', data={{'grant_type': 'urn:ietf:params:oauth:grant-type:jwt-bearer', 'assertion': 'x'}}).json()\n\
          r2 = requests.get('https://gcp.test:{port}/sdk', headers={{'Authorization': 'Bearer ' + g['access_token']}})\n\
-         print(t['access_token'], r.status_code, g['access_token'], r2.status_code)\n"
+         md = {{'Metadata-Flavor': 'Google'}}\n\
+         m = requests.get('http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/token', headers=md)\n\
+         m2 = requests.get('http://169.254.169.254/computeMetadata/v1/instance/service-accounts/default/token', headers=md)\n\
+         print(t['access_token'], r.status_code, g['access_token'], r2.status_code, m.json()['access_token'], m.headers['Metadata-Flavor'], m2.json()['access_token'])\n"
     );
     let out = tokio::process::Command::new("python3")
         .args(["-c", &script])
         .env("HTTPS_PROXY", format!("http://{}", p.addr()))
+        .env("HTTP_PROXY", format!("http://{}", p.addr()))
         .env("REQUESTS_CA_BUNDLE", &p.ca.cert)
         .env_remove("NO_PROXY")
         .env_remove("no_proxy")
@@ -303,9 +311,11 @@ async fn sandbox_sdk_token_dance_is_stubbed() {
         .await
         .expect("python3");
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // The metadata server's token path (by name and by its link-local address, which the
+    // allowlist and the denied ranges would otherwise refuse) is stubbed too.
     assert_eq!(
         stdout.trim(),
-        "CC_TOKEN 200 GCP_TOKEN 200",
+        "CC_TOKEN 200 GCP_TOKEN 200 GCP_TOKEN Google GCP_TOKEN",
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -328,7 +338,7 @@ async fn sandbox_sdk_token_dance_is_stubbed() {
         .iter()
         .filter(|r| r.outcome == "stubbed")
         .count();
-    assert_eq!(stubbed, 2);
+    assert_eq!(stubbed, 4);
 }
 
 #[test]
@@ -451,5 +461,49 @@ async fn no_token_or_grant_secret_in_trace_logs() {
             .as_str()
             .unwrap_or_default()
             .contains(&private_body[200..260])
+    );
+}
+
+/// A token that expires under load: 200 parallel requests arriving after expiry cause one
+/// token request, and every one of them reaches the origin with the new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_under_200_parallel_requests_mints_once() {
+    if !have("curl") {
+        return;
+    }
+    let s = setup().await;
+    s.idp.state.expires_in.store(1, Ordering::SeqCst);
+    let p = s.w.proxy(token_env()).await;
+    let port = s.w.port();
+    let url = format!("https://cc.test:{port}/x");
+    let r = p.curl(&[&url]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let before = s.idp.state.calls.load(Ordering::SeqCst);
+    s.idp.state.expires_in.store(60, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut args = vec![
+        "--parallel",
+        "--parallel-max",
+        "200",
+        "--parallel-immediate",
+    ];
+    args.extend(std::iter::repeat_n(url.as_str(), 200));
+    let r = p.curl(&args).await;
+    assert_eq!(r.exit, 0, "{}", r.stderr);
+    assert_eq!(
+        s.idp.state.calls.load(Ordering::SeqCst),
+        before + 1,
+        "200 requests after expiry made more than one token request"
+    );
+    let issued = s.idp.state.issued.lock().expect("lock").clone();
+    let fresh = format!("Bearer {}", issued.last().expect("issued"));
+    let recs = s.w.origin.records();
+    assert_eq!(recs.len(), 201);
+    assert_eq!(
+        recs[1..]
+            .iter()
+            .filter(|r| r.header("authorization").as_deref() == Some(fresh.as_str()))
+            .count(),
+        200
     );
 }

@@ -266,3 +266,23 @@ fn token_response_parsing() {
     let t = parse_token_response(200, br#"{"access_token":"x","expires_in":"120"}"#).unwrap();
     assert_eq!(t.lifetime, Duration::from_secs(120));
 }
+
+/// Token responses from IdPs that bend RFC 6749 §5.1 are still usable: no `token_type`,
+/// `expires_in` as a string, status 201.
+#[tokio::test(start_paused = true)]
+async fn lenient_token_responses_are_accepted() {
+    for (status, body, lifetime) in [
+        (200, r#"{"access_token":"t1","expires_in":"60"}"#, 60),
+        (201, r#"{"access_token":"t1","token_type":"bearer"}"#, 300),
+    ] {
+        let t = scripted(&[(status, body)], Duration::from_millis(1));
+        let (s, sources) = secret("client_credentials", CC);
+        let cache = TokenCache::new(t.clone(), sources, settings());
+        assert_eq!(cache.token(&s).await.unwrap().expose(), b"t1", "{body}");
+        let left = cache.status(&s.name).unwrap().expires_in.unwrap();
+        assert!(
+            left <= Duration::from_secs(lifetime) && left > Duration::from_secs(lifetime - 5),
+            "{body}: {left:?}"
+        );
+    }
+}
