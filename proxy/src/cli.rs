@@ -67,7 +67,8 @@ enum Command {
     },
     /// Ask the running proxy to reload its policy (POST /v1/reload on the admin API).
     Reload {
-        /// The policy file (its `admin_listen` is used).
+        /// The policy file (its `admin_listen` is used). Without `--policy` and `--admin`,
+        /// the default admin address 127.0.0.1:9092.
         #[arg(long, conflicts_with = "admin")]
         policy: Option<PathBuf>,
         /// The admin API address, e.g. 127.0.0.1:9090.
@@ -182,8 +183,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 (None, Some(p)) => load(&p)?
                     .proxy
                     .admin_listen
-                    .ok_or_else(|| anyhow::anyhow!("{} sets no admin_listen", p.display()))?,
-                (None, None) => bail!("give --policy or --admin"),
+                    .unwrap_or(crate::admin::DEFAULT_ADMIN_LISTEN),
+                (None, None) => crate::admin::DEFAULT_ADMIN_LISTEN,
             };
             let (status, body) = crate::admin::call(addr, http::Method::POST, "/v1/reload")
                 .await
@@ -203,9 +204,10 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Loads the policy and checks its sources; prints warnings; fails with every error.
+/// Loads the policy for serving ([`crate::loader::load_for_serving`]: an absent source of a
+/// required secret is a warning); prints warnings; fails with every error.
 fn load(path: &Path) -> anyhow::Result<Policy> {
-    let (policy, diags) = validate(path);
+    let (policy, diags) = crate::loader::load_for_serving(path, Arc::new(ProcessEnv));
     for d in &diags {
         eprintln!("{d}");
     }
@@ -266,15 +268,25 @@ async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
     let proxy = start(rt.clone(), listen)
         .await
         .with_context(|| format!("failed to listen on {listen}"))?;
-    let _admin = match policy.proxy.admin_listen {
-        Some(a) => {
-            let (addr, task) = crate::admin::start(rt.clone(), a)
-                .await
-                .with_context(|| format!("failed to listen on admin_listen {a}"))?;
+    // The admin API is on by default on loopback; a default address already taken (another
+    // proxy on this machine) is a warning, an explicit one a startup error.
+    let admin_addr = policy
+        .proxy
+        .admin_listen
+        .unwrap_or(crate::admin::DEFAULT_ADMIN_LISTEN);
+    let _admin = match crate::admin::start(rt.clone(), admin_addr).await {
+        Ok((addr, task)) => {
             tracing::info!(addr = %addr, "admin API listening");
             Some(task)
         }
-        None => None,
+        Err(e) if policy.proxy.admin_listen.is_none() => {
+            tracing::warn!(addr = %admin_addr, error = %e, "admin API not started: the default address is taken; set [proxy] admin_listen");
+            None
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("failed to listen on admin_listen {admin_addr}")));
+        }
     };
     let _relays = crate::pg::start_all(&rt, &state::state_dir(), false)
         .await

@@ -247,7 +247,7 @@ impl Runtime {
         let env = self.env.clone();
         let (policy, mut diags) = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || loader::load(&path, env))
+            tokio::task::spawn_blocking(move || loader::load_for_serving(&path, env))
                 .await
                 .unwrap_or_else(|_| (None, Vec::new()))
         };

@@ -10,10 +10,25 @@ use iron_broker::{Env, SourceResolver};
 use iron_certs::CertificateAuthority;
 use iron_policy::{Diagnostic, Policy, Severity};
 
-/// Loads and fully validates the policy at `path`, reading sources through `env`.
+/// Loads and fully validates the policy at `path`, reading sources through `env`, as
+/// `check` does: a required secret whose source is missing is an error.
 /// Returns the policy (if it parsed) and every diagnostic, errors and warnings, sorted by
 /// file and position. The policy is usable only when no diagnostic is an error.
 pub fn load(path: &Path, env: Arc<dyn Env>) -> (Option<Policy>, Vec<Diagnostic>) {
+    load_with(path, env, true)
+}
+
+/// As [`load`], for `serve`, `run` and reloads: a required secret whose source is *absent*
+/// (unset variable, missing file) is a warning, not an error, so the proxy starts and
+/// reports it (`/readyz` 503 naming it, `/v1/secrets` state `missing`) while requests that
+/// need it are refused with 502 `credential_unavailable` (the reference's behaviour: a tool
+/// with a missing required secret becomes unavailable, the server keeps running). A source
+/// that is present but broken (empty, bad JSON, unreadable) stays an error.
+pub fn load_for_serving(path: &Path, env: Arc<dyn Env>) -> (Option<Policy>, Vec<Diagnostic>) {
+    load_with(path, env, false)
+}
+
+fn load_with(path: &Path, env: Arc<dyn Env>, strict: bool) -> (Option<Policy>, Vec<Diagnostic>) {
     let policy = match Policy::load(path) {
         Ok(p) => p,
         Err(e) => return (None, e.diagnostics),
@@ -36,12 +51,22 @@ pub fn load(path: &Path, env: Arc<dyn Env>) -> (Option<Policy>, Vec<Diagnostic>)
         } else {
             (Severity::Error, "")
         };
+        let mut absent = false;
         for (field, src) in s.sources() {
             if let Err(e) = sources.resolve(src) {
                 let field = if field == "source" {
                     String::new()
                 } else {
                     format!("field {field}: ")
+                };
+                let (severity, note) = if !strict && !s.optional && e.is_missing() {
+                    absent = true;
+                    (
+                        Severity::Warning,
+                        " (required secret: requests needing it are refused and /readyz reports it until it is set)",
+                    )
+                } else {
+                    (severity, note)
                 };
                 diags.push(at(
                     src.pos.line,
@@ -50,6 +75,10 @@ pub fn load(path: &Path, env: Arc<dyn Env>) -> (Option<Policy>, Vec<Diagnostic>)
                     format!("secret `{}`: {field}{e}{note}", s.name),
                 ));
             }
+        }
+        if absent {
+            // Input checks below would only repeat that the source is absent.
+            continue;
         }
         if let iron_policy::SecretKind::Pg(spec) = &s.kind
             && let Ok(v) = sources.resolve(&spec.source)

@@ -378,7 +378,15 @@ pub async fn start_all(
         let SecretKind::Pg(spec) = &secret.kind else {
             continue;
         };
-        let side = client_side(&rt.sources, secret, spec, state_dir)?;
+        let side = match client_side(&rt.sources, secret, spec, state_dir) {
+            Ok(side) => side,
+            // The DSN is not set yet: no relay for it (/readyz and /v1/secrets say why).
+            Err(e) if rt.sources.resolve(&spec.source).is_err() => {
+                tracing::error!(secret = %secret.name, error = %e, "postgres relay not started: its DSN is missing");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let bind = if ephemeral && spec.listen.is_none() {
             SocketAddr::from(([127, 0, 0, 1], 0))
         } else {

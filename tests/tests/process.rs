@@ -448,3 +448,86 @@ async fn git_clone_with_placeholder_in_url_userinfo() {
         );
     }
 }
+
+/// `serve` with a required secret whose variable is unset: it starts (with a warning),
+/// `/readyz` is 503 naming it, `/v1/secrets` shows it `missing` with the variable name and
+/// no value, a request needing it is refused (502, nothing reaches the origin), and `check`
+/// still fails on the same policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reports_a_missing_required_secret_and_fails_closed() {
+    if !have("curl") {
+        return;
+    }
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let text = std::fs::read_to_string(&w.policy_path)
+        .expect("policy")
+        .replacen(
+            "[proxy]\n",
+            &format!("[proxy]\nadmin_listen = \"{admin}\"\n"),
+            1,
+        );
+    std::fs::write(&w.policy_path, text).expect("write policy");
+    let mut env = standard_env();
+    env.remove("REAL_GITHUB_TOKEN");
+    let check = std::process::Command::new(bin())
+        .args(["check", "--policy"])
+        .arg(&w.policy_path)
+        .envs(&env)
+        .env_remove("REAL_GITHUB_TOKEN")
+        .output()
+        .expect("check");
+    assert!(
+        !check.status.success(),
+        "check accepted a missing required source"
+    );
+    let home = w.dir.path().join("home");
+    let proxy = Spawned::start(&bin(), &w.policy_path, &home, &env, "info");
+    let get = |path: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}"])
+            .arg(format!("http://{admin}{path}"))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.parse::<u16>().unwrap_or(0), body.to_string())
+    };
+    let (code, body) = get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("GITHUB_TOKEN"), "{body}");
+    let (code, body) = get("/v1/secrets/GITHUB_TOKEN");
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["state"], "missing", "{body}");
+    assert!(body.contains("REAL_GITHUB_TOKEN"), "{body}");
+    let port = w.port();
+    let r = curl_via(
+        proxy.addr,
+        &proxy.ca,
+        &[
+            &format!("https://api.github.test:{port}/"),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.error_code().as_deref(), Some("credential_unavailable"));
+    assert!(w.origin.records().is_empty());
+    // Other secrets work meanwhile.
+    let r = curl_via(
+        proxy.addr,
+        &proxy.ca,
+        &[&format!("https://inject.test:{port}/")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let log = proxy.stop();
+    assert!(log.contains("REAL_GITHUB_TOKEN is not set"), "{log}");
+    for real in ALL_REAL {
+        assert!(!log.contains(real));
+    }
+}
