@@ -1,5 +1,6 @@
-//! The admin API, on `[proxy] admin_listen` (loopback unless `admin_token` is set, then
-//! every request needs `Authorization: Bearer <token>`, compared in constant time):
+//! The admin API, on `[proxy] admin_listen` (default [`DEFAULT_ADMIN_LISTEN`]; loopback
+//! unless `admin_token` is set, then every request needs `Authorization: Bearer <token>`,
+//! compared in constant time):
 //!
 //! - `GET /healthz`: the process is up.
 //! - `GET /readyz`: 200 when the policy and CA are loaded, the proxy listener is bound and
@@ -33,6 +34,11 @@ use tokio::net::TcpListener;
 use crate::Runtime;
 use crate::body::{ProxyBody, full};
 
+/// Where `serve` puts the admin API when the policy sets no `admin_listen`, and where
+/// `iron-proxy reload` looks without `--policy`/`--admin`: `127.0.0.1:9092`.
+pub const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9092);
+
 /// Binds `addr` and serves the admin API in a background task.
 ///
 /// # Errors
@@ -46,6 +52,8 @@ pub async fn start(
     let task = tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
+                // EMFILE and friends: back off instead of spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             };
             let rt = rt.clone();
