@@ -542,7 +542,12 @@ async fn random_sigkills_under_load_never_forward_without_a_token() {
             "family revoked but the broker says {status} {body}"
         );
     } else {
-        assert_eq!(status, 200, "{body}");
+        // A kill between the intent and the commit leaves a possible rotation behind: that
+        // is reported (dead, rotation_interrupted), never replayed. Anything else serves.
+        assert!(
+            status == 200 || (status == 422 && body["reason"] == "rotation_interrupted"),
+            "{status} {body}"
+        );
     }
     assert!(kills >= 5 && seen > 50, "{kills} kills, {seen} requests");
     drop(b);
