@@ -2,11 +2,12 @@
 //! pattern's directory (so atomic-rename saves and new drop-in files are seen), debounces
 //! events for [`DEBOUNCE`], then reloads. Also reloads on SIGHUP.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher as _};
+use notify::RecursiveMode;
 
 use crate::Runtime;
 
@@ -19,11 +20,15 @@ pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// A message when the file watcher cannot be created.
 pub fn spawn(rt: Arc<Runtime>) -> Result<(), String> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let watched = rt.policy().files.clone();
+    let watched_files = rt.policy().files.clone();
+    let dirs_at_start = rt.policy().watch_dirs.clone();
+    // A `.toml` file, a policy file, or an include directory itself (created after start).
     let relevant = move |paths: &[PathBuf]| -> bool {
-        paths
-            .iter()
-            .any(|p| p.extension().is_some_and(|e| e == "toml") || watched.iter().any(|w| w == p))
+        paths.iter().any(|p| {
+            p.extension().is_some_and(|e| e == "toml")
+                || watched_files.iter().any(|w| w == p)
+                || dirs_at_start.iter().any(|d| d == p)
+        })
     };
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev
@@ -34,24 +39,18 @@ pub fn spawn(rt: Arc<Runtime>) -> Result<(), String> {
         }
     })
     .map_err(|e| format!("failed to start the policy file watcher: {e}"))?;
-    let mut dirs = rt.policy().watch_dirs.clone();
-    for d in &dirs {
-        if let Err(e) = watcher.watch(d, RecursiveMode::NonRecursive) {
-            tracing::warn!(dir = %d.display(), error = %e, "cannot watch policy directory");
-        }
-    }
+    let mut watching: HashSet<PathBuf> = HashSet::new();
+    watch_all(&mut watcher, &rt.policy().watch_dirs, &mut watching);
     let file_rt = rt.clone();
     tokio::spawn(async move {
         while rx.recv().await.is_some() {
             // Debounce: wait until events stop for DEBOUNCE.
             while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+            // An include directory may have appeared: watch it before reading it.
+            watch_all(&mut watcher, &file_rt.policy().watch_dirs, &mut watching);
             tracing::info!("policy files changed; reloading");
             if file_rt.reload().await.is_ok() {
-                let now = file_rt.policy().watch_dirs.clone();
-                for d in now.iter().filter(|d| !dirs.contains(d)) {
-                    let _ = watcher.watch(d, RecursiveMode::NonRecursive);
-                }
-                dirs = now;
+                watch_all(&mut watcher, &file_rt.policy().watch_dirs, &mut watching);
             }
         }
     });
@@ -71,4 +70,37 @@ pub fn spawn(rt: Arc<Runtime>) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Watches every directory in `dirs` not watched yet. A directory that does not exist yet is
+/// covered by watching its parent, so its creation is seen and it is watched then.
+fn watch_all(
+    watcher: &mut impl notify::Watcher,
+    dirs: &[PathBuf],
+    watching: &mut HashSet<PathBuf>,
+) {
+    for d in dirs {
+        if watching.contains(d) {
+            continue;
+        }
+        match watcher.watch(d, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                watching.insert(d.clone());
+            }
+            Err(e) => {
+                let parent = d.parent().filter(|p| p.is_dir()).map(PathBuf::from);
+                match parent {
+                    Some(p) if !watching.contains(&p) => {
+                        if watcher.watch(&p, RecursiveMode::NonRecursive).is_ok() {
+                            watching.insert(p);
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        tracing::warn!(dir = %d.display(), error = %e, "cannot watch policy directory");
+                    }
+                }
+            }
+        }
+    }
 }

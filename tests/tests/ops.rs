@@ -140,7 +140,6 @@ async fn drop_in_secret_is_usable_without_restart() {
         1,
     );
     let w = World::new(&policy, OriginOptions::default()).await;
-    std::fs::create_dir(w.dir.path().join("policy.d")).expect("mkdir");
     let mut env = standard_env();
     env.insert("REAL_LATE_KEY".into(), "late_REALsecret_321".into());
     let p = w.proxy(env).await;
@@ -149,7 +148,9 @@ async fn drop_in_secret_is_usable_without_restart() {
     let url = format!("https://other.test:{port}/late");
     let r = p.curl(&[&url, "-H", "X-Late-Key: LATE_KEY_PH"]).await;
     assert_eq!(r.status, 200, "placeholder unknown so far: forwarded as is");
-    // A broken fragment: refused, traffic continues on the old policy.
+    // The include directory appears only now; then a broken fragment: refused, traffic
+    // continues on the old policy.
+    std::fs::create_dir(w.dir.path().join("policy.d")).expect("mkdir");
     std::fs::write(
         w.dir.path().join("policy.d/10-late.toml"),
         "[[secrets]]\nname = \"LATE_KEY\"\nbroken = true\n",
