@@ -175,7 +175,13 @@ impl Dsn {
                     chars.next();
                 }
                 if chars.next() != Some('=') {
-                    return Err(format!("DSN key {key} has no value"));
+                    // An unquoted password with a space lands here: name the key only when
+                    // it is a libpq keyword, never echo a fragment that may be the password.
+                    return Err(if KNOWN_KEYS.contains(&key.as_str()) {
+                        format!("DSN key {key} has no value")
+                    } else {
+                        "DSN has a word that is not `key=value` (quote values containing spaces: key='a b')".to_string()
+                    });
                 }
                 while chars.peek().is_some_and(|c| c.is_whitespace()) {
                     chars.next();
@@ -189,7 +195,11 @@ impl Dsn {
                             Some('\'') => break,
                             Some(c) => value.push(c),
                             None => {
-                                return Err(format!("unterminated quote in DSN value of {key}"));
+                                return Err(if KNOWN_KEYS.contains(&key.as_str()) {
+                                    format!("unterminated quote in DSN value of {key}")
+                                } else {
+                                    "unterminated quote in a DSN value".to_string()
+                                });
                             }
                         }
                     }
@@ -245,6 +255,35 @@ impl Dsn {
         })
     }
 }
+
+/// libpq connection keywords (libpq "Parameter Key Words"): the only DSN words an error
+/// message may repeat.
+const KNOWN_KEYS: [&str; 24] = [
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "passfile",
+    "channel_binding",
+    "connect_timeout",
+    "client_encoding",
+    "options",
+    "application_name",
+    "fallback_application_name",
+    "keepalives",
+    "sslmode",
+    "sslcert",
+    "sslkey",
+    "sslrootcert",
+    "sslcrl",
+    "sslnegotiation",
+    "require_auth",
+    "target_session_attrs",
+    "gssencmode",
+    "service",
+];
 
 /// The sandbox side of a `pg_dsn` secret: where it listens and the credentials it accepts.
 #[derive(Clone)]
@@ -573,6 +612,11 @@ async fn handshake(
     let Some(SecretKind::Pg(spec)) = policy.secret(name).map(|s| s.kind.clone()) else {
         return Err(());
     };
+    // The leaf offered to a TLS client names the address it connected to (the relay's
+    // listen address), so verify-full works on any listen IP.
+    let local_ip = tcp
+        .local_addr()
+        .map_or_else(|_| "127.0.0.1".to_string(), |a| a.ip().to_string());
     let mut client: Box<dyn Stream> = Box::new(tcp);
     // startup phase
     let params = loop {
@@ -592,7 +636,7 @@ async fn handshake(
                     }
                     let host = rec.host.clone();
                     let leaf_host = if host.is_empty() {
-                        "127.0.0.1".to_string()
+                        local_ip.clone()
                     } else {
                         host
                     };
@@ -1247,5 +1291,10 @@ mod tests {
         assert_eq!(d.sslmode, SslMode::Disable);
         assert!(format!("{d:?}").contains("[redacted]"));
         assert!(Dsn::parse("host=x").is_err());
+        // An unquoted password with a space: the error does not repeat the fragment.
+        let e = Dsn::parse("host=x user=u password=abc s3cretpart dbname=d")
+            .err()
+            .unwrap_or_default();
+        assert!(!e.is_empty() && !e.contains("s3cretpart"), "{e}");
     }
 }
