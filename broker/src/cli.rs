@@ -137,7 +137,17 @@ async fn credentials(cmd: CredCommand) -> anyhow::Result<ExitCode> {
             if token.is_empty() || token.chars().any(char::is_whitespace) {
                 anyhow::bail!("the refresh token is empty or contains whitespace");
             }
-            let generation = store.load(&id).await?.map_or(1, |r| r.generation + 1);
+            // A corrupt record is what `set` repairs: it is replaced, not read.
+            let generation = match store.load(&id).await {
+                Ok(r) => r.map_or(1, |r| r.generation + 1),
+                Err(crate::store::StoreError::Corrupt { reason, .. }) => {
+                    eprintln!(
+                        "warning: the stored record of {id} is corrupt ({reason}); replacing it"
+                    );
+                    1
+                }
+                Err(e) => return Err(e.into()),
+            };
             store
                 .put(&Record::bootstrap(&id, token, generation), WAIT)
                 .await?;

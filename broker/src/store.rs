@@ -410,6 +410,19 @@ impl FileStore {
         let io =
             |what: &str, e: std::io::Error| StoreError::Io(format!("{what} for {}: {e}", rec.id));
         let body = serde_json::to_vec_pretty(rec).map_err(|e| StoreError::Io(e.to_string()))?;
+        // Temp files of this id left by a crash hold a token: remove them. The caller holds
+        // the id's lock, so no live writer owns one.
+        let prefix = format!(".{}.json.tmp-", rec.id);
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.filter_map(Result::ok) {
+                if e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(&prefix))
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let tmp = self.dir.join(format!(
             ".{}.json.tmp-{}-{}",
             rec.id,
@@ -442,11 +455,16 @@ impl FileStore {
     }
 }
 
-/// The Postgres backend (tokio-postgres; one connection, re-opened when it drops).
+/// The Postgres backend (tokio-postgres; one connection, re-opened when it drops). Every
+/// connect and statement is bounded by [`PG_TIMEOUT`]; on a timeout the connection is
+/// dropped and the next call opens a new one.
 pub struct PgStore {
     dsn: String,
     client: tokio::sync::Mutex<Option<std::sync::Arc<tokio_postgres::Client>>>,
 }
+
+/// Bound on one Postgres connect or statement of the credential store.
+pub const PG_TIMEOUT: Duration = Duration::from_secs(10);
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS iron_broker_credentials (
     id text PRIMARY KEY,
@@ -491,9 +509,13 @@ impl PgStore {
         {
             return Ok(c.clone());
         }
-        let (client, conn) = tokio_postgres::connect(&self.dsn, tokio_postgres::NoTls)
-            .await
-            .map_err(pg_err)?;
+        let (client, conn) = tokio::time::timeout(
+            PG_TIMEOUT,
+            tokio_postgres::connect(&self.dsn, tokio_postgres::NoTls),
+        )
+        .await
+        .map_err(|_| StoreError::Io("postgres: no connection within 10 s".into()))?
+        .map_err(pg_err)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::warn!(error = %e, "credential store connection ended");
@@ -504,27 +526,39 @@ impl PgStore {
         Ok(client)
     }
 
+    /// Runs one statement under [`PG_TIMEOUT`]; a timeout drops the connection.
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(PG_TIMEOUT, fut).await {
+            Ok(r) => r.map_err(pg_err),
+            Err(_) => {
+                *self.client.lock().await = None;
+                Err(StoreError::Io("postgres: no answer within 10 s".into()))
+            }
+        }
+    }
+
     async fn load(&self, id: &str) -> Result<Option<Record>, StoreError> {
         let c = self.client().await?;
-        let row = c
-            .query_opt(
+        let row = self
+            .timed(c.query_opt(
                 "SELECT record FROM iron_broker_credentials WHERE id = $1",
                 &[&id],
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         row.map(|r| parse_row(id, r.get(0))).transpose()
     }
 
     async fn list(&self) -> Result<Vec<Record>, StoreError> {
         let c = self.client().await?;
-        let rows = c
-            .query(
+        let rows = self
+            .timed(c.query(
                 "SELECT id, record FROM iron_broker_credentials ORDER BY id",
                 &[],
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         rows.into_iter()
             .map(|r| parse_row(r.get(0), r.get(1)))
             .collect()
@@ -533,15 +567,14 @@ impl PgStore {
     async fn put(&self, rec: &Record) -> Result<(), StoreError> {
         let c = self.client().await?;
         let body = serde_json::to_string(rec).map_err(|e| StoreError::Io(e.to_string()))?;
-        c.execute(
+        self.timed(c.execute(
             "INSERT INTO iron_broker_credentials (id, record) VALUES ($1, $2)
              ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record,
                fence = iron_broker_credentials.fence + 1, lease_owner = NULL,
                lease_until = NULL, updated_at = now()",
             &[&rec.id, &body],
-        )
-        .await
-        .map_err(pg_err)?;
+        ))
+        .await?;
         Ok(())
     }
 
@@ -553,17 +586,16 @@ impl PgStore {
     ) -> Result<Option<Lease>, StoreError> {
         let c = self.client().await?;
         let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let row = c
-            .query_opt(
+        let row = self
+            .timed(c.query_opt(
                 "UPDATE iron_broker_credentials
                  SET fence = fence + 1, lease_owner = $2,
                      lease_until = now() + $3::bigint * interval '1 millisecond'
                  WHERE id = $1 AND (lease_until IS NULL OR lease_until < now())
                  RETURNING fence, record",
                 &[&id, &owner, &ms],
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         let Some(row) = row else { return Ok(None) };
         Ok(Some(Lease {
             id: id.to_string(),
@@ -576,14 +608,13 @@ impl PgStore {
     async fn write(&self, lease: &Lease, rec: &Record) -> Result<(), StoreError> {
         let c = self.client().await?;
         let body = serde_json::to_string(rec).map_err(|e| StoreError::Io(e.to_string()))?;
-        let n = c
-            .execute(
+        let n = self
+            .timed(c.execute(
                 "UPDATE iron_broker_credentials SET record = $3, updated_at = now()
                  WHERE id = $1 AND fence = $2",
                 &[&lease.id, &lease.fence, &body],
-            )
-            .await
-            .map_err(pg_err)?;
+            ))
+            .await?;
         if n == 1 {
             Ok(())
         } else {
@@ -593,12 +624,13 @@ impl PgStore {
 
     async fn release(&self, lease: &Lease) {
         let Ok(c) = self.client().await else { return };
-        let _ = c
-            .execute(
+        // A release that fails leaves the lease to expire on its own.
+        let _ = self
+            .timed(c.execute(
                 "UPDATE iron_broker_credentials SET lease_owner = NULL, lease_until = NULL
                  WHERE id = $1 AND fence = $2",
                 &[&lease.id, &lease.fence],
-            )
+            ))
             .await;
     }
 }

@@ -823,3 +823,45 @@ async fn garbled_success_is_reported_not_replayed_and_revive_is_checked() {
         "{log}"
     );
 }
+
+/// A corrupt record is reported (503, never served, IdP not called) and repaired by
+/// `credentials set`; a temp file left by a crash (it holds a token) is removed by the next
+/// write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_record_is_reported_and_repaired_by_set() {
+    let idp = RotatingIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+    bootstrap(&config);
+    std::fs::write(
+        dir.path().join("creds/codex.json"),
+        b"{\"id\": \"codex\", trunc",
+    )
+    .unwrap();
+    let leftover = dir.path().join("creds/.codex.json.tmp-1-1");
+    std::fs::write(&leftover, b"{\"refresh_token\": \"rt_REALleftover\"}").unwrap();
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "store_unavailable");
+    assert_eq!(idp.state.requests.load(Ordering::SeqCst), 0);
+    let (ok, _, err) = cli(
+        &config,
+        &["credentials", "set", "--id", "codex"],
+        Some(&idp.new_family()),
+    );
+    assert!(ok && err.contains("corrupt"), "{err}");
+    assert!(
+        !leftover.exists(),
+        "a temp file with a token was left behind"
+    );
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(idp.is_valid_access(body["access_token"].as_str().unwrap()));
+    let log = b.kill();
+    assert!(
+        !log.contains("rt_REAL") && !log.contains("at_REAL"),
+        "{log}"
+    );
+}
