@@ -676,6 +676,11 @@ pub struct Secret {
     pub hosts: Vec<HostPattern>,
     /// A missing source is a warning rather than an error.
     pub optional: bool,
+    /// `enabled = false` switches the secret off without deleting it (the seed's tool
+    /// `enabled` flag): its sources are not checked, a request carrying its placeholder is
+    /// refused with 502 `credential_unavailable`, the admin API shows it `disabled`. Default
+    /// true.
+    pub enabled: bool,
     /// The value may be sent over cleartext HTTP (DESIGN.md decision 4). Default false.
     pub allow_plaintext: bool,
     /// How the value is applied to requests. Token types always inject.
@@ -1446,6 +1451,7 @@ impl Cx<'_> {
             placeholder,
             hosts,
             optional: raw.optional.unwrap_or(false),
+            enabled: raw.enabled.unwrap_or(true),
             allow_plaintext: raw.allow_plaintext.unwrap_or(false),
             mode: mode?,
             kind: kind?,

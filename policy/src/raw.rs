@@ -82,6 +82,7 @@ pub(crate) struct RawSecret {
     pub inject_formatter: Option<Spanned<String>>,
     pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
     pub optional: Option<bool>,
+    pub enabled: Option<bool>,
     pub allow_plaintext: Option<bool>,
     // oauth_token
     pub grant: Option<Spanned<String>>,

@@ -7,7 +7,7 @@
 //!   every required secret's sources resolve; else 503 with the reasons.
 //! - `GET /metrics`: Prometheus metrics (OpenMetrics text).
 //! - `GET /v1/secrets`, `GET /v1/secrets/{name}`: type, placeholder, hosts, source kinds
-//!   and reference names, state (`ok | missing | failed`) with reason, usage counters, token
+//!   and reference names, state (`ok | missing | failed | disabled`) with reason, usage counters, token
 //!   expiry — never a value.
 //! - `POST /v1/reload`: 200 with a summary, or 422 with `FILE:LINE:COL` errors (the running
 //!   policy stays).
@@ -169,6 +169,9 @@ async fn route(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<ProxyBody>
 
 /// The state of a secret's sources: (`ok` | `missing` | `failed`, reason).
 fn source_state(rt: &Runtime, s: &Secret) -> (&'static str, Option<String>) {
+    if !s.enabled {
+        return ("disabled", Some("enabled = false in the policy".into()));
+    }
     for (field, src) in s.sources() {
         if let Err(e) = rt.sources.resolve(src) {
             let state = if e.is_missing() { "missing" } else { "failed" };
@@ -191,7 +194,12 @@ fn readyz(rt: &Runtime) -> Response<ProxyBody> {
     if !rt.listening.load(std::sync::atomic::Ordering::Relaxed) {
         reasons.push("proxy listener is not bound".to_string());
     }
-    for s in rt.policy().secrets.iter().filter(|s| !s.optional) {
+    for s in rt
+        .policy()
+        .secrets
+        .iter()
+        .filter(|s| !s.optional && s.enabled)
+    {
         if let (state @ ("missing" | "failed"), reason) = source_state(rt, s) {
             reasons.push(format!(
                 "secret {} is {state}: {}",

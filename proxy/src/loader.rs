@@ -35,7 +35,7 @@ fn load_with(path: &Path, env: Arc<dyn Env>, strict: bool) -> (Option<Policy>, V
     };
     let mut diags = policy.warnings.clone();
     let sources = SourceResolver::new(env);
-    for s in &policy.secrets {
+    for s in policy.secrets.iter().filter(|s| s.enabled) {
         let at = |line: usize, col: usize, severity: Severity, message: String| Diagnostic {
             file: s.file.clone(),
             line,

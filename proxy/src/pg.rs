@@ -417,6 +417,9 @@ pub async fn start_all(
         let SecretKind::Pg(spec) = &secret.kind else {
             continue;
         };
+        if !secret.enabled {
+            continue;
+        }
         let side = match client_side(&rt.sources, secret, spec, state_dir) {
             Ok(side) => side,
             // The DSN is not set yet: no relay for it (/readyz and /v1/secrets say why).

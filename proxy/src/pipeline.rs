@@ -223,6 +223,12 @@ async fn exchange(
     let mut values = Values(Vec::with_capacity(plan.secrets.len()));
     for &s in &plan.secrets {
         let secret = &policy.secrets[s];
+        if !secret.enabled {
+            warn!(secret = %secret.name, "secret is disabled (enabled = false); refusing request");
+            return Err(ProxyError::CredentialUnavailable {
+                secret: secret.name.clone(),
+            });
+        }
         let value = match &secret.kind {
             SecretKind::Static(source) => rt.sources.resolve(source).map_err(|e| {
                 warn!(secret = %secret.name, error = %e, "secret source unavailable; refusing request");

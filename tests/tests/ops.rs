@@ -435,3 +435,40 @@ async fn sigterm_drains_a_slow_upload_in_flight() {
     assert!(log.contains("draining"), "{log}");
     assert!(log.contains("drained; exiting"), "{log}");
 }
+
+/// `enabled = false`: not checked at load (its source may be absent), shown `disabled`,
+/// not counted against readiness, and its placeholder is refused, never forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_secret_is_listed_and_refused() {
+    if !have("curl") {
+        return;
+    }
+    let policy = format!(
+        "{STANDARD_POLICY}\n[[secrets]]\nname = \"OFF_KEY\"\ntype = \"http\"\nsource = {{ env = \"OFF_KEY_NEVER_SET\" }}\nmatch_headers = [\"X-Off\"]\nhosts = [\"other.test:{{PORT}}\"]\nenabled = false\n"
+    );
+    let w = World::new(&policy, OriginOptions::default()).await;
+    let env: Arc<dyn iron_broker::Env> = Arc::new(standard_env());
+    let (loaded, diags) = iron_proxy::loader::load(&w.policy_path, env);
+    assert!(
+        loaded.is_some() && !iron_proxy::loader::has_errors(&diags),
+        "{diags:?}"
+    );
+    let p = w.proxy(standard_env()).await;
+    let a = admin(&p).await;
+    let (status, off) = get_json(a, Method::GET, "/v1/secrets/OFF_KEY").await;
+    assert_eq!(status, 200);
+    assert_eq!(off["state"], "disabled", "{off}");
+    let (status, ready) = get_json(a, Method::GET, "/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    let port = w.port();
+    let r = p
+        .curl(&[
+            &format!("https://other.test:{port}/"),
+            "-H",
+            "X-Off: OFF_KEY",
+        ])
+        .await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.error_code().as_deref(), Some("credential_unavailable"));
+    assert!(w.origin.records().is_empty());
+}
