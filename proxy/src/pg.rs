@@ -328,12 +328,35 @@ pub fn client_side(
         password = Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b));
         dirty = true;
     }
+    // The sandbox user defaults to the DSN's; it is kept in the state file too, so `env`
+    // run where the real DSN is not set still prints what `serve` accepts.
+    let user = match &spec.user {
+        Some(u) => u.clone(),
+        None => {
+            let from_dsn = rt_sources
+                .resolve(&spec.source)
+                .map_err(|e| format!("secret {}: {e}", secret.name))
+                .and_then(|dsn| {
+                    Dsn::parse(&String::from_utf8_lossy(dsn.expose()))
+                        .map_err(|e| format!("secret {}: {e}", secret.name))
+                })
+                .map(|d| d.user);
+            match (from_dsn, saved["user"].as_str()) {
+                (Ok(u), saved_user) => {
+                    dirty |= saved_user != Some(u.as_str());
+                    u
+                }
+                (Err(_), Some(saved_user)) => saved_user.to_string(),
+                (Err(e), None) => return Err(e),
+            }
+        }
+    };
     if dirty {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let doc = serde_json::json!({"port": port, "password": password});
+        let doc = serde_json::json!({"port": port, "password": password, "user": user});
         let tmp = dir.join(format!(".pg-{}.{}", secret.name, std::process::id()));
         std::fs::OpenOptions::new()
             .write(true)
@@ -348,18 +371,6 @@ pub fn client_side(
     let listen = spec
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], port.unwrap_or(0))));
-    let user = match &spec.user {
-        Some(u) => u.clone(),
-        None => {
-            let dsn = rt_sources
-                .resolve(&spec.source)
-                .map_err(|e| format!("secret {}: {e}", secret.name))?;
-            let text = String::from_utf8_lossy(dsn.expose()).into_owned();
-            Dsn::parse(&text)
-                .map_err(|e| format!("secret {}: {e}", secret.name))?
-                .user
-        }
-    };
     let password = spec.password.clone().or(password).unwrap_or_default();
     Ok(ClientSide {
         listen,

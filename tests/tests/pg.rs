@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use iron_policy::Policy;
 use iron_proxy::{MemoryAudit, Runtime};
 use iron_tests::pgcluster::PgCluster;
+use iron_tests::{Spawned, have};
 
 const APP_PASSWORD: &str = "app_REALpassword_77";
 
@@ -383,4 +384,60 @@ fn run_gives_the_sandbox_a_working_placeholder_dsn() {
         "{stdout}"
     );
     assert!(!stderr.contains(APP_PASSWORD), "{stderr}");
+}
+
+/// `serve` in one shell, `env` in another (without the real DSN in its environment, same
+/// state directory): the URL `env` prints is the one `serve` accepts, and psql with it
+/// logs in as the upstream user.
+#[test]
+fn env_and_a_running_serve_agree() {
+    let Some(c) = cluster() else { return };
+    if !have("psql") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[proxy]\nlisten = \"127.0.0.1:0\"\nallow_cidrs = [\"127.0.0.1/32\"]\n\n[[secrets]]\nname = \"DATABASE_URL\"\ntype = \"pg_dsn\"\ndatabase = \"app\"\nsource = { env = \"REAL_DSN\" }\n",
+    )
+    .expect("policy");
+    let real = format!(
+        "postgresql://app:{APP_PASSWORD}@127.0.0.1:{}/app?sslmode=disable",
+        c.port
+    );
+    let home = dir.path().join("state");
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_iron-proxy-e2e"));
+    let env: HashMap<String, String> = [("REAL_DSN".to_string(), real)].into_iter().collect();
+    let serve = Spawned::start(&bin, &policy, &home, &env, "info");
+    let out = std::process::Command::new(&bin)
+        .args(["env", "--policy"])
+        .arg(&policy)
+        .env("IRON_PROXY_HOME", &home)
+        .env_remove("REAL_DSN")
+        .output()
+        .expect("env");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("export DATABASE_URL=")
+                .or_else(|| l.strip_prefix("DATABASE_URL="))
+        })
+        .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
+        .unwrap_or_else(|| panic!("no DATABASE_URL in {stdout}"));
+    assert!(
+        url.starts_with("postgresql://app:") && !url.contains(APP_PASSWORD),
+        "{url}"
+    );
+    let (ok, out, err) = psql(&url, "select current_user");
+    assert!(ok, "{err}");
+    assert_eq!(out, "app");
+    let log = serve.stop();
+    assert!(!log.contains(APP_PASSWORD), "{log}");
 }
