@@ -484,6 +484,17 @@ pub async fn start_all(
                         let _ =
                             send_error(&mut tcp, "53300", "too many connections for this relay")
                                 .await;
+                        let mut rec = AuditRecord::new("pg", rt.next_request_id(), peer, "STARTUP");
+                        rec.scheme = "postgres";
+                        rec.host_class = "secret";
+                        rec.outcome = "refused";
+                        rec.error = Some("pg_too_many_connections");
+                        rec.secrets = vec![AppliedSecret {
+                            name: name.to_string(),
+                            location: "pg".into(),
+                        }];
+                        rec.stop_clock();
+                        rt.emit(&rec);
                         return;
                     };
                     session(rt, &name, &user, &verifier, &cancels, tcp, peer).await;
@@ -583,7 +594,14 @@ async fn session(
     .await;
     let (client, upstream, own_keys) = match setup {
         Ok(Ok(Some(s))) => s,
-        Ok(Ok(None)) => return, // cancel request or client gone before a session
+        Ok(Ok(None)) => {
+            // A CancelRequest is audited; a client gone before a session is not a session.
+            if rec.method == "CANCEL" {
+                rec.stop_clock();
+                rt.emit(&rec);
+            }
+            return;
+        }
         Ok(Err(())) => {
             rec.outcome = "refused";
             rec.stop_clock();
@@ -680,12 +698,18 @@ async fn handshake(
                     .lock()
                     .ok()
                     .and_then(|m| m.get(&(pid, key)).copied());
+                rec.method = "CANCEL".into();
+                rec.outcome = "refused";
+                rec.error = Some("pg_cancel_unknown_key");
                 if let Some((addr, rpid, rkey)) = target
                     && let Ok(mut up) = TcpStream::connect(addr).await
                 {
                     let mut buf = BytesMut::new();
                     postgres_protocol::message::frontend::cancel_request(rpid, rkey, &mut buf);
-                    let _ = up.write_all(&buf).await;
+                    if up.write_all(&buf).await.is_ok() {
+                        rec.outcome = "forwarded";
+                        rec.error = None;
+                    }
                 }
                 return Ok(None);
             }

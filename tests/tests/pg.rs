@@ -270,6 +270,17 @@ async fn wrong_credentials_cancel_upstream_down_and_concurrency() {
         started.elapsed()
     );
     assert_eq!(res.err().map(code).as_deref(), Some("57014"));
+    // The cancel is audited (the CancelRequest arrives on its own connection).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !r
+        .audit
+        .records()
+        .iter()
+        .any(|a| a.method == "CANCEL" && a.outcome == "forwarded")
+    {
+        assert!(Instant::now() < deadline, "no audit record for the cancel");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // 50 concurrent sessions.
     let mut tasks = Vec::new();
