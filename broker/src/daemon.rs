@@ -258,11 +258,14 @@ impl Transport {
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(timeout / 3));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
@@ -276,27 +279,54 @@ impl TokenTransport for Transport {
         use http_body_util::BodyExt as _;
         let client = self.client.clone();
         let timeout = self.timeout;
-        // One deadline for the whole exchange: a token endpoint that sends headers and then
-        // trickles (or stalls) the body is cut off like one that never answers.
+        // One deadline for the whole exchange. Only a failure before the request could
+        // reach the IdP (connect, TLS handshake) is an error the caller may retry with the
+        // same refresh token. A request that may have been processed — no answer after it
+        // was sent, or a success whose body was lost — is reported as an empty `200`, which
+        // parses as an unusable answer: the rotation may have happened, and replaying the
+        // old token could trigger reuse detection (the broker marks the credential
+        // `rotation_interrupted` instead).
         Box::pin(async move {
             let (parts, body) = req.into_parts();
             let req = http::Request::from_parts(parts, Full::new(Bytes::from(body)));
+            let lost = || {
+                http::Response::builder()
+                    .status(200)
+                    .body(Vec::new())
+                    .unwrap_or_default()
+            };
             let exchange = async {
-                let resp = client
-                    .request(req)
-                    .await
-                    .map_err(|e| TransportError(format!("token endpoint request failed: {e}")))?;
+                let resp = match client.request(req).await {
+                    Ok(r) => r,
+                    Err(e) if e.is_connect() => {
+                        return Err(TransportError(format!("token endpoint unreachable: {e}")));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "token endpoint request failed after it was sent");
+                        return Ok(lost());
+                    }
+                };
                 let (parts, body) = resp.into_parts();
-                let bytes = http_body_util::Limited::new(body, crate::tokens::MAX_TOKEN_RESPONSE)
+                match http_body_util::Limited::new(body, crate::tokens::MAX_TOKEN_RESPONSE)
                     .collect()
                     .await
-                    .map_err(|_| TransportError("token response failed or too large".into()))?
-                    .to_bytes();
-                Ok(http::Response::from_parts(parts, bytes.to_vec()))
+                {
+                    Ok(b) => Ok(http::Response::from_parts(parts, b.to_bytes().to_vec())),
+                    Err(_) if parts.status.is_success() => Ok(lost()),
+                    Err(_) => Err(TransportError(
+                        "token error response failed or too large".into(),
+                    )),
+                }
             };
-            tokio::time::timeout(timeout, exchange)
-                .await
-                .map_err(|_| TransportError("token endpoint did not answer in time".into()))?
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(
+                        "token endpoint did not answer in time after the request was sent"
+                    );
+                    Ok(lost())
+                }
+            }
         })
     }
 }
@@ -441,6 +471,10 @@ pub struct Credential {
     /// A refreshed record whose durable write failed, with its lease: written before
     /// anything else, never replaced by another IdP call.
     unsaved: tokio::sync::Mutex<Option<(Lease, Record)>>,
+    /// `started_at_ms` of an intent of ours whose write reported an error (a timeout may
+    /// still have committed it): the IdP was not called for it, so finding it later is not
+    /// an interrupted rotation.
+    abandoned_intent: Mutex<Option<u64>>,
 }
 
 impl Credential {
@@ -528,6 +562,8 @@ pub struct Broker {
     owner: String,
     metrics: Metrics,
     refresh_timeout: Duration,
+    /// Set on SIGTERM: no new refresh cycle starts.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Broker {
@@ -573,6 +609,7 @@ impl Broker {
                     cached: Mutex::new(None),
                     flight: tokio::sync::Mutex::new(()),
                     unsaved: tokio::sync::Mutex::new(None),
+                    abandoned_intent: Mutex::new(None),
                 }),
             );
         }
@@ -593,6 +630,7 @@ impl Broker {
             owner,
             metrics: Metrics::new(),
             refresh_timeout,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -626,6 +664,9 @@ impl Broker {
         let _flight = cred.flight.lock().await;
         if let Some(c) = cred.cached(now_ms()) {
             return Ok(c);
+        }
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ServeError::Busy);
         }
         self.cycle_until_done(cred, false).await
     }
@@ -745,32 +786,15 @@ impl Broker {
             Ok(()) => self.store.release(lease).await,
             Err(StoreError::Fenced(_)) => {
                 // Our lease ran out and someone else (another broker, an admin write) took
-                // the record. Our record is still the truth only if the stored one is the
-                // one our rotation started from (a broker that found our intent marks it
-                // dead with rotation_interrupted but keeps the token and generation).
-                let taken = self
-                    .store
-                    .acquire(id, &self.owner, self.refresh_timeout * 3)
-                    .await;
-                match taken {
-                    Ok(Some(new))
-                        if new.record.generation == lease.record.generation
-                            && new.record.refresh_token == lease.record.refresh_token =>
-                    {
-                        if let Err(e) = self.store.write(&new, &rec).await {
-                            *unsaved = Some((new, rec));
-                            self.metrics.attempt(id, "store_error");
-                            return Err(store_err(e));
-                        }
-                        self.store.release(new).await;
-                        tracing::warn!(credential = %id, "stored the rotated refresh token under a new lease after the first one ran out");
-                    }
-                    Ok(Some(new)) => {
-                        self.store.release(new).await;
-                        tracing::error!(credential = %id, "the stored credential changed (a new bootstrap or another rotation) while this broker held an unstored rotated refresh token; dropping the held token");
-                        self.metrics.attempt(id, "fenced_dropped");
-                        return Ok(None);
-                    }
+                // the record. The stored record is still the one our refresh started from if
+                // it holds the same refresh token (a broker that found our intent marks it
+                // dead with rotation_interrupted, `revive` bumps the generation: neither
+                // changes the token). Then a held *rotation* is the only valid token and
+                // wins over any state; a held non-rotation (cleared intent, dead mark) is
+                // stale news if another broker has since started its own refresh.
+                let taken = self.store.acquire(id, &self.owner, self.lease_ttl()).await;
+                let new = match taken {
+                    Ok(Some(new)) => new,
                     Ok(None) => {
                         *unsaved = Some((lease, rec));
                         return Err(ServeError::Busy);
@@ -780,7 +804,30 @@ impl Broker {
                         self.metrics.attempt(id, "store_error");
                         return Err(store_err(e));
                     }
+                };
+                let same_token = new.record.refresh_token == lease.record.refresh_token;
+                let rotation = rec.refresh_token != lease.record.refresh_token;
+                let foreign_intent = new
+                    .record
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|f| f.owner != self.owner);
+                if !same_token || (!rotation && foreign_intent) {
+                    self.store.release(new).await;
+                    tracing::error!(credential = %id, "the stored credential moved on (a new bootstrap, another rotation or another broker's refresh) while this broker held an unwritten record; dropping the held record");
+                    self.metrics.attempt(id, "fenced_dropped");
+                    return Ok(None);
                 }
+                let mut rec = rec;
+                rec.generation = rec.generation.max(new.record.generation + 1);
+                if let Err(e) = self.store.write(&new, &rec).await {
+                    *unsaved = Some((new, rec));
+                    self.metrics.attempt(id, "store_error");
+                    return Err(store_err(e));
+                }
+                self.store.release(new).await;
+                tracing::warn!(credential = %id, "stored the held record under a new lease after the first one ran out");
+                return self.after_flush(cred, rec);
             }
             Err(e) => {
                 tracing::error!(credential = %id, error = %e, "a record is still not durable; holding it in memory");
@@ -790,6 +837,12 @@ impl Broker {
             }
         }
         tracing::info!(credential = %id, "stored the held record after earlier write failures");
+        self.after_flush(cred, rec)
+    }
+
+    /// What a written held record means for the caller: dead, a servable token, or `None`
+    /// (go on with a normal cycle).
+    fn after_flush(&self, cred: &Credential, rec: Record) -> Result<Option<Cached>, ServeError> {
         if rec.state == CredState::Dead {
             return Err(ServeError::Dead(
                 rec.dead_reason.unwrap_or_else(|| "dead".into()),
@@ -798,6 +851,13 @@ impl Broker {
         Ok(cred
             .adopt(&rec)
             .filter(|c| rec.in_flight.is_none() && cred.servable(c, now_ms())))
+    }
+
+    /// How long a refresh lease lasts: longer than the worst case of one cycle (intent
+    /// write, the IdP calls within `refresh_timeout` plus one request's timeout, five
+    /// store-write attempts), each store call bounded by [`crate::store::PG_TIMEOUT`].
+    fn lease_ttl(&self) -> Duration {
+        self.refresh_timeout * 2 + crate::store::PG_TIMEOUT * 7
     }
 
     /// One pass of the rotation protocol (module docs). `Busy` when another broker holds
@@ -833,7 +893,7 @@ impl Broker {
         }
         let Some(lease) = self
             .store
-            .acquire(id, &self.owner, self.refresh_timeout * 3)
+            .acquire(id, &self.owner, self.lease_ttl())
             .await
             .map_err(store_err)?
         else {
@@ -878,6 +938,14 @@ impl Broker {
             self.metrics.attempt(id, "adopted");
             return (Ok(()), None);
         }
+        let abandoned = cred.abandoned_intent.lock().ok().and_then(|mut a| a.take());
+        if let Some(f) = &rec.in_flight
+            && f.owner == self.owner
+            && Some(f.started_at_ms) == abandoned
+        {
+            tracing::info!(credential = %id, "clearing an intent of ours whose write was reported failed; the IdP was not called for it");
+            rec.in_flight = None;
+        }
         if let Some(f) = &rec.in_flight {
             tracing::error!(
                 credential = %id,
@@ -910,12 +978,16 @@ impl Broker {
             None => None,
         };
         // Intent, durable before the IdP is called.
+        let started_at_ms = now_ms();
         rec.in_flight = Some(InFlight {
             owner: self.owner.clone(),
-            started_at_ms: now_ms(),
+            started_at_ms,
         });
         rec.updated_at_ms = now_ms();
         if let Err(e) = self.store.write(lease, &rec).await {
+            if let Ok(mut a) = cred.abandoned_intent.lock() {
+                *a = Some(started_at_ms);
+            }
             tracing::error!(credential = %id, error = %e, "cannot record the refresh intent; not calling the IdP");
             self.metrics.attempt(id, "store_error");
             return (Err(store_err(e)), None);
@@ -959,7 +1031,7 @@ impl Broker {
                 // A success status with a body that is not a token response: the IdP may
                 // have rotated the refresh token, so replaying the old one could trigger
                 // reuse detection. Say so, as after a crash.
-                tracing::error!(credential = %id, "the token endpoint answered success with an unusable body; the refresh token may have been rotated. Marking the credential dead (rotation_interrupted)");
+                tracing::error!(credential = %id, "the token endpoint's answer was lost or unusable after the request was sent; the refresh token may have been rotated. Marking the credential dead (rotation_interrupted) instead of replaying it");
                 done.state = CredState::Dead;
                 done.dead_reason = Some("rotation_interrupted".into());
                 self.metrics.attempt(id, "interrupted");
@@ -1061,17 +1133,32 @@ impl Broker {
         }
     }
 
-    /// Before exit: waits (up to twice the refresh timeout in all) for refreshes in flight
-    /// to finish, keeps any new one from starting, and writes records held in memory, so a
-    /// SIGTERM never cuts a rotation between the IdP's answer and the store.
+    /// Before exit: stops new refresh cycles, waits (up to one lease time in all) for the
+    /// ones in flight to finish, and writes records held in memory (retrying until then),
+    /// so a SIGTERM never cuts a rotation between the IdP's answer and the store.
     async fn quiesce(&self) {
-        let deadline = tokio::time::Instant::now() + self.refresh_timeout * 2;
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + self.lease_ttl();
         let mut held = Vec::new();
         for cred in self.creds.values() {
             match tokio::time::timeout_at(deadline, cred.flight.lock()).await {
                 Ok(guard) => {
-                    if let Err(e) = self.flush_unsaved(cred).await {
-                        tracing::error!(credential = %cred.spec.id, error = %e, "stopping with a record that could not be written");
+                    // A held record is retried until the deadline: it may be the only copy
+                    // of a rotated refresh token.
+                    loop {
+                        let pending = cred.unsaved.lock().await.is_some();
+                        if !pending {
+                            break;
+                        }
+                        match self.flush_unsaved(cred).await {
+                            Ok(_) | Err(ServeError::Dead(_)) => break,
+                            Err(e) if tokio::time::Instant::now() >= deadline => {
+                                tracing::error!(credential = %cred.spec.id, error = %e, "stopping with a record that could not be written");
+                                break;
+                            }
+                            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                        }
                     }
                     held.push(guard);
                 }
@@ -1113,6 +1200,9 @@ impl Broker {
         let _flight = cred.flight.lock().await;
         if cred.next_refresh_ms().is_some_and(|at| now_ms() < at) {
             return Ok(()); // an on-demand refresh got there first
+        }
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ServeError::Busy);
         }
         self.cycle_until_done(cred, true).await.map(|_| ())
     }

@@ -413,12 +413,20 @@ impl FileStore {
         // Temp files of this id left by a crash hold a token: remove them. The caller holds
         // the id's lock, so no live writer owns one.
         let prefix = format!(".{}.json.tmp-", rec.id);
+        let ours = |name: &str| {
+            // Exactly `.ID.json.tmp-PID-MS`: another id may itself contain `.json.tmp-`.
+            name.strip_prefix(&prefix)
+                .and_then(|rest| rest.split_once('-'))
+                .is_some_and(|(pid, ms)| {
+                    !pid.is_empty()
+                        && !ms.is_empty()
+                        && pid.bytes().all(|b| b.is_ascii_digit())
+                        && ms.bytes().all(|b| b.is_ascii_digit())
+                })
+        };
         if let Ok(entries) = std::fs::read_dir(&self.dir) {
             for e in entries.filter_map(Result::ok) {
-                if e.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with(&prefix))
-                {
+                if e.file_name().to_str().is_some_and(ours) {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -484,20 +492,21 @@ impl PgStore {
         let c = s.client().await?;
         // A broker role may lack CREATE: only create the table when it is missing, and
         // serialize creation when several brokers start at once.
-        let exists: bool = c
-            .query_one(
-                "SELECT to_regclass('iron_broker_credentials') IS NOT NULL",
-                &[],
+        let exists: bool = s
+            .timed(
+                &c,
+                c.query_one(
+                    "SELECT to_regclass('iron_broker_credentials') IS NOT NULL",
+                    &[],
+                ),
             )
-            .await
-            .map_err(pg_err)?
+            .await?
             .get(0);
         if !exists {
-            c.batch_execute(&format!(
+            let ddl = format!(
                 "SELECT pg_advisory_lock(7311); {SCHEMA}; SELECT pg_advisory_unlock(7311);"
-            ))
-            .await
-            .map_err(pg_err)?;
+            );
+            s.timed(&c, c.batch_execute(&ddl)).await?;
         }
         Ok(s)
     }
@@ -526,15 +535,30 @@ impl PgStore {
         Ok(client)
     }
 
-    /// Runs one statement under [`PG_TIMEOUT`]; a timeout drops the connection.
+    /// Runs one statement of `c` under [`PG_TIMEOUT`]. On a timeout the statement is
+    /// cancelled on the server (so it does not commit later, bounded to 2 s) and the
+    /// connection is dropped if it is still the current one.
     async fn timed<T>(
         &self,
+        c: &std::sync::Arc<tokio_postgres::Client>,
         fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(PG_TIMEOUT, fut).await {
             Ok(r) => r.map_err(pg_err),
             Err(_) => {
-                *self.client.lock().await = None;
+                let cancel = c.cancel_token();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    cancel.cancel_query(tokio_postgres::NoTls),
+                )
+                .await;
+                let mut slot = self.client.lock().await;
+                if slot
+                    .as_ref()
+                    .is_some_and(|cur| std::sync::Arc::ptr_eq(cur, c))
+                {
+                    *slot = None;
+                }
                 Err(StoreError::Io("postgres: no answer within 10 s".into()))
             }
         }
@@ -543,10 +567,13 @@ impl PgStore {
     async fn load(&self, id: &str) -> Result<Option<Record>, StoreError> {
         let c = self.client().await?;
         let row = self
-            .timed(c.query_opt(
-                "SELECT record FROM iron_broker_credentials WHERE id = $1",
-                &[&id],
-            ))
+            .timed(
+                &c,
+                c.query_opt(
+                    "SELECT record FROM iron_broker_credentials WHERE id = $1",
+                    &[&id],
+                ),
+            )
             .await?;
         row.map(|r| parse_row(id, r.get(0))).transpose()
     }
@@ -554,10 +581,13 @@ impl PgStore {
     async fn list(&self) -> Result<Vec<Record>, StoreError> {
         let c = self.client().await?;
         let rows = self
-            .timed(c.query(
-                "SELECT id, record FROM iron_broker_credentials ORDER BY id",
-                &[],
-            ))
+            .timed(
+                &c,
+                c.query(
+                    "SELECT id, record FROM iron_broker_credentials ORDER BY id",
+                    &[],
+                ),
+            )
             .await?;
         rows.into_iter()
             .map(|r| parse_row(r.get(0), r.get(1)))
@@ -567,13 +597,16 @@ impl PgStore {
     async fn put(&self, rec: &Record) -> Result<(), StoreError> {
         let c = self.client().await?;
         let body = serde_json::to_string(rec).map_err(|e| StoreError::Io(e.to_string()))?;
-        self.timed(c.execute(
-            "INSERT INTO iron_broker_credentials (id, record) VALUES ($1, $2)
+        self.timed(
+            &c,
+            c.execute(
+                "INSERT INTO iron_broker_credentials (id, record) VALUES ($1, $2)
              ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record,
                fence = iron_broker_credentials.fence + 1, lease_owner = NULL,
                lease_until = NULL, updated_at = now()",
-            &[&rec.id, &body],
-        ))
+                &[&rec.id, &body],
+            ),
+        )
         .await?;
         Ok(())
     }
@@ -587,14 +620,17 @@ impl PgStore {
         let c = self.client().await?;
         let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         let row = self
-            .timed(c.query_opt(
-                "UPDATE iron_broker_credentials
+            .timed(
+                &c,
+                c.query_opt(
+                    "UPDATE iron_broker_credentials
                  SET fence = fence + 1, lease_owner = $2,
                      lease_until = now() + $3::bigint * interval '1 millisecond'
                  WHERE id = $1 AND (lease_until IS NULL OR lease_until < now())
                  RETURNING fence, record",
-                &[&id, &owner, &ms],
-            ))
+                    &[&id, &owner, &ms],
+                ),
+            )
             .await?;
         let Some(row) = row else { return Ok(None) };
         Ok(Some(Lease {
@@ -609,11 +645,14 @@ impl PgStore {
         let c = self.client().await?;
         let body = serde_json::to_string(rec).map_err(|e| StoreError::Io(e.to_string()))?;
         let n = self
-            .timed(c.execute(
-                "UPDATE iron_broker_credentials SET record = $3, updated_at = now()
+            .timed(
+                &c,
+                c.execute(
+                    "UPDATE iron_broker_credentials SET record = $3, updated_at = now()
                  WHERE id = $1 AND fence = $2",
-                &[&lease.id, &lease.fence, &body],
-            ))
+                    &[&lease.id, &lease.fence, &body],
+                ),
+            )
             .await?;
         if n == 1 {
             Ok(())
@@ -626,11 +665,14 @@ impl PgStore {
         let Ok(c) = self.client().await else { return };
         // A release that fails leaves the lease to expire on its own.
         let _ = self
-            .timed(c.execute(
-                "UPDATE iron_broker_credentials SET lease_owner = NULL, lease_until = NULL
+            .timed(
+                &c,
+                c.execute(
+                    "UPDATE iron_broker_credentials SET lease_owner = NULL, lease_until = NULL
                  WHERE id = $1 AND fence = $2",
-                &[&lease.id, &lease.fence],
-            ))
+                    &[&lease.id, &lease.fence],
+                ),
+            )
             .await;
     }
 }

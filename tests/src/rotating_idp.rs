@@ -58,6 +58,9 @@ pub struct RotState {
     /// Rotate the refresh token on this many next valid requests but answer `200` with a
     /// body that is not a token response (a lost or garbled answer).
     pub malformed_next: AtomicU32,
+    /// Rotate on the next valid request, then hold the answer this many ms (longer than
+    /// the caller's timeout: the answer is lost after the rotation happened). One-shot.
+    pub stall_after_rotate_ms: AtomicU64,
     /// Successful refresh grants.
     pub refreshes: AtomicU64,
     /// All token requests received.
@@ -314,6 +317,10 @@ async fn handle(st: &RotState, req: Request<Incoming>) -> Response<Full<Bytes>> 
         (access, refresh)
     };
     st.refreshes.fetch_add(1, Ordering::SeqCst);
+    let stall = st.stall_after_rotate_ms.swap(0, Ordering::SeqCst);
+    if stall > 0 {
+        tokio::time::sleep(Duration::from_millis(stall)).await;
+    }
     if st
         .malformed_next
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

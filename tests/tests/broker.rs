@@ -865,3 +865,45 @@ async fn corrupt_record_is_reported_and_repaired_by_set() {
         "{log}"
     );
 }
+
+/// The IdP rotates the token but its answer never arrives (timeout after the request was
+/// sent): the broker does not replay the old token (no reuse), it reports
+/// `rotation_interrupted`. An IdP that cannot be reached at all is retried, the credential
+/// stays alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answer_lost_after_rotation_is_reported_not_replayed() {
+    let idp = RotatingIdp::start().await;
+    idp.state
+        .stall_after_rotate_ms
+        .store(7000, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+    bootstrap(&config);
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["reason"], "rotation_interrupted");
+    assert_eq!(idp.state.requests.load(Ordering::SeqCst), 1, "replayed");
+    assert_eq!(idp.state.reuse_events.load(Ordering::SeqCst), 0);
+    drop(b);
+
+    // Unreachable token endpoint (nothing listens): retried, not dead.
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+    let dead = free_port();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &idp.token_url(),
+        &format!("https://127.0.0.1:{dead}/oauth/token"),
+    );
+    std::fs::write(&config, text).unwrap();
+    bootstrap(&config);
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "idp_unavailable");
+    let (_, list, _) = cli(&config, &["credentials", "list"], None);
+    assert!(list.contains(" ok "), "{list}");
+    drop(b);
+}
