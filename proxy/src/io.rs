@@ -76,51 +76,99 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 
 /// Copies bytes both ways between `a` and `b` until both directions have ended, an error
 /// occurs, or nothing moves in either direction for `idle`. Returns the bytes copied
-/// a→b and b→a. Used for passthrough tunnels and upgraded (WebSocket) connections.
+/// a→b and b→a. Used for passthrough tunnels, upgraded (WebSocket) connections and the
+/// Postgres relay.
+///
+/// The two directions run concurrently: a writer blocked on a full peer never stops the
+/// other direction from being read (a client pipelining a large batch while the server
+/// streams results would otherwise deadlock). End of input in one direction shuts down the
+/// write side of the other peer (half-close) and the other direction goes on; an error in
+/// either ends both.
 pub async fn relay<A, B>(a: A, b: B, idle: std::time::Duration) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let mut abuf = vec![0u8; 16 * 1024];
-    let mut bbuf = vec![0u8; 16 * 1024];
-    let (mut a_open, mut b_open) = (true, true);
-    let (mut ab, mut ba) = (0u64, 0u64);
-    while a_open || b_open {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    let ab = AtomicU64::new(0);
+    let ba = AtomicU64::new(0);
+    // Milliseconds since `start` of the last byte moved in either direction.
+    let start = tokio::time::Instant::now();
+    let last = AtomicU64::new(0);
+    let touch = || {
+        let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last.store(ms, Ordering::Relaxed);
+    };
+    let a_to_b = one_way(ar, bw, &ab, &touch);
+    let b_to_a = one_way(br, aw, &ba, &touch);
+    tokio::pin!(a_to_b, b_to_a);
+    let (mut a_done, mut b_done) = (false, false);
+    let tick = (idle / 4).max(std::time::Duration::from_millis(10));
+    while !(a_done && b_done) {
         tokio::select! {
-            r = ar.read(&mut abuf), if a_open => match r {
-                Ok(0) | Err(_) => {
-                    a_open = false;
-                    let _ = bw.shutdown().await;
+            clean = &mut a_to_b, if !a_done => {
+                if !clean {
+                    break;
                 }
-                Ok(n) => {
-                    // Flush too: a TLS writer may keep encrypted records buffered after
-                    // accepting the plaintext, and nothing else would push them out.
-                    if bw.write_all(&abuf[..n]).await.is_err() || bw.flush().await.is_err() {
-                        break;
-                    }
-                    ab += n as u64;
+                a_done = true;
+            }
+            clean = &mut b_to_a, if !b_done => {
+                if !clean {
+                    break;
                 }
-            },
-            r = br.read(&mut bbuf), if b_open => match r {
-                Ok(0) | Err(_) => {
-                    b_open = false;
-                    let _ = aw.shutdown().await;
+                b_done = true;
+            }
+            () = tokio::time::sleep(tick) => {
+                let quiet = start
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(last.load(Ordering::Relaxed)));
+                if quiet >= idle {
+                    break;
                 }
-                Ok(n) => {
-                    if aw.write_all(&bbuf[..n]).await.is_err() || aw.flush().await.is_err() {
-                        break;
-                    }
-                    ba += n as u64;
-                }
-            },
-            () = tokio::time::sleep(idle) => break,
+            }
         }
     }
-    (ab, ba)
+    (ab.load(Ordering::Relaxed), ba.load(Ordering::Relaxed))
+}
+
+/// One direction of [`relay`]: read, write, flush, until end of input (`true`, after
+/// shutting down the writer) or an error (`false`). `touch` marks activity.
+async fn one_way<R, W>(
+    mut r: R,
+    mut w: W,
+    count: &std::sync::atomic::AtomicU64,
+    touch: &(dyn Fn() + Sync),
+) -> bool
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => {
+                let _ = w.shutdown().await;
+                return true;
+            }
+            Err(_) => {
+                let _ = w.shutdown().await;
+                return false;
+            }
+            Ok(n) => {
+                touch();
+                // Flush too: a TLS writer may keep encrypted records buffered after accepting
+                // the plaintext, and nothing else would push them out.
+                if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
+                    return false;
+                }
+                count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                touch();
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -144,6 +192,40 @@ mod tests {
         assert_eq!(&buf, b"de");
         // Nothing moves: the relay gives up after the idle timeout.
         assert_eq!(task.await.unwrap(), (3, 2));
+    }
+
+    /// A client writing a large request while the server writes a large answer before
+    /// reading (pipelined batches): one direction blocked on a full peer must not stop the
+    /// other. A relay that writes inside its read loop deadlocks here.
+    #[tokio::test]
+    async fn relay_directions_do_not_block_each_other() {
+        use tokio::io::AsyncWriteExt as _;
+        const N: usize = 1 << 20;
+        let (c1, p1) = tokio::io::duplex(1024);
+        let (p2, mut c2) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(relay(p1, p2, std::time::Duration::from_secs(5)));
+        let (mut c1r, mut c1w) = tokio::io::split(c1);
+        let client_reader = tokio::spawn(async move {
+            let mut got = vec![0u8; N];
+            c1r.read_exact(&mut got).await.map(|_| got)
+        });
+        let client_writer = tokio::spawn(async move { c1w.write_all(&vec![1u8; N]).await });
+        let server = tokio::spawn(async move {
+            c2.write_all(&vec![2u8; N]).await?;
+            let mut got = vec![0u8; N];
+            c2.read_exact(&mut got).await?;
+            Ok::<_, std::io::Error>(got)
+        });
+        let done = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let got = client_reader.await.unwrap().unwrap();
+            client_writer.await.unwrap().unwrap();
+            let srv = server.await.unwrap().unwrap();
+            (got, srv)
+        })
+        .await
+        .expect("relay deadlocked");
+        assert!(done.0.iter().all(|&b| b == 2) && done.1.iter().all(|&b| b == 1));
+        relay.abort();
     }
 
     #[tokio::test]
