@@ -111,6 +111,9 @@ pub struct Runtime {
     pub usage: Mutex<HashMap<String, SecretUsage>>,
     /// Set once the proxy listener is bound.
     pub listening: std::sync::atomic::AtomicBool,
+    /// `pg_dsn` secrets whose relay could not be started (their DSN was absent at start):
+    /// `/readyz` reports them until a restart starts the relay.
+    pub pg_not_started: Mutex<Vec<String>>,
     env: Arc<dyn Env>,
     reload_lock: tokio::sync::Mutex<()>,
     id_prefix: u32,
@@ -184,6 +187,7 @@ impl Runtime {
             metrics,
             usage: Mutex::new(HashMap::new()),
             listening: std::sync::atomic::AtomicBool::new(false),
+            pg_not_started: Mutex::new(Vec::new()),
             env,
             reload_lock: tokio::sync::Mutex::new(()),
             id_prefix,
@@ -281,6 +285,43 @@ impl Runtime {
             severity,
             message,
         };
+        // An absent source is only a warning at startup, but a reload must not turn a secret
+        // that works now into one that does not (a typo in a variable name or path).
+        let mut broken = false;
+        for s in policy.secrets.iter().filter(|s| s.enabled && !s.optional) {
+            let Some(prev) = old.secret(&s.name) else {
+                continue;
+            };
+            let works_now = prev.enabled
+                && prev
+                    .sources()
+                    .iter()
+                    .all(|(_, src)| self.sources.resolve(src).is_ok());
+            if !works_now {
+                continue;
+            }
+            for (field, src) in s.sources() {
+                if let Err(e) = self.sources.resolve(src)
+                    && e.is_missing()
+                {
+                    broken = true;
+                    diags.push(iron_policy::Diagnostic {
+                        file: s.file.clone(),
+                        line: src.pos.line,
+                        col: src.pos.col,
+                        severity: iron_policy::Severity::Error,
+                        message: format!(
+                            "secret `{}`: {}{e}; the running policy's source for it works, so this reload is refused",
+                            s.name,
+                            if field == "source" { String::new() } else { format!("field {field}: ") }
+                        ),
+                    });
+                }
+            }
+        }
+        if broken {
+            return refuse(diags, &self.metrics);
+        }
         if policy.proxy.ca != old.proxy.ca {
             diags.push(at1(
                 iron_policy::Severity::Error,

@@ -472,3 +472,46 @@ async fn disabled_secret_is_listed_and_refused() {
     assert_eq!(r.error_code().as_deref(), Some("credential_unavailable"));
     assert!(w.origin.records().is_empty());
 }
+
+/// A reload that would make a working secret's source absent (a typo in the variable
+/// name) is refused with a positioned error, and the running policy stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_refuses_to_break_a_working_secret() {
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let text = std::fs::read_to_string(&w.policy_path).expect("policy");
+    assert!(text.contains("env = \"REAL_GITHUB_TOKEN\""));
+    std::fs::write(
+        &w.policy_path,
+        text.replace("env = \"REAL_GITHUB_TOKEN\"", "env = \"REAL_GITHUB_TOKN\""),
+    )
+    .expect("write");
+    let errs = p.rt.reload().await.expect_err("reload accepted");
+    let joined = errs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        joined.contains("REAL_GITHUB_TOKN") && joined.contains("refused"),
+        "{joined}"
+    );
+    let secret = p.rt.policy().secret("GITHUB_TOKEN").cloned().expect("kept");
+    assert!(
+        format!("{:?}", secret.sources()).contains("REAL_GITHUB_TOKEN\""),
+        "the old policy was replaced"
+    );
+    // A new secret whose source is absent is still only a warning.
+    std::fs::write(
+        &w.policy_path,
+        format!(
+            "{text}\n[[secrets]]\nname = \"LATER_KEY\"\ntype = \"http\"\nsource = {{ env = \"LATER_KEY_UNSET\" }}\nmatch_headers = [\"X-Later\"]\nhosts = [\"other.test:{}\"]\n",
+            w.port()
+        ),
+    )
+    .expect("write");
+    p.rt.reload()
+        .await
+        .expect("a new absent secret is a warning");
+    assert!(p.rt.policy().secret("LATER_KEY").is_some());
+}
