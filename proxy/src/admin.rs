@@ -208,6 +208,13 @@ fn readyz(rt: &Runtime) -> Response<ProxyBody> {
             ));
         }
     }
+    if let Ok(names) = rt.pg_not_started.lock() {
+        for n in names.iter() {
+            reasons.push(format!(
+                "postgres relay of secret {n} was not started (its DSN was absent at start): restart once it is set"
+            ));
+        }
+    }
     if reasons.is_empty() {
         reply(StatusCode::OK, &json!({"ready": true}))
     } else {
@@ -334,6 +341,20 @@ pub fn client_token() -> Option<SecretValue> {
 /// # Errors
 /// Connection or HTTP errors, as text.
 pub async fn call(addr: SocketAddr, method: Method, path: &str) -> Result<(u16, String), String> {
+    call_with(addr, method, path, true).await
+}
+
+/// As [`call`]; the bearer token is sent only when `send_token` (the address was named by
+/// the operator, not the built-in default).
+///
+/// # Errors
+/// As [`call`].
+pub async fn call_with(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    send_token: bool,
+) -> Result<(u16, String), String> {
     use http_body_util::BodyExt as _;
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
@@ -346,7 +367,7 @@ pub async fn call(addr: SocketAddr, method: Method, path: &str) -> Result<(u16, 
         .method(method)
         .uri(path)
         .header(http::header::HOST, addr.to_string());
-    if let Some(t) = client_token() {
+    if let Some(t) = client_token().filter(|_| send_token) {
         let mut v = http::HeaderValue::from_bytes(&[b"Bearer ", t.expose()].concat())
             .map_err(|_| "invalid admin token".to_string())?;
         v.set_sensitive(true);

@@ -436,6 +436,9 @@ pub async fn start_all(
             // The DSN is not set yet: no relay for it (/readyz and /v1/secrets say why).
             Err(e) if rt.sources.resolve(&spec.source).is_err() => {
                 tracing::error!(secret = %secret.name, error = %e, "postgres relay not started: its DSN is missing");
+                if let Ok(mut v) = rt.pg_not_started.lock() {
+                    v.push(secret.name.clone());
+                }
                 continue;
             }
             Err(e) => return Err(e),
@@ -641,14 +644,21 @@ async fn handshake(
     rec: &mut AuditRecord,
 ) -> Result<Option<Established>, ()> {
     let policy = rt.policy();
-    let Some(SecretKind::Pg(spec)) = policy.secret(name).map(|s| s.kind.clone()) else {
+    // Removed or switched off (`enabled = false`) by a reload: no new sessions.
+    let Some(SecretKind::Pg(spec)) = policy
+        .secret(name)
+        .filter(|s| s.enabled)
+        .map(|s| s.kind.clone())
+    else {
+        rec.error = Some("credential_unavailable");
         return Err(());
     };
     // The leaf offered to a TLS client names the address it connected to (the relay's
     // listen address), so verify-full works on any listen IP.
-    let local_ip = tcp
-        .local_addr()
-        .map_or_else(|_| "127.0.0.1".to_string(), |a| a.ip().to_string());
+    let local_ip = tcp.local_addr().map_or_else(
+        |_| "127.0.0.1".to_string(),
+        |a| a.ip().to_canonical().to_string(),
+    );
     let mut client: Box<dyn Stream> = Box::new(tcp);
     // startup phase
     let params = loop {
@@ -701,6 +711,9 @@ async fn handshake(
                 rec.method = "CANCEL".into();
                 rec.outcome = "refused";
                 rec.error = Some("pg_cancel_unknown_key");
+                if target.is_some() {
+                    rec.error = Some("pg_cancel_upstream_failed");
+                }
                 if let Some((addr, rpid, rkey)) = target
                     && let Ok(mut up) = TcpStream::connect(addr).await
                 {
