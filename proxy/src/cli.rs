@@ -189,17 +189,20 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { policy, cmd } => run(&policy, &cmd).await,
         Command::Secrets { command } => secrets(command).await,
         Command::Reload { policy, admin } => {
-            let addr = match (admin, policy) {
-                (Some(a), _) => a,
-                (None, Some(p)) => load(&p)?
-                    .proxy
-                    .admin_listen
-                    .unwrap_or(crate::admin::DEFAULT_ADMIN_LISTEN),
-                (None, None) => crate::admin::DEFAULT_ADMIN_LISTEN,
+            // The bearer token goes only to an address the operator named (flag or
+            // policy): whoever holds the default port on this machine is not trusted with it.
+            let (addr, named) = match (admin, policy) {
+                (Some(a), _) => (a, true),
+                (None, Some(p)) => match load(&p)?.proxy.admin_listen {
+                    Some(a) => (a, true),
+                    None => (crate::admin::DEFAULT_ADMIN_LISTEN, false),
+                },
+                (None, None) => (crate::admin::DEFAULT_ADMIN_LISTEN, false),
             };
-            let (status, body) = crate::admin::call(addr, http::Method::POST, "/v1/reload")
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let (status, body) =
+                crate::admin::call_with(addr, http::Method::POST, "/v1/reload", named)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
             print!("{body}");
             Ok(if status == 200 {
                 ExitCode::SUCCESS

@@ -20,14 +20,15 @@ pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// A message when the file watcher cannot be created.
 pub fn spawn(rt: Arc<Runtime>) -> Result<(), String> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let watched_files = rt.policy().files.clone();
-    let dirs_at_start = rt.policy().watch_dirs.clone();
-    // A `.toml` file, a policy file, or an include directory itself (created after start).
+    // A `.toml` file, a file of the policy in force, or one of its include directories
+    // itself (created after start, or named by a later reload).
+    let current = rt.clone();
     let relevant = move |paths: &[PathBuf]| -> bool {
+        let policy = current.policy();
         paths.iter().any(|p| {
             p.extension().is_some_and(|e| e == "toml")
-                || watched_files.iter().any(|w| w == p)
-                || dirs_at_start.iter().any(|d| d == p)
+                || policy.files.iter().any(|w| w == p)
+                || policy.watch_dirs.iter().any(|d| d == p)
         })
     };
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
