@@ -31,6 +31,9 @@ use crate::{SecretValue, SourceResolver};
 
 /// Lifetime assumed for a token whose response has no `expires_in`.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// Longest lifetime taken from an `expires_in` (1 day): a huge value would overflow the
+/// expiry arithmetic; the token is refreshed at the latest then.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 /// Google's token endpoint, used when a key file names none.
 pub const GOOGLE_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
 /// The RFC 7523 grant type.
@@ -746,7 +749,10 @@ async fn oauth2_grant(
     match result {
         Ok(tok) => {
             let lifetime_given = tok.expires_in().is_some();
-            let lifetime = tok.expires_in().unwrap_or(DEFAULT_LIFETIME);
+            let lifetime = tok
+                .expires_in()
+                .unwrap_or(DEFAULT_LIFETIME)
+                .min(MAX_LIFETIME);
             if tok.access_token().secret().is_empty() {
                 return Err(MintError::Malformed);
             }
@@ -841,7 +847,7 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<Token, MintError
         Some(serde_json::Value::String(s)) => s.parse().ok().map(Duration::from_secs),
         _ => None,
     };
-    let lifetime = given.unwrap_or(DEFAULT_LIFETIME);
+    let lifetime = given.unwrap_or(DEFAULT_LIFETIME).min(MAX_LIFETIME);
     Ok(Token {
         value: SecretValue::new(token.into_bytes()),
         expires_at: Instant::now() + lifetime,
