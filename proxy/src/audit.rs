@@ -102,18 +102,86 @@ impl AuditRecord {
 pub trait AuditSink: Send + Sync {
     /// Writes one record.
     fn emit(&self, record: &AuditRecord);
+    /// Returns once every record emitted so far is written (before exit).
+    fn flush(&self) {}
 }
 
-/// Writes each record as one JSON line to stderr.
-#[derive(Debug, Default)]
-pub struct StderrAudit;
+enum AuditMsg {
+    Line(Vec<u8>),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Writes each record as one JSON line to stderr, from a dedicated thread: a request never
+/// waits on a slow stderr reader (a pipe to a log collector) unless 64 Ki lines are queued,
+/// and then it waits rather than dropping a line. Lines queued together go out in one
+/// write. [`AuditSink::flush`] before exit; a SIGKILL loses at most the queued lines.
+#[derive(Debug)]
+pub struct StderrAudit {
+    tx: std::sync::mpsc::SyncSender<AuditMsg>,
+}
+
+impl std::fmt::Debug for AuditMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditMsg")
+    }
+}
+
+impl StderrAudit {
+    /// Starts the writer thread.
+    ///
+    /// # Panics
+    /// Never in practice: only if the OS cannot start a thread at startup.
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<AuditMsg>(65_536);
+        std::thread::Builder::new()
+            .name("iron-proxy-audit".into())
+            .spawn(move || {
+                let mut buf = Vec::with_capacity(64 * 1024);
+                let mut acks = Vec::new();
+                while let Ok(first) = rx.recv() {
+                    let mut next = Some(first);
+                    while let Some(msg) = next.take() {
+                        match msg {
+                            AuditMsg::Line(l) => buf.extend_from_slice(&l),
+                            AuditMsg::Flush(ack) => acks.push(ack),
+                        }
+                        if buf.len() < 256 * 1024 {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    if !buf.is_empty() {
+                        let _ = std::io::stderr().lock().write_all(&buf);
+                        buf.clear();
+                    }
+                    for ack in acks.drain(..) {
+                        let _ = ack.send(());
+                    }
+                }
+            })
+            .expect("cannot start the audit writer thread");
+        Self { tx }
+    }
+}
+
+impl Default for StderrAudit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl AuditSink for StderrAudit {
     fn emit(&self, record: &AuditRecord) {
         if let Ok(mut line) = serde_json::to_vec(record) {
             line.push(b'\n');
-            let mut err = std::io::stderr().lock();
-            let _ = err.write_all(&line);
+            let _ = self.tx.send(AuditMsg::Line(line));
+        }
+    }
+
+    fn flush(&self) {
+        let (ack, done) = std::sync::mpsc::channel();
+        if self.tx.send(AuditMsg::Flush(ack)).is_ok() {
+            let _ = done.recv_timeout(std::time::Duration::from_secs(5));
         }
     }
 }

@@ -269,7 +269,7 @@ async fn runtime(policy: &Path) -> anyhow::Result<(Arc<Runtime>, state::CaFiles)
         policy,
         ca.ca.clone(),
         Arc::new(ProcessEnv),
-        Arc::new(StderrAudit),
+        Arc::new(StderrAudit::new()),
     )
     .map_err(anyhow::Error::msg)?;
     Ok((rt, ca))
@@ -323,6 +323,7 @@ async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
     } else {
         tracing::warn!("grace period over with connections still open; exiting");
     }
+    rt.audit.flush();
     Ok(ExitCode::SUCCESS)
 }
 
@@ -477,6 +478,7 @@ async fn run(policy_path: &Path, cmd: &[String]) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("failed to run {program}"))?;
     proxy.stop();
+    rt.audit.flush();
     Ok(match status.code() {
         Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
         None => ExitCode::from(128 + status_signal(&status)),
