@@ -124,6 +124,25 @@ server_persistent_connections on
     return p, (f"{sd}/ca.pem" if bump else None)
 
 
+HUDSUCKER_BIN = os.path.join(ROOT, "bench", "hudsucker-peer", "target", "release", "hudsucker-peer")
+
+
+def start_hudsucker(d, port):
+    """hudsucker (Rust MITM library, bench/hudsucker-peer) with a NoopHandler: intercepts,
+    no placeholder work. Its own CA; trusts the origin CA upstream."""
+    hd = f"{d}/hudsucker"
+    os.makedirs(hd, exist_ok=True)
+    sh("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+       "-keyout", f"{hd}/ca.key", "-out", f"{hd}/ca.pem", "-subj", "/CN=bench-hudsucker-ca", "-days", "2",
+       "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    sh("openssl", "pkcs8", "-topk8", "-nocrypt", "-in", f"{hd}/ca.key", "-out", f"{hd}/ca.pk8")
+    log = open(f"{hd}/log", "w")
+    p = subprocess.Popen([HUDSUCKER_BIN, str(port), f"{hd}/ca.pem", f"{hd}/ca.pk8", f"{d}/ca.pem"],
+                         stdout=log, stderr=subprocess.STDOUT)
+    wait_port(port, "hudsucker", f"{hd}/log")
+    return p, f"{hd}/ca.pem"
+
+
 def start_mitmproxy(d, port):
     """mitmdump (regular proxy mode), verifying the origin with its CA."""
     exe = shutil.which("mitmdump") or "/opt/mitm/bin/mitmdump"
@@ -389,6 +408,15 @@ def main():
             if ca:
                 cas.append(ca)
             targets[name] = dict(url=url, proxy=f"http://127.0.0.1:{port}", extra=[], headers=(), pid=sp.pid)
+    if not a.no_peers and os.path.exists(HUDSUCKER_BIN):
+        port = free_port()
+        try:
+            hp, ca = start_hudsucker(d, port)
+            peers.append(("hudsucker", hp))
+            cas.append(ca)
+            targets["hudsucker (Rust MITM)"] = dict(url=url, proxy=f"http://127.0.0.1:{port}", extra=[], headers=(), pid=hp.pid)
+        except (SystemExit, subprocess.CalledProcessError) as e:
+            print(f"hudsucker not started: {e}", file=sys.stderr)
     if not a.no_peers and (shutil.which("mitmdump") or os.path.exists("/opt/mitm/bin/mitmdump")):
         port = free_port()
         try:

@@ -23,5 +23,8 @@ command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || apt-get in
 [ -x /usr/sbin/squid ] || apt-get install -y -q squid-openssl || true
 command -v mitmdump >/dev/null 2>&1 || [ -x /opt/mitm/bin/mitmdump ] \
   || { python3 -m venv /opt/mitm && /opt/mitm/bin/pip install -q mitmproxy; } || true
+# hudsucker (a Rust MITM library) as a peer: a small proxy built outside the workspace.
+[ -x bench/hudsucker-peer/target/release/hudsucker-peer ] \
+  || (cd bench/hudsucker-peer && cargo build --release) || true
 cargo build --release -p iron-proxy
 exec python3 bench/bench.py "$@"

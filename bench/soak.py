@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""RSS over a long run: oha drives iron-proxy (keep-alive GET, 32 connections, a
+placeholder swapped on every request) for --minutes, while the proxy's RSS is sampled every
+--every seconds. Prints the samples and first/last/peak; flat means no growth after warm-up.
+Run after bench/run.sh (needs the release build, nginx, oha).
+Usage: python3 bench/soak.py [--minutes 10] [--every 10] [--conns 32]"""
+import argparse, os, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--conns", type=int, default=32)
+    a = ap.parse_args()
+    d = tempfile.mkdtemp(prefix="iron-soak-")
+    os.chmod(d, 0o755)
+    bench.make_certs(d)
+    origin_port, proxy_port = bench.free_port(), bench.free_port()
+    bench.start_nginx(d, origin_port)
+    proxy = bench.start_proxy(d, origin_port, proxy_port)
+    bundle = f"{d}/bundle.pem"
+    with open(bundle, "w") as f:
+        f.write(open(f"{d}/state/ca.crt").read() + open(f"{d}/ca.pem").read())
+    secs = int(a.minutes * 60)
+    load = subprocess.Popen(["oha", "--no-tui", "--output-format", "json", "-z", f"{secs}s", "--no-pre-lookup",
+                             "-c", str(a.conns), "-x", f"http://127.0.0.1:{proxy_port}", "--cacert", bundle,
+                             "-H", "Authorization: Bearer BENCH_TOKEN", f"https://{bench.HOST}:{origin_port}/"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples = []
+    try:
+        start = time.time()
+        while load.poll() is None:
+            time.sleep(a.every)
+            samples.append((round(time.time() - start), rss_kib(proxy.pid)))
+            print(f"{samples[-1][0]:>5} s  RSS {samples[-1][1] / 1024:.1f} MiB", flush=True)
+        out, _ = load.communicate()
+        try:
+            import json
+            r = json.loads(out)
+            ok = sum(v for k, v in r.get("statusCodeDistribution", {}).items() if k.startswith("2"))
+            print(f"requests answered 2xx: {ok} ({ok / secs:.0f}/s)")
+        except ValueError:
+            pass
+        if samples:
+            warm = samples[min(2, len(samples) - 1)][1]
+            print(f"RSS after warm-up {warm / 1024:.1f} MiB, last {samples[-1][1] / 1024:.1f} MiB, "
+                  f"peak {max(s for _, s in samples) / 1024:.1f} MiB, peak (VmHWM) {bench.peak_rss_kib(proxy.pid) / 1024:.1f} MiB")
+    finally:
+        proxy.terminate()
+        proxy.wait()
+        bench.stop_nginx(d)
+
+
+if __name__ == "__main__":
+    main()
