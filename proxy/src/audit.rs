@@ -112,7 +112,7 @@ enum AuditMsg {
 }
 
 /// Writes each record as one JSON line to stderr, from a dedicated thread: a request never
-/// waits on a slow stderr reader (a pipe to a log collector) unless 64 Ki lines are queued,
+/// waits on a slow stderr reader (a pipe to a log collector) unless 4096 lines are queued,
 /// and then it waits rather than dropping a line. Lines queued together go out in one
 /// write. [`AuditSink::flush`] before exit; a SIGKILL loses at most the queued lines.
 #[derive(Debug)]
@@ -133,7 +133,7 @@ impl StderrAudit {
     /// Never in practice: only if the OS cannot start a thread at startup.
     #[allow(clippy::expect_used)]
     pub fn new() -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<AuditMsg>(65_536);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<AuditMsg>(4_096);
         std::thread::Builder::new()
             .name("iron-proxy-audit".into())
             .spawn(move || {
