@@ -189,6 +189,21 @@ hosts = ["{HOST}:{origin_port}"]
     raise SystemExit("iron-proxy did not start; see " + f"{d}/proxy.log")
 
 
+def start_stack(prefix):
+    """An nginx TLS origin and iron-proxy (bench policy) in a fresh directory; returns
+    (dir, origin_port, proxy_port, proxy process, CA bundle path). For profile.py and soak.py."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(d, 0o755)  # nginx workers (nobody) read the document root
+    make_certs(d)
+    origin_port, proxy_port = free_port(), free_port()
+    start_nginx(d, origin_port)
+    proxy = start_proxy(d, origin_port, proxy_port)
+    bundle = f"{d}/bundle.pem"
+    with open(bundle, "w") as f:
+        f.write(open(f"{d}/state/ca.crt").read() + open(f"{d}/ca.pem").read())
+    return d, origin_port, proxy_port, proxy, bundle
+
+
 def cpu_ticks(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()

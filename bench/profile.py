@@ -3,7 +3,7 @@
 swapped on every request): `perf record` (software cpu-clock, flat self time) on the proxy
 while oha drives it, then the top symbols grouped by library. Needs linux-perf and the
 release build; run after bench/run.sh. Usage: python3 bench/profile.py [--duration SECS]"""
-import argparse, os, subprocess, sys, tempfile
+import argparse, os, subprocess, sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
@@ -14,15 +14,7 @@ def main():
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--conns", type=int, default=1)
     a = ap.parse_args()
-    d = tempfile.mkdtemp(prefix="iron-profile-")
-    os.chmod(d, 0o755)
-    bench.make_certs(d)
-    origin_port, proxy_port = bench.free_port(), bench.free_port()
-    bench.start_nginx(d, origin_port)
-    proxy = bench.start_proxy(d, origin_port, proxy_port)
-    bundle = f"{d}/bundle.pem"
-    with open(bundle, "w") as f:
-        f.write(open(f"{d}/state/ca.crt").read() + open(f"{d}/ca.pem").read())
+    d, origin_port, proxy_port, proxy, bundle = bench.start_stack("iron-profile-")
     data = f"{d}/perf.data"
     try:
         rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "1999", "-o", data,

@@ -4,7 +4,7 @@ placeholder swapped on every request) for --minutes, while the proxy's RSS is sa
 --every seconds. Prints the samples and first/last/peak; flat means no growth after warm-up.
 Run after bench/run.sh (needs the release build, nginx, oha).
 Usage: python3 bench/soak.py [--minutes 10] [--every 10] [--conns 32]"""
-import argparse, os, subprocess, sys, tempfile, time
+import argparse, os, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
@@ -24,15 +24,7 @@ def main():
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--conns", type=int, default=32)
     a = ap.parse_args()
-    d = tempfile.mkdtemp(prefix="iron-soak-")
-    os.chmod(d, 0o755)
-    bench.make_certs(d)
-    origin_port, proxy_port = bench.free_port(), bench.free_port()
-    bench.start_nginx(d, origin_port)
-    proxy = bench.start_proxy(d, origin_port, proxy_port)
-    bundle = f"{d}/bundle.pem"
-    with open(bundle, "w") as f:
-        f.write(open(f"{d}/state/ca.crt").read() + open(f"{d}/ca.pem").read())
+    d, origin_port, proxy_port, proxy, bundle = bench.start_stack("iron-soak-")
     secs = int(a.minutes * 60)
     load = subprocess.Popen(["oha", "--no-tui", "--output-format", "json", "-z", f"{secs}s", "--no-pre-lookup",
                              "-c", str(a.conns), "-x", f"http://127.0.0.1:{proxy_port}", "--cacert", bundle,

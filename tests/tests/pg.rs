@@ -350,12 +350,9 @@ async fn upstream_tls_verify_full_with_channel_binding() {
     assert!(!audit.contains(APP_PASSWORD));
 }
 
-/// The acceptance path with the real binary: `run` gives the child a `DATABASE_URL` whose
-/// password is the placeholder; psql in the child reaches the upstream as its user; the real
-/// password is nowhere in the child's environment or the proxy's output.
-#[test]
-fn run_gives_the_sandbox_a_working_placeholder_dsn() {
-    let Some(c) = cluster() else { return };
+/// A policy file (in a fresh directory) with one `pg_dsn` secret `DATABASE_URL` whose real
+/// DSN comes from `REAL_DSN`, and that DSN for the cluster `c`: for tests of the binary.
+fn binary_policy(c: &PgCluster) -> (tempfile::TempDir, std::path::PathBuf, String) {
     let dir = tempfile::tempdir().expect("tmp");
     let policy = dir.path().join("policy.toml");
     std::fs::write(
@@ -367,6 +364,16 @@ fn run_gives_the_sandbox_a_working_placeholder_dsn() {
         "postgresql://app:{APP_PASSWORD}@127.0.0.1:{}/app?sslmode=disable",
         c.port
     );
+    (dir, policy, real)
+}
+
+/// The acceptance path with the real binary: `run` gives the child a `DATABASE_URL` whose
+/// password is the placeholder; psql in the child reaches the upstream as its user; the real
+/// password is nowhere in the child's environment or the proxy's output.
+#[test]
+fn run_gives_the_sandbox_a_working_placeholder_dsn() {
+    let Some(c) = cluster() else { return };
+    let (dir, policy, real) = binary_policy(&c);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_iron-proxy-e2e"))
         .args(["run", "--policy"])
         .arg(&policy)
@@ -406,17 +413,7 @@ fn env_and_a_running_serve_agree() {
     if !have("psql") {
         return;
     }
-    let dir = tempfile::tempdir().expect("tmp");
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "version = 1\n[proxy]\nlisten = \"127.0.0.1:0\"\nallow_cidrs = [\"127.0.0.1/32\"]\n\n[[secrets]]\nname = \"DATABASE_URL\"\ntype = \"pg_dsn\"\ndatabase = \"app\"\nsource = { env = \"REAL_DSN\" }\n",
-    )
-    .expect("policy");
-    let real = format!(
-        "postgresql://app:{APP_PASSWORD}@127.0.0.1:{}/app?sslmode=disable",
-        c.port
-    );
+    let (dir, policy, real) = binary_policy(&c);
     let home = dir.path().join("state");
     let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_iron-proxy-e2e"));
     let env: HashMap<String, String> = [("REAL_DSN".to_string(), real)].into_iter().collect();
