@@ -204,18 +204,30 @@ def start_stack(prefix):
     return d, origin_port, proxy_port, proxy, bundle
 
 
+def stop_stack(d, proxy):
+    """Stops what start_stack started."""
+    proxy.terminate()
+    proxy.wait()
+    stop_nginx(d)
+
+
 def cpu_ticks(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
 
 
-def peak_rss_kib(pid):
+def status_kib(pid, field):
+    """A KiB field of /proc/PID/status (VmHWM: peak RSS, VmRSS: current RSS)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     return 0
+
+
+def peak_rss_kib(pid):
+    return status_kib(pid, "VmHWM")
 
 
 def oha(url, extra, method, duration, proxy=None, cacert=None, body_file=None, headers=()):

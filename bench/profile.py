@@ -40,9 +40,7 @@ def main():
                     print(" ".join(line.split()))
             print()
     finally:
-        proxy.terminate()
-        proxy.wait()
-        bench.stop_nginx(d)
+        bench.stop_stack(d, proxy)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,7 @@ import bench  # noqa: E402
 
 
 def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    return bench.status_kib(pid, "VmRSS")
 
 
 def main():
@@ -50,9 +46,7 @@ def main():
             print(f"RSS after warm-up {warm / 1024:.1f} MiB, last {samples[-1][1] / 1024:.1f} MiB, "
                   f"peak {max(s for _, s in samples) / 1024:.1f} MiB, peak (VmHWM) {bench.peak_rss_kib(proxy.pid) / 1024:.1f} MiB")
     finally:
-        proxy.terminate()
-        proxy.wait()
-        bench.stop_nginx(d)
+        bench.stop_stack(d, proxy)
 
 
 if __name__ == "__main__":
