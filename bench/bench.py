@@ -398,7 +398,11 @@ def main():
     ap.add_argument("--pg-duration", type=int, default=20, help="seconds per pgbench run")
     ap.add_argument("--no-pg", action="store_true", help="skip the Postgres relay bench")
     ap.add_argument("--pg-only", action="store_true", help="only the Postgres relay bench")
-    ap.add_argument("--no-peers", action="store_true", help="skip Squid and mitmproxy")
+    ap.add_argument("--no-peers", action="store_true", help="skip Squid, hudsucker and mitmproxy")
+    ap.add_argument("--peers", default="squid,hudsucker,mitmproxy",
+                    help="comma-separated peers to start (squid, hudsucker, mitmproxy)")
+    ap.add_argument("--targets", default=None,
+                    help="comma-separated substrings: only targets whose name has one (direct is always run)")
     a = ap.parse_args()
     pg = None if a.no_pg else pg_bench(a)
     if a.pg_only:
@@ -422,7 +426,8 @@ def main():
         "iron-proxy (passthrough)": dict(url=f"https://{PASS_HOST}:{origin_port}", proxy=f"http://127.0.0.1:{proxy_port}", extra=[], headers=(), pid=proxy.pid),
     }
     peers = []  # (name, process)
-    if not a.no_peers and (shutil.which("squid") or os.path.exists("/usr/sbin/squid")):
+    want = set() if a.no_peers else set(a.peers.split(","))
+    if "squid" in want and (shutil.which("squid") or os.path.exists("/usr/sbin/squid")):
         for bump in (False, True):
             port = free_port()
             try:
@@ -435,7 +440,7 @@ def main():
             if ca:
                 cas.append(ca)
             targets[name] = dict(url=url, proxy=f"http://127.0.0.1:{port}", extra=[], headers=(), pid=sp.pid)
-    if not a.no_peers and os.path.exists(HUDSUCKER_BIN):
+    if "hudsucker" in want and os.path.exists(HUDSUCKER_BIN):
         port = free_port()
         try:
             hp, ca = start_hudsucker(d, port)
@@ -444,7 +449,7 @@ def main():
             targets["hudsucker (Rust MITM)"] = dict(url=url, proxy=f"http://127.0.0.1:{port}", extra=[], headers=(), pid=hp.pid)
         except (SystemExit, subprocess.CalledProcessError) as e:
             print(f"hudsucker not started: {e}", file=sys.stderr)
-    if not a.no_peers and (shutil.which("mitmdump") or os.path.exists("/opt/mitm/bin/mitmdump")):
+    if "mitmproxy" in want and (shutil.which("mitmdump") or os.path.exists("/opt/mitm/bin/mitmdump")):
         port = free_port()
         try:
             mp, ca = start_mitmproxy(d, port)
@@ -454,6 +459,9 @@ def main():
             targets["mitmproxy"] = dict(url=f"https://127.0.0.1:{origin_port}", proxy=f"http://127.0.0.1:{port}", extra=[], headers=(), pid=mp.pid)
         except SystemExit as e:
             print(f"mitmproxy not started: {e}", file=sys.stderr)
+    if a.targets:
+        keep = a.targets.split(",")
+        targets = {t: c for t, c in targets.items() if t == "direct" or any(k in t for k in keep)}
     bundle = f"{d}/bundle.pem"
     with open(bundle, "w") as f:
         f.write("".join(open(c).read() for c in cas))
@@ -507,7 +515,10 @@ def main():
            "cpus": os.cpu_count(), "proxy_peak_rss_mib": round(rss / 1024, 1), "peer_peak_rss_mib": peer_rss, "results": results,
            "postgres": pg}
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "latest.json"), "w") as f:
+    # A run restricted to some scenarios, targets or peers does not replace the full table.
+    full = not (a.only or a.targets or a.no_peers or a.no_pg) and want == {"squid", "hudsucker", "mitmproxy"}
+    stem = os.path.join(ROOT, "bench", "results", "latest" if full else "partial")
+    with open(stem + ".json", "w") as f:
         json.dump(out, f, indent=2)
     md = [f"Run {out['date']}, {a.reps} × {a.duration} s per cell, interleaved, {out['cpus']} cores shared by oha, nginx and the proxy. "
           f"Peak RSS over the whole run: iron-proxy {out['proxy_peak_rss_mib']} MiB"
@@ -526,7 +537,7 @@ def main():
         for r in pg["rows"]:
             ratio = f"{r['ratio_to_direct']:.2f}×" if r["ratio_to_direct"] is not None else "–"
             md.append(f"| {r['mode']} | {r['target']} | {r['median_tps']:.0f} | {ratio} | {r['median_latency_ms']} | {r['failed']} | {len(r['errors'])} |")
-    with open(os.path.join(ROOT, "bench", "results", "latest.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))
     shutil.rmtree(d, ignore_errors=True)

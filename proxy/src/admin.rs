@@ -279,7 +279,7 @@ pub fn secret_view(rt: &Runtime, s: &Secret) -> Value {
         "invocations": usage.invocations,
         "errors": usage.errors,
         "last_error": usage.last_error,
-        "last_used": usage.last_used,
+        "last_used": crate::rfc3339(usage.last_used),
         "token_expires_in_secs": token.as_ref().and_then(|t| t.expires_in).map(|d| d.as_secs()),
         "token_last_error": token.and_then(|t| t.last_error),
     })

@@ -75,8 +75,9 @@ pub struct SecretUsage {
     pub errors: u64,
     /// The last such failure (names and codes only).
     pub last_error: Option<String>,
-    /// RFC 3339 time the secret was last applied.
-    pub last_used: Option<String>,
+    /// When the secret was last applied (arrival of the request); shown as RFC 3339.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub last_used: Option<time::OffsetDateTime>,
 }
 
 /// What a successful reload changed.
@@ -131,10 +132,19 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+/// RFC 3339 text of `t`, or `None`.
+pub(crate) fn rfc3339(t: Option<time::OffsetDateTime>) -> Option<String> {
+    t.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+}
+
+fn rfc3339_opt<S: serde::Serializer>(
+    t: &Option<time::OffsetDateTime>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&rfc3339(*t), s)
 }
 
 impl Runtime {
@@ -212,16 +222,18 @@ impl Runtime {
     }
 
     /// Emits an audit record: counts it in the metrics and the secret usage, then writes it.
-    pub fn emit(&self, rec: &AuditRecord) {
-        self.metrics.observe(rec);
+    pub fn emit(&self, rec: AuditRecord) {
+        self.metrics.observe(&rec);
         if !rec.secrets.is_empty()
             && let Ok(mut usage) = self.usage.lock()
         {
-            let now = now_rfc3339();
             for s in &rec.secrets {
-                let u = usage.entry(s.name.clone()).or_default();
+                let u = match usage.get_mut(&s.name) {
+                    Some(u) => u,
+                    None => usage.entry(s.name.clone()).or_default(),
+                };
                 u.invocations += 1;
-                u.last_used = Some(now.clone());
+                u.last_used = Some(rec.arrived);
             }
         }
         self.audit.emit(rec);

@@ -17,13 +17,13 @@ use crate::audit::AuditRecord;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `request`, `connect` or `tunnel`.
-    pub kind: String,
+    pub kind: &'static str,
     /// Audit outcome.
-    pub outcome: String,
+    pub outcome: &'static str,
     /// Error code, or `none`.
-    pub code: String,
+    pub code: &'static str,
     /// Host class (see [`crate::audit::AuditRecord::host_class`]).
-    pub host_class: String,
+    pub host_class: &'static str,
 }
 
 /// A secret name label.
@@ -46,14 +46,14 @@ pub struct SecretResult {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     /// The result.
-    pub result: String,
+    pub result: &'static str,
 }
 
 /// An error-code label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
     /// The error code.
-    pub code: String,
+    pub code: &'static str,
 }
 
 /// Every metric the proxy exports.
@@ -159,18 +159,14 @@ impl Metrics {
         let code = rec.error.unwrap_or("none");
         self.requests
             .get_or_create(&RequestLabels {
-                kind: rec.kind.to_string(),
-                outcome: rec.outcome.to_string(),
-                code: code.to_string(),
-                host_class: rec.host_class.to_string(),
+                kind: rec.kind,
+                outcome: rec.outcome,
+                code,
+                host_class: rec.host_class,
             })
             .inc();
         if rec.outcome == "refused" {
-            self.refusals
-                .get_or_create(&CodeLabel {
-                    code: code.to_string(),
-                })
-                .inc();
+            self.refusals.get_or_create(&CodeLabel { code }).inc();
         }
         for s in &rec.secrets {
             self.injections
@@ -182,12 +178,8 @@ impl Metrics {
     }
 
     /// Counts a result in a `result`-labelled family.
-    pub fn count(family: &Family<ResultLabel, Counter>, result: &str) {
-        family
-            .get_or_create(&ResultLabel {
-                result: result.to_string(),
-            })
-            .inc();
+    pub fn count(family: &Family<ResultLabel, Counter>, result: &'static str) {
+        family.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// The registry in Prometheus text format.

@@ -497,7 +497,7 @@ pub async fn start_all(
                             location: "pg".into(),
                         }];
                         rec.stop_clock();
-                        rt.emit(&rec);
+                        rt.emit(rec);
                         return;
                     };
                     session(rt, &name, &user, &verifier, &cancels, tcp, peer).await;
@@ -601,21 +601,21 @@ async fn session(
             // A CancelRequest is audited; a client gone before a session is not a session.
             if rec.method == "CANCEL" {
                 rec.stop_clock();
-                rt.emit(&rec);
+                rt.emit(rec);
             }
             return;
         }
         Ok(Err(())) => {
             rec.outcome = "refused";
             rec.stop_clock();
-            rt.emit(&rec);
+            rt.emit(rec);
             return;
         }
         Err(_) => {
             rec.outcome = "refused";
             rec.error = Some("pg_handshake_timeout");
             rec.stop_clock();
-            rt.emit(&rec);
+            rt.emit(rec);
             return;
         }
     };
@@ -629,7 +629,7 @@ async fn session(
     rec.bytes_in = up;
     rec.bytes_out = down;
     rec.stop_clock();
-    rt.emit(&rec);
+    rt.emit(rec);
 }
 
 type Established = (Box<dyn Stream>, Box<dyn Stream>, (i32, i32));

@@ -83,7 +83,7 @@ impl Drop for AuditGuard {
         if let Some(mut r) = self.rec.take() {
             r.outcome = "client_cancel";
             r.stop_clock();
-            self.rt.emit(&r);
+            self.rt.emit(r);
         }
     }
 }
@@ -129,7 +129,7 @@ pub async fn handle(
                 };
                 rec.error = Some(e.code());
                 rec.stop_clock();
-                rt.emit(&rec);
+                rt.emit(rec);
             }
             e.to_response(&id)
         }
@@ -192,7 +192,7 @@ async fn exchange(
             location: "stub".into(),
         }];
         rec.stop_clock();
-        rt.emit(&rec);
+        rt.emit(rec);
         return Ok(stub_response(&secret.placeholder, stub));
     }
 
@@ -375,7 +375,7 @@ async fn exchange(
     if let Some(upstream_upgrade) = upstream_upgrade {
         rec.outcome = "upgraded";
         rec.stop_clock();
-        rt.emit(&rec);
+        rt.emit(rec);
         if let Some(client_upgrade) = client_upgrade {
             let idle = policy.proxy.limits.idle_timeout;
             tokio::spawn(
@@ -416,7 +416,7 @@ async fn exchange(
                 BodyEnd::Dropped => "client_cancel",
             };
             rec.stop_clock();
-            sink.emit(&rec);
+            sink.emit(rec);
         }),
     );
     Ok(Response::from_parts(parts, body.boxed()))

@@ -176,7 +176,7 @@ async fn connect(
             rec.outcome = "refused";
             rec.error = Some(e.code());
             rec.stop_clock();
-            rt.emit(&rec);
+            rt.emit(rec);
             e.to_response(&id)
         }
         Ok((host, port, passthrough)) => {
@@ -195,7 +195,7 @@ async fn connect(
                             rec.bytes_in = to_up;
                             rec.bytes_out = to_client;
                             rec.stop_clock();
-                            rt.emit(&rec);
+                            rt.emit(rec);
                         }
                         .in_current_span(),
                     );
