@@ -13,6 +13,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--conns", type=int, default=1)
+    ap.add_argument("--post", action="store_true", help="POST 100 KiB instead of GET")
     a = ap.parse_args()
     d, origin_port, proxy_port, proxy, bundle = bench.start_stack("iron-profile-")
     data = f"{d}/perf.data"
@@ -20,11 +21,15 @@ def main():
         rec = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "1999", "-o", data,
                                 "-p", str(proxy.pid), "--", "sleep", str(a.duration)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = bench.oha(f"https://{bench.HOST}:{origin_port}/", ["-c", str(a.conns)], "GET", a.duration,
-                      proxy=f"http://127.0.0.1:{proxy_port}", cacert=bundle,
+        body = f"{d}/body.bin"
+        with open(body, "wb") as f:
+            f.write(b"b" * 100 * 1024)
+        method = "POST" if a.post else "GET"
+        r = bench.oha(f"https://{bench.HOST}:{origin_port}/{'post' if a.post else ''}", ["-c", str(a.conns)],
+                      method, a.duration, proxy=f"http://127.0.0.1:{proxy_port}", cacert=bundle, body_file=body,
                       headers=("Authorization: Bearer BENCH_TOKEN",))
         rec.wait()
-        print(f"keep-alive GET, {a.conns} conn(s), {a.duration} s: {r['rps']:.0f} req/s through iron-proxy\n")
+        print(f"keep-alive {method}, {a.conns} conn(s), {a.duration} s: {r['rps']:.0f} req/s through iron-proxy\n")
         views = [
             ("by library (share of all samples)", ["--sort", "dso", "--percent-limit", "0.5"]),
             ("top symbols (share of all samples)", ["--sort", "dso,symbol", "--percent-limit", "0.8"]),
