@@ -247,7 +247,9 @@ def oha(url, extra, method, duration, proxy=None, cacert=None, body_file=None, h
     r = json.loads(out.stdout)
     ok = sum(v for k, v in r.get("statusCodeDistribution", {}).items() if k.startswith("2"))
     total = sum(r.get("statusCodeDistribution", {}).values())
-    return {"rps": ok / duration, "ok": ok, "non2xx": total - ok, "errors": r.get("errorDistribution", {})}
+    p99 = (r.get("latencyPercentiles") or {}).get("p99")
+    return {"rps": ok / duration, "ok": ok, "non2xx": total - ok, "errors": r.get("errorDistribution", {}),
+            "p99_ms": p99 * 1000.0 if p99 is not None else None}
 
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
@@ -390,6 +392,32 @@ pidfile = {d}/pgbouncer.pid
         shutil.rmtree(d, ignore_errors=True)
 
 
+def goal_lines(results, rss_mib):
+    """The issue's goals, checked against this run: iron-proxy (intercept + swap) against
+    hudsucker, Squid ssl-bump and the Squid tunnel, p99 against hudsucker, the swap's cost."""
+    me, nop = "iron-proxy (intercept + swap)", "iron-proxy (intercept, no placeholder)"
+    out = ["", "Goals, this run (iron-proxy = intercept + swap):", "",
+           "| scenario | × hudsucker (> 1) | × ssl-bump (≥ 2) | × Squid tunnel (≥ 0.8 keep-alive, ≥ 0.7 new conn) "
+           "| p99 ms iron / hudsucker | swap cost (≤ 3 %) |", "|---|---|---|---|---|---|"]
+    for row in results:
+        t = row["targets"]
+        if me not in t:
+            continue
+        mine = t[me]["median_rps"]
+
+        def vs(name):
+            o = t.get(name)
+            return f"{mine / o['median_rps']:.2f}×" if o and o["median_rps"] else "–"
+        h = t.get("hudsucker (Rust MITM)")
+        p99 = (f"{t[me]['p99_ms']:.2f} / {h['p99_ms']:.2f}"
+               if h and t[me].get("p99_ms") is not None and h.get("p99_ms") is not None else "–")
+        cost = (f"{(1 - mine / t[nop]['median_rps']) * 100:.1f} %"
+                if nop in t and t[nop]["median_rps"] else "–")
+        out.append(f"| {row['scenario']} | {vs('hudsucker (Rust MITM)')} | {vs('squid ssl-bump')} | {vs('squid tunnel')} | {p99} | {cost} |")
+    out += ["", f"Peak RSS of iron-proxy over the run: {rss_mib} MiB (goal ≤ 16 MiB)."]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
@@ -492,6 +520,7 @@ def main():
                     "median_rps": med, "min_rps": min(rps), "max_rps": max(rps),
                     "ratio_to_direct": (med / direct) if direct else None,
                     "proxy_cpu_ms_per_request": statistics.median(cpu[t]) if cpu[t] else None,
+                    "p99_ms": statistics.median(p99s) if (p99s := [x["p99_ms"] for x in runs[t] if x.get("p99_ms") is not None]) else None,
                     "errors": [x.get("errors") for x in runs[t] if x.get("errors")],
                 }
             results.append(row)
@@ -523,12 +552,14 @@ def main():
     md = [f"Run {out['date']}, {a.reps} × {a.duration} s per cell, interleaved, {out['cpus']} cores shared by oha, nginx and the proxy. "
           f"Peak RSS over the whole run: iron-proxy {out['proxy_peak_rss_mib']} MiB"
           + "".join(f", {k} {v} MiB" for k, v in peer_rss.items()) + ".", "",
-          "| scenario | target | median req/s | min–max | × direct | proxy CPU ms/req |", "|---|---|---|---|---|---|"]
+          "| scenario | target | median req/s | min–max | × direct | p99 ms | proxy CPU ms/req |", "|---|---|---|---|---|---|---|"]
     for row in results:
         for t, v in row["targets"].items():
             ratio = f"{v['ratio_to_direct']:.2f}×" if v["ratio_to_direct"] is not None else "–"
             cpu = f"{v['proxy_cpu_ms_per_request']:.3f}" if v["proxy_cpu_ms_per_request"] is not None else "–"
-            md.append(f"| {row['scenario']} | {t} | {v['median_rps']:.0f} | {v['min_rps']:.0f}–{v['max_rps']:.0f} | {ratio} | {cpu} |")
+            p99 = f"{v['p99_ms']:.2f}" if v.get("p99_ms") is not None else "–"
+            md.append(f"| {row['scenario']} | {t} | {v['median_rps']:.0f} | {v['min_rps']:.0f}–{v['max_rps']:.0f} | {ratio} | {p99} | {cpu} |")
+    md += goal_lines(results, out["proxy_peak_rss_mib"])
     if pg:
         md += ["", f"Postgres relay: `pgbench -n -S|-N -c {pg['clients']} -j 2 -T {pg['duration_s']}` (scale {pg['scale']}), "
                    f"{a.reps} run(s) per target, interleaved; TLS off on every leg.", "",
