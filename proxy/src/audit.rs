@@ -29,8 +29,9 @@ pub struct AuditRecord {
     pub kind: &'static str,
     /// The request id also returned in error envelopes.
     pub request_id: String,
-    /// Client address.
-    pub client: String,
+    /// Client address (`IP:PORT`).
+    #[serde(serialize_with = "display")]
+    pub client: SocketAddr,
     /// HTTP method (`CONNECT` for tunnels).
     pub method: String,
     /// Destination host.
@@ -71,7 +72,7 @@ impl AuditRecord {
             arrived: time::OffsetDateTime::now_utc(),
             kind,
             request_id,
-            client: client.to_string(),
+            client,
             method: method.to_string(),
             host: String::new(),
             port: 0,
@@ -95,6 +96,10 @@ impl AuditRecord {
             self.duration_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
         }
     }
+}
+
+fn display<S: serde::Serializer>(v: &impl std::fmt::Display, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 fn rfc3339<S: serde::Serializer>(t: &time::OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {

@@ -51,16 +51,16 @@ pub struct Conn {
 }
 
 /// Headers never forwarded (RFC 9110 §7.6.1), plus `Proxy-Authorization`.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHORIZATION,
+    http::header::PROXY_AUTHENTICATE,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 /// Emits the record as `client_cancel` if the request is dropped before an outcome.
@@ -196,16 +196,17 @@ async fn exchange(
         return Ok(stub_response(&secret.placeholder, stub));
     }
 
-    // plan
+    // plan: hop-by-hop headers go first (they are never forwarded, so never matched); the
+    // plan's header indices are positions in the remaining map's iteration order.
     let is_upgrade = is_upgrade(req.headers());
-    let hop = hop_by_hop(req.headers());
-    let kept: Vec<(HeaderName, HeaderValue)> = req
+    let upgrade = if is_upgrade {
+        req.headers().get(UPGRADE).cloned()
+    } else {
+        None
+    };
+    strip_hop_by_hop(req.headers_mut(), false);
+    let view_headers: Vec<(&str, &[u8])> = req
         .headers()
-        .iter()
-        .filter(|(n, _)| !hop.iter().any(|h| n.as_str() == h))
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
-    let view_headers: Vec<(&str, &[u8])> = kept
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_bytes()))
         .collect();
@@ -263,8 +264,9 @@ async fn exchange(
         values.0.push((s, value));
     }
 
-    // rewrite
+    // rewrite, in place: only swapped values and injected headers change
     let out = plan.apply(policy, &view, &values);
+    drop(view_headers);
     let first_secret = || ProxyError::CredentialUnavailable {
         secret: plan
             .secrets
@@ -272,16 +274,13 @@ async fn exchange(
             .map(|&s| policy.secrets[s].name.clone())
             .unwrap_or_default(),
     };
-    let mut headers = HeaderMap::with_capacity(kept.len() + 2);
-    for (i, (name, value)) in kept.iter().enumerate() {
-        match out.headers.iter().find(|(j, _)| *j == i) {
-            Some((_, new)) => {
+    let headers = req.headers_mut();
+    if !out.headers.is_empty() {
+        for (i, (_, value)) in headers.iter_mut().enumerate() {
+            if let Some((_, new)) = out.headers.iter().find(|(j, _)| *j == i) {
                 let mut v = HeaderValue::from_bytes(new).map_err(|_| first_secret())?;
                 v.set_sensitive(true);
-                headers.append(name.clone(), v);
-            }
-            None => {
-                headers.append(name.clone(), value.clone());
+                *value = v;
             }
         }
     }
@@ -292,26 +291,11 @@ async fn exchange(
         v.set_sensitive(true);
         headers.insert(name, v);
     }
-    if is_upgrade && let Some(u) = req.headers().get(UPGRADE) {
-        headers.insert(UPGRADE, u.clone());
+    if let Some(u) = upgrade {
+        headers.insert(UPGRADE, u);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let new_path = out.path.as_deref().unwrap_or(&path);
-    let new_query = out.query.as_deref().or(query.as_deref());
-    let authority = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    let uri = format!(
-        "{}://{authority}{new_path}{}{}",
-        if tls { "https" } else { "http" },
-        if new_query.is_some() { "?" } else { "" },
-        new_query.unwrap_or("")
-    );
-    let uri: Uri = uri
-        .parse()
-        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    let uri = upstream_uri(&host, port, tls, req.uri(), out.path, out.query)?;
     guard.rec().secrets = plan
         .applied
         .iter()
@@ -327,12 +311,12 @@ async fn exchange(
     // forward
     let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
     let bytes_in = Arc::new(AtomicU64::new(0));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let body = Counted::new(body, bytes_in.clone(), Box::new(|_| {})).boxed();
-    let mut up = Request::new(body);
-    *up.method_mut() = parts.method;
-    *up.uri_mut() = uri;
-    *up.headers_mut() = headers;
+    parts.uri = uri;
+    parts.version = http::Version::HTTP_11;
+    parts.extensions = http::Extensions::new();
+    let up = Request::from_parts(parts, body);
     let limits = &policy.proxy.limits;
     let sent = std::time::Instant::now();
     let resp = match tokio::time::timeout(
@@ -360,13 +344,7 @@ async fn exchange(
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
-    let resp_hop = hop_by_hop(&parts.headers);
-    for h in &resp_hop {
-        if switching && (h == "upgrade" || h == "connection") {
-            continue;
-        }
-        parts.headers.remove(h.as_str());
-    }
+    strip_hop_by_hop(&mut parts.headers, switching);
     let mut rec = guard
         .rec
         .take()
@@ -466,6 +444,14 @@ fn bind(conn: &Conn, req: &Request<Incoming>) -> Result<(String, u16, bool), Pro
             let named = uri_auth
                 .or(host_header)
                 .ok_or(ProxyError::BadRequest("missing Host header"))?;
+            if uri_auth.is_none()
+                && names_dest(named, dest, default_port)
+                && dest.sni.as_ref().is_none_or(|s| *s == dest.host)
+            {
+                // The common case, an origin-form request whose Host is the destination as
+                // the client wrote it: no parse needed.
+                return Ok((dest.host.clone(), dest.port, dest.tls));
+            }
             let (h, p) = split_authority(named, default_port)?;
             if h != dest.host || p != dest.port {
                 return Err(ProxyError::AuthorityMismatch);
@@ -509,6 +495,21 @@ fn bind(conn: &Conn, req: &Request<Incoming>) -> Result<(String, u16, bool), Pro
     }
 }
 
+/// True when `named` (a `Host` value) is exactly `dest`'s host, ASCII case aside, with its
+/// port or, for the default port, without one. False is not a mismatch: the caller then
+/// parses and normalizes.
+fn names_dest(named: &str, dest: &Dest, default_port: u16) -> bool {
+    let (h, port) = match named.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse::<u16>() {
+            Ok(p) => (h, p),
+            Err(_) => return false,
+        },
+        Some(_) => return false,
+        None => (named, default_port),
+    };
+    port == dest.port && h.eq_ignore_ascii_case(&dest.host)
+}
+
 /// Splits `host[:port]` (IPv6 in brackets), normalizing the host; a missing port is
 /// `default_port`. Userinfo is refused.
 pub(crate) fn split_authority(auth: &str, default_port: u16) -> Result<(String, u16), ProxyError> {
@@ -532,20 +533,75 @@ fn is_upgrade(h: &HeaderMap) -> bool {
         })
 }
 
-/// The static hop-by-hop names plus every header named in `Connection`, lowercased.
-fn hop_by_hop(h: &HeaderMap) -> Vec<String> {
-    let mut out: Vec<String> = HOP_BY_HOP.iter().map(|s| (*s).to_string()).collect();
-    for v in h.get_all(CONNECTION) {
-        if let Ok(s) = v.to_str() {
-            for t in s.split(',') {
-                let t = t.trim().to_ascii_lowercase();
-                if !t.is_empty() && !out.contains(&t) {
-                    out.push(t);
-                }
-            }
+/// Removes the hop-by-hop headers ([`HOP_BY_HOP`]) and every header named in `Connection`
+/// (RFC 9110 §7.6.1). With `keep_upgrade`, `Upgrade` and `Connection` stay (a 101 response).
+/// Allocates only when `Connection` names other headers.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && (*n == UPGRADE || *n == CONNECTION)))
+        .collect();
+    for n in HOP_BY_HOP {
+        if keep_upgrade && (n == UPGRADE || n == CONNECTION) {
+            continue;
         }
+        h.remove(n);
     }
-    out
+    for n in named {
+        h.remove(n);
+    }
+}
+
+/// The absolute URI a request is forwarded to: the bound destination's scheme and
+/// authority, and the client's path and query as sent unless the rewrite changed them.
+///
+/// # Errors
+/// [`ProxyError::BadRequest`] when the result is not a valid URI.
+fn upstream_uri(
+    host: &str,
+    port: u16,
+    tls: bool,
+    sent: &Uri,
+    path: Option<String>,
+    query: Option<String>,
+) -> Result<Uri, ProxyError> {
+    let bad = |_| ProxyError::BadRequest("request target cannot be forwarded");
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let path_and_query = match (path, query) {
+        (None, None) => match sent.path_and_query() {
+            Some(pq) => pq.clone(),
+            None => http::uri::PathAndQuery::from_static("/"),
+        },
+        (path, query) => {
+            let path = path.as_deref().unwrap_or(sent.path());
+            let query = query.as_deref().or(sent.query());
+            let pq = match query {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            http::uri::PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq)).map_err(bad)?
+        }
+    };
+    Uri::builder()
+        .scheme(if tls {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        })
+        .authority(
+            http::uri::Authority::from_maybe_shared(bytes::Bytes::from(authority)).map_err(bad)?,
+        )
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
 }
 
 /// Displays an error with its whole cause chain, for logs.
@@ -560,5 +616,64 @@ impl std::fmt::Display for ErrorChain<'_> {
             cur = e.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(host: &str, port: u16) -> Dest {
+        Dest {
+            host: host.into(),
+            port,
+            tls: true,
+            sni: None,
+        }
+    }
+
+    #[test]
+    fn host_fast_path_matches_only_the_destination() {
+        let d = dest("api.example.com", 443);
+        assert!(names_dest("api.example.com", &d, 443));
+        assert!(names_dest("API.Example.com:443", &d, 443));
+        assert!(!names_dest("api.example.com:8443", &d, 443));
+        assert!(!names_dest("evil.example.com", &d, 443));
+        assert!(!names_dest("api.example.com.evil", &d, 443));
+        assert!(!names_dest("user@api.example.com", &d, 443));
+        assert!(!names_dest("api.example.com:", &d, 443));
+        // IPv6 literals always take the parsing path.
+        assert!(!names_dest("[::1]:443", &dest("::1", 443), 443));
+    }
+
+    #[test]
+    fn upstream_uri_keeps_the_target_bytes_unless_rewritten() {
+        let sent: Uri = "/a%2Fb?x=1&y=%41".parse().unwrap();
+        let u = upstream_uri("api.example.com", 443, true, &sent, None, None).unwrap();
+        assert_eq!(u.to_string(), "https://api.example.com:443/a%2Fb?x=1&y=%41");
+        let u = upstream_uri("::1", 8080, false, &sent, None, Some("x=2".into())).unwrap();
+        assert_eq!(u.to_string(), "http://[::1]:8080/a%2Fb?x=2");
+        let u = upstream_uri("h", 80, false, &sent, Some("/new".into()), None).unwrap();
+        assert_eq!(u.to_string(), "http://h:80/new?x=1&y=%41");
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("X-Drop, upgrade"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-drop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        let mut switching = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-keep"]
+        );
+        strip_hop_by_hop(&mut switching, true);
+        let mut kept: Vec<_> = switching.keys().map(HeaderName::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["connection", "upgrade", "x-keep"]);
     }
 }
