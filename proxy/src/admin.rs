@@ -319,7 +319,7 @@ async fn probe(rt: &Runtime, s: &Secret) -> Value {
             .body(full(Bytes::new()))
             .unwrap_or_default();
         let started = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(10), active.client.request(req)).await;
+        let r = tokio::time::timeout(Duration::from_secs(10), active.client().request(req)).await;
         let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         results.push(match r {
             Ok(Ok(resp)) => json!({"host": authority, "reachable": true, "status": resp.status().as_u16(), "latency_ms": ms}),

@@ -111,33 +111,25 @@ enum CaCommand {
     },
 }
 
-/// Worker threads when `TOKIO_WORKER_THREADS` is not set: half the available cores, at
-/// least one. An egress proxy shares its machine with the sandboxed processes that load it;
-/// measured on 2 shared cores (bench/README.md), one worker instead of two gave 1.4× the
-/// keep-alive throughput and 1.3× the Postgres relay's, because a request's client and
-/// upstream tasks stop waking each other across threads. With one worker the runtime is
-/// tokio's current-thread scheduler (no work-stealing queues or cross-thread handoff):
-/// 41k instead of 34k keep-alive requests/s at 32 connections in the same bench.
-fn default_worker_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+/// Event loops (threads, see [`crate::workers`]) `serve` runs: `TOKIO_WORKER_THREADS` when
+/// set to a positive number, else half the available cores, at least one. An egress proxy
+/// shares its machine with the sandboxed processes that load it. Measured on 2 shared cores
+/// (bench/README.md): two loops instead of one gained ~10 % on 100 KiB uploads and lost
+/// ~10 % on small keep-alive requests at 32 connections, within the run-to-run spread.
+fn event_loops() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)))
 }
 
 /// Entry point of the `iron-proxy` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let workers = std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(default_worker_threads);
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
+    // The main thread is event loop 0; `serve` starts the others.
+    let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
     let rt = match builder.build() {
         Ok(rt) => rt,
@@ -286,6 +278,7 @@ async fn runtime(policy: &Path) -> anyhow::Result<(Arc<Runtime>, state::CaFiles)
 }
 
 async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
+    crate::workers::start(event_loops()).map_err(anyhow::Error::msg)?;
     let (rt, ca) = runtime(policy_path).await?;
     let policy = rt.policy();
     let listen = policy.proxy.listen;

@@ -41,6 +41,7 @@ pub mod server;
 pub mod state;
 pub mod upstream;
 pub mod watch;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -62,8 +63,26 @@ pub use error::ProxyError;
 pub struct Active {
     /// The policy.
     pub policy: Arc<Policy>,
-    /// The pooled upstream client built for it (resolution, deny CIDRs, roots).
-    pub client: upstream::UpstreamClient,
+    /// The pooled upstream clients built for it (resolution, deny CIDRs, roots): one per
+    /// event loop, so pooled connections stay on the thread that uses them.
+    clients: Vec<upstream::UpstreamClient>,
+}
+
+impl Active {
+    /// The policy in force with clients built for it, one per event loop
+    /// ([`workers::count`]).
+    pub fn new(policy: Arc<Policy>, tls: &rustls::ClientConfig) -> Self {
+        let clients = (0..workers::count())
+            .map(|_| upstream::build_client(&policy, tls.clone()))
+            .collect();
+        Self { policy, clients }
+    }
+
+    /// The pooled upstream client of the calling thread's event loop.
+    pub fn client(&self) -> &upstream::UpstreamClient {
+        let i = workers::index().min(self.clients.len().saturating_sub(1));
+        &self.clients[i]
+    }
 }
 
 /// Per-secret usage counters for `/v1/secrets` (seed: status counters per tool).
@@ -168,8 +187,7 @@ impl Runtime {
         )
         .map_err(|e| format!("failed to set up leaf certificates: {e}"))?;
         let tls = upstream::client_tls_config(&policy, provider)?;
-        let client = upstream::build_client(&policy, tls);
-        let active = Arc::new(ArcSwap::from_pointee(Active { policy, client }));
+        let active = Arc::new(ArcSwap::from_pointee(Active::new(policy, &tls)));
         let sources = Arc::new(SourceResolver::new(env.clone()));
         let metrics = Arc::new(metrics::Metrics::default());
         let tokens = iron_broker::tokens::TokenCache::new(
@@ -371,7 +389,7 @@ impl Runtime {
             }
         };
         let policy = Arc::new(policy);
-        let client = upstream::build_client(&policy, tls);
+        let next = Active::new(policy.clone(), &tls);
         let names =
             |p: &Policy| -> Vec<String> { p.secrets.iter().map(|s| s.name.clone()).collect() };
         let (new_names, old_names) = (names(&policy), names(&old));
@@ -394,7 +412,7 @@ impl Runtime {
                 .collect(),
             warnings: diags.iter().map(ToString::to_string).collect(),
         };
-        self.active.store(Arc::new(Active { policy, client }));
+        self.active.store(Arc::new(next));
         metrics::Metrics::count(&self.metrics.reloads, "ok");
         tracing::info!(
             secrets = summary.secrets.len(),

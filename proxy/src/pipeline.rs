@@ -321,7 +321,7 @@ async fn exchange(
     let sent = std::time::Instant::now();
     let resp = match tokio::time::timeout(
         limits.upstream_response_header_timeout,
-        active.client.request(up),
+        active.client().request(up),
     )
     .await
     {

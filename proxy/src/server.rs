@@ -80,14 +80,26 @@ pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, mut shutdown: watch:
             gauge: rt.metrics.active_connections.clone(),
         });
         let rt = rt.clone();
-        let span = info_span!("conn", client = %peer);
         let shutdown = shutdown.clone();
-        tokio::spawn(
-            async move {
-                serve_proxy_connection(rt, tcp, peer, slot, shutdown).await;
+        // The connection moves to the next event loop; it re-registers there.
+        let tcp = match tcp.into_std() {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(error = %e, "cannot hand the connection to an event loop");
+                continue;
             }
-            .instrument(span),
-        );
+        };
+        crate::workers::spawn_next(move || async move {
+            let span = info_span!("conn", client = %peer);
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => {
+                    serve_proxy_connection(rt, tcp, peer, slot, shutdown)
+                        .instrument(span)
+                        .await;
+                }
+                Err(e) => warn!(error = %e, "cannot register the connection with its event loop"),
+            }
+        });
     }
     drop(listener);
     tracing::info!("stopped accepting; draining open connections");

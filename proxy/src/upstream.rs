@@ -192,7 +192,7 @@ impl iron_broker::tokens::TokenTransport for ClientTransport {
             // cut off like one that never answers.
             let exchange = async {
                 let resp = active
-                    .client
+                    .client()
                     .request(req)
                     .await
                     .map_err(|e| err(classify(&e).code().to_string()))?;

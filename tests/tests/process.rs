@@ -531,3 +531,53 @@ async fn serve_reports_a_missing_required_secret_and_fails_closed() {
         assert!(!log.contains(real));
     }
 }
+
+/// With several event loops (`TOKIO_WORKER_THREADS=3`), connections are spread over them and
+/// each loop swaps placeholders and pools its own upstream connections: concurrent clients
+/// all get the origin's answer, and the origin sees only real values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_event_loops_serve_concurrent_connections() {
+    if !have("curl") {
+        return;
+    }
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let home = w.dir.path().join("home");
+    let mut env = standard_env();
+    env.insert("TOKIO_WORKER_THREADS".into(), "3".into());
+    let proxy = Spawned::start(&bin(), &w.policy_path, &home, &env, "info");
+    let port = w.port();
+    let url = format!("https://api.github.test:{port}/loops");
+    let runs = (0..12).map(|_| {
+        let url = url.clone();
+        let ca = proxy.ca.clone();
+        let addr = proxy.addr;
+        async move {
+            curl_via(
+                addr,
+                &ca,
+                &[&url, "-H", "Authorization: Bearer GITHUB_TOKEN"],
+            )
+            .await
+        }
+    });
+    let results = futures_util::future::join_all(runs).await;
+    for r in &results {
+        assert_eq!(r.status, 200, "curl: {} {}", r.stderr, r.body);
+    }
+    let log = proxy.stop();
+    let records = w.origin.records();
+    let swapped = records
+        .iter()
+        .filter(|r| r.header("authorization") == Some(format!("Bearer {REAL_GITHUB}")))
+        .count();
+    assert_eq!(
+        swapped, 12,
+        "every request reached the origin with the real token"
+    );
+    assert!(!log.contains(REAL_GITHUB), "secret value in logs");
+    assert_eq!(
+        log.matches("\"kind\":\"request\"").count(),
+        12,
+        "one audit line per request"
+    );
+}

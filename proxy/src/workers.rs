@@ -1,0 +1,89 @@
+//! Event loops: the proxy runs one single-threaded tokio runtime per worker thread, and
+//! hands each accepted client connection to one of them (round robin). Everything a
+//! connection does — its TLS sessions, its requests, the pooled upstream connections they
+//! use (one pool per event loop, see [`crate::Active::client`]) — stays on that thread, so a
+//! request never wakes another thread. Measured on 2 shared cores (bench/README.md), a
+//! multi-threaded runtime lost 20–40 % of keep-alive throughput to those wake-ups.
+//!
+//! Event loop 0 is the thread that calls [`start`] (the binary's main runtime: it also runs
+//! the accept loop, the admin API, the Postgres relays and the policy watcher). Without
+//! [`start`] (tests, embedding) there is one event loop: the caller's runtime.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::runtime::Handle;
+
+thread_local! {
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+struct Loops {
+    /// Handles of event loops 1..n (loop 0 is the caller's runtime).
+    extra: Vec<Handle>,
+    next: AtomicUsize,
+}
+
+static LOOPS: OnceLock<Loops> = OnceLock::new();
+
+/// Starts `n - 1` event-loop threads beside the calling one (event loop 0). Call once, from
+/// the main runtime, before the proxy is built; later calls do nothing.
+///
+/// # Errors
+/// A message when a thread or its runtime cannot be started.
+pub fn start(n: usize) -> Result<(), String> {
+    if LOOPS.get().is_some() {
+        return Ok(());
+    }
+    let mut extra = Vec::new();
+    for i in 1..n.max(1) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("failed to start event loop {i}: {e}"))?;
+        extra.push(rt.handle().clone());
+        std::thread::Builder::new()
+            .name(format!("iron-proxy-{i}"))
+            .spawn(move || {
+                INDEX.with(|c| c.set(i));
+                rt.block_on(std::future::pending::<()>());
+            })
+            .map_err(|e| format!("failed to start event loop thread {i}: {e}"))?;
+    }
+    let _ = LOOPS.set(Loops {
+        extra,
+        next: AtomicUsize::new(0),
+    });
+    Ok(())
+}
+
+/// How many event loops there are (1 when [`start`] was not called).
+pub fn count() -> usize {
+    LOOPS.get().map_or(1, |l| l.extra.len() + 1)
+}
+
+/// The event loop the calling thread runs (0 outside the extra threads).
+pub fn index() -> usize {
+    INDEX.with(Cell::get)
+}
+
+/// Runs `make()`'s future on the next event loop in turn: on the caller's runtime for
+/// loop 0, else on that loop's thread. `make` runs on the target thread, so what it creates
+/// (e.g. `TcpStream::from_std`) registers with that loop's reactor.
+pub fn spawn_next<F, Fut>(make: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let target = LOOPS.get().and_then(|l| {
+        let i = l.next.fetch_add(1, Ordering::Relaxed) % (l.extra.len() + 1);
+        i.checked_sub(1).map(|j| l.extra[j].clone())
+    });
+    let task = async move { make().await };
+    match target {
+        None => drop(tokio::spawn(task)),
+        Some(h) => drop(h.spawn(task)),
+    }
+}
