@@ -500,8 +500,12 @@ def main():
                 continue
             runs = {t: [] for t in targets}
             cpu = {t: [] for t in targets}
+            names = list(targets)
             for rep in range(a.reps):
-                for t, cfg in targets.items():  # interleaved
+                # Interleaved, and the order rotates each repetition so no target always
+                # runs first after a scenario starts (or right after another one).
+                for t in names[rep % len(names):] + names[:rep % len(names)]:
+                    cfg = targets[t]
                     path = "/post" if method == "POST" else "/"
                     before = cpu_ticks(cfg["pid"]) if cfg["pid"] else 0
                     r = oha(cfg["url"] + path, extra + cfg["extra"], method, a.duration, proxy=cfg["proxy"],
