@@ -156,27 +156,36 @@ impl SourceResolver {
     /// [`SourceError`] naming the variable, file or key when the value is missing, empty,
     /// unreadable or not the expected JSON.
     pub fn resolve(&self, source: &SourceRef) -> Result<SecretValue, SourceError> {
-        let (raw, what) = match &source.kind {
+        // Names the source in errors; built only when one is reported.
+        let what = || match &source.kind {
+            SourceKind::Env(var) => format!("environment variable {var}"),
+            SourceKind::File(path) => format!("file {}", path.display()),
+        };
+        let raw = match &source.kind {
             SourceKind::Env(var) => {
                 let v = self
                     .env
                     .var(var)
                     .ok_or_else(|| SourceError::EnvMissing { var: var.clone() })?;
-                (
-                    SecretValue::new(v.into_encoded_bytes()),
-                    format!("environment variable {var}"),
-                )
+                SecretValue::new(v.into_encoded_bytes())
             }
-            SourceKind::File(path) => (self.read_file(path)?, format!("file {}", path.display())),
+            SourceKind::File(path) => self.read_file(path)?,
         };
         let value = match &source.json_key {
-            None => SecretValue::new(trim_newline(raw.expose()).to_vec()),
-            Some(key) => pluck(raw.expose(), key, &what)?,
+            None => {
+                let kept = trim_newline(raw.expose()).len();
+                if kept == raw.expose().len() {
+                    raw
+                } else {
+                    SecretValue::new(raw.expose()[..kept].to_vec())
+                }
+            }
+            Some(key) => pluck(raw.expose(), key, &what())?,
         };
         if value.expose().is_empty() {
             let what = match &source.json_key {
-                Some(k) => format!("json_key {k} of {what}"),
-                None => what,
+                Some(k) => format!("json_key {k} of {}", what()),
+                None => what(),
             };
             return Err(SourceError::Empty { what });
         }
