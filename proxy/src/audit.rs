@@ -128,8 +128,8 @@ enum AuditMsg {
 /// Writes each record as one JSON line to stderr, from a dedicated thread that serializes
 /// them: a request never waits on a slow stderr reader (a pipe to a log collector) unless
 /// 4096 records are queued, and then it waits rather than dropping a line. Lines queued
-/// together go out in one write; after a write the thread waits [`AUDIT_BATCH`] before the
-/// next, so under load a request costs no thread wake-up and no `write(2)` of its own (and a
+/// together go out in writes of up to 64 KiB; once the queue is empty the thread waits
+/// [`AUDIT_BATCH`] before looking again, so under load a request costs no thread wake-up and no `write(2)` of its own (and a
 /// watcher of the log's directory no event per line). A line reaches stderr within that
 /// time. [`AuditSink::flush`] before exit; a SIGKILL loses at most the queued lines.
 #[derive(Debug)]
@@ -154,9 +154,18 @@ impl StderrAudit {
         std::thread::Builder::new()
             .name("iron-proxy-audit".into())
             .spawn(move || {
-                let mut buf = Vec::with_capacity(64 * 1024);
-                let mut acks = Vec::new();
+                // Written out every WRITE_AT bytes while draining, so the buffer stays small
+                // and a burst never waits for the pause.
+                const WRITE_AT: usize = 64 * 1024;
+                let mut buf = Vec::with_capacity(WRITE_AT + 1024);
+                let write = |buf: &mut Vec<u8>| {
+                    if !buf.is_empty() {
+                        let _ = std::io::stderr().lock().write_all(buf);
+                        buf.clear();
+                    }
+                };
                 while let Ok(first) = rx.recv() {
+                    let mut flushed = false;
                     let mut next = Some(first);
                     while let Some(msg) = next.take() {
                         match msg {
@@ -165,20 +174,20 @@ impl StderrAudit {
                                     buf.push(b'\n');
                                 }
                             }
-                            AuditMsg::Flush(ack) => acks.push(ack),
+                            AuditMsg::Flush(ack) => {
+                                // Every record sent before the flush is in `buf` or out.
+                                write(&mut buf);
+                                let _ = ack.send(());
+                                flushed = true;
+                            }
                         }
-                        if buf.len() < 256 * 1024 {
-                            next = rx.try_recv().ok();
+                        if buf.len() >= WRITE_AT {
+                            write(&mut buf);
                         }
+                        next = rx.try_recv().ok();
                     }
-                    if !buf.is_empty() {
-                        let _ = std::io::stderr().lock().write_all(&buf);
-                        buf.clear();
-                    }
-                    let flushed = !acks.is_empty();
-                    for ack in acks.drain(..) {
-                        let _ = ack.send(());
-                    }
+                    write(&mut buf);
+                    // The queue was empty: gather lines for a while before the next write.
                     if !flushed {
                         std::thread::sleep(AUDIT_BATCH);
                     }
