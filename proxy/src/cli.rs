@@ -112,16 +112,16 @@ enum CaCommand {
 }
 
 /// Event loops (threads, see [`crate::workers`]) `serve` runs: `TOKIO_WORKER_THREADS` when
-/// set to a positive number, else half the available cores, at least one. An egress proxy
-/// shares its machine with the sandboxed processes that load it. Measured on 2 shared cores
-/// (bench/README.md): two loops instead of one gained ~10 % on 100 KiB uploads and lost
-/// ~10 % on small keep-alive requests at 32 connections, within the run-to-run spread.
+/// set to a positive number, else one per available core. A loop uses CPU only for the
+/// connections it serves. Measured on 2 shared cores (bench/README.md), two loops instead of
+/// one: keep-alive +4–8 % (level with or ahead of hudsucker), a new connection per request
+/// −6–9 % (the accepted socket moves to the other loop's thread).
 fn event_loops() -> usize {
     std::env::var("TOKIO_WORKER_THREADS")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Entry point of the `iron-proxy` binary.

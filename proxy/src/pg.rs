@@ -481,8 +481,22 @@ pub async fn start_all(
                     cancels.clone(),
                 );
                 let permit = slots.clone().try_acquire_owned();
-                tokio::spawn(async move {
-                    let mut tcp = tcp;
+                // The session runs on the next event loop (crate::workers); the socket
+                // re-registers there.
+                let tcp = match tcp.into_std() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(secret = %name, error = %e, "cannot hand the postgres connection to an event loop");
+                        continue;
+                    }
+                };
+                crate::workers::spawn_next(move || async move {
+                    let mut tcp = match TcpStream::from_std(tcp) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            return tracing::warn!(error = %e, "cannot register the postgres connection with its event loop");
+                        }
+                    };
                     let Ok(_permit) = permit else {
                         let _ =
                             send_error(&mut tcp, "53300", "too many connections for this relay")
