@@ -500,10 +500,15 @@ fn bind(conn: &Conn, req: &Request<Incoming>) -> Result<(String, u16, bool), Pro
 /// parses and normalizes.
 fn names_dest(named: &str, dest: &Dest, default_port: u16) -> bool {
     let (h, port) = match named.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => match p.parse::<u16>() {
-            Ok(p) => (h, p),
-            Err(_) => return false,
-        },
+        // Digits only: `u16::from_str` would also take a sign (`+443`).
+        Some((h, p))
+            if !h.contains(':') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            match p.parse::<u16>() {
+                Ok(p) => (h, p),
+                Err(_) => return false,
+            }
+        }
         Some(_) => return false,
         None => (named, default_port),
     };
@@ -642,6 +647,7 @@ mod tests {
         assert!(!names_dest("api.example.com.evil", &d, 443));
         assert!(!names_dest("user@api.example.com", &d, 443));
         assert!(!names_dest("api.example.com:", &d, 443));
+        assert!(!names_dest("api.example.com:+443", &d, 443));
         // IPv6 literals always take the parsing path.
         assert!(!names_dest("[::1]:443", &dest("::1", 443), 443));
     }
