@@ -356,8 +356,12 @@ async fn exchange(
         rt.emit(rec);
         if let Some(client_upgrade) = client_upgrade {
             let idle = policy.proxy.limits.idle_timeout;
+            // The relay holds the connection's max_connections slot until it ends, like a
+            // passthrough tunnel (hyper's connection future ends at the upgrade).
+            let slot = conn.slot.clone();
             tokio::spawn(
                 async move {
+                    let _slot = slot;
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((c, u)) => {
                             let (up, down) =
