@@ -127,8 +127,10 @@ enum AuditMsg {
 
 /// Writes each record as one JSON line to stderr, from a dedicated thread that serializes
 /// them: a request never waits on a slow stderr reader (a pipe to a log collector) unless
-/// 4096 records are queued, and then it waits rather than dropping a line. Lines queued
-/// together go out in writes of up to 64 KiB; once the queue is empty the thread waits
+/// 4096 records are queued, and then it waits rather than dropping a line (and with it the
+/// event loop it runs on: a stderr reader that stops reading stops the proxy). Lines are
+/// gathered up to 64 KiB and written in line-aligned writes of at most 4 KiB (atomic on a
+/// shared pipe); once the queue is empty the thread waits
 /// [`AUDIT_BATCH`] before looking again, so under load a request costs no thread wake-up and no `write(2)` of its own (and a
 /// watcher of the log's directory no event per line). A line reaches stderr within that
 /// time. [`AuditSink::flush`] before exit; a SIGKILL loses at most the queued lines.
@@ -158,11 +160,30 @@ impl StderrAudit {
                 // and a burst never waits for the pause.
                 const WRITE_AT: usize = 64 * 1024;
                 let mut buf = Vec::with_capacity(WRITE_AT + 1024);
+                // Each write(2) is at most PIPE_BUF (4 KiB) and ends at a line end, so
+                // on a pipe shared with other writers (the child of `run`, a supervisor)
+                // no line is interleaved with theirs (POSIX: such writes are atomic). A
+                // single longer line goes out alone.
+                const PIPE_BUF: usize = 4096;
                 let write = |buf: &mut Vec<u8>| {
-                    if !buf.is_empty() {
-                        let _ = std::io::stderr().lock().write_all(buf);
-                        buf.clear();
+                    let mut out = std::io::stderr().lock();
+                    let mut rest = &buf[..];
+                    while !rest.is_empty() {
+                        let cut = if rest.len() <= PIPE_BUF {
+                            rest.len()
+                        } else {
+                            match rest[..PIPE_BUF].iter().rposition(|&b| b == b'\n') {
+                                Some(i) => i + 1,
+                                None => rest
+                                    .iter()
+                                    .position(|&b| b == b'\n')
+                                    .map_or(rest.len(), |i| i + 1),
+                            }
+                        };
+                        let _ = out.write_all(&rest[..cut]);
+                        rest = &rest[cut..];
                     }
+                    buf.clear();
                 };
                 while let Ok(first) = rx.recv() {
                     let mut flushed = false;
@@ -210,10 +231,24 @@ impl AuditSink for StderrAudit {
     }
 
     fn flush(&self) {
+        // Bounded as a whole: a stalled stderr reader (full queue) must not hold up exit.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let (ack, done) = std::sync::mpsc::channel();
-        if self.tx.send(AuditMsg::Flush(ack)).is_ok() {
-            let _ = done.recv_timeout(std::time::Duration::from_secs(5));
+        let mut msg = AuditMsg::Flush(ack);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(std::sync::mpsc::TrySendError::Full(m)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return;
+                    }
+                    msg = m;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+            }
         }
+        let _ = done.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 }
 
