@@ -175,11 +175,13 @@ source = {{ env = "BENCH_REAL_TOKEN" }}
 match_headers = ["Authorization"]
 hosts = ["{HOST}:{origin_port}"]
 """
-    with open(f"{d}/policy.toml", "w") as f:
+    # The policy in its own directory (the watcher's), the log outside it, as deployed.
+    os.makedirs(f"{d}/etc", exist_ok=True)
+    with open(f"{d}/etc/policy.toml", "w") as f:
         f.write(policy)
     env = dict(os.environ, BENCH_REAL_TOKEN="bench-real-token-value", IRON_PROXY_HOME=f"{d}/state", IRON_PROXY_LOG="warn")
     log = open(f"{d}/proxy.log", "w")
-    p = subprocess.Popen([PROXY_BIN, "serve", "--policy", f"{d}/policy.toml"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    p = subprocess.Popen([PROXY_BIN, "serve", "--policy", f"{d}/etc/policy.toml"], env=env, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
