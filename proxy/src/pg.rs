@@ -481,22 +481,8 @@ pub async fn start_all(
                     cancels.clone(),
                 );
                 let permit = slots.clone().try_acquire_owned();
-                // The session runs on the next event loop (crate::workers); the socket
-                // re-registers there.
-                let tcp = match tcp.into_std() {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::warn!(secret = %name, error = %e, "cannot hand the postgres connection to an event loop");
-                        continue;
-                    }
-                };
-                crate::workers::spawn_next(move || async move {
-                    let mut tcp = match TcpStream::from_std(tcp) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            return tracing::warn!(error = %e, "cannot register the postgres connection with its event loop");
-                        }
-                    };
+                // The session runs on the next event loop (crate::workers).
+                crate::workers::hand_off(tcp, move |mut tcp| async move {
                     let Ok(_permit) = permit else {
                         let _ =
                             send_error(&mut tcp, "53300", "too many connections for this relay")

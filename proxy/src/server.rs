@@ -81,24 +81,9 @@ pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, mut shutdown: watch:
         });
         let rt = rt.clone();
         let shutdown = shutdown.clone();
-        // The connection moves to the next event loop; it re-registers there.
-        let tcp = match tcp.into_std() {
-            Ok(t) => t,
-            Err(e) => {
-                warn!(error = %e, "cannot hand the connection to an event loop");
-                continue;
-            }
-        };
-        crate::workers::spawn_next(move || async move {
+        crate::workers::hand_off(tcp, move |tcp| {
             let span = info_span!("conn", client = %peer);
-            match TcpStream::from_std(tcp) {
-                Ok(tcp) => {
-                    serve_proxy_connection(rt, tcp, peer, slot, shutdown)
-                        .instrument(span)
-                        .await;
-                }
-                Err(e) => warn!(error = %e, "cannot register the connection with its event loop"),
-            }
+            serve_proxy_connection(rt, tcp, peer, slot, shutdown).instrument(span)
         });
     }
     drop(listener);

@@ -88,6 +88,28 @@ pub fn index() -> usize {
     INDEX.with(Cell::get)
 }
 
+/// Serves an accepted connection on the next event loop in turn: the socket leaves the
+/// calling loop's reactor, `serve(tcp)` runs on the target loop with the socket registered
+/// there. A socket that cannot move is logged and dropped (closed).
+pub fn hand_off<F, Fut>(tcp: tokio::net::TcpStream, serve: F)
+where
+    F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tcp = match tcp.into_std() {
+        Ok(t) => t,
+        Err(e) => return tracing::warn!(error = %e, "cannot hand a connection to an event loop"),
+    };
+    spawn_next(move || async move {
+        match tokio::net::TcpStream::from_std(tcp) {
+            Ok(tcp) => serve(tcp).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register a connection with its event loop")
+            }
+        }
+    });
+}
+
 /// Runs `make()`'s future on the next event loop in turn: on the caller's runtime for
 /// loop 0, else on that loop's thread. `make` runs on the target thread, so what it creates
 /// (e.g. `TcpStream::from_std`) registers with that loop's reactor.
