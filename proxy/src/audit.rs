@@ -103,10 +103,7 @@ fn display<S: serde::Serializer>(v: &impl std::fmt::Display, s: S) -> Result<S::
 }
 
 fn rfc3339<S: serde::Serializer>(t: &time::OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
-    let text = t
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    s.serialize_str(&text)
+    s.serialize_str(&crate::rfc3339(Some(*t)).unwrap_or_default())
 }
 
 /// Where audit records go.
