@@ -254,12 +254,7 @@ fn metrics(rt: &Runtime) -> Response<ProxyBody> {
 /// The public view of a secret: everything but its value.
 pub fn secret_view(rt: &Runtime, s: &Secret) -> Value {
     let (state, reason) = source_state(rt, s);
-    let usage = rt
-        .usage
-        .lock()
-        .ok()
-        .and_then(|u| u.get(&s.name).cloned())
-        .unwrap_or_default();
+    let usage = rt.stats(&s.name).usage();
     let token = rt.tokens.status(&s.name);
     json!({
         "name": s.name,

@@ -4,18 +4,50 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
 
-/// One secret applied to a request.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// One secret applied to a request; written as `{"name": …, "location": …}`.
+#[derive(Debug, Clone)]
 pub struct AppliedSecret {
-    /// Secret name.
-    pub name: String,
-    /// `header:NAME`, `query:NAME` or `path`.
-    pub location: String,
+    /// The secret's counters (and name), counted when the record is emitted.
+    pub stats: Arc<crate::SecretStats>,
+    /// Where it was applied.
+    pub location: AppliedAt,
+}
+
+/// Where a secret was applied: written `header:NAME`, `query:NAME`, `path`, `stub` (a
+/// token-endpoint stub answered) or `pg` (a Postgres relay session).
+#[derive(Debug, Clone)]
+pub enum AppliedAt {
+    /// Swapped or injected into an HTTP request.
+    Request(iron_policy::Location),
+    /// A token-endpoint or metadata stub answered locally.
+    Stub,
+    /// A Postgres relay session authenticated with the secret's password.
+    Pg,
+}
+
+impl std::fmt::Display for AppliedAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Request(l) => l.fmt(f),
+            Self::Stub => f.write_str("stub"),
+            Self::Pg => f.write_str("pg"),
+        }
+    }
+}
+
+impl Serialize for AppliedSecret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut st = s.serialize_struct("AppliedSecret", 2)?;
+        st.serialize_field("name", &*self.stats.name)?;
+        st.serialize_field("location", &format_args!("{}", self.location))?;
+        st.end()
+    }
 }
 
 /// One audit record.
@@ -267,5 +299,37 @@ impl AuditSink for MemoryAudit {
         if let Ok(mut r) = self.records.lock() {
             r.push(record);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn applied_secrets_are_written_with_name_and_location() {
+        let metrics = crate::metrics::Metrics::default();
+        let usage = Mutex::new(std::collections::HashMap::new());
+        let stats = crate::stats_for(&usage, &metrics, "GITHUB_TOKEN");
+        let mut rec = AuditRecord::new("request", "r1".into(), ([127, 0, 0, 1], 9).into(), "GET");
+        rec.secrets = vec![
+            AppliedSecret {
+                stats: stats.clone(),
+                location: AppliedAt::Request(iron_policy::Location::Header("Authorization".into())),
+            },
+            AppliedSecret {
+                stats,
+                location: AppliedAt::Pg,
+            },
+        ];
+        let line: serde_json::Value = serde_json::to_value(&rec).expect("serializes");
+        assert_eq!(
+            line["secrets"],
+            serde_json::json!([
+                {"name": "GITHUB_TOKEN", "location": "header:Authorization"},
+                {"name": "GITHUB_TOKEN", "location": "pg"},
+            ])
+        );
+        assert_eq!(line["client"], "127.0.0.1:9");
     }
 }

@@ -47,10 +47,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
-use iron_broker::{Env, SourceResolver};
+use iron_broker::{Env, SecretValue, SourceResolver};
 use iron_certs::{CertificateAuthority, LeafCache};
 use iron_policy::{Diagnostic, Policy};
 use tokio::net::TcpListener;
@@ -66,22 +66,106 @@ pub struct Active {
     /// The pooled upstream clients built for it (resolution, deny CIDRs, roots): one per
     /// event loop, so pooled connections stay on the thread that uses them.
     clients: Vec<upstream::UpstreamClient>,
+    /// Usage counters of each secret, by index into `policy.secrets` (shared with the
+    /// runtime's map, so they survive reloads).
+    stats: Vec<Arc<SecretStats>>,
+    /// Values of `env` sourced static secrets, by secret index, read on first use: the
+    /// process environment does not change while it runs.
+    env_values: Vec<OnceLock<SecretValue>>,
 }
 
 impl Active {
     /// The policy in force with clients built for it, one per event loop
-    /// ([`workers::count`]).
-    pub fn new(policy: Arc<Policy>, tls: &rustls::ClientConfig) -> Self {
+    /// ([`workers::count`]), and each secret's usage counters from `stats` (by name).
+    pub fn new(
+        policy: Arc<Policy>,
+        tls: &rustls::ClientConfig,
+        stats: impl Fn(&str) -> Arc<SecretStats>,
+    ) -> Self {
         let clients = (0..workers::count())
             .map(|_| upstream::build_client(&policy, tls.clone()))
             .collect();
-        Self { policy, clients }
+        let stats = policy.secrets.iter().map(|s| stats(&s.name)).collect();
+        let env_values = policy.secrets.iter().map(|_| OnceLock::new()).collect();
+        Self {
+            policy,
+            clients,
+            stats,
+            env_values,
+        }
     }
 
     /// The pooled upstream client of the calling thread's event loop.
     pub fn client(&self) -> &upstream::UpstreamClient {
         let i = workers::index().min(self.clients.len().saturating_sub(1));
         &self.clients[i]
+    }
+
+    /// The usage counters of secret `index` (into `policy.secrets`).
+    ///
+    /// # Panics
+    /// When `index` is not a secret of this policy.
+    pub fn stats(&self, index: usize) -> &Arc<SecretStats> {
+        &self.stats[index]
+    }
+
+    /// The value of static secret `index` from `source`: for an `env` source the value
+    /// read on first use (the environment is fixed for the life of the process), for a
+    /// file source a fresh read (the resolver re-reads a file when it changes).
+    ///
+    /// # Errors
+    /// The resolver's [`iron_broker::SourceError`] when the value is missing or unusable;
+    /// failures are not cached.
+    pub fn static_value(
+        &self,
+        sources: &SourceResolver,
+        index: usize,
+        source: &iron_policy::SourceRef,
+    ) -> Result<SecretValue, iron_broker::SourceError> {
+        if !matches!(source.kind, iron_policy::SourceKind::Env(_)) {
+            return sources.resolve(source);
+        }
+        let cell = &self.env_values[index];
+        if let Some(v) = cell.get() {
+            return Ok(v.clone());
+        }
+        let v = sources.resolve(source)?;
+        Ok(cell.get_or_init(|| v).clone())
+    }
+}
+
+/// One secret's counters: its `iron_proxy_injections` counter and its usage for
+/// `/v1/secrets`. Kept by name for the life of the process (across reloads); audit records
+/// hold it so counting an applied secret takes no map look-up.
+#[derive(Debug)]
+pub struct SecretStats {
+    /// The secret's name.
+    pub name: Arc<str>,
+    injections: prometheus_client::metrics::counter::Counter,
+    usage: Mutex<SecretUsage>,
+}
+
+impl SecretStats {
+    /// Counts one request the secret was applied to, which arrived at `at`.
+    pub fn applied(&self, at: time::OffsetDateTime) {
+        self.injections.inc();
+        if let Ok(mut u) = self.usage.lock() {
+            u.invocations += 1;
+            u.last_used = Some(at);
+        }
+    }
+
+    /// Counts one request refused because the secret could not be had, for `reason`.
+    pub fn failed(&self, reason: &str) {
+        if let Ok(mut u) = self.usage.lock() {
+            u.errors += 1;
+            u.last_error = Some(reason.to_string());
+        }
+    }
+
+    /// A copy of the usage counters.
+    pub fn usage(&self) -> SecretUsage {
+        self.usage.lock().map(|u| u.clone()).unwrap_or_default()
     }
 }
 
@@ -97,6 +181,33 @@ pub struct SecretUsage {
     /// When the secret was last applied (arrival of the request); shown as RFC 3339.
     #[serde(serialize_with = "rfc3339_opt")]
     pub last_used: Option<time::OffsetDateTime>,
+}
+
+/// The counters of the secret named `name` in `usage`, created (with its injections
+/// counter) on first use.
+fn stats_for(
+    usage: &Mutex<HashMap<String, Arc<SecretStats>>>,
+    metrics: &metrics::Metrics,
+    name: &str,
+) -> Arc<SecretStats> {
+    let mut usage = usage
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(s) = usage.get(name) {
+        return s.clone();
+    }
+    let stats = Arc::new(SecretStats {
+        name: name.into(),
+        injections: metrics
+            .injections
+            .get_or_create(&metrics::SecretLabel {
+                secret: name.to_string(),
+            })
+            .clone(),
+        usage: Mutex::new(SecretUsage::default()),
+    });
+    usage.insert(name.to_string(), stats.clone());
+    stats
 }
 
 /// What a successful reload changed.
@@ -127,8 +238,8 @@ pub struct Runtime {
     pub audit: Arc<dyn AuditSink>,
     /// Metrics.
     pub metrics: Arc<metrics::Metrics>,
-    /// Per-secret usage.
-    pub usage: Mutex<HashMap<String, SecretUsage>>,
+    /// Per-secret counters, by secret name; see [`Runtime::stats`].
+    usage: Arc<Mutex<HashMap<String, Arc<SecretStats>>>>,
     /// Set once the proxy listener is bound.
     pub listening: std::sync::atomic::AtomicBool,
     /// `pg_dsn` secrets whose relay could not be started (their DSN was absent at start):
@@ -187,9 +298,12 @@ impl Runtime {
         )
         .map_err(|e| format!("failed to set up leaf certificates: {e}"))?;
         let tls = upstream::client_tls_config(&policy, provider)?;
-        let active = Arc::new(ArcSwap::from_pointee(Active::new(policy, &tls)));
-        let sources = Arc::new(SourceResolver::new(env.clone()));
         let metrics = Arc::new(metrics::Metrics::default());
+        let usage = Arc::new(Mutex::new(HashMap::new()));
+        let active = Arc::new(ArcSwap::from_pointee(Active::new(policy, &tls, |name| {
+            stats_for(&usage, &metrics, name)
+        })));
+        let sources = Arc::new(SourceResolver::new(env.clone()));
         let tokens = iron_broker::tokens::TokenCache::new(
             Arc::new(upstream::ClientTransport::new(active.clone())),
             sources.clone(),
@@ -213,7 +327,7 @@ impl Runtime {
             tokens,
             audit,
             metrics,
-            usage: Mutex::new(HashMap::new()),
+            usage,
             listening: std::sync::atomic::AtomicBool::new(false),
             pg_not_started: Mutex::new(Vec::new()),
             env,
@@ -242,28 +356,20 @@ impl Runtime {
     /// Emits an audit record: counts it in the metrics and the secret usage, then writes it.
     pub fn emit(&self, rec: AuditRecord) {
         self.metrics.observe(&rec);
-        if !rec.secrets.is_empty()
-            && let Ok(mut usage) = self.usage.lock()
-        {
-            for s in &rec.secrets {
-                let u = match usage.get_mut(&s.name) {
-                    Some(u) => u,
-                    None => usage.entry(s.name.clone()).or_default(),
-                };
-                u.invocations += 1;
-                u.last_used = Some(rec.arrived);
-            }
+        for s in &rec.secrets {
+            s.stats.applied(rec.arrived);
         }
         self.audit.emit(rec);
     }
 
-    /// Records that `secret` could not be had for a request.
+    /// The counters of the secret named `name`, created on first use.
+    pub fn stats(&self, name: &str) -> Arc<SecretStats> {
+        stats_for(&self.usage, &self.metrics, name)
+    }
+
+    /// Records that `secret` could not be had for a request, for `reason`.
     pub fn secret_failed(&self, secret: &str, reason: &str) {
-        if let Ok(mut usage) = self.usage.lock() {
-            let u = usage.entry(secret.to_string()).or_default();
-            u.errors += 1;
-            u.last_error = Some(reason.to_string());
-        }
+        self.stats(secret).failed(reason);
     }
 
     /// Reloads the policy from its file(s): loads and validates everything first, then
@@ -389,7 +495,7 @@ impl Runtime {
             }
         };
         let policy = Arc::new(policy);
-        let next = Active::new(policy.clone(), &tls);
+        let next = Active::new(policy.clone(), &tls, |name| self.stats(name));
         let names =
             |p: &Policy| -> Vec<String> { p.secrets.iter().map(|s| s.name.clone()).collect() };
         let (new_names, old_names) = (names(&policy), names(&old));

@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::Runtime;
-use crate::audit::{AppliedSecret, AuditRecord};
+use crate::audit::{AppliedAt, AppliedSecret, AuditRecord};
 
 /// Largest startup packet accepted, in bytes (PostgreSQL's own limit is 10 000).
 pub const MAX_STARTUP: usize = 10_000;
@@ -493,8 +493,8 @@ pub async fn start_all(
                         rec.outcome = "refused";
                         rec.error = Some("pg_too_many_connections");
                         rec.secrets = vec![AppliedSecret {
-                            name: name.to_string(),
-                            location: "pg".into(),
+                            stats: rt.stats(&name),
+                            location: AppliedAt::Pg,
                         }];
                         rec.stop_clock();
                         rt.emit(rec);
@@ -587,8 +587,8 @@ async fn session(
     rec.scheme = "postgres";
     rec.host_class = "secret";
     rec.secrets = vec![AppliedSecret {
-        name: name.to_string(),
-        location: "pg".into(),
+        stats: rt.stats(name),
+        location: AppliedAt::Pg,
     }];
     let setup = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,

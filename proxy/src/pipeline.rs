@@ -19,7 +19,7 @@ use iron_policy::{RequestView, SecretKind, SecretValues, Stub, normalize_host};
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::Runtime;
-use crate::audit::{AppliedSecret, AuditRecord};
+use crate::audit::{AppliedAt, AppliedSecret, AuditRecord};
 use crate::body::{BodyEnd, Counted, ProxyBody};
 use crate::error::ProxyError;
 use crate::upstream::classify;
@@ -188,8 +188,8 @@ async fn exchange(
         rec.outcome = "stubbed";
         rec.host_class = "stub";
         rec.secrets = vec![AppliedSecret {
-            name: secret.name.clone(),
-            location: "stub".into(),
+            stats: active.stats(s).clone(),
+            location: AppliedAt::Stub,
         }];
         rec.stop_clock();
         rt.emit(rec);
@@ -218,7 +218,7 @@ async fn exchange(
         query: query.as_deref(),
         headers: &view_headers,
     };
-    let plan = policy.plan(&view)?;
+    let mut plan = policy.plan(&view)?;
 
     // resolve
     let mut values = Values(Vec::with_capacity(plan.secrets.len()));
@@ -231,7 +231,7 @@ async fn exchange(
             });
         }
         let value = match &secret.kind {
-            SecretKind::Static(source) => rt.sources.resolve(source).map_err(|e| {
+            SecretKind::Static(source) => active.static_value(&rt.sources, s, source).map_err(|e| {
                 warn!(secret = %secret.name, error = %e, "secret source unavailable; refusing request");
                 rt.secret_failed(&secret.name, &e.to_string());
                 ProxyError::CredentialUnavailable {
@@ -296,16 +296,15 @@ async fn exchange(
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let uri = upstream_uri(&host, port, tls, req.uri(), out.path, out.query)?;
-    guard.rec().secrets = plan
-        .applied
-        .iter()
+    guard.rec().secrets = std::mem::take(&mut plan.applied)
+        .into_iter()
         .map(|a| AppliedSecret {
-            name: policy.secrets[a.secret].name.clone(),
-            location: a.location.to_string(),
+            stats: active.stats(a.secret).clone(),
+            location: AppliedAt::Request(a.location),
         })
         .collect();
     for a in &guard.rec().secrets {
-        debug!(host = %host, secret = %a.name, location = %a.location, "injected credential");
+        debug!(host = %host, secret = %a.stats.name, location = %a.location, "injected credential");
     }
 
     // forward

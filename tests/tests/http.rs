@@ -64,8 +64,11 @@ async fn curl_header_swap_reaches_only_the_secrets_host() {
         .iter()
         .find(|r| r.status == 200 && r.host == "api.github.test")
         .expect("audit");
-    assert_eq!(swapped.secrets[0].name, "GITHUB_TOKEN");
-    assert_eq!(swapped.secrets[0].location, "header:authorization");
+    assert_eq!(swapped.secrets[0].stats.name.as_ref(), "GITHUB_TOKEN");
+    assert_eq!(
+        swapped.secrets[0].location.to_string(),
+        "header:authorization"
+    );
     let refusal = audit
         .iter()
         .find(|r| r.status == 403)
