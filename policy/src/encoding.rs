@@ -67,10 +67,29 @@ pub fn decode_mapped(raw: &str, plus_as_space: bool) -> Decoded {
 /// True when the raw path has a `.` or `..` segment, literally or percent-encoded
 /// (`%2e`, `%2E%2e`…). Such paths are refused before the pipeline (REFERENCE.md §2.6).
 pub fn has_dot_segment(raw_path: &str) -> bool {
-    raw_path.split('/').any(|seg| {
-        let d = decode_mapped(seg, false).bytes;
-        d == b"." || d == b".."
-    })
+    raw_path.split('/').any(is_dot_segment)
+}
+
+/// True when `seg` decodes to `.` or `..`: one or two dots, each literal or `%2e`/`%2E`.
+/// Reads the bytes in place (no decoding buffer).
+fn is_dot_segment(seg: &str) -> bool {
+    let mut rest = seg.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && (rest[2] | 0x20) == b'e'
+        {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+        if dots > 2 {
+            return false;
+        }
+    }
+    dots > 0
 }
 
 /// Percent-encodes `value` for a path segment or query value ([`COMPONENT`]).
@@ -107,9 +126,20 @@ mod tests {
         assert!(has_dot_segment("/./b"));
         assert!(has_dot_segment("/a/."));
         assert!(!has_dot_segment("/a/..b/c.d/%2F"));
+        assert!(!has_dot_segment("/a/.../b"));
+        assert!(!has_dot_segment("/a/%2e%2e%2e"));
+        assert!(!has_dot_segment("/a/%2/b"));
+        assert!(!has_dot_segment("/"));
     }
 
     proptest! {
+        /// The in-place check agrees with decoding the segment and comparing.
+        #[test]
+        fn dot_segment_matches_decoding(seg in "(\\.|%2[eE]|%2|%|[a-z.])*") {
+            let d = decode_mapped(&seg, false).bytes;
+            prop_assert_eq!(is_dot_segment(&seg), d == b"." || d == b"..");
+        }
+
         /// Decoding an encoded component gives back the original bytes.
         #[test]
         fn roundtrip(v in proptest::collection::vec(any::<u8>(), 0..64)) {

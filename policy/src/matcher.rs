@@ -283,23 +283,22 @@ impl Policy {
                 plan.header_edits.push((i, basic));
             }
         }
-        let path = decode_mapped(req.path, false);
-        for (s, _, _) in m.find(&path.bytes) {
+        for (s, _, _) in m.find(&decoded(req.path, false)) {
             self.check(req, s, Location::Path, &mut plan)?;
             plan.path_edit = true;
         }
-        for param in req.query.unwrap_or("").split('&') {
+        for param in req.query.into_iter().flat_map(|q| q.split('&')) {
             let (k, v) = param.split_once('=').unwrap_or((param, ""));
-            let key = decode_mapped(k, true).bytes;
-            let key_s = String::from_utf8_lossy(&key).into_owned();
+            let key = decoded(k, true);
+            let key_s = || String::from_utf8_lossy(&key).into_owned();
             if let Some((s, _, _)) = m.find(&key).next() {
                 return Err(PlanError::PlaceholderNotAllowed {
                     secret: self.secrets[s].name.clone(),
-                    location: Location::Query(key_s),
+                    location: Location::Query(key_s()),
                 });
             }
-            for (s, _, _) in m.find(&decode_mapped(v, true).bytes) {
-                self.check(req, s, Location::Query(key_s.clone()), &mut plan)?;
+            for (s, _, _) in m.find(&decoded(v, true)) {
+                self.check(req, s, Location::Query(key_s()), &mut plan)?;
                 plan.query_edit = true;
             }
         }
@@ -381,6 +380,17 @@ impl Policy {
             plan.applied.push(applied);
         }
         Ok(())
+    }
+}
+
+/// The percent-decoded bytes of `raw` ([`decode_mapped`]), borrowed when nothing needs
+/// decoding (no `%`, and no `+` when `plus_as_space`).
+fn decoded(raw: &str, plus_as_space: bool) -> std::borrow::Cow<'_, [u8]> {
+    let b = raw.as_bytes();
+    if b.contains(&b'%') || (plus_as_space && b.contains(&b'+')) {
+        std::borrow::Cow::Owned(decode_mapped(raw, plus_as_space).bytes)
+    } else {
+        std::borrow::Cow::Borrowed(b)
     }
 }
 
