@@ -2,6 +2,7 @@
 //! on stderr (or any [`AuditSink`]). Lines carry names, hosts, paths without query, codes
 //! and byte counts — never a header value, query string or secret value (decision 8).
 
+use std::borrow::Cow;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -64,8 +65,9 @@ pub struct AuditRecord {
     /// Client address (`IP:PORT`).
     #[serde(serialize_with = "display")]
     pub client: SocketAddr,
-    /// HTTP method (`CONNECT` for tunnels).
-    pub method: String,
+    /// HTTP method (`CONNECT` for tunnels; `STARTUP` and `CANCEL` for Postgres relay
+    /// sessions); the standard ones are not copied.
+    pub method: Cow<'static, str>,
     /// Destination host.
     pub host: String,
     /// Destination port.
@@ -105,7 +107,8 @@ impl AuditRecord {
             kind,
             request_id,
             client,
-            method: method.to_string(),
+            method: static_method(method)
+                .map_or_else(|| Cow::Owned(method.to_string()), Cow::Borrowed),
             host: String::new(),
             port: 0,
             scheme: "https",
@@ -128,6 +131,15 @@ impl AuditRecord {
             self.duration_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
         }
     }
+}
+
+/// `method` as a static string when it is one of the common methods.
+fn static_method(method: &str) -> Option<&'static str> {
+    const COMMON: [&str; 11] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "STARTUP",
+        "CANCEL",
+    ];
+    COMMON.into_iter().find(|m| *m == method)
 }
 
 fn display<S: serde::Serializer>(v: &impl std::fmt::Display, s: S) -> Result<S::Ok, S::Error> {

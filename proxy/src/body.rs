@@ -32,26 +32,33 @@ pub enum BodyEnd {
     Dropped,
 }
 
-/// A body that passes frames through unchanged, adds data bytes to a shared counter, and
-/// calls `on_end` exactly once when it ends, fails or is dropped.
+/// Byte counters shared by the bodies of one exchange: `[request, response]` data bytes.
+pub type Tally = Arc<[AtomicU64; 2]>;
+
+/// A body that passes frames through unchanged, adds data bytes to counter `which` of a
+/// shared [`Tally`], and calls `on_end` exactly once when it ends, fails or is dropped.
 pub struct Counted<B> {
     inner: B,
     empty: bool,
-    count: Arc<AtomicU64>,
+    count: Tally,
+    which: usize,
     on_end: Option<Box<dyn FnOnce(BodyEnd) + Send + Sync>>,
 }
 
 impl<B: Body> Counted<B> {
-    /// Wraps `inner`; `on_end` may be a no-op.
+    /// Wraps `inner`, counting into `count[which]` (`which` is 0 or 1); `on_end` may be a
+    /// no-op.
     pub fn new(
         inner: B,
-        count: Arc<AtomicU64>,
+        count: Tally,
+        which: usize,
         on_end: Box<dyn FnOnce(BodyEnd) + Send + Sync>,
     ) -> Self {
         Self {
             empty: inner.is_end_stream(),
             inner,
             count,
+            which: which.min(1),
             on_end: Some(on_end),
         }
     }
@@ -101,7 +108,7 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    this.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    this.count[this.which].fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
                 if this.inner.is_end_stream() {
                     this.finish(BodyEnd::Complete);

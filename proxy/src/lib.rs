@@ -110,8 +110,9 @@ impl Active {
     }
 
     /// The value of static secret `index` from `source`: for an `env` source the value
-    /// read on first use (the environment is fixed for the life of the process), for a
-    /// file source a fresh read (the resolver re-reads a file when it changes).
+    /// read on first use and borrowed from this policy's cache (the environment is fixed
+    /// for the life of the process), for a file source a fresh read (the resolver re-reads
+    /// a file when it changes).
     ///
     /// # Errors
     /// The resolver's [`iron_broker::SourceError`] when the value is missing or unusable;
@@ -121,16 +122,16 @@ impl Active {
         sources: &SourceResolver,
         index: usize,
         source: &iron_policy::SourceRef,
-    ) -> Result<SecretValue, iron_broker::SourceError> {
+    ) -> Result<std::borrow::Cow<'_, SecretValue>, iron_broker::SourceError> {
         if !matches!(source.kind, iron_policy::SourceKind::Env(_)) {
-            return sources.resolve(source);
+            return sources.resolve(source).map(std::borrow::Cow::Owned);
         }
         let cell = &self.env_values[index];
         if let Some(v) = cell.get() {
-            return Ok(v.clone());
+            return Ok(std::borrow::Cow::Borrowed(v));
         }
         let v = sources.resolve(source)?;
-        Ok(cell.get_or_init(|| v).clone())
+        Ok(std::borrow::Cow::Borrowed(cell.get_or_init(|| v)))
     }
 }
 
@@ -349,8 +350,11 @@ impl Runtime {
 
     /// A new request id: 16 hex digits, unique within the process.
     pub fn next_request_id(&self) -> String {
+        use std::fmt::Write as _;
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
-        format!("{:08x}{:08x}", self.id_prefix, n as u32)
+        let mut id = String::with_capacity(16);
+        let _ = write!(id, "{:08x}{:08x}", self.id_prefix, n as u32);
+        id
     }
 
     /// Emits an audit record: counts it in the metrics and the secret usage, then writes it.

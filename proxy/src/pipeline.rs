@@ -5,6 +5,7 @@
 //! verified upstream, bodies streamed) → `audit` (always one line, when the response body
 //! ends or the request is refused or abandoned).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,7 +21,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::Runtime;
 use crate::audit::{AppliedAt, AppliedSecret, AuditRecord};
-use crate::body::{BodyEnd, Counted, ProxyBody};
+use crate::body::{BodyEnd, Counted, ProxyBody, Tally};
 use crate::error::ProxyError;
 use crate::upstream::classify;
 
@@ -35,6 +36,23 @@ pub struct Dest {
     pub tls: bool,
     /// SNI the client sent, normalized, if any.
     pub sni: Option<String>,
+    /// `host:port` as a URI authority, built on the first request (every request of the
+    /// tunnel is forwarded to it).
+    authority: std::sync::OnceLock<http::uri::Authority>,
+}
+
+impl Dest {
+    /// The destination `host` (normalized) and `port`; `tls` inside an intercepted TLS
+    /// tunnel, with the client's `sni`.
+    pub fn new(host: String, port: u16, tls: bool, sni: Option<String>) -> Self {
+        Self {
+            host,
+            port,
+            tls,
+            sni,
+            authority: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 /// One client connection: who, and (inside a tunnel) to where.
@@ -88,12 +106,29 @@ impl Drop for AuditGuard {
     }
 }
 
-struct Values(Vec<(usize, SecretValue)>);
+/// The values a plan needs, by secret index: the first inline (a request usually needs
+/// one), borrowed from the policy's cache when it has them.
+#[derive(Default)]
+struct Values<'a> {
+    first: Option<(usize, Cow<'a, SecretValue>)>,
+    rest: Vec<(usize, Cow<'a, SecretValue>)>,
+}
 
-impl SecretValues for Values {
+impl<'a> Values<'a> {
+    fn push(&mut self, index: usize, value: Cow<'a, SecretValue>) {
+        if self.first.is_none() {
+            self.first = Some((index, value));
+        } else {
+            self.rest.push((index, value));
+        }
+    }
+}
+
+impl SecretValues for Values<'_> {
     fn value(&self, index: usize) -> &[u8] {
-        self.0
+        self.first
             .iter()
+            .chain(&self.rest)
             .find(|(i, _)| *i == index)
             .map_or(&[][..], |(_, v)| v.expose())
     }
@@ -147,33 +182,39 @@ async fn exchange(
 
     // bind
     let (host, port, tls) = bind(conn, &req)?;
-    let path = req.uri().path().to_string();
-    let query = req.uri().query().map(str::to_string);
+    // A clone shares the request target's bytes: path and query are borrowed from it.
+    let target = req.uri().clone();
+    let (path, query) = (target.path(), target.query());
     {
         let rec = guard.rec();
-        rec.host.clone_from(&host);
+        rec.host.push_str(&host);
         rec.port = port;
         rec.scheme = if tls { "https" } else { "http" };
         rec.host_class = policy.host_class(&host, port, tls);
-        rec.path.clone_from(&path);
+        rec.path.push_str(path);
     }
     // Token-endpoint and metadata-server stubs are answered here and never forwarded, so the
     // allowlist and the denied address ranges (169.254.169.254) do not apply to them.
-    let stub = policy.stub_for(&host, port, tls, req.method().as_str(), &path);
+    let stub = policy.stub_for(&host, port, tls, req.method().as_str(), path);
     if stub.is_none() {
         if !policy.allows_destination(&host, port, tls) {
-            return Err(ProxyError::DestinationNotAllowed { host, port });
+            return Err(ProxyError::DestinationNotAllowed {
+                host: host.into_owned(),
+                port,
+            });
         }
         if let Ok(ip) = host.parse::<std::net::IpAddr>()
             && policy.is_address_denied(ip)
         {
-            return Err(ProxyError::DestinationAddressDenied { host });
+            return Err(ProxyError::DestinationAddressDenied {
+                host: host.into_owned(),
+            });
         }
     }
     if !(path.starts_with('/') || (path == "*" && req.method() == Method::OPTIONS)) {
         return Err(ProxyError::BadRequest("request path must start with /"));
     }
-    if iron_policy::encoding::has_dot_segment(&path) {
+    if iron_policy::encoding::has_dot_segment(path) {
         return Err(ProxyError::InvalidPath);
     }
 
@@ -214,14 +255,14 @@ async fn exchange(
         host: &host,
         port,
         tls,
-        path: &path,
-        query: query.as_deref(),
+        path,
+        query,
         headers: &view_headers,
     };
     let mut plan = policy.plan(&view)?;
 
     // resolve
-    let mut values = Values(Vec::with_capacity(plan.secrets.len()));
+    let mut values = Values::default();
     for &s in &plan.secrets {
         let secret = &policy.secrets[s];
         if !secret.enabled {
@@ -243,7 +284,7 @@ async fn exchange(
                 secret: secret.name.clone(),
             }),
             SecretKind::OAuth(_) | SecretKind::Gcp(_) | SecretKind::Brokered(_) => {
-                rt.tokens.token(secret).await.map_err(|e| {
+                rt.tokens.token(secret).await.map(Cow::Owned).map_err(|e| {
                     warn!(secret = %secret.name, error = %e, "no access token; refusing request");
                     rt.secret_failed(&secret.name, &e.to_string());
                     let brokered = matches!(secret.kind, SecretKind::Brokered(_));
@@ -261,7 +302,7 @@ async fn exchange(
                 })
             }
         }?;
-        values.0.push((s, value));
+        values.push(s, value);
     }
 
     // rewrite, in place: only swapped values and injected headers change
@@ -275,10 +316,13 @@ async fn exchange(
             .unwrap_or_default(),
     };
     let headers = req.headers_mut();
+    let mut out = out;
     if !out.headers.is_empty() {
         for (i, (_, value)) in headers.iter_mut().enumerate() {
-            if let Some((_, new)) = out.headers.iter().find(|(j, _)| *j == i) {
-                let mut v = HeaderValue::from_bytes(new).map_err(|_| first_secret())?;
+            if let Some((_, new)) = out.headers.iter_mut().find(|(j, _)| *j == i) {
+                // The rewritten bytes become the value as they are (validated, not copied).
+                let new = bytes::Bytes::from(std::mem::take(new));
+                let mut v = HeaderValue::from_maybe_shared(new).map_err(|_| first_secret())?;
                 v.set_sensitive(true);
                 *value = v;
             }
@@ -295,7 +339,15 @@ async fn exchange(
         headers.insert(UPGRADE, u);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let uri = upstream_uri(&host, port, tls, req.uri(), out.path, out.query)?;
+    let uri = upstream_uri(
+        &host,
+        port,
+        tls,
+        conn.dest.as_ref(),
+        req.uri(),
+        out.path,
+        out.query,
+    )?;
     guard.rec().secrets = std::mem::take(&mut plan.applied)
         .into_iter()
         .map(|a| AppliedSecret {
@@ -309,9 +361,9 @@ async fn exchange(
 
     // forward
     let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
-    let bytes_in = Arc::new(AtomicU64::new(0));
+    let tally: Tally = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     let (mut parts, body) = req.into_parts();
-    let body = Counted::new(body, bytes_in.clone(), Box::new(|_| {})).boxed();
+    let body = Counted::new(body, tally.clone(), 0, Box::new(|_| {})).boxed();
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     parts.extensions = http::Extensions::new();
@@ -383,14 +435,14 @@ async fn exchange(
         ));
     }
     let sink = rt.clone();
-    let bytes_out = Arc::new(AtomicU64::new(0));
-    let out_count = bytes_out.clone();
+    let counts = tally.clone();
     let body = Counted::new(
         body,
-        bytes_out,
+        tally,
+        1,
         Box::new(move |end| {
-            rec.bytes_in = bytes_in.load(Ordering::Relaxed);
-            rec.bytes_out = out_count.load(Ordering::Relaxed);
+            rec.bytes_in = counts[0].load(Ordering::Relaxed);
+            rec.bytes_out = counts[1].load(Ordering::Relaxed);
             rec.outcome = match end {
                 BodyEnd::Complete => "forwarded",
                 BodyEnd::Error => "upstream_error",
@@ -432,7 +484,10 @@ fn stub_response(placeholder: &str, stub: Stub) -> Response<ProxyBody> {
 /// The `bind` phase: the request's authority (absolute-form URI, else `Host`) must name the
 /// connection's destination; on the proxy port an absolute `http://` URI is required and
 /// `Host` must agree with it.
-fn bind(conn: &Conn, req: &Request<Incoming>) -> Result<(String, u16, bool), ProxyError> {
+fn bind<'c>(
+    conn: &'c Conn,
+    req: &Request<Incoming>,
+) -> Result<(Cow<'c, str>, u16, bool), ProxyError> {
     let host_header = match req.headers().get(HOST) {
         Some(h) => Some(
             h.to_str()
@@ -453,7 +508,7 @@ fn bind(conn: &Conn, req: &Request<Incoming>) -> Result<(String, u16, bool), Pro
             {
                 // The common case, an origin-form request whose Host is the destination as
                 // the client wrote it: no parse needed.
-                return Ok((dest.host.clone(), dest.port, dest.tls));
+                return Ok((Cow::Borrowed(&dest.host), dest.port, dest.tls));
             }
             let (h, p) = split_authority(named, default_port)?;
             if h != dest.host || p != dest.port {
@@ -467,7 +522,7 @@ fn bind(conn: &Conn, req: &Request<Incoming>) -> Result<(String, u16, bool), Pro
             if dest.sni.as_ref().is_some_and(|s| *s != dest.host) {
                 return Err(ProxyError::AuthorityMismatch);
             }
-            Ok((h, p, dest.tls))
+            Ok((Cow::Owned(h), p, dest.tls))
         }
         None => {
             match req.uri().scheme_str() {
@@ -493,7 +548,7 @@ fn bind(conn: &Conn, req: &Request<Incoming>) -> Result<(String, u16, bool), Pro
             {
                 return Err(ProxyError::AuthorityMismatch);
             }
-            Ok((h, p, false))
+            Ok((Cow::Owned(h), p, false))
         }
     }
 }
@@ -543,15 +598,23 @@ fn is_upgrade(h: &HeaderMap) -> bool {
 
 /// Removes the hop-by-hop headers ([`HOP_BY_HOP`]) and every header named in `Connection`
 /// (RFC 9110 §7.6.1). With `keep_upgrade`, `Upgrade` and `Connection` stay (a 101 response).
-/// Allocates only when `Connection` names other headers.
+/// Allocates only when `Connection` names a header outside [`HOP_BY_HOP`] (`close` and
+/// `keep-alive`, the usual tokens, do not).
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     let named: Vec<HeaderName> = h
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && (*n == UPGRADE || *n == CONNECTION)))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("close")
+                && !HOP_BY_HOP
+                    .iter()
+                    .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in HOP_BY_HOP {
         if keep_upgrade && (n == UPGRADE || n == CONNECTION) {
@@ -573,15 +636,30 @@ fn upstream_uri(
     host: &str,
     port: u16,
     tls: bool,
+    dest: Option<&Dest>,
     sent: &Uri,
     path: Option<String>,
     query: Option<String>,
 ) -> Result<Uri, ProxyError> {
     let bad = |_| ProxyError::BadRequest("request target cannot be forwarded");
-    let authority = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+    let build = || {
+        let a = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        http::uri::Authority::from_maybe_shared(bytes::Bytes::from(a)).map_err(bad)
+    };
+    // A tunnel's requests all go to its destination: its authority is built once.
+    let authority = match dest {
+        Some(d) if d.host == host && d.port == port => match d.authority.get() {
+            Some(a) => a.clone(),
+            None => {
+                let a = build()?;
+                d.authority.get_or_init(|| a).clone()
+            }
+        },
+        _ => build()?,
     };
     let path_and_query = match (path, query) {
         (None, None) => match sent.path_and_query() {
@@ -604,9 +682,7 @@ fn upstream_uri(
         } else {
             http::uri::Scheme::HTTP
         })
-        .authority(
-            http::uri::Authority::from_maybe_shared(bytes::Bytes::from(authority)).map_err(bad)?,
-        )
+        .authority(authority)
         .path_and_query(path_and_query)
         .build()
         .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
@@ -632,12 +708,7 @@ mod tests {
     use super::*;
 
     fn dest(host: &str, port: u16) -> Dest {
-        Dest {
-            host: host.into(),
-            port,
-            tls: true,
-            sni: None,
-        }
+        Dest::new(host.into(), port, true, None)
     }
 
     #[test]
@@ -658,12 +729,21 @@ mod tests {
     #[test]
     fn upstream_uri_keeps_the_target_bytes_unless_rewritten() {
         let sent: Uri = "/a%2Fb?x=1&y=%41".parse().unwrap();
-        let u = upstream_uri("api.example.com", 443, true, &sent, None, None).unwrap();
+        let u = upstream_uri("api.example.com", 443, true, None, &sent, None, None).unwrap();
         assert_eq!(u.to_string(), "https://api.example.com:443/a%2Fb?x=1&y=%41");
-        let u = upstream_uri("::1", 8080, false, &sent, None, Some("x=2".into())).unwrap();
+        let u = upstream_uri("::1", 8080, false, None, &sent, None, Some("x=2".into())).unwrap();
         assert_eq!(u.to_string(), "http://[::1]:8080/a%2Fb?x=2");
-        let u = upstream_uri("h", 80, false, &sent, Some("/new".into()), None).unwrap();
+        let u = upstream_uri("h", 80, false, None, &sent, Some("/new".into()), None).unwrap();
         assert_eq!(u.to_string(), "http://h:80/new?x=1&y=%41");
+        // A tunnel's authority is built once and reused; another host is not given it.
+        let d = dest("api.example.com", 443);
+        for _ in 0..2 {
+            let u =
+                upstream_uri("api.example.com", 443, true, Some(&d), &sent, None, None).unwrap();
+            assert_eq!(u.to_string(), "https://api.example.com:443/a%2Fb?x=1&y=%41");
+        }
+        let u = upstream_uri("other.example", 443, true, Some(&d), &sent, None, None).unwrap();
+        assert_eq!(u.authority().map(|a| a.as_str()), Some("other.example:443"));
     }
 
     #[test]

@@ -319,20 +319,10 @@ where
                 }
             };
         Metrics::count(handshakes, "ok");
-        let dest = Dest {
-            host,
-            port,
-            tls: true,
-            sni,
-        };
+        let dest = Dest::new(host, port, true, sni);
         serve_tunnel(rt, tls, &outer, dest).await;
     } else if first[0].is_ascii_alphabetic() {
-        let dest = Dest {
-            host,
-            port,
-            tls: false,
-            sni: None,
-        };
+        let dest = Dest::new(host, port, false, None);
         serve_tunnel(rt, io, &outer, dest).await;
     } else {
         debug!("tunnel carries neither TLS nor HTTP; closing");
