@@ -201,7 +201,7 @@ impl Plan {
         if self.path_edit {
             out.path = Some(replace_decoded(m, req.path, false, values));
         }
-        let mut query = req.query.map(str::to_string);
+        let mut query = req.query.map(std::borrow::Cow::Borrowed);
         if self.query_edit
             && let Some(q) = &query
         {
@@ -213,7 +213,7 @@ impl Plan {
                 })
                 .collect::<Vec<_>>()
                 .join("&");
-            query = Some(edited);
+            query = Some(edited.into());
         }
         for &s in &self.injects {
             let Some(HttpMode::Inject { target, formatter }) =
@@ -243,12 +243,12 @@ impl Plan {
                     q.push_str(&encode_component(p.as_bytes()));
                     q.push('=');
                     q.push_str(&encode_component(&rendered));
-                    query = Some(q);
+                    query = Some(q.into());
                 }
             }
         }
         if query.as_deref() != req.query {
-            out.query = query;
+            out.query = query.map(std::borrow::Cow::into_owned);
         }
         out
     }

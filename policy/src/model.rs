@@ -211,7 +211,12 @@ impl HeaderSelector {
 
     /// True when the header `name` (any case) is selected.
     pub fn selects(&self, name: &str) -> bool {
-        let lower = name.to_ascii_lowercase();
+        // Names from an HTTP library are lowercase already: copy only when not.
+        let lower = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(name.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(name)
+        };
         self.entries.iter().any(|r| r.selects(&lower))
     }
 
