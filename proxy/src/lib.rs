@@ -137,36 +137,49 @@ impl Active {
 
 /// One secret's counters: its `iron_proxy_injections` counter and its usage for
 /// `/v1/secrets`. Kept by name for the life of the process (across reloads); audit records
-/// hold it so counting an applied secret takes no map look-up.
+/// hold it so counting an applied secret takes no map look-up and no lock (two atomic
+/// operations: the counter, which is also the usage's `invocations`, and the time).
 #[derive(Debug)]
 pub struct SecretStats {
     /// The secret's name.
     pub name: Arc<str>,
     injections: prometheus_client::metrics::counter::Counter,
-    usage: Mutex<SecretUsage>,
+    /// Arrival of the last request counted, in Unix nanoseconds; 0 for none.
+    last_used_ns: std::sync::atomic::AtomicI64,
+    /// Failures: count and the last reason (the rare path).
+    failures: Mutex<(u64, Option<String>)>,
 }
 
 impl SecretStats {
     /// Counts one request the secret was applied to, which arrived at `at`.
     pub fn applied(&self, at: time::OffsetDateTime) {
         self.injections.inc();
-        if let Ok(mut u) = self.usage.lock() {
-            u.invocations += 1;
-            u.last_used = Some(at);
-        }
+        let ns = i64::try_from(at.unix_timestamp_nanos()).unwrap_or(i64::MAX);
+        self.last_used_ns.store(ns.max(1), Ordering::Relaxed);
     }
 
     /// Counts one request refused because the secret could not be had, for `reason`.
     pub fn failed(&self, reason: &str) {
-        if let Ok(mut u) = self.usage.lock() {
-            u.errors += 1;
-            u.last_error = Some(reason.to_string());
-        }
+        let mut f = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f.0 += 1;
+        f.1 = Some(reason.to_string());
     }
 
     /// A copy of the usage counters.
     pub fn usage(&self) -> SecretUsage {
-        self.usage.lock().map(|u| u.clone()).unwrap_or_default()
+        let (errors, last_error) = self.failures.lock().map(|f| f.clone()).unwrap_or_default();
+        let ns = self.last_used_ns.load(Ordering::Relaxed);
+        SecretUsage {
+            invocations: self.injections.get(),
+            errors,
+            last_error,
+            last_used: (ns != 0)
+                .then(|| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns)).ok())
+                .flatten(),
+        }
     }
 }
 
@@ -205,7 +218,8 @@ fn stats_for(
                 secret: name.to_string(),
             })
             .clone(),
-        usage: Mutex::new(SecretUsage::default()),
+        last_used_ns: std::sync::atomic::AtomicI64::new(0),
+        failures: Mutex::new((0, None)),
     });
     usage.insert(name.to_string(), stats.clone());
     stats
@@ -583,4 +597,43 @@ pub async fn start(rt: Arc<Runtime>, addr: SocketAddr) -> std::io::Result<Runnin
         shutdown,
         task: Some(task),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_stats_count_uses_and_failures_and_share_the_metric() {
+        let metrics = metrics::Metrics::default();
+        let usage = Mutex::new(HashMap::new());
+        let stats = stats_for(&usage, &metrics, "GITHUB_TOKEN");
+        assert!(Arc::ptr_eq(
+            &stats,
+            &stats_for(&usage, &metrics, "GITHUB_TOKEN")
+        ));
+        assert_eq!(stats.usage().invocations, 0);
+        assert_eq!(stats.usage().last_used, None);
+        let first = time::OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789)
+            .expect("valid time");
+        let second = first + time::Duration::seconds(5);
+        stats.applied(first);
+        stats.applied(second);
+        stats.failed("environment variable GH is not set");
+        let u = stats.usage();
+        assert_eq!(u.invocations, 2);
+        assert_eq!(u.last_used, Some(second));
+        assert_eq!(u.errors, 1);
+        assert_eq!(
+            u.last_error.as_deref(),
+            Some("environment variable GH is not set")
+        );
+        assert!(
+            metrics
+                .encode()
+                .contains("iron_proxy_injections_total{secret=\"GITHUB_TOKEN\"} 2"),
+            "{}",
+            metrics.encode()
+        );
+    }
 }
