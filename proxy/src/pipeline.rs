@@ -306,7 +306,7 @@ async fn exchange(
     }
 
     // rewrite, in place: only swapped values and injected headers change
-    let out = plan.apply(policy, &view, &values);
+    let mut out = plan.apply(policy, &view, &values);
     drop(view_headers);
     let first_secret = || ProxyError::CredentialUnavailable {
         secret: plan
@@ -316,7 +316,6 @@ async fn exchange(
             .unwrap_or_default(),
     };
     let headers = req.headers_mut();
-    let mut out = out;
     if !out.headers.is_empty() {
         for (i, (_, value)) in headers.iter_mut().enumerate() {
             if let Some((_, new)) = out.headers.iter_mut().find(|(j, _)| *j == i) {
