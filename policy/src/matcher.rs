@@ -8,11 +8,13 @@
 //! its secret allows, over TLS unless the secret allows plaintext, or the whole request is
 //! refused. [`Plan::apply`] then swaps every occurrence, editing only the matched bytes.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use smallvec::SmallVec;
 
 use crate::encoding::{decode_mapped, encode_component};
 use crate::model::{HttpMode, InjectTarget, Policy, Secret};
@@ -49,8 +51,13 @@ impl PlaceholderMatcher {
             .map(|m| (self.owners[m.pattern().as_usize()], m.start(), m.end()))
     }
 
+    /// `hay` with every placeholder replaced by its value, in a vector of exactly its length
+    /// (so it can become shared bytes without another allocation).
     fn replace(&self, hay: &[u8], values: &dyn SecretValues) -> Vec<u8> {
-        let mut out = Vec::with_capacity(hay.len() + 32);
+        let len = self.find(hay).fold(hay.len(), |n, (s, start, end)| {
+            n - (end - start) + values.value(s).len()
+        });
+        let mut out = Vec::with_capacity(len);
         let mut last = 0;
         for (s, start, end) in self.find(hay) {
             out.extend_from_slice(&hay[last..start]);
@@ -84,12 +91,36 @@ pub struct RequestView<'a> {
 /// `path` (the reference's audit `locations`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
-    /// A header, with the client's casing.
-    Header(String),
+    /// A header, with the client's casing (common names are not copied: see
+    /// [`Location::header`]).
+    Header(Cow<'static, str>),
     /// A query parameter (decoded name).
     Query(String),
     /// The path.
     Path,
+}
+
+/// Header names a placeholder is commonly found in, as HTTP/1 servers hand them over
+/// (lowercase): a [`Location`] for one of these borrows the name instead of copying it.
+const COMMON_HEADERS: [&str; 6] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "cookie",
+    "x-auth-token",
+    "anthropic-api-key",
+];
+
+impl Location {
+    /// The location of header `name`, kept with the casing given.
+    pub fn header(name: &str) -> Self {
+        Self::Header(
+            COMMON_HEADERS
+                .into_iter()
+                .find(|h| *h == name)
+                .map_or_else(|| Cow::Owned(name.to_string()), Cow::Borrowed),
+        )
+    }
 }
 
 impl fmt::Display for Location {
@@ -134,17 +165,19 @@ pub struct Applied {
     pub location: Location,
 }
 
-/// What the rewrite will do; says which secret values must be resolved first.
+/// What the rewrite will do; says which secret values must be resolved first. The lists
+/// hold their first two entries inline: a request with one or two placeholders allocates
+/// nothing for its plan.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     /// Secret indices (into [`Policy::secrets`]) whose values the rewrite needs, once each.
-    pub secrets: Vec<usize>,
+    pub secrets: SmallVec<[usize; 2]>,
     /// Every swap and injection, in request order.
-    pub applied: Vec<Applied>,
-    header_edits: Vec<(usize, bool)>,
+    pub applied: SmallVec<[Applied; 2]>,
+    header_edits: SmallVec<[(usize, bool); 2]>,
     path_edit: bool,
     query_edit: bool,
-    injects: Vec<usize>,
+    injects: SmallVec<[usize; 2]>,
 }
 
 /// Resolved secret values, by secret index. Implemented by the proxy over its own redacted
@@ -157,8 +190,9 @@ pub trait SecretValues {
 /// The rewritten parts of a request.
 #[derive(Debug, Default)]
 pub struct Rewritten {
-    /// New values for headers, by index in [`RequestView::headers`].
-    pub headers: Vec<(usize, Vec<u8>)>,
+    /// New values for headers, by index in [`RequestView::headers`], each exactly as long
+    /// as its bytes (the first two held inline).
+    pub headers: SmallVec<[(usize, Vec<u8>); 2]>,
     /// Headers to set (inject mode): remove every header of this name, any casing, then add
     /// it with this casing and value.
     pub set_headers: Vec<(String, Vec<u8>)>,
@@ -192,8 +226,10 @@ impl Plan {
             let mut v = m.replace(value, values);
             if basic && let Some((scheme, creds)) = split_basic(&v) {
                 let swapped = m.replace(&creds, values);
-                let mut nv = scheme.to_vec();
-                nv.extend_from_slice(STANDARD.encode(&swapped).as_bytes());
+                let encoded = STANDARD.encode(&swapped);
+                let mut nv = Vec::with_capacity(scheme.len() + encoded.len());
+                nv.extend_from_slice(scheme);
+                nv.extend_from_slice(encoded.as_bytes());
                 v = nv;
             }
             out.headers.push((i, v));
@@ -201,7 +237,7 @@ impl Plan {
         if self.path_edit {
             out.path = Some(replace_decoded(m, req.path, false, values));
         }
-        let mut query = req.query.map(std::borrow::Cow::Borrowed);
+        let mut query = req.query.map(Cow::Borrowed);
         if self.query_edit
             && let Some(q) = &query
         {
@@ -248,7 +284,7 @@ impl Plan {
             }
         }
         if query.as_deref() != req.query {
-            out.query = query.map(std::borrow::Cow::into_owned);
+            out.query = query.map(Cow::into_owned);
         }
         out
     }
@@ -267,7 +303,7 @@ impl Policy {
         for (i, (name, value)) in req.headers.iter().enumerate() {
             let mut found = false;
             for (s, _, _) in m.find(value) {
-                self.check(req, s, Location::Header((*name).to_string()), &mut plan)?;
+                self.check(req, s, Location::header(name), &mut plan)?;
                 found = true;
             }
             let mut basic = false;
@@ -275,7 +311,7 @@ impl Policy {
                 && let Some((_, creds)) = split_basic(value)
             {
                 for (s, _, _) in m.find(&creds) {
-                    self.check(req, s, Location::Header((*name).to_string()), &mut plan)?;
+                    self.check(req, s, Location::header(name), &mut plan)?;
                     basic = true;
                 }
             }
@@ -310,7 +346,7 @@ impl Policy {
                 continue;
             }
             let location = match target {
-                InjectTarget::Header(h) => Location::Header(h.clone()),
+                InjectTarget::Header(h) => Location::Header(Cow::Owned(h.clone())),
                 InjectTarget::Query(q) => Location::Query(q.clone()),
             };
             if !req.tls && !secret.allow_plaintext {
@@ -385,12 +421,12 @@ impl Policy {
 
 /// The percent-decoded bytes of `raw` ([`decode_mapped`]), borrowed when nothing needs
 /// decoding (no `%`, and no `+` when `plus_as_space`).
-fn decoded(raw: &str, plus_as_space: bool) -> std::borrow::Cow<'_, [u8]> {
+fn decoded(raw: &str, plus_as_space: bool) -> Cow<'_, [u8]> {
     let b = raw.as_bytes();
     if b.contains(&b'%') || (plus_as_space && b.contains(&b'+')) {
-        std::borrow::Cow::Owned(decode_mapped(raw, plus_as_space).bytes)
+        Cow::Owned(decode_mapped(raw, plus_as_space).bytes)
     } else {
-        std::borrow::Cow::Borrowed(b)
+        Cow::Borrowed(b)
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
+use smallvec::SmallVec;
 
 /// One secret applied to a request; written as `{"name": …, "location": …}`.
 #[derive(Debug, Clone)]
@@ -61,7 +62,8 @@ pub struct AuditRecord {
     /// `request`, `connect` (a refused CONNECT) or `tunnel` (a passthrough tunnel).
     pub kind: &'static str,
     /// The request id also returned in error envelopes.
-    pub request_id: String,
+    #[serde(serialize_with = "display")]
+    pub request_id: crate::RequestId,
     /// Client address (`IP:PORT`).
     #[serde(serialize_with = "display")]
     pub client: SocketAddr,
@@ -87,8 +89,9 @@ pub struct AuditRecord {
     /// The error code when the proxy refused or failed the request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'static str>,
-    /// Secrets swapped or injected, with where.
-    pub secrets: Vec<AppliedSecret>,
+    /// Secrets swapped or injected, with where (one held inline: a request with one secret
+    /// allocates nothing for this list, and frees nothing on the writer thread).
+    pub secrets: SmallVec<[AppliedSecret; 1]>,
     /// Request body bytes received from the client.
     pub bytes_in: u64,
     /// Response body bytes sent to the client.
@@ -101,7 +104,12 @@ pub struct AuditRecord {
 
 impl AuditRecord {
     /// A record for a request that arrived now.
-    pub fn new(kind: &'static str, request_id: String, client: SocketAddr, method: &str) -> Self {
+    pub fn new(
+        kind: &'static str,
+        request_id: crate::RequestId,
+        client: SocketAddr,
+        method: &str,
+    ) -> Self {
         Self {
             arrived: time::OffsetDateTime::now_utc(),
             kind,
@@ -117,7 +125,7 @@ impl AuditRecord {
             status: 0,
             outcome: "forwarded",
             error: None,
-            secrets: Vec::new(),
+            secrets: SmallVec::new(),
             bytes_in: 0,
             bytes_out: 0,
             duration_ms: 0,
@@ -333,8 +341,12 @@ mod tests {
         let metrics = crate::metrics::Metrics::default();
         let usage = Mutex::new(std::collections::HashMap::new());
         let stats = crate::stats_for(&usage, &metrics, "GITHUB_TOKEN");
-        let mut rec = AuditRecord::new("request", "r1".into(), ([127, 0, 0, 1], 9).into(), "GET");
-        rec.secrets = vec![
+        let id = crate::RequestId {
+            prefix: 0xdead_beef,
+            n: 7,
+        };
+        let mut rec = AuditRecord::new("request", id, ([127, 0, 0, 1], 9).into(), "GET");
+        rec.secrets = smallvec::smallvec![
             AppliedSecret {
                 stats: stats.clone(),
                 location: AppliedAt::Request(iron_policy::Location::Header("Authorization".into())),
@@ -353,6 +365,7 @@ mod tests {
             ])
         );
         assert_eq!(line["client"], "127.0.0.1:9");
+        assert_eq!(line["request_id"], "deadbeef00000007");
         let ts = line["ts"].as_str().expect("ts is a string");
         let parsed =
             time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)

@@ -266,6 +266,21 @@ pub struct Runtime {
     ids: AtomicU64,
 }
 
+/// A request id: displayed as 16 hex digits, the process's random prefix then a counter
+/// (the `request_id` of audit lines and error envelopes). Copied, never allocated; text
+/// only when written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestId {
+    prefix: u32,
+    n: u32,
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:08x}{:08x}", self.prefix, self.n)
+    }
+}
+
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime").finish_non_exhaustive()
@@ -362,13 +377,13 @@ impl Runtime {
         self.active.load().policy.clone()
     }
 
-    /// A new request id: 16 hex digits, unique within the process.
-    pub fn next_request_id(&self) -> String {
-        use std::fmt::Write as _;
+    /// A new request id, unique within the process (see [`RequestId`]).
+    pub fn next_request_id(&self) -> RequestId {
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
-        let mut id = String::with_capacity(16);
-        let _ = write!(id, "{:08x}{:08x}", self.id_prefix, n as u32);
-        id
+        RequestId {
+            prefix: self.id_prefix,
+            n: n as u32,
+        }
     }
 
     /// Emits an audit record: counts it in the metrics and the secret usage, then writes it.

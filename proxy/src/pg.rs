@@ -492,7 +492,7 @@ pub async fn start_all(
                         rec.host_class = "secret";
                         rec.outcome = "refused";
                         rec.error = Some("pg_too_many_connections");
-                        rec.secrets = vec![AppliedSecret {
+                        rec.secrets = smallvec::smallvec![AppliedSecret {
                             stats: rt.stats(&name),
                             location: AppliedAt::Pg,
                         }];
@@ -586,7 +586,7 @@ async fn session(
     let mut rec = AuditRecord::new("pg", rt.next_request_id(), peer, "STARTUP");
     rec.scheme = "postgres";
     rec.host_class = "secret";
-    rec.secrets = vec![AppliedSecret {
+    rec.secrets = smallvec::smallvec![AppliedSecret {
         stats: rt.stats(name),
         location: AppliedAt::Pg,
     }];

@@ -91,7 +91,12 @@ impl AuditGuard {
     fn rec(&mut self) -> &mut AuditRecord {
         // Only taken by `take`, after which the guard is not used.
         self.rec.get_or_insert_with(|| {
-            AuditRecord::new("request", String::new(), ([0, 0, 0, 0], 0).into(), "")
+            AuditRecord::new(
+                "request",
+                crate::RequestId::default(),
+                ([0, 0, 0, 0], 0).into(),
+                "",
+            )
         })
     }
 }
@@ -146,7 +151,7 @@ pub async fn handle(
     let mut guard = AuditGuard {
         rec: Some(AuditRecord::new(
             "request",
-            id.clone(),
+            id,
             conn.client,
             req.method().as_str(),
         )),
@@ -166,7 +171,7 @@ pub async fn handle(
                 rec.stop_clock();
                 rt.emit(rec);
             }
-            e.to_response(&id)
+            e.to_response(&id.to_string())
         }
     }
 }
@@ -221,14 +226,13 @@ async fn exchange(
     // token-endpoint stubs: answered here, never forwarded
     if let Some((s, stub)) = stub {
         let secret = &policy.secrets[s];
-        let mut rec = guard
-            .rec
-            .take()
-            .unwrap_or_else(|| AuditRecord::new("request", String::new(), conn.client, ""));
+        let mut rec = guard.rec.take().unwrap_or_else(|| {
+            AuditRecord::new("request", crate::RequestId::default(), conn.client, "")
+        });
         rec.status = 200;
         rec.outcome = "stubbed";
         rec.host_class = "stub";
-        rec.secrets = vec![AppliedSecret {
+        rec.secrets = smallvec::smallvec![AppliedSecret {
             stats: active.stats(s).clone(),
             location: AppliedAt::Stub,
         }];
@@ -395,10 +399,9 @@ async fn exchange(
     let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, switching);
-    let mut rec = guard
-        .rec
-        .take()
-        .unwrap_or_else(|| AuditRecord::new("request", String::new(), conn.client, ""));
+    let mut rec = guard.rec.take().unwrap_or_else(|| {
+        AuditRecord::new("request", crate::RequestId::default(), conn.client, "")
+    });
     rec.status = parts.status.as_u16();
     if let Some(upstream_upgrade) = upstream_upgrade {
         rec.outcome = "upgraded";

@@ -164,7 +164,7 @@ async fn connect(
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let id = rt.next_request_id();
-    let mut rec = AuditRecord::new("connect", id.clone(), conn.client, "CONNECT");
+    let mut rec = AuditRecord::new("connect", id, conn.client, "CONNECT");
     rec.scheme = "tunnel";
     let checked = check_connect(&rt, &req, &mut rec).await;
     match checked {
@@ -174,7 +174,7 @@ async fn connect(
             rec.error = Some(e.code());
             rec.stop_clock();
             rt.emit(rec);
-            e.to_response(&id)
+            e.to_response(&id.to_string())
         }
         Ok((host, port, passthrough)) => {
             let on_upgrade = hyper::upgrade::on(&mut req);

@@ -89,11 +89,38 @@ fn swaps_header_substring_on_allowed_host() {
     ];
     let req = view("api.github.test", "/user", None, h);
     let plan = p.plan(&req).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(plan.secrets, vec![0]);
+    assert_eq!(plan.secrets.as_slice(), [0]);
     assert_eq!(plan.applied[0].location.to_string(), "header:authorization");
     let out = plan.apply(&p, &req, &Values);
-    assert_eq!(out.headers, vec![(1, b"Bearer ghp_real/+=".to_vec())]);
+    assert_eq!(
+        out.headers.as_slice(),
+        [(1, b"Bearer ghp_real/+=".to_vec())]
+    );
     assert_eq!(out.path, None);
+}
+
+#[test]
+fn rewritten_values_are_sized_exactly_and_common_names_borrowed() {
+    // The proxy turns each rewritten value into shared bytes; an exact-size vector does
+    // not need a second allocation for that.
+    let p = policy();
+    let h: &[(&str, &[u8])] = &[("authorization", b"Bearer GITHUB_TOKEN, GITHUB_TOKEN")];
+    let req = view("api.github.test", "/", None, h);
+    let plan = p.plan(&req).unwrap_or_else(|e| panic!("{e}"));
+    let out = plan.apply(&p, &req, &Values);
+    assert_eq!(out.headers.len(), 1);
+    assert_eq!(out.headers[0].1, b"Bearer ghp_real/+=, ghp_real/+=");
+    for (_, v) in &out.headers {
+        assert_eq!(v.capacity(), v.len());
+    }
+    assert!(matches!(
+        Location::header("authorization"),
+        Location::Header(std::borrow::Cow::Borrowed("authorization"))
+    ));
+    assert_eq!(
+        Location::header("X-Custom-Token"),
+        Location::Header("X-Custom-Token".into())
+    );
 }
 
 #[test]
