@@ -250,7 +250,8 @@ async fn exchange(
         None
     };
     strip_hop_by_hop(req.headers_mut(), false);
-    let view_headers: Vec<(&str, &[u8])> = req
+    // On the stack for up to 16 headers (a typical API request has fewer).
+    let view_headers: smallvec::SmallVec<[(&str, &[u8]); 16]> = req
         .headers()
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_bytes()))
