@@ -305,7 +305,7 @@ async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
                 .context(format!("failed to listen on admin_listen {admin_addr}")));
         }
     };
-    let _relays = crate::pg::start_all(&rt, &state::state_dir(), false)
+    let relays = crate::pg::start_all(&rt, &state::state_dir(), false)
         .await
         .map_err(anyhow::Error::msg)?;
     crate::watch::spawn(rt.clone()).map_err(anyhow::Error::msg)?;
@@ -321,10 +321,16 @@ async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
         grace_secs = grace.as_secs(),
         "shutting down: draining requests in flight"
     );
-    if proxy.drain(grace).await {
+    // HTTP connections and Postgres sessions drain side by side, under one grace period.
+    let (http, pg) = tokio::join!(proxy.drain(grace), crate::pg::drain_all(relays, grace));
+    if http && pg {
         tracing::info!("drained; exiting");
     } else {
-        tracing::warn!("grace period over with connections still open; exiting");
+        tracing::warn!(
+            http_drained = http,
+            pg_drained = pg,
+            "grace period over with connections still open; closed them; exiting"
+        );
     }
     rt.audit.flush();
     Ok(ExitCode::SUCCESS)
@@ -442,6 +448,9 @@ async fn shutdown_signal() {
     }
 }
 
+/// How long `run` waits, after its child exits, for Postgres sessions still open.
+const RUN_PG_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn run(policy_path: &Path, cmd: &[String]) -> anyhow::Result<ExitCode> {
     let (rt, ca) = runtime(policy_path).await?;
     let proxy = start(rt.clone(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -481,6 +490,9 @@ async fn run(policy_path: &Path, cmd: &[String]) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("failed to run {program}"))?;
     proxy.stop();
+    // The child's Postgres sessions end with it; a descendant's still open after a moment
+    // is closed. Either way each session's audit record is written before exit.
+    crate::pg::drain_all(relays, RUN_PG_GRACE).await;
     rt.audit.flush();
     Ok(match status.code() {
         Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),

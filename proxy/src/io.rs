@@ -75,16 +75,22 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 }
 
 /// Copies bytes both ways between `a` and `b` until both directions have ended, an error
-/// occurs, or nothing moves in either direction for `idle`. Returns the bytes copied
-/// a→b and b→a. Used for passthrough tunnels, upgraded (WebSocket) connections and the
-/// Postgres relay.
+/// occurs, nothing moves in either direction for `idle`, or `stop` completes (the Postgres
+/// relay's shutdown; `std::future::pending()` for never). Returns the bytes copied a→b and
+/// b→a. Used for passthrough tunnels, upgraded (WebSocket) connections and the Postgres
+/// relay.
 ///
 /// The two directions run concurrently: a writer blocked on a full peer never stops the
 /// other direction from being read (a client pipelining a large batch while the server
 /// streams results would otherwise deadlock). End of input in one direction shuts down the
 /// write side of the other peer (half-close) and the other direction goes on; an error in
 /// either ends both.
-pub async fn relay<A, B>(a: A, b: B, idle: std::time::Duration) -> (u64, u64)
+pub async fn relay<A, B>(
+    a: A,
+    b: B,
+    idle: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -103,7 +109,7 @@ where
     };
     let a_to_b = one_way(ar, bw, &ab, &touch);
     let b_to_a = one_way(br, aw, &ba, &touch);
-    tokio::pin!(a_to_b, b_to_a);
+    tokio::pin!(a_to_b, b_to_a, stop);
     let (mut a_done, mut b_done) = (false, false);
     let tick = (idle / 4).max(std::time::Duration::from_millis(10));
     while !(a_done && b_done) {
@@ -120,6 +126,7 @@ where
                 }
                 b_done = true;
             }
+            () = &mut stop => break,
             () = tokio::time::sleep(tick) => {
                 let quiet = start
                     .elapsed()
@@ -181,7 +188,12 @@ mod tests {
         use tokio::io::AsyncWriteExt as _;
         let (mut c1, p1) = tokio::io::duplex(1024);
         let (p2, mut c2) = tokio::io::duplex(1024);
-        let task = tokio::spawn(relay(p1, p2, std::time::Duration::from_millis(200)));
+        let task = tokio::spawn(relay(
+            p1,
+            p2,
+            std::time::Duration::from_millis(200),
+            std::future::pending(),
+        ));
         c1.write_all(b"abc").await.unwrap();
         let mut buf = [0u8; 3];
         c2.read_exact(&mut buf).await.unwrap();
@@ -194,6 +206,32 @@ mod tests {
         assert_eq!(task.await.unwrap(), (3, 2));
     }
 
+    /// `stop` ends a relay that would otherwise run for a day, and the counts survive.
+    #[tokio::test]
+    async fn relay_ends_on_stop_with_its_counts() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut c1, p1) = tokio::io::duplex(1024);
+        let (p2, mut c2) = tokio::io::duplex(1024);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(relay(
+            p1,
+            p2,
+            std::time::Duration::from_secs(24 * 3600),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        c1.write_all(b"abcd").await.unwrap();
+        let mut buf = [0u8; 4];
+        c2.read_exact(&mut buf).await.unwrap();
+        let _ = tx.send(());
+        let counts = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("the relay ignored stop")
+            .unwrap();
+        assert_eq!(counts, (4, 0));
+    }
+
     /// A client writing a large request while the server writes a large answer before
     /// reading (pipelined batches): one direction blocked on a full peer must not stop the
     /// other. A relay that writes inside its read loop deadlocks here.
@@ -203,7 +241,12 @@ mod tests {
         const N: usize = 1 << 20;
         let (c1, p1) = tokio::io::duplex(1024);
         let (p2, mut c2) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(relay(p1, p2, std::time::Duration::from_secs(5)));
+        let relay = tokio::spawn(relay(
+            p1,
+            p2,
+            std::time::Duration::from_secs(5),
+            std::future::pending(),
+        ));
         let (mut c1r, mut c1w) = tokio::io::split(c1);
         let client_reader = tokio::spawn(async move {
             let mut got = vec![0u8; N];

@@ -394,7 +394,8 @@ pub fn sandbox_dsn(side: &ClientSide, spec: &PgSpec) -> String {
 /// Upstream cancel targets by the relay's own (pid, key).
 type CancelMap = Arc<Mutex<HashMap<(i32, i32), (SocketAddr, i32, i32)>>>;
 
-/// A running relay.
+/// A running relay. Dropping it stops accepting (open sessions go on);
+/// [`Relay::drain`] also ends the sessions.
 #[derive(Debug)]
 pub struct Relay {
     /// Secret name.
@@ -402,6 +403,56 @@ pub struct Relay {
     /// Listen address.
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    /// One permit per session (`max_connections` in all).
+    slots: Arc<Semaphore>,
+    max: u32,
+    /// Turned true to close the open sessions.
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// How long closed sessions get to write their audit records after [`Relay::drain`] has
+/// told them to stop.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+impl Relay {
+    /// Stops accepting, waits up to `grace` for the open sessions to end (clients
+    /// disconnecting), then closes the rest: both sockets are shut, and each session's audit
+    /// record is written with `"error": "shutdown"` (`"outcome": "closed"` after login,
+    /// `"refused"` during it) and its byte counts. Returns true when every session ended
+    /// by itself within `grace`.
+    pub async fn drain(self, grace: Duration) -> bool {
+        self.task.abort();
+        let all_ended = || self.slots.acquire_many(self.max);
+        let by_themselves = tokio::time::timeout(grace, all_ended()).await.is_ok();
+        if !by_themselves {
+            let _ = self.stop.send(true);
+            if tokio::time::timeout(CLOSE_WAIT, all_ended()).await.is_err() {
+                tracing::warn!(secret = %self.name, "postgres sessions still open after being closed");
+            }
+        }
+        by_themselves
+    }
+}
+
+/// [`Relay::drain`] on every relay at once; true when all ended by themselves.
+pub async fn drain_all(relays: Vec<Relay>, grace: Duration) -> bool {
+    let mut all = true;
+    let mut set = tokio::task::JoinSet::new();
+    for r in relays {
+        set.spawn(r.drain(grace));
+    }
+    while let Some(done) = set.join_next().await {
+        all &= done.unwrap_or(false);
+    }
+    all
+}
+
+/// Completes once `stop` turns true; never when its sender is gone (a relay dropped
+/// without [`Relay::drain`] leaves its sessions running).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 impl Drop for Relay {
@@ -457,7 +508,11 @@ pub async fn start_all(
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let verifier = Arc::new(Verifier::new(side.password.expose()));
         let cancels: CancelMap = Arc::new(Mutex::new(HashMap::new()));
-        let slots = Arc::new(Semaphore::new(spec.max_connections));
+        let max =
+            u32::try_from(spec.max_connections.min(Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        let slots = Arc::new(Semaphore::new(max as usize));
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let accept_slots = slots.clone();
         let name = secret.name.clone();
         let rt2 = rt.clone();
         let user = side.user.clone();
@@ -473,14 +528,15 @@ pub async fn start_all(
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let (rt, name, user, verifier, cancels) = (
+                let (rt, name, user, verifier, cancels, stop) = (
                     rt2.clone(),
                     name.clone(),
                     user.clone(),
                     verifier.clone(),
                     cancels.clone(),
+                    stop_rx.clone(),
                 );
-                let permit = slots.clone().try_acquire_owned();
+                let permit = accept_slots.clone().try_acquire_owned();
                 // The session runs on the next event loop (crate::workers).
                 crate::workers::hand_off(tcp, move |mut tcp| async move {
                     let Ok(_permit) = permit else {
@@ -500,7 +556,7 @@ pub async fn start_all(
                         rt.emit(rec);
                         return;
                     };
-                    session(rt, &name, &user, &verifier, &cancels, tcp, peer).await;
+                    session(rt, &name, &user, &verifier, &cancels, tcp, peer, stop).await;
                 });
             }
         });
@@ -509,6 +565,9 @@ pub async fn start_all(
             name: secret.name.clone(),
             addr,
             task,
+            slots,
+            max,
+            stop,
         });
     }
     Ok(relays)
@@ -574,6 +633,9 @@ fn refuse(sqlstate: &'static str, code: &'static str, message: impl Into<String>
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// One relay session: the handshake, then the byte relay until either side closes or the
+/// relay is drained (`stop`); its audit record is written at the end.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     rt: Arc<Runtime>,
     name: &str,
@@ -582,6 +644,7 @@ async fn session(
     cancels: &CancelMap,
     tcp: TcpStream,
     peer: SocketAddr,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut rec = AuditRecord::new("pg", rt.next_request_id(), peer, "STARTUP");
     rec.scheme = "postgres";
@@ -590,11 +653,19 @@ async fn session(
         stats: rt.stats(name),
         location: AppliedAt::Pg,
     }];
-    let setup = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake(&rt, name, user, verifier, cancels, tcp, &mut rec),
-    )
-    .await;
+    let setup = tokio::select! {
+        setup = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            handshake(&rt, name, user, verifier, cancels, tcp, &mut rec),
+        ) => setup,
+        () = stopped(stop.clone()) => {
+            rec.outcome = "refused";
+            rec.error = Some("shutdown");
+            rec.stop_clock();
+            rt.emit(rec);
+            return;
+        }
+    };
     let (client, upstream, own_keys) = match setup {
         Ok(Ok(Some(s))) => s,
         Ok(Ok(None)) => {
@@ -620,9 +691,13 @@ async fn session(
         }
     };
     let idle = Duration::from_secs(24 * 3600);
-    let (up, down) = crate::io::relay(client, upstream, idle).await;
+    let stopping = stop.clone();
+    let (up, down) = crate::io::relay(client, upstream, idle, stopped(stop)).await;
     if let Ok(mut m) = cancels.lock() {
         m.remove(&own_keys);
+    }
+    if *stopping.borrow() {
+        rec.error = Some("shutdown");
     }
     rec.status = 0;
     rec.outcome = "closed";

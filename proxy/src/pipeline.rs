@@ -418,8 +418,13 @@ async fn exchange(
                     let _slot = slot;
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((c, u)) => {
-                            let (up, down) =
-                                crate::io::relay(TokioIo::new(c), TokioIo::new(u), idle).await;
+                            let (up, down) = crate::io::relay(
+                                TokioIo::new(c),
+                                TokioIo::new(u),
+                                idle,
+                                std::future::pending(),
+                            )
+                            .await;
                             debug!(
                                 bytes_up = up,
                                 bytes_down = down,

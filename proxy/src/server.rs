@@ -185,7 +185,9 @@ async fn connect(
                             let _slot = conn;
                             let Ok(up) = on_upgrade.await else { return };
                             let idle = rt.policy().proxy.limits.idle_timeout;
-                            let (to_up, to_client) = relay(TokioIo::new(up), upstream, idle).await;
+                            let (to_up, to_client) =
+                                relay(TokioIo::new(up), upstream, idle, std::future::pending())
+                                    .await;
                             rec.kind = "tunnel";
                             rec.status = 200;
                             rec.outcome = "closed";

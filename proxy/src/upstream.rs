@@ -134,12 +134,7 @@ impl Service<http::Uri> for TcpConnector {
 
     fn call(&mut self, dst: http::Uri) -> Self::Future {
         let connecting = self.0.call(dst);
-        Box::pin(async move {
-            connecting
-                .await
-                .map(TcpConnection)
-                .map_err(Into::into)
-        })
+        Box::pin(async move { connecting.await.map(TcpConnection).map_err(Into::into) })
     }
 }
 

@@ -353,11 +353,19 @@ async fn upstream_tls_verify_full_with_channel_binding() {
 /// A policy file (in a fresh directory) with one `pg_dsn` secret `DATABASE_URL` whose real
 /// DSN comes from `REAL_DSN`, and that DSN for the cluster `c`: for tests of the binary.
 fn binary_policy(c: &PgCluster) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    binary_policy_with(c, "")
+}
+
+/// [`binary_policy`] with `limits` as the `[proxy.limits]` table's body.
+fn binary_policy_with(
+    c: &PgCluster,
+    limits: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, String) {
     let dir = tempfile::tempdir().expect("tmp");
     let policy = dir.path().join("policy.toml");
     std::fs::write(
         &policy,
-        "version = 1\n[proxy]\nlisten = \"127.0.0.1:0\"\nallow_cidrs = [\"127.0.0.1/32\"]\n\n[[secrets]]\nname = \"DATABASE_URL\"\ntype = \"pg_dsn\"\ndatabase = \"app\"\nsource = { env = \"REAL_DSN\" }\n",
+        format!("version = 1\n[proxy]\nlisten = \"127.0.0.1:0\"\nallow_cidrs = [\"127.0.0.1/32\"]\n[proxy.limits]\n{limits}\n\n[[secrets]]\nname = \"DATABASE_URL\"\ntype = \"pg_dsn\"\ndatabase = \"app\"\nsource = {{ env = \"REAL_DSN\" }}\n"),
     )
     .expect("policy");
     let real = format!(
@@ -402,6 +410,13 @@ fn run_gives_the_sandbox_a_working_placeholder_dsn() {
         "{stdout}"
     );
     assert!(!stderr.contains(APP_PASSWORD), "{stderr}");
+    // The child's session is audited before `run` exits.
+    assert!(
+        stderr.lines().any(|l| l.contains("\"kind\":\"pg\"")
+            && l.contains("\"method\":\"STARTUP\"")
+            && l.contains("\"outcome\":\"closed\"")),
+        "{stderr}"
+    );
 }
 
 /// `serve` in one shell, `env` in another (without the real DSN in its environment, same
@@ -418,10 +433,25 @@ fn env_and_a_running_serve_agree() {
     let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_iron-proxy-e2e"));
     let env: HashMap<String, String> = [("REAL_DSN".to_string(), real)].into_iter().collect();
     let serve = Spawned::start(&bin, &policy, &home, &env, "info");
-    let out = std::process::Command::new(&bin)
+    let url = env_dsn(&bin, &policy, &home);
+    assert!(
+        url.starts_with("postgresql://app:") && !url.contains(APP_PASSWORD),
+        "{url}"
+    );
+    let (ok, out, err) = psql(&url, "select current_user");
+    assert!(ok, "{err}");
+    assert_eq!(out, "app");
+    let log = serve.stop();
+    assert!(!log.contains(APP_PASSWORD), "{log}");
+}
+
+/// The `DATABASE_URL` that `iron-proxy env` prints for `policy` and state directory `home`
+/// (run without the real DSN in its environment).
+fn env_dsn(bin: &std::path::Path, policy: &std::path::Path, home: &std::path::Path) -> String {
+    let out = std::process::Command::new(bin)
         .args(["env", "--policy"])
-        .arg(&policy)
-        .env("IRON_PROXY_HOME", &home)
+        .arg(policy)
+        .env("IRON_PROXY_HOME", home)
         .env_remove("REAL_DSN")
         .output()
         .expect("env");
@@ -431,21 +461,55 @@ fn env_and_a_running_serve_agree() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let url = stdout
+    stdout
         .lines()
         .find_map(|l| {
             l.strip_prefix("export DATABASE_URL=")
                 .or_else(|| l.strip_prefix("DATABASE_URL="))
         })
         .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
-        .unwrap_or_else(|| panic!("no DATABASE_URL in {stdout}"));
-    assert!(
-        url.starts_with("postgresql://app:") && !url.contains(APP_PASSWORD),
-        "{url}"
-    );
-    let (ok, out, err) = psql(&url, "select current_user");
-    assert!(ok, "{err}");
-    assert_eq!(out, "app");
-    let log = serve.stop();
+        .unwrap_or_else(|| panic!("no DATABASE_URL in {stdout}"))
+}
+
+/// SIGTERM with two Postgres sessions open: the proxy waits out the grace period,
+/// closes the session (the client sees its connection end), writes the session's audit
+/// line (`closed`, `"error": "shutdown"`, the bytes it relayed) and exits. A session ended
+/// by its client during the grace period is written as an ordinary `closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_open_sessions_and_writes_their_audit_lines() {
+    let Some(c) = cluster() else { return };
+    let (dir, policy, real) = binary_policy_with(&c, "shutdown_grace_secs = 3");
+    let home = dir.path().join("state");
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_iron-proxy-e2e"));
+    let env: HashMap<String, String> = [("REAL_DSN".to_string(), real)].into_iter().collect();
+    let serve = Spawned::start(&bin, &policy, &home, &env, "info");
+    let url = env_dsn(&bin, &policy, &home);
+    let held = connect(&url).await.expect("session through the relay");
+    let one: i32 = held.query_one("select 1", &[]).await.expect("query").get(0);
+    assert_eq!(one, 1);
+    let quitting = connect(&url).await.expect("second session");
+    quitting.simple_query("select 2").await.expect("query");
+    let stopping = tokio::task::spawn_blocking(move || serve.stop());
+    // Well inside the grace period: this client leaves by itself.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(quitting);
+    let log = stopping.await.expect("stop");
+    // The held session was closed under it.
+    assert!(held.simple_query("select 3").await.is_err());
+    assert!(held.is_closed());
+    let sessions: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "pg" && v["method"] == "STARTUP")
+        .collect();
+    // In the order they ended: the client that left, then the one closed at the deadline.
+    assert_eq!(sessions.len(), 2, "{log}");
+    assert_eq!(sessions[0]["error"], serde_json::Value::Null, "{log}");
+    assert_eq!(sessions[1]["error"], "shutdown", "{log}");
+    for s in &sessions {
+        assert_eq!(s["outcome"], "closed", "{s}");
+        assert!(s["bytes_in"].as_u64().unwrap_or(0) > 0, "{s}");
+        assert!(s["bytes_out"].as_u64().unwrap_or(0) > 0, "{s}");
+    }
     assert!(!log.contains(APP_PASSWORD), "{log}");
 }
