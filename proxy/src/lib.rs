@@ -264,6 +264,8 @@ pub struct Runtime {
     reload_lock: tokio::sync::Mutex<()>,
     id_prefix: u32,
     ids: AtomicU64,
+    /// Set when a drain's grace period is over and open connections are being closed.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// A request id: displayed as 16 hex digits, the process's random prefix then a counter
@@ -364,6 +366,7 @@ impl Runtime {
             reload_lock: tokio::sync::Mutex::new(()),
             id_prefix,
             ids: AtomicU64::new(0),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -384,6 +387,12 @@ impl Runtime {
             prefix: self.id_prefix,
             n: n as u32,
         }
+    }
+
+    /// True once a drain's grace period is over and the connections still open are being
+    /// closed: a request cut then is written `closed` with `"error": "shutdown"`.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
     }
 
     /// Emits an audit record: counts it in the metrics and the secret usage, then writes it.
@@ -563,12 +572,28 @@ impl Runtime {
     }
 }
 
+/// Where a listener is in its shutdown; connections watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Serving.
+    Running,
+    /// Not accepting; each connection finishes its request in flight, then closes.
+    Draining,
+    /// The grace period is over: connections, tunnels and upgraded connections still open
+    /// are closed now, and their requests' audit records written.
+    Closing,
+}
+
+/// How long connections closed at the end of a drain get to write their audit records.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A running proxy listener.
 #[derive(Debug)]
 pub struct Running {
     /// The address it listens on.
     pub addr: SocketAddr,
-    shutdown: tokio::sync::watch::Sender<bool>,
+    rt: Arc<Runtime>,
+    shutdown: tokio::sync::watch::Sender<Phase>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -581,13 +606,25 @@ impl Running {
     }
 
     /// Stops accepting, asks open connections to finish their current request and close,
-    /// and waits up to `grace` for them. Returns true when everything drained in time.
+    /// and waits up to `grace` for them. Connections still open then (a stalled upload, a
+    /// long response, a tunnel) are closed, and each request cut is written to the audit
+    /// log as `closed` with `"error": "shutdown"` (waiting at most 2 s more for that).
+    /// Returns true when everything drained within `grace`.
     pub async fn drain(mut self, grace: std::time::Duration) -> bool {
-        let _ = self.shutdown.send(true);
-        match self.task.take() {
-            Some(task) => tokio::time::timeout(grace, task).await.is_ok(),
-            None => true,
+        let _ = self.shutdown.send(Phase::Draining);
+        let Some(mut task) = self.task.take() else {
+            return true;
+        };
+        if tokio::time::timeout(grace, &mut task).await.is_ok() {
+            return true;
         }
+        self.rt.closing.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(Phase::Closing);
+        if tokio::time::timeout(CLOSE_WAIT, &mut task).await.is_err() {
+            tracing::warn!("connections still open after being closed");
+            task.abort();
+        }
+        false
     }
 }
 
@@ -604,11 +641,12 @@ impl Drop for Running {
 pub async fn start(rt: Arc<Runtime>, addr: SocketAddr) -> std::io::Result<Running> {
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
-    let (shutdown, rx) = tokio::sync::watch::channel(false);
+    let (shutdown, rx) = tokio::sync::watch::channel(Phase::Running);
     rt.listening.store(true, Ordering::Relaxed);
-    let task = tokio::spawn(server::serve(rt, listener, rx));
+    let task = tokio::spawn(server::serve(rt.clone(), listener, rx));
     Ok(Running {
         addr,
+        rt,
         shutdown,
         task: Some(task),
     })

@@ -64,8 +64,8 @@ pub struct Conn {
     pub dest: Option<Dest>,
     /// The `max_connections` slot this connection (and its tunnels) holds.
     pub slot: Option<Arc<crate::server::Slot>>,
-    /// Turns true when the proxy is shutting down.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The listener's shutdown phase.
+    pub shutdown: tokio::sync::watch::Receiver<crate::Phase>,
 }
 
 /// Headers never forwarded (RFC 9110 §7.6.1), plus `Proxy-Authorization`.
@@ -81,10 +81,14 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     UPGRADE,
 ];
 
-/// Emits the record as `client_cancel` if the request is dropped before an outcome.
+/// Emits the record (`client_cancel`, or `closed` by a shutdown) if the request is dropped
+/// before an outcome.
 struct AuditGuard {
     rec: Option<AuditRecord>,
     rt: Arc<Runtime>,
+    /// The request's byte counters once it is being forwarded: a request cut before its
+    /// response is written with the bytes received so far.
+    tally: Option<Tally>,
 }
 
 impl AuditGuard {
@@ -104,10 +108,26 @@ impl AuditGuard {
 impl Drop for AuditGuard {
     fn drop(&mut self) {
         if let Some(mut r) = self.rec.take() {
-            r.outcome = "client_cancel";
+            if let Some(t) = &self.tally {
+                r.bytes_in = t[0].load(Ordering::Relaxed);
+                r.bytes_out = t[1].load(Ordering::Relaxed);
+            }
+            r.outcome = cut_outcome(&self.rt, &mut r);
             r.stop_clock();
             self.rt.emit(r);
         }
+    }
+}
+
+/// The outcome of a request whose future or response body was dropped before its end:
+/// `closed` with `"error": "shutdown"` when the proxy's drain closed it, else
+/// `client_cancel` (the client went away).
+fn cut_outcome(rt: &Runtime, rec: &mut AuditRecord) -> &'static str {
+    if rt.is_closing() {
+        rec.error = Some("shutdown");
+        "closed"
+    } else {
+        "client_cancel"
     }
 }
 
@@ -156,6 +176,7 @@ pub async fn handle(
             req.method().as_str(),
         )),
         rt: rt.clone(),
+        tally: None,
     };
     let result = exchange(&rt, &conn, req, &mut guard).instrument(span).await;
     match result {
@@ -366,6 +387,7 @@ async fn exchange(
     // forward
     let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
     let tally: Tally = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    guard.tally = Some(tally.clone());
     let (mut parts, body) = req.into_parts();
     let body = Counted::new(body, tally.clone(), 0, Box::new(|_| {})).boxed();
     parts.uri = uri;
@@ -413,6 +435,7 @@ async fn exchange(
             // The relay holds the connection's max_connections slot until it ends, like a
             // passthrough tunnel (hyper's connection future ends at the upgrade).
             let slot = conn.slot.clone();
+            let shutdown = conn.shutdown.clone();
             tokio::spawn(
                 async move {
                     let _slot = slot;
@@ -422,7 +445,7 @@ async fn exchange(
                                 TokioIo::new(c),
                                 TokioIo::new(u),
                                 idle,
-                                std::future::pending(),
+                                crate::server::reached(shutdown, crate::Phase::Closing),
                             )
                             .await;
                             debug!(
@@ -454,7 +477,7 @@ async fn exchange(
             rec.outcome = match end {
                 BodyEnd::Complete => "forwarded",
                 BodyEnd::Error => "upstream_error",
-                BodyEnd::Dropped => "client_cancel",
+                BodyEnd::Dropped => cut_outcome(&sink, &mut rec),
             };
             rec.stop_clock();
             sink.emit(rec);

@@ -19,7 +19,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument as _, debug, info_span, warn};
 
-use crate::Runtime;
 use crate::audit::AuditRecord;
 use crate::body::{ProxyBody, full};
 use crate::error::ProxyError;
@@ -27,6 +26,7 @@ use crate::io::{Prefixed, relay};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Conn, Dest};
 use crate::upstream::{DialError, resolve_checked};
+use crate::{Phase, Runtime};
 
 /// A client connection's hold on one of the `max_connections` slots; tunnels opened on the
 /// connection share it, so the slot is released when the last of them ends.
@@ -50,7 +50,7 @@ impl Drop for Slot {
 /// Accepts connections on `listener` until `shutdown` turns true, then asks every open
 /// connection to finish its current request and close, and returns once all have (the
 /// caller bounds the wait with its grace period).
-pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, mut shutdown: watch::Receiver<Phase>) {
     let max = rt.policy().proxy.limits.max_connections;
     let slots = Arc::new(Semaphore::new(max));
     loop {
@@ -59,11 +59,11 @@ pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, mut shutdown: watch:
                 Ok(p) => p,
                 Err(_) => return,
             },
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = shutdown.wait_for(|p| *p >= Phase::Draining) => break,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = shutdown.wait_for(|p| *p >= Phase::Draining) => break,
         };
         let (tcp, peer) = match accepted {
             Ok(c) => c,
@@ -92,11 +92,20 @@ pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, mut shutdown: watch:
     let _ = slots.acquire_many(all).await;
 }
 
-/// Serves `conn` until it ends, or until `shutdown` turns true, after which the connection
-/// finishes its in-flight request and closes.
+/// Completes once `phase` is at `at` or later. A listener gone without a drain (its sender
+/// dropped) counts as [`Phase::Draining`], never as [`Phase::Closing`].
+pub(crate) async fn reached(mut phase: watch::Receiver<Phase>, at: Phase) {
+    if phase.wait_for(|p| *p >= at).await.is_err() && at == Phase::Closing {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Serves `conn` until it ends, or until the drain starts, after which the connection
+/// finishes its in-flight request and closes; at [`Phase::Closing`] it is dropped as it
+/// is (its requests in flight are written to the audit log as cut by the shutdown).
 async fn graceful<I, S, B>(
     conn: hyper::server::conn::http1::UpgradeableConnection<I, S>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<Phase>,
 ) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -108,9 +117,12 @@ where
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => return r,
-        _ = shutdown.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+        () = reached(shutdown.clone(), Phase::Draining) => conn.as_mut().graceful_shutdown(),
     }
-    conn.await
+    tokio::select! {
+        r = conn.as_mut() => r,
+        () = reached(shutdown, Phase::Closing) => Ok(()),
+    }
 }
 
 fn http1_builder(limits: &Limits) -> http1::Builder {
@@ -128,7 +140,7 @@ async fn serve_proxy_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     slot: Arc<Slot>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<Phase>,
 ) {
     let limits = rt.policy().proxy.limits.clone();
     // The connection slot lives as long as the connection or any tunnel opened on it.
@@ -182,12 +194,17 @@ async fn connect(
                 Some(upstream) => {
                     tokio::spawn(
                         async move {
-                            let _slot = conn;
+                            // The connection (and its max_connections slot) is held until
+                            // the tunnel ends.
+                            let held = conn;
                             let Ok(up) = on_upgrade.await else { return };
                             let idle = rt.policy().proxy.limits.idle_timeout;
+                            let closing = reached(held.shutdown.clone(), Phase::Closing);
                             let (to_up, to_client) =
-                                relay(TokioIo::new(up), upstream, idle, std::future::pending())
-                                    .await;
+                                relay(TokioIo::new(up), upstream, idle, closing).await;
+                            if rt.is_closing() {
+                                rec.error = Some("shutdown");
+                            }
                             rec.kind = "tunnel";
                             rec.status = 200;
                             rec.outcome = "closed";

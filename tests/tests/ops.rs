@@ -436,6 +436,59 @@ async fn sigterm_drains_a_slow_upload_in_flight() {
     assert!(log.contains("drained; exiting"), "{log}");
 }
 
+/// An upload still going when the grace period ends is cut, and its request is in the
+/// audit log (`closed`, `"error": "shutdown"`, the bytes received so far) before the
+/// proxy exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_after_the_grace_period_cuts_and_audits_what_is_left() {
+    if !have("curl") {
+        return;
+    }
+    let policy = format!("{STANDARD_POLICY}\n[proxy.limits]\nshutdown_grace_secs = 1\n");
+    let w = World::new(&policy, OriginOptions::default()).await;
+    let home = w.dir.path().join("home");
+    let proxy = Spawned::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_iron-proxy-e2e")),
+        &w.policy_path,
+        &home,
+        &standard_env(),
+        "info",
+    );
+    let file = w.dir.path().join("slow.bin");
+    std::fs::write(&file, vec![1u8; 600_000]).expect("write");
+    let url = format!("https://api.github.test:{}/slow", w.port());
+    let (addr, ca) = (proxy.addr, proxy.ca.clone());
+    let file_s = file.display().to_string();
+    // 600 kB at 50 kB/s: 12 s, far past the 1 s grace period.
+    let upload = tokio::spawn(async move {
+        let auth = "Authorization: Bearer GITHUB_TOKEN";
+        curl_via(
+            addr,
+            &ca,
+            &["-T", &file_s, "--limit-rate", "50K", "-H", auth, &url],
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let log = tokio::task::spawn_blocking(move || proxy.stop())
+        .await
+        .expect("stop");
+    let r = upload.await.expect("upload");
+    assert_ne!(r.status, 200, "the upload was not cut: {r:?}");
+    assert!(log.contains("grace period over"), "{log}");
+    let cut: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["path"] == "/slow")
+        .collect();
+    assert_eq!(cut.len(), 1, "{log}");
+    assert_eq!(cut[0]["outcome"], "closed", "{log}");
+    assert_eq!(cut[0]["error"], "shutdown", "{log}");
+    let got = cut[0]["bytes_in"].as_u64().unwrap_or(0);
+    assert!(got > 0 && got < 600_000, "{log}");
+    assert_eq!(cut[0]["secrets"][0]["name"], "GITHUB_TOKEN", "{log}");
+}
+
 /// `enabled = false`: not checked at load (its source may be absent), shown `disabled`,
 /// not counted against readiness, and its placeholder is refused, never forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
