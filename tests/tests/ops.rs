@@ -400,12 +400,13 @@ async fn metrics_count_every_request_and_parse() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_a_slow_upload_in_flight() {
-    if !have("curl") {
-        return;
-    }
-    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+/// The serve binary on `policy`, with a 600 kB upload (placeholder in `Authorization`) to
+/// the origin's `/slow` under way through it at `rate` (curl's `--limit-rate`).
+async fn slow_upload(
+    policy: &str,
+    rate: &'static str,
+) -> (World, Spawned, tokio::task::JoinHandle<Curl>) {
+    let w = World::new(policy, OriginOptions::default()).await;
     let home = w.dir.path().join("home");
     let proxy = Spawned::start(
         std::path::Path::new(env!("CARGO_BIN_EXE_iron-proxy-e2e")),
@@ -420,8 +421,23 @@ async fn sigterm_drains_a_slow_upload_in_flight() {
     let (addr, ca) = (proxy.addr, proxy.ca.clone());
     let file_s = file.display().to_string();
     let upload = tokio::spawn(async move {
-        curl_via(addr, &ca, &["-T", &file_s, "--limit-rate", "200K", &url]).await
+        let auth = "Authorization: Bearer GITHUB_TOKEN";
+        curl_via(
+            addr,
+            &ca,
+            &["-T", &file_s, "--limit-rate", rate, "-H", auth, &url],
+        )
+        .await
     });
+    (w, proxy, upload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_slow_upload_in_flight() {
+    if !have("curl") {
+        return;
+    }
+    let (_w, proxy, upload) = slow_upload(STANDARD_POLICY, "200K").await;
     // Wait until the upload is under way, then SIGTERM.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let pid = proxy.child.id();
@@ -445,30 +461,8 @@ async fn sigterm_after_the_grace_period_cuts_and_audits_what_is_left() {
         return;
     }
     let policy = format!("{STANDARD_POLICY}\n[proxy.limits]\nshutdown_grace_secs = 1\n");
-    let w = World::new(&policy, OriginOptions::default()).await;
-    let home = w.dir.path().join("home");
-    let proxy = Spawned::start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_iron-proxy-e2e")),
-        &w.policy_path,
-        &home,
-        &standard_env(),
-        "info",
-    );
-    let file = w.dir.path().join("slow.bin");
-    std::fs::write(&file, vec![1u8; 600_000]).expect("write");
-    let url = format!("https://api.github.test:{}/slow", w.port());
-    let (addr, ca) = (proxy.addr, proxy.ca.clone());
-    let file_s = file.display().to_string();
     // 600 kB at 50 kB/s: 12 s, far past the 1 s grace period.
-    let upload = tokio::spawn(async move {
-        let auth = "Authorization: Bearer GITHUB_TOKEN";
-        curl_via(
-            addr,
-            &ca,
-            &["-T", &file_s, "--limit-rate", "50K", "-H", auth, &url],
-        )
-        .await
-    });
+    let (_w, proxy, upload) = slow_upload(&policy, "50K").await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let log = tokio::task::spawn_blocking(move || proxy.stop())
         .await
