@@ -1,9 +1,11 @@
-//! A stream with bytes already read from it put back in front, so the tunnel can peek at
-//! the first byte (0x16: TLS; an ASCII letter: cleartext HTTP) and then hand the whole
-//! stream on.
+//! Byte-stream plumbing: a stream with bytes already read from it put back in front (so
+//! the tunnel can peek at the first byte — 0x16: TLS; an ASCII letter: cleartext HTTP —
+//! and then hand the whole stream on), and [`relay`], the two-way copy of passthrough
+//! tunnels, upgraded connections and the Postgres relay.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -76,15 +78,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 
 /// Copies bytes both ways between `a` and `b` until both directions have ended, an error
 /// occurs, nothing moves in either direction for `idle`, or `stop` completes (the Postgres
-/// relay's shutdown; `std::future::pending()` for never). Returns the bytes copied a→b and
-/// b→a. Used for passthrough tunnels, upgraded (WebSocket) connections and the Postgres
-/// relay.
+/// relay's shutdown; `std::future::pending()` for never). Returns the bytes read from `a`
+/// (towards `b`) and from `b` (towards `a`). Used for passthrough tunnels, upgraded
+/// (WebSocket) connections and the Postgres relay.
 ///
-/// The two directions run concurrently: a writer blocked on a full peer never stops the
-/// other direction from being read (a client pipelining a large batch while the server
-/// streams results would otherwise deadlock). End of input in one direction shuts down the
-/// write side of the other peer (half-close) and the other direction goes on; an error in
-/// either ends both.
+/// The copy is tokio's [`tokio::io::copy_bidirectional_with_sizes`] (16 KiB each way): both
+/// directions in one future, so a writer blocked on a full peer never stops the other
+/// direction from being read (a client pipelining a large batch while the server streams
+/// results would otherwise deadlock); buffered output is flushed whenever its reader has
+/// nothing more (a TLS writer may keep encrypted records until flushed). End of input in one
+/// direction shuts down the write side of the other peer (half-close) and the other
+/// direction goes on; an error in either ends both.
 pub async fn relay<A, B>(
     a: A,
     b: B,
@@ -95,86 +99,93 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    let (ar, aw) = tokio::io::split(a);
-    let (br, bw) = tokio::io::split(b);
-    let ab = AtomicU64::new(0);
-    let ba = AtomicU64::new(0);
-    // Milliseconds since `start` of the last byte moved in either direction.
+    const BUF: usize = 16 * 1024;
     let start = tokio::time::Instant::now();
+    // Milliseconds since `start` of the last byte moved in either direction.
     let last = AtomicU64::new(0);
-    let touch = || {
-        let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        last.store(ms, Ordering::Relaxed);
-    };
-    let a_to_b = one_way(ar, bw, &ab, &touch);
-    let b_to_a = one_way(br, aw, &ba, &touch);
-    tokio::pin!(a_to_b, b_to_a, stop);
-    let (mut a_done, mut b_done) = (false, false);
-    let tick = (idle / 4).max(std::time::Duration::from_millis(10));
-    while !(a_done && b_done) {
-        tokio::select! {
-            clean = &mut a_to_b, if !a_done => {
-                if !clean {
-                    break;
-                }
-                a_done = true;
-            }
-            clean = &mut b_to_a, if !b_done => {
-                if !clean {
-                    break;
-                }
-                b_done = true;
-            }
-            () = &mut stop => break,
-            () = tokio::time::sleep(tick) => {
-                let quiet = start
-                    .elapsed()
-                    .saturating_sub(std::time::Duration::from_millis(last.load(Ordering::Relaxed)));
-                if quiet >= idle {
-                    break;
+    let mut a = Metered::new(a, start, &last);
+    let mut b = Metered::new(b, start, &last);
+    {
+        let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUF, BUF);
+        tokio::pin!(copy, stop);
+        let tick = (idle / 4).max(std::time::Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                _ = &mut copy => break,
+                () = &mut stop => break,
+                () = tokio::time::sleep(tick) => {
+                    let moved = std::time::Duration::from_millis(last.load(Ordering::Relaxed));
+                    if start.elapsed().saturating_sub(moved) >= idle {
+                        break;
+                    }
                 }
             }
         }
     }
-    (ab.load(Ordering::Relaxed), ba.load(Ordering::Relaxed))
+    (a.read, b.read)
 }
 
-/// One direction of [`relay`]: read, write, flush, until end of input (`true`, after
-/// shutting down the writer) or an error (`false`). `touch` marks activity.
-async fn one_way<R, W>(
-    mut r: R,
-    mut w: W,
-    count: &std::sync::atomic::AtomicU64,
-    touch: &(dyn Fn() + Sync),
-) -> bool
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) => {
-                let _ = w.shutdown().await;
-                return true;
-            }
-            Err(_) => {
-                let _ = w.shutdown().await;
-                return false;
-            }
-            Ok(n) => {
-                touch();
-                // Flush too: a TLS writer may keep encrypted records buffered after accepting
-                // the plaintext, and nothing else would push them out.
-                if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
-                    return false;
-                }
-                count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                touch();
-            }
+/// A stream that counts the bytes read from it and marks the time of each read or write
+/// (for [`relay`]'s idle timeout).
+struct Metered<'a, T> {
+    inner: T,
+    read: u64,
+    start: tokio::time::Instant,
+    last: &'a AtomicU64,
+}
+
+impl<'a, T> Metered<'a, T> {
+    fn new(inner: T, start: tokio::time::Instant, last: &'a AtomicU64) -> Self {
+        Self {
+            inner,
+            read: 0,
+            start,
+            last,
         }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read += n as u64;
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -204,6 +215,32 @@ mod tests {
         assert_eq!(&buf, b"de");
         // Nothing moves: the relay gives up after the idle timeout.
         assert_eq!(task.await.unwrap(), (3, 2));
+    }
+
+    /// Half-close: the client ends its side; the server still gets everything, sees the
+    /// end, and its answer still reaches the client.
+    #[tokio::test]
+    async fn relay_half_close_lets_the_other_direction_finish() {
+        use tokio::io::AsyncWriteExt as _;
+        let (mut c1, p1) = tokio::io::duplex(1024);
+        let (p2, mut c2) = tokio::io::duplex(1024);
+        let task = tokio::spawn(relay(
+            p1,
+            p2,
+            std::time::Duration::from_secs(5),
+            std::future::pending(),
+        ));
+        c1.write_all(b"ping").await.unwrap();
+        c1.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        c2.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping");
+        c2.write_all(b"pong!").await.unwrap();
+        drop(c2);
+        let mut back = Vec::new();
+        c1.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong!");
+        assert_eq!(task.await.unwrap(), (4, 5));
     }
 
     /// `stop` ends a relay that would otherwise run for a day, and the counts survive.
