@@ -260,6 +260,9 @@ pub struct Runtime {
     /// `pg_dsn` secrets whose relay could not be started (their DSN was absent at start):
     /// `/readyz` reports them until a restart starts the relay.
     pub pg_not_started: Mutex<Vec<String>>,
+    /// The relays [`pg::start_all`] started: secret name and the `listen` it was started
+    /// for (a reload cannot start or move one; see [`Runtime::reload`]).
+    pub pg_started: Mutex<Vec<(String, Option<SocketAddr>)>>,
     env: Arc<dyn Env>,
     reload_lock: tokio::sync::Mutex<()>,
     id_prefix: u32,
@@ -362,6 +365,7 @@ impl Runtime {
             usage,
             listening: std::sync::atomic::AtomicBool::new(false),
             pg_not_started: Mutex::new(Vec::new()),
+            pg_started: Mutex::new(Vec::new()),
             env,
             reload_lock: tokio::sync::Mutex::new(()),
             id_prefix,
@@ -527,6 +531,35 @@ impl Runtime {
                     iron_policy::Severity::Warning,
                     format!("[proxy] {key} changed: it takes effect on restart"),
                 ));
+            }
+        }
+        // Postgres relays are started with the process (pg::start_all); a reload changes
+        // what new sessions of a running relay do (DSN, role, settings, enabled), but a
+        // relay for a secret added, switched on or moved to another `listen` starts on
+        // restart. Say so (on every reload until then) rather than accept it silently.
+        let started = self
+            .pg_started
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default();
+        for s in policy.secrets.iter().filter(|s| s.enabled) {
+            let iron_policy::SecretKind::Pg(spec) = &s.kind else {
+                continue;
+            };
+            let running = started
+                .iter()
+                .any(|(name, listen)| *name == s.name && *listen == spec.listen);
+            if !running {
+                diags.push(Diagnostic {
+                    file: s.file.clone(),
+                    line: s.pos.line,
+                    col: s.pos.col,
+                    severity: iron_policy::Severity::Warning,
+                    message: format!(
+                        "secret `{}` (pg_dsn): its relay is new, switched on or moved; it starts on restart",
+                        s.name
+                    ),
+                });
             }
         }
         let tls = match upstream::client_tls_config(&policy, crypto_provider()) {

@@ -506,6 +506,9 @@ pub async fn start_all(
             )
         })?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        if let Ok(mut v) = rt.pg_started.lock() {
+            v.push((secret.name.clone(), spec.listen));
+        }
         let verifier = Arc::new(Verifier::new(side.password.expose()));
         let cancels: CancelMap = Arc::new(Mutex::new(HashMap::new()));
         let max =

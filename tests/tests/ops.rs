@@ -562,3 +562,39 @@ async fn reload_refuses_to_break_a_working_secret() {
         .expect("a new absent secret is a warning");
     assert!(p.rt.policy().secret("LATER_KEY").is_some());
 }
+
+/// A `pg_dsn` secret added by a reload is accepted, and the reload says its relay starts on
+/// restart (relays are started with the process) instead of accepting it silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_says_a_new_pg_relay_starts_on_restart() {
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let text = std::fs::read_to_string(&w.policy_path).expect("policy");
+    std::fs::write(
+        &w.policy_path,
+        format!(
+            "{text}\n[[secrets]]\nname = \"DATABASE_URL\"\ntype = \"pg_dsn\"\ndatabase = \"app\"\nsource = {{ env = \"REAL_DSN_UNSET\" }}\n"
+        ),
+    )
+    .expect("write");
+    let summary = p.rt.reload().await.expect("reload");
+    assert!(summary.added.contains(&"DATABASE_URL".to_string()));
+    assert!(
+        summary
+            .warnings
+            .iter()
+            .any(|w| w.contains("DATABASE_URL") && w.contains("starts on restart")),
+        "{:?}",
+        summary.warnings
+    );
+    // Unchanged on the next reload: still not running, still said.
+    let again = p.rt.reload().await.expect("reload");
+    assert!(
+        again
+            .warnings
+            .iter()
+            .any(|w| w.contains("starts on restart")),
+        "{:?}",
+        again.warnings
+    );
+}

@@ -19,6 +19,7 @@ struct Relay {
     dsn: String,
     ca: std::path::PathBuf,
     audit: Arc<MemoryAudit>,
+    rt: Arc<Runtime>,
     _relays: Vec<iron_proxy::pg::Relay>,
 }
 
@@ -80,6 +81,7 @@ async fn relay_with(
         dsn,
         ca: ca.cert.clone(),
         audit,
+        rt,
         _relays: relays,
     }
 }
@@ -120,6 +122,16 @@ async fn psql_and_tokio_postgres_through_the_relay() {
     assert_eq!(
         out, "app|t-42|f",
         "upstream leg is plain (sslmode=disable in the DSN)"
+    );
+    // A reload of the same policy: the relay is running, so nothing is said about it.
+    let summary = r.rt.reload().await.expect("reload");
+    assert!(
+        !summary
+            .warnings
+            .iter()
+            .any(|w| w.contains("starts on restart")),
+        "{:?}",
+        summary.warnings
     );
     // verify-full against the relay with the proxy CA.
     let (ok, out, err) = psql(
