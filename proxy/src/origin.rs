@@ -58,6 +58,33 @@ pub struct OriginOptions {
     pub plain: bool,
     /// Bare git repositories served under `/git/` by `git http-backend`.
     pub git_root: Option<PathBuf>,
+    /// Present one self-signed certificate for these names (marked CA:TRUE, as
+    /// `openssl req -x509` makes them) instead of leaves from a CA; `ca_pem` is then that
+    /// certificate.
+    pub self_signed: Option<Vec<String>>,
+}
+
+/// A server configuration presenting one self-signed certificate (CA:TRUE) for `names`;
+/// returns it with the certificate's PEM.
+fn self_signed_config(names: &[String]) -> Result<(Arc<rustls::ServerConfig>, String), String> {
+    let err = |e: rcgen::Error| e.to_string();
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(err)?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        names.first().cloned().unwrap_or_default(),
+    );
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = params.self_signed(&key).map_err(err)?;
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let mut config = rustls::ServerConfig::builder_with_provider(crate::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((Arc::new(config), cert.pem()))
 }
 
 /// A running origin. Shuts down when dropped.
@@ -93,14 +120,23 @@ struct Shared {
 
 impl Origin {
     /// Starts an origin on `127.0.0.1:0`. With TLS it presents, for whatever SNI it is
-    /// asked (or `127.0.0.1` without SNI), a leaf from a fresh CA of its own.
+    /// asked (or `127.0.0.1` without SNI), a leaf from a fresh CA of its own, or the one
+    /// self-signed certificate of [`OriginOptions::self_signed`].
     ///
     /// # Errors
     /// Bind or certificate errors, as text.
     pub async fn start(opts: OriginOptions) -> Result<Self, String> {
         let (ca, _) = CertificateAuthority::generate("iron-proxy test origin CA")
             .map_err(|e| e.to_string())?;
-        let ca_pem = ca.cert_pem().to_string();
+        let fixed = opts
+            .self_signed
+            .as_deref()
+            .map(self_signed_config)
+            .transpose()?;
+        let ca_pem = fixed
+            .as_ref()
+            .map_or_else(|| ca.cert_pem().to_string(), |(_, pem)| pem.clone());
+        let fixed = fixed.map(|(config, _)| config);
         let leaves = Arc::new(
             LeafCache::new(
                 Arc::new(ca),
@@ -129,6 +165,7 @@ impl Origin {
                 };
                 let shared = shared.clone();
                 let leaves = leaves.clone();
+                let fixed = fixed.clone();
                 tokio::spawn(async move {
                     if plain {
                         serve(shared, TokioIo::new(tcp), None).await;
@@ -141,8 +178,12 @@ impl Origin {
                     let Ok(start) = acceptor.await else { return };
                     let sni = start.client_hello().server_name().map(str::to_string);
                     let name = sni.clone().unwrap_or_else(|| "127.0.0.1".into());
-                    let Ok(config) = leaves.server_config(&name) else {
-                        return;
+                    let config = match &fixed {
+                        Some(config) => config.clone(),
+                        None => match leaves.server_config(&name) {
+                            Ok(config) => config,
+                            Err(_) => return,
+                        },
                     };
                     let Ok(tls) = start.into_stream(config).await else {
                         return;

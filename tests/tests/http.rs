@@ -15,16 +15,12 @@ async fn world() -> (World, InProcess) {
     (w, p)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn curl_header_swap_reaches_only_the_secrets_host() {
-    if !have("curl") {
-        return eprintln!("curl not installed; skipped");
-    }
-    let (w, p) = world().await;
-    let port = w.port();
+/// curl GET `/user` on `api.github.test` through `p` with the `GITHUB_TOKEN` placeholder:
+/// asserts 200 and that the origin's only request so far carried the real token.
+async fn github_swap_reaches_the_origin(w: &World, p: &InProcess) {
     let ok = p
         .curl(&[
-            &format!("https://api.github.test:{port}/user"),
+            &format!("https://api.github.test:{}/user", w.port()),
             "-H",
             "Authorization: Bearer GITHUB_TOKEN",
         ])
@@ -36,7 +32,20 @@ async fn curl_header_swap_reaches_only_the_secrets_host() {
         recs[0].header("authorization").as_deref(),
         Some(format!("Bearer {REAL_GITHUB}").as_str())
     );
-    assert_eq!(recs[0].sni.as_deref(), Some("api.github.test"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_header_swap_reaches_only_the_secrets_host() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let (w, p) = world().await;
+    let port = w.port();
+    github_swap_reaches_the_origin(&w, &p).await;
+    assert_eq!(
+        w.origin.records()[0].sni.as_deref(),
+        Some("api.github.test")
+    );
 
     let refused = p
         .curl(&[
@@ -549,4 +558,35 @@ async fn python_requests_through_the_proxy() {
         recs[0].header("authorization"),
         Some(format!("Bearer {REAL_GITHUB}"))
     );
+}
+
+/// An upstream presenting a self-signed certificate marked CA:TRUE (what `openssl req -x509`
+/// makes, and webpki refuses as an end-entity) is reached when that very certificate is in
+/// `upstream_ca`, as curl does with `--cacert`; the same kind of certificate not naming the
+/// host is still refused, and nothing is forwarded to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_signed_upstream_listed_in_upstream_ca_is_reached() {
+    if !have("curl") {
+        return;
+    }
+    let names = |n: &str| OriginOptions {
+        self_signed: Some(vec![n.to_string()]),
+        ..OriginOptions::default()
+    };
+    let w = World::new(STANDARD_POLICY, names("api.github.test")).await;
+    let p = w.proxy(standard_env()).await;
+    github_swap_reaches_the_origin(&w, &p).await;
+
+    let w2 = World::new(STANDARD_POLICY, names("somewhere-else.test")).await;
+    let p2 = w2.proxy(standard_env()).await;
+    let refused = p2
+        .curl(&[
+            &format!("https://api.github.test:{}/user", w2.port()),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ])
+        .await;
+    assert_eq!(refused.status, 502, "{refused:?}");
+    assert_eq!(refused.error_code().as_deref(), Some("upstream_tls_error"));
+    assert!(w2.origin.records().is_empty());
 }
