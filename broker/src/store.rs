@@ -483,8 +483,39 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS iron_broker_credentials (
     updated_at timestamptz NOT NULL DEFAULT now()
 )";
 
+/// Why a store DSN is refused before connecting: the connection carries refresh tokens and
+/// is not encrypted (the store has no TLS client), so a server that is not on this machine
+/// (a host other than a Unix socket, `localhost` or a loopback address) must be named with
+/// an explicit `sslmode=disable` — the operator's statement that the network is protected.
+/// `None` when the DSN is acceptable or does not parse (the connect reports that).
+fn plaintext_refusal(dsn: &str) -> Option<String> {
+    use tokio_postgres::config::{Host, SslMode};
+    let config: tokio_postgres::Config = dsn.parse().ok()?;
+    let remote = config.get_hosts().iter().find_map(|h| match h {
+        Host::Tcp(name) => {
+            let local = name == "localhost"
+                || name
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            (!local).then(|| name.clone())
+        }
+        Host::Unix(_) => None,
+    })?;
+    (config.get_ssl_mode() != SslMode::Disable).then(|| {
+        format!(
+            "postgres store at {remote}: the connection would not be encrypted (the store has \
+             no TLS client); add sslmode=disable to the DSN to accept that on a protected \
+             network, or reach the server over a local socket or tunnel"
+        )
+    })
+}
+
 impl PgStore {
     async fn open(dsn: &str) -> Result<Self, StoreError> {
+        if let Some(why) = plaintext_refusal(dsn) {
+            return Err(StoreError::Io(why));
+        }
         let s = Self {
             dsn: dsn.to_string(),
             client: tokio::sync::Mutex::new(None),
@@ -698,6 +729,24 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_remote_store_needs_an_explicit_sslmode_disable() {
+        let refused = plaintext_refusal("postgresql://u:pw_SECRET@db.internal:5432/b")
+            .expect("remote without sslmode is refused");
+        assert!(refused.contains("db.internal") && refused.contains("sslmode=disable"));
+        assert!(!refused.contains("pw_SECRET"));
+        assert!(plaintext_refusal("postgresql://u:p@10.1.2.3/b?sslmode=require").is_some());
+        assert!(plaintext_refusal("postgresql://u:p@10.1.2.3/b?sslmode=disable").is_none());
+        for local in [
+            "postgresql://u:p@127.0.0.1:5432/b",
+            "postgresql://u:p@localhost/b",
+            "postgresql://u:p@[::1]:5432/b",
+            "host=/var/run/postgresql dbname=b",
+        ] {
+            assert_eq!(plaintext_refusal(local), None, "{local}");
+        }
+    }
+
     use super::*;
 
     #[tokio::test]
