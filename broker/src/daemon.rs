@@ -226,9 +226,10 @@ impl Config {
                 let v = sources
                     .resolve(&dsn.to_source(&self.base, "store.postgres.dsn")?)
                     .map_err(|e| format!("store.postgres.dsn: {e}"))?;
-                Ok(StoreConfig::Postgres(
-                    String::from_utf8_lossy(v.expose()).into_owned(),
-                ))
+                Ok(StoreConfig::Postgres {
+                    dsn: String::from_utf8_lossy(v.expose()).into_owned(),
+                    upstream_ca: self.upstream_ca.clone(),
+                })
             }
         }
     }

@@ -126,8 +126,14 @@ impl Record {
 pub enum StoreConfig {
     /// A directory of `ID.json` files.
     File(PathBuf),
-    /// A Postgres DSN (the value, already resolved from its secret reference).
-    Postgres(String),
+    /// A Postgres DSN (the value, already resolved from its secret reference) and the extra
+    /// roots (`upstream_ca` PEM files) its server certificate may chain to.
+    Postgres {
+        /// The DSN.
+        dsn: String,
+        /// Extra roots besides the web PKI's.
+        upstream_ca: Vec<PathBuf>,
+    },
 }
 
 /// Store failures. Messages name the store and the operation, never a token.
@@ -178,7 +184,9 @@ impl Store {
     pub async fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
         match cfg {
             StoreConfig::File(dir) => Ok(Self::File(FileStore::open(dir)?)),
-            StoreConfig::Postgres(dsn) => Ok(Self::Postgres(PgStore::open(dsn).await?)),
+            StoreConfig::Postgres { dsn, upstream_ca } => {
+                Ok(Self::Postgres(PgStore::open(dsn, upstream_ca).await?))
+            }
         }
     }
 
@@ -467,8 +475,170 @@ impl FileStore {
 /// connect and statement is bounded by [`PG_TIMEOUT`]; on a timeout the connection is
 /// dropped and the next call opens a new one.
 pub struct PgStore {
-    dsn: String,
+    /// Boxed: a parsed config is large, and the store enum holds this inline.
+    config: Box<tokio_postgres::Config>,
+    /// TLS to the server, when [`store_uses_tls`] says so.
+    tls: Option<StoreTls>,
     client: tokio::sync::Mutex<Option<std::sync::Arc<tokio_postgres::Client>>>,
+}
+
+/// Whether the store connects over TLS, and with which `sslmode`. The connection carries
+/// refresh tokens: a server that is not on this machine (a host other than a Unix socket,
+/// `localhost` or a loopback address) is reached over verified TLS unless the DSN says
+/// `sslmode=disable` (`prefer` is taken as `require`, so a server without TLS is refused
+/// rather than used in cleartext); a local one over TLS only with `sslmode=require`
+/// (`prefer` stays cleartext there, like before). The certificate is always verified
+/// against the web PKI roots plus `upstream_ca`, for the DSN's host name.
+fn store_uses_tls(config: &tokio_postgres::Config) -> Option<tokio_postgres::config::SslMode> {
+    use tokio_postgres::config::{Host, SslMode};
+    let remote = config.get_hosts().iter().any(|h| match h {
+        Host::Tcp(name) => {
+            name != "localhost"
+                && !name
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Host::Unix(_) => false,
+    });
+    match config.get_ssl_mode() {
+        SslMode::Disable => None,
+        SslMode::Require => Some(SslMode::Require),
+        _ if remote => Some(SslMode::Require),
+        _ => None,
+    }
+}
+
+/// tokio-postgres TLS for the store: rustls with the process's crypto provider, server
+/// certificate verified for the host being connected to (RFC 6125 via webpki); SCRAM channel
+/// binding `tls-server-end-point` (RFC 5929 §4.1, SHA-256 of the server certificate).
+#[derive(Clone)]
+struct StoreTls {
+    config: std::sync::Arc<rustls::ClientConfig>,
+}
+
+impl StoreTls {
+    fn new(upstream_ca: &[PathBuf]) -> Result<Self, StoreError> {
+        let roots = crate::tls::roots_with(upstream_ca).map_err(StoreError::Io)?;
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::Io(format!("postgres: tls configuration failed: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Self {
+            config: std::sync::Arc::new(config),
+        })
+    }
+}
+
+impl<S> tokio_postgres::tls::MakeTlsConnect<S> for StoreTls
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = StoreTlsStream<S>;
+    type TlsConnect = StoreTlsConnect;
+    type Error = std::io::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> std::io::Result<StoreTlsConnect> {
+        let host = domain.trim_matches(|c| c == '[' || c == ']').to_string();
+        let name = rustls_pki_types::ServerName::try_from(host)
+            .map_err(|_| std::io::Error::other(format!("invalid server name {domain}")))?;
+        Ok(StoreTlsConnect {
+            config: self.config.clone(),
+            name,
+        })
+    }
+}
+
+/// One TLS connect of [`StoreTls`].
+struct StoreTlsConnect {
+    config: std::sync::Arc<rustls::ClientConfig>,
+    name: rustls_pki_types::ServerName<'static>,
+}
+
+type TlsFuture<S> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<StoreTlsStream<S>>> + Send>>;
+
+impl<S> tokio_postgres::tls::TlsConnect<S> for StoreTlsConnect
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = StoreTlsStream<S>;
+    type Error = std::io::Error;
+    type Future = TlsFuture<S>;
+
+    fn connect(self, stream: S) -> TlsFuture<S> {
+        Box::pin(async move {
+            tokio_rustls::TlsConnector::from(self.config)
+                .connect(self.name, stream)
+                .await
+                .map(StoreTlsStream)
+        })
+    }
+}
+
+/// A TLS connection of the store.
+struct StoreTlsStream<S>(tokio_rustls::client::TlsStream<S>);
+
+impl<S> tokio_postgres::tls::TlsStream for StoreTlsStream<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
+        use sha2::Digest as _;
+        match self
+            .0
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+        {
+            Some(cert) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(
+                sha2::Sha256::digest(cert.as_ref()).to_vec(),
+            ),
+            None => tokio_postgres::tls::ChannelBinding::none(),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead
+    for StoreTlsStream<S>
+{
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite
+    for StoreTlsStream<S>
+{
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// Bound on one Postgres connect or statement of the credential store.
@@ -483,41 +653,22 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS iron_broker_credentials (
     updated_at timestamptz NOT NULL DEFAULT now()
 )";
 
-/// Why a store DSN is refused before connecting: the connection carries refresh tokens and
-/// is not encrypted (the store has no TLS client), so a server that is not on this machine
-/// (a host other than a Unix socket, `localhost` or a loopback address) must be named with
-/// an explicit `sslmode=disable` — the operator's statement that the network is protected.
-/// `None` when the DSN is acceptable or does not parse (the connect reports that).
-fn plaintext_refusal(dsn: &str) -> Option<String> {
-    use tokio_postgres::config::{Host, SslMode};
-    let config: tokio_postgres::Config = dsn.parse().ok()?;
-    let remote = config.get_hosts().iter().find_map(|h| match h {
-        Host::Tcp(name) => {
-            let local = name == "localhost"
-                || name
-                    .trim_matches(|c| c == '[' || c == ']')
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
-            (!local).then(|| name.clone())
-        }
-        Host::Unix(_) => None,
-    })?;
-    (config.get_ssl_mode() != SslMode::Disable).then(|| {
-        format!(
-            "postgres store at {remote}: the connection would not be encrypted (the store has \
-             no TLS client); add sslmode=disable to the DSN to accept that on a protected \
-             network, or reach the server over a local socket or tunnel"
-        )
-    })
-}
-
 impl PgStore {
-    async fn open(dsn: &str) -> Result<Self, StoreError> {
-        if let Some(why) = plaintext_refusal(dsn) {
-            return Err(StoreError::Io(why));
-        }
+    async fn open(dsn: &str, upstream_ca: &[PathBuf]) -> Result<Self, StoreError> {
+        // tokio-postgres errors never include the password of the DSN.
+        let mut config: tokio_postgres::Config = dsn
+            .parse()
+            .map_err(|e| StoreError::Io(format!("postgres: invalid DSN: {e}")))?;
+        let tls = match store_uses_tls(&config) {
+            Some(mode) => {
+                config.ssl_mode(mode);
+                Some(StoreTls::new(upstream_ca)?)
+            }
+            None => None,
+        };
         let s = Self {
-            dsn: dsn.to_string(),
+            config: Box::new(config),
+            tls,
             client: tokio::sync::Mutex::new(None),
         };
         let c = s.client().await?;
@@ -549,18 +700,27 @@ impl PgStore {
         {
             return Ok(c.clone());
         }
-        let (client, conn) = tokio::time::timeout(
-            PG_TIMEOUT,
-            tokio_postgres::connect(&self.dsn, tokio_postgres::NoTls),
-        )
-        .await
-        .map_err(|_| StoreError::Io("postgres: no connection within 10 s".into()))?
-        .map_err(pg_err)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::warn!(error = %e, "credential store connection ended");
+        let late = |_| StoreError::Io("postgres: no connection within 10 s".into());
+        let client = match &self.tls {
+            Some(tls) => {
+                let (client, conn) =
+                    tokio::time::timeout(PG_TIMEOUT, self.config.connect(tls.clone()))
+                        .await
+                        .map_err(late)?
+                        .map_err(pg_err)?;
+                tokio::spawn(watch_connection(conn));
+                client
             }
-        });
+            None => {
+                let (client, conn) =
+                    tokio::time::timeout(PG_TIMEOUT, self.config.connect(tokio_postgres::NoTls))
+                        .await
+                        .map_err(late)?
+                        .map_err(pg_err)?;
+                tokio::spawn(watch_connection(conn));
+                client
+            }
+        };
         let client = std::sync::Arc::new(client);
         *guard = Some(client.clone());
         Ok(client)
@@ -578,11 +738,13 @@ impl PgStore {
             Ok(r) => r.map_err(pg_err),
             Err(_) => {
                 let cancel = c.cancel_token();
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    cancel.cancel_query(tokio_postgres::NoTls),
-                )
-                .await;
+                let cancelled = async {
+                    match &self.tls {
+                        Some(tls) => cancel.cancel_query(tls.clone()).await,
+                        None => cancel.cancel_query(tokio_postgres::NoTls).await,
+                    }
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), cancelled).await;
                 let mut slot = self.client.lock().await;
                 if slot
                     .as_ref()
@@ -715,6 +877,17 @@ fn parse_row(id: &str, text: &str) -> Result<Record, StoreError> {
     })
 }
 
+/// Drives a store connection until it ends, logging why.
+async fn watch_connection<S, T>(conn: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = conn.await {
+        tracing::warn!(error = %e, "credential store connection ended");
+    }
+}
+
 fn pg_err(e: tokio_postgres::Error) -> StoreError {
     // tokio-postgres errors never include the password of the DSN.
     match e.as_db_error() {
@@ -730,21 +903,30 @@ fn pg_err(e: tokio_postgres::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_remote_store_needs_an_explicit_sslmode_disable() {
-        let refused = plaintext_refusal("postgresql://u:pw_SECRET@db.internal:5432/b")
-            .expect("remote without sslmode is refused");
-        assert!(refused.contains("db.internal") && refused.contains("sslmode=disable"));
-        assert!(!refused.contains("pw_SECRET"));
-        assert!(plaintext_refusal("postgresql://u:p@10.1.2.3/b?sslmode=require").is_some());
-        assert!(plaintext_refusal("postgresql://u:p@10.1.2.3/b?sslmode=disable").is_none());
+    fn a_remote_store_is_reached_over_tls_unless_sslmode_disable() {
+        use tokio_postgres::config::SslMode;
+        let mode = |dsn: &str| store_uses_tls(&dsn.parse().expect("dsn"));
+        assert_eq!(
+            mode("postgresql://u:p@db.internal:5432/b"),
+            Some(SslMode::Require)
+        );
+        assert_eq!(
+            mode("postgresql://u:p@10.1.2.3/b?sslmode=prefer"),
+            Some(SslMode::Require)
+        );
+        assert_eq!(mode("postgresql://u:p@10.1.2.3/b?sslmode=disable"), None);
         for local in [
             "postgresql://u:p@127.0.0.1:5432/b",
             "postgresql://u:p@localhost/b",
             "postgresql://u:p@[::1]:5432/b",
             "host=/var/run/postgresql dbname=b",
         ] {
-            assert_eq!(plaintext_refusal(local), None, "{local}");
+            assert_eq!(mode(local), None, "{local}");
         }
+        assert_eq!(
+            mode("postgresql://u:p@127.0.0.1/b?sslmode=require"),
+            Some(SslMode::Require)
+        );
     }
 
     use super::*;

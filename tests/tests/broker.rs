@@ -907,3 +907,47 @@ async fn answer_lost_after_rotation_is_reported_not_replayed() {
     assert!(list.contains(" ok "), "{list}");
     drop(b);
 }
+
+/// The Postgres store over TLS: with `sslmode=require` its connection is encrypted (the
+/// server's `pg_stat_ssl` says so) and the server certificate is verified against the
+/// broker's `upstream_ca`; without that CA the store does not open, and nothing is sent in
+/// cleartext instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_connects_over_verified_tls() {
+    use iron_broker::store::{Store, StoreConfig};
+    let Some((pg, ca_pem)) = PgCluster::start_tls() else {
+        return;
+    };
+    pg.psql("create database broker").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("pg-ca.pem");
+    std::fs::write(&ca, &ca_pem).unwrap();
+    let dsn = format!(
+        "postgresql://postgres:{}@127.0.0.1:{}/broker?sslmode=require",
+        iron_tests::pgcluster::SUPER_PASSWORD,
+        pg.port
+    );
+    let store = Store::open(&StoreConfig::Postgres {
+        dsn: dsn.clone(),
+        upstream_ca: vec![ca],
+    })
+    .await
+    .unwrap_or_else(|e| panic!("store over TLS: {e}"));
+    assert!(store.load("never-bootstrapped").await.unwrap().is_none());
+    let encrypted = pg
+        .psql(
+            "select count(*) from pg_stat_ssl s join pg_stat_activity a using (pid) \
+             where a.datname = 'broker' and s.ssl",
+        )
+        .unwrap();
+    assert_eq!(encrypted, "1");
+    let refused = Store::open(&StoreConfig::Postgres {
+        dsn,
+        upstream_ca: vec![],
+    })
+    .await
+    .err()
+    .expect("an unverifiable server certificate is refused");
+    assert!(!refused.to_string().contains(iron_tests::pgcluster::SUPER_PASSWORD));
+    drop(store);
+}
