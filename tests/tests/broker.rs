@@ -948,6 +948,10 @@ async fn postgres_store_connects_over_verified_tls() {
     .await
     .err()
     .expect("an unverifiable server certificate is refused");
-    assert!(!refused.to_string().contains(iron_tests::pgcluster::SUPER_PASSWORD));
+    assert!(
+        !refused
+            .to_string()
+            .contains(iron_tests::pgcluster::SUPER_PASSWORD)
+    );
     drop(store);
 }
