@@ -511,7 +511,7 @@ fn store_uses_tls(config: &tokio_postgres::Config) -> Option<tokio_postgres::con
 
 /// tokio-postgres TLS for the store: rustls with the process's crypto provider, server
 /// certificate verified for the host being connected to (RFC 6125 via webpki); SCRAM channel
-/// binding `tls-server-end-point` (RFC 5929 §4.1, SHA-256 of the server certificate).
+/// binding `tls-server-end-point` ([`crate::tls::server_end_point_hash`]).
 #[derive(Clone)]
 struct StoreTls {
     config: std::sync::Arc<rustls::ClientConfig>,
@@ -587,7 +587,6 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
-        use sha2::Digest as _;
         match self
             .0
             .get_ref()
@@ -596,7 +595,7 @@ where
             .and_then(|c| c.first())
         {
             Some(cert) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(
-                sha2::Sha256::digest(cert.as_ref()).to_vec(),
+                crate::tls::server_end_point_hash(cert.as_ref()),
             ),
             None => tokio_postgres::tls::ChannelBinding::none(),
         }

@@ -1174,7 +1174,7 @@ async fn login_upstream(
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .map(|c| Sha256::digest(c.as_ref()).to_vec());
+                    .map(|c| iron_broker::tls::server_end_point_hash(c.as_ref()));
                 Box::new(tls)
             }
             (_, SslMode::Prefer) => Box::new(tcp),
