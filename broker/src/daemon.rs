@@ -252,13 +252,8 @@ struct Transport {
 
 impl Transport {
     fn new(upstream_ca: &[PathBuf], timeout: Duration) -> Result<Self, String> {
-        let roots = crate::tls::roots_with(upstream_ca)?;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = crate::tls::client_config(upstream_ca, provider)?;
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeout / 3));

@@ -519,14 +519,9 @@ struct StoreTls {
 
 impl StoreTls {
     fn new(upstream_ca: &[PathBuf]) -> Result<Self, StoreError> {
-        let roots = crate::tls::roots_with(upstream_ca).map_err(StoreError::Io)?;
-        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StoreError::Io(format!("postgres: tls configuration failed: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = crate::tls::client_config(upstream_ca, provider)
+            .map_err(|e| StoreError::Io(format!("postgres: {e}")))?;
         Ok(Self {
             config: std::sync::Arc::new(config),
         })

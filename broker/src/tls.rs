@@ -1,7 +1,11 @@
-//! TLS client roots shared by the proxy's upstream client and the broker daemon's
-//! token-endpoint client: the web PKI roots plus operator-supplied CA files.
+//! Upstream TLS clients, one definition for all of them: the proxy's upstream client (and
+//! its Postgres relay's upstream leg), the broker daemon's token-endpoint client and its
+//! Postgres store. Roots are the web PKI's plus operator-supplied `upstream_ca` files;
+//! verification is [`UpstreamVerifier`]; channel binding data is
+//! [`server_end_point_hash`].
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
@@ -68,9 +72,148 @@ pub fn server_end_point_hash(cert_der: &[u8]) -> Vec<u8> {
     }
 }
 
+/// The rustls client configuration for upstreams (proxied origins, token endpoints, the
+/// Postgres relay's upstream leg, the broker's store): TLS 1.2+ with `provider`, verified by
+/// [`UpstreamVerifier`] over the web PKI roots plus the PEM files `upstream_ca`. ALPN is
+/// left to the caller.
+///
+/// # Errors
+/// A message naming the `upstream_ca` file that cannot be read or holds no certificate, or
+/// the provider's refusal.
+pub fn client_config(
+    upstream_ca: &[PathBuf],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<rustls::ClientConfig, String> {
+    let roots = roots_with(upstream_ca)?;
+    let mut pinned = Vec::new();
+    for path in upstream_ca {
+        pinned.extend(read_certs(path)?);
+    }
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| format!("tls configuration failed: {e}"))?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls configuration failed: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(UpstreamVerifier { webpki, pinned }))
+        .with_no_client_auth())
+}
+
+/// Upstream certificate verification: webpki path validation to the web PKI roots and the
+/// `upstream_ca` certificates (RFC 5280 via rustls-webpki), plus one case it refuses that
+/// operators rely on: a server presenting a self-signed certificate that is itself listed
+/// in `upstream_ca`. Such certificates usually carry `CA:TRUE` (`openssl req -x509`'s
+/// default), which webpki rejects as an end-entity (`CaUsedAsEndEntity`). A presented
+/// certificate byte-identical to an `upstream_ca` one is accepted when it names the server
+/// (subjectAltName) and `now` is within its validity period; the handshake signature is
+/// still checked against its key. Anything else gets webpki's verdict.
+#[derive(Debug)]
+pub struct UpstreamVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verdict = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        match verdict {
+            Err(e)
+                if self
+                    .pinned
+                    .iter()
+                    .any(|p| p.as_ref() == end_entity.as_ref()) =>
+            {
+                let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_name(&parsed, server_name)?;
+                if !valid_at(end_entity, now.as_secs()) {
+                    return Err(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::Expired,
+                    ));
+                }
+                tracing::debug!(error = %e, "upstream certificate accepted: it is listed in upstream_ca");
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// True when `now_secs` (Unix seconds) is within the validity period (notBefore..=notAfter,
+/// RFC 5280 §4.1.2.5) of the DER certificate `der`; false when it is outside or `der` does
+/// not parse.
+pub fn valid_at(der: &[u8], now_secs: u64) -> bool {
+    let Ok((_, x509)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let Ok(now) = i64::try_from(now_secs) else {
+        return false;
+    };
+    let v = x509.validity();
+    v.not_before.timestamp() <= now && now <= v.not_after.timestamp()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn valid_at_checks_both_ends_of_the_validity_period() {
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        let at = |y: i32| {
+            time::Date::from_calendar_date(y, time::Month::June, 1)
+                .unwrap()
+                .midnight()
+                .assume_utc()
+                .unix_timestamp() as u64
+        };
+        assert!(valid_at(&der, at(2026)));
+        assert!(!valid_at(&der, at(2019)));
+        assert!(!valid_at(&der, at(2031)));
+        assert!(!valid_at(b"not a certificate", at(2026)));
+    }
 
     #[test]
     fn end_point_hash_follows_the_signature_algorithm() {

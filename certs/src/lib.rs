@@ -384,20 +384,6 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), CertError> {
     f.sync_all().map_err(io)
 }
 
-/// True when `now_secs` (Unix seconds) is within the validity period (notBefore..=notAfter,
-/// RFC 5280 §4.1.2.5) of the DER certificate `der`; false when it is outside or `der` does
-/// not parse.
-pub fn valid_at(der: &[u8], now_secs: u64) -> bool {
-    let Ok((_, x509)) = x509_parser::parse_x509_certificate(der) else {
-        return false;
-    };
-    let Ok(now) = i64::try_from(now_secs) else {
-        return false;
-    };
-    let v = x509.validity();
-    v.not_before.timestamp() <= now && now <= v.not_after.timestamp()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,26 +391,6 @@ mod tests {
 
     fn provider() -> Arc<CryptoProvider> {
         Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-    }
-
-    #[test]
-    fn valid_at_checks_both_ends_of_the_validity_period() {
-        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2030, 1, 1);
-        let key = KeyPair::generate().unwrap();
-        let der = params.self_signed(&key).unwrap().der().to_vec();
-        let at = |y: i32| {
-            time::Date::from_calendar_date(y, time::Month::June, 1)
-                .unwrap()
-                .midnight()
-                .assume_utc()
-                .unix_timestamp() as u64
-        };
-        assert!(valid_at(&der, at(2026)));
-        assert!(!valid_at(&der, at(2019)));
-        assert!(!valid_at(&der, at(2031)));
-        assert!(!valid_at(b"not a certificate", at(2026)));
     }
 
     #[test]

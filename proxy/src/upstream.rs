@@ -188,8 +188,8 @@ impl hyper::rt::Write for TcpConnection {
     }
 }
 
-/// Builds the rustls client configuration for upstreams: web PKI roots plus the policy's
-/// `upstream_ca` PEM files, TLS 1.2+, verified by [`UpstreamVerifier`].
+/// Builds the rustls client configuration for upstreams from the policy's `upstream_ca`
+/// ([`iron_broker::tls::client_config`]).
 ///
 /// # Errors
 /// A message naming the `upstream_ca` file that cannot be read or holds no certificate.
@@ -197,98 +197,7 @@ pub fn client_tls_config(
     policy: &Policy,
     provider: Arc<CryptoProvider>,
 ) -> Result<ClientConfig, String> {
-    let roots = iron_broker::tls::roots_with(&policy.proxy.upstream_ca)?;
-    let mut pinned = Vec::new();
-    for path in &policy.proxy.upstream_ca {
-        pinned.extend(iron_broker::tls::read_certs(path)?);
-    }
-    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| format!("tls configuration failed: {e}"))?;
-    // ALPN (`http/1.1`) is set by the connector builder, which refuses a preset list.
-    Ok(ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("tls configuration failed: {e}"))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(UpstreamVerifier { webpki, pinned }))
-        .with_no_client_auth())
-}
-
-/// Upstream certificate verification: webpki path validation to the web PKI roots and the
-/// `upstream_ca` certificates (RFC 5280 via rustls-webpki), plus one case it refuses that
-/// operators rely on: a server presenting a self-signed certificate that is itself listed
-/// in `upstream_ca`. Such certificates usually carry `CA:TRUE` (`openssl req -x509`'s
-/// default), which webpki rejects as an end-entity (`CaUsedAsEndEntity`). A presented
-/// certificate byte-identical to an `upstream_ca` one is accepted when it names the server
-/// (subjectAltName) and `now` is within its validity period; the handshake signature is
-/// still checked against its key. Anything else gets webpki's verdict.
-#[derive(Debug)]
-pub struct UpstreamVerifier {
-    webpki: Arc<rustls::client::WebPkiServerVerifier>,
-    pinned: Vec<rustls_pki_types::CertificateDer<'static>>,
-}
-
-impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls_pki_types::CertificateDer<'_>,
-        intermediates: &[rustls_pki_types::CertificateDer<'_>],
-        server_name: &rustls_pki_types::ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let verdict = self.webpki.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        );
-        match verdict {
-            Err(e)
-                if self
-                    .pinned
-                    .iter()
-                    .any(|p| p.as_ref() == end_entity.as_ref()) =>
-            {
-                let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-                rustls::client::verify_server_name(&parsed, server_name)?;
-                if !iron_certs::valid_at(end_entity, now.as_secs()) {
-                    return Err(rustls::Error::InvalidCertificate(
-                        rustls::CertificateError::Expired,
-                    ));
-                }
-                tracing::debug!(error = %e, "upstream certificate accepted: it is listed in upstream_ca");
-                Ok(rustls::client::danger::ServerCertVerified::assertion())
-            }
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls_pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.webpki.supported_verify_schemes()
-    }
+    iron_broker::tls::client_config(&policy.proxy.upstream_ca, provider)
 }
 
 /// Builds the pooled client: keep-alive connections pooled per scheme and authority,
