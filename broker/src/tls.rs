@@ -12,32 +12,36 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 
 /// The web PKI roots (`webpki-roots`) plus every certificate in the PEM files `extra`
-/// (`upstream_ca`).
+/// (`upstream_ca`), and those certificates themselves (each file read once).
 ///
 /// # Errors
 /// A message naming the file when one cannot be read, holds no certificate, or holds an
 /// unusable one.
-pub fn roots_with(extra: &[PathBuf]) -> Result<RootCertStore, String> {
+fn roots_and_pins(
+    extra: &[PathBuf],
+) -> Result<(RootCertStore, Vec<CertificateDer<'static>>), String> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let mut pins = Vec::new();
     for path in extra {
         for c in read_certs(path)? {
-            roots.add(c).map_err(|e| {
+            roots.add(c.clone()).map_err(|e| {
                 format!(
                     "unusable certificate in upstream_ca {}: {e}",
                     path.display()
                 )
             })?;
+            pins.push(c);
         }
     }
-    Ok(roots)
+    Ok((roots, pins))
 }
 
 /// The certificates of one `upstream_ca` PEM file, in file order.
 ///
 /// # Errors
 /// A message naming the file when it cannot be read, is not PEM or holds no certificate.
-pub fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("failed to read upstream_ca {}: {e}", path.display()))?
         .collect::<Result<_, _>>()
@@ -84,11 +88,7 @@ pub fn client_config(
     upstream_ca: &[PathBuf],
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<rustls::ClientConfig, String> {
-    let roots = roots_with(upstream_ca)?;
-    let mut pinned = Vec::new();
-    for path in upstream_ca {
-        pinned.extend(read_certs(path)?);
-    }
+    let (roots, pinned) = roots_and_pins(upstream_ca)?;
     let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
