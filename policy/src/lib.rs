@@ -7,12 +7,14 @@
 //! and where, and [`Plan::apply`] takes the resolved values to produce the rewritten parts.
 //!
 //! Modules:
+//! - [`capability`]: per-secret method/path capabilities and rate limits.
 //! - [`error`]: policy diagnostics with file, line and column.
 //! - [`host`]: host patterns (`api.example.com`, `*.example.com`, `:PORT`, `:*`).
 //! - [`model`]: the validated policy types and the loader.
 //! - [`matcher`]: placeholder detection (Aho–Corasick), the plan, and the rewrite.
 //! - [`encoding`]: percent-encoding helpers that keep untouched bytes byte-identical.
 
+pub mod capability;
 pub mod encoding;
 pub mod error;
 pub mod host;
@@ -20,6 +22,7 @@ pub mod matcher;
 pub mod model;
 mod raw;
 
+pub use capability::{Capability, PathPattern, RateLimit};
 pub use error::{Diagnostic, PolicyErrors, Severity};
 pub use host::{HostPattern, PortSpec, normalize_host};
 pub use matcher::{Applied, Location, Plan, PlanError, RequestView, Rewritten, SecretValues};

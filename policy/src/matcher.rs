@@ -79,6 +79,8 @@ pub struct RequestView<'a> {
     pub port: u16,
     /// True on a verified TLS connection to the destination (an intercepted tunnel).
     pub tls: bool,
+    /// The request method, as sent.
+    pub method: &'a str,
     /// The raw path, without the query.
     pub path: &'a str,
     /// The raw query, without `?`.
@@ -144,6 +146,15 @@ pub enum PlanError {
         secret: String,
         /// Where it was found.
         location: Location,
+    },
+    /// The secret applies to this host, but it has capabilities and none matches the
+    /// request's method and path ([`crate::Capability`]): 403 `capability_not_allowed`.
+    #[error("secret `{secret}` has no capability for {method} on this path")]
+    CapabilityNotAllowed {
+        /// Secret name.
+        secret: String,
+        /// The request method.
+        method: String,
     },
     /// A secret would be sent over cleartext HTTP (decision 4): 403
     /// `cleartext_injection_refused`.
@@ -295,7 +306,9 @@ impl Policy {
     ///
     /// # Errors
     /// [`PlanError::PlaceholderNotAllowed`] when any placeholder occurrence is on a host or
-    /// in a location its secret does not allow; [`PlanError::CleartextInjectionRefused`]
+    /// in a location its secret does not allow; [`PlanError::CapabilityNotAllowed`] when a
+    /// secret that would be applied has capabilities and none matches the method and path;
+    /// [`PlanError::CleartextInjectionRefused`]
     /// when a secret would go over cleartext without `allow_plaintext`.
     pub fn plan(&self, req: &RequestView<'_>) -> Result<Plan, PlanError> {
         let m = &self.matcher;
@@ -344,6 +357,9 @@ impl Policy {
             };
             if !secret.allows_host(req.host, req.port, req.tls) {
                 continue;
+            }
+            if !secret.allows_request(req.method, req.path) {
+                return Err(capability_not_allowed(secret, req));
             }
             let location = match target {
                 InjectTarget::Header(h) => Location::Header(Cow::Owned(h.clone())),
@@ -399,6 +415,9 @@ impl Policy {
         if !swap {
             return Err(not_allowed());
         }
+        if !secret.allows_request(req.method, req.path) {
+            return Err(capability_not_allowed(secret, req));
+        }
         if !req.tls && !secret.allow_plaintext {
             return Err(PlanError::CleartextInjectionRefused {
                 secret: secret.name.clone(),
@@ -416,6 +435,13 @@ impl Policy {
             plan.applied.push(applied);
         }
         Ok(())
+    }
+}
+
+fn capability_not_allowed(secret: &crate::Secret, req: &RequestView<'_>) -> PlanError {
+    PlanError::CapabilityNotAllowed {
+        secret: secret.name.clone(),
+        method: req.method.to_string(),
     }
 }
 

@@ -7,16 +7,20 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 use toml::Spanned;
 
+use crate::capability::{Capability, PathPattern, RateLimit};
 use crate::error::{Diagnostic, PolicyErrors, Severity, line_col};
 use crate::host::HostPattern;
 use crate::matcher::PlaceholderMatcher;
-use crate::raw::{RawFragment, RawLimits, RawPolicy, RawProxy, RawSecret, RawSource};
+use crate::raw::{
+    RawCapability, RawFragment, RawLimits, RawPolicy, RawProxy, RawRateLimit, RawSecret, RawSource,
+};
 
 /// A 1-based line and column in the policy file, kept so later checks (source presence)
 /// can point at the right place.
@@ -690,6 +694,13 @@ pub struct Secret {
     pub allow_plaintext: bool,
     /// How the value is applied to requests. Token types always inject.
     pub mode: HttpMode,
+    /// Method and path prefixes the secret may be applied to; empty: every request to its
+    /// hosts. A request to one of its hosts that carries its placeholder (or, for an
+    /// injecting secret, any request to its hosts) and matches none is refused with 403
+    /// `capability_not_allowed`.
+    pub capabilities: Vec<Capability>,
+    /// Requests a minute the secret may be applied to; over it, 429 `rate_limited`.
+    pub rate_limit: Option<RateLimit>,
     /// Where the value comes from.
     pub kind: SecretKind,
     /// Where the entry's `name` is written.
@@ -734,6 +745,12 @@ impl Secret {
     /// not) TLS. Cleartext is checked separately, so it can be refused with its own code.
     pub fn allows_host(&self, host: &str, port: u16, tls: bool) -> bool {
         self.hosts.iter().any(|h| h.matches(host, port, tls))
+    }
+
+    /// True when the secret may be applied to a request with `method` and raw `path`: it
+    /// has no capabilities, or one of them matches ([`Capability::matches`]).
+    pub fn allows_request(&self, method: &str, path: &str) -> bool {
+        self.capabilities.is_empty() || self.capabilities.iter().any(|c| c.matches(method, path))
     }
 }
 
@@ -1448,6 +1465,15 @@ impl Cx<'_> {
                 self.gcp(raw, &name_s, name_at).map(SecretKind::Gcp),
             ),
         };
+        let capabilities = raw
+            .capabilities
+            .as_ref()
+            .map(|c| self.capabilities(c, &name_s))
+            .unwrap_or_default();
+        let rate_limit = raw
+            .rate_limit
+            .as_ref()
+            .and_then(|r| self.rate_limit(r, &name_s));
         if self.error_count() > errors_before {
             return None;
         }
@@ -1459,9 +1485,105 @@ impl Cx<'_> {
             enabled: raw.enabled.unwrap_or(true),
             allow_plaintext: raw.allow_plaintext.unwrap_or(false),
             mode: mode?,
+            capabilities,
+            rate_limit,
             kind: kind?,
             pos: self.pos(name_at),
             file: self.file.clone(),
+        })
+    }
+
+    /// The validated `capabilities` list: each entry needs a `path` ([`PathPattern`]) and
+    /// may name a `method` (upper-cased; `"*"` or none for any).
+    fn capabilities(
+        &mut self,
+        raw: &Spanned<Vec<Spanned<RawCapability>>>,
+        name: &str,
+    ) -> Vec<Capability> {
+        if raw.get_ref().is_empty() {
+            self.error(
+                raw.span().start,
+                format!("secret `{name}`: `capabilities` is empty; remove it to allow every request to the secret's hosts"),
+            );
+        }
+        let mut out = Vec::new();
+        for entry in raw.get_ref() {
+            let at = entry.span().start;
+            let c = entry.get_ref();
+            let method = match &c.method {
+                None => None,
+                Some(m) if m.get_ref() == "*" => None,
+                Some(m) => {
+                    let upper = m.get_ref().to_ascii_uppercase();
+                    if upper.is_empty()
+                        || !upper.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-')
+                    {
+                        self.error(
+                            m.span().start,
+                            format!("secret `{name}`: capability method `{}` is not an HTTP method (or \"*\")", m.get_ref()),
+                        );
+                        continue;
+                    }
+                    Some(upper)
+                }
+            };
+            let Some(path) = &c.path else {
+                self.error(
+                    at,
+                    format!("secret `{name}`: capability has no `path` (use \"/\" for every path)"),
+                );
+                continue;
+            };
+            match PathPattern::parse(path.get_ref()) {
+                Ok(p) => out.push(Capability {
+                    name: c.name.clone(),
+                    method,
+                    path: p,
+                }),
+                Err(e) => self.error(path.span().start, format!("secret `{name}`: {e}")),
+            }
+        }
+        out
+    }
+
+    /// The validated `rate_limit`: `requests_per_minute` in 1..=1 000 000 and `burst`
+    /// (default: the same) in 1..=1 000 000.
+    fn rate_limit(&mut self, raw: &Spanned<RawRateLimit>, name: &str) -> Option<RateLimit> {
+        let r = raw.get_ref();
+        let mut number = |v: &Option<Spanned<i64>>, key: &str| -> Option<Option<NonZeroU32>> {
+            let Some(v) = v else {
+                return Some(None);
+            };
+            match u32::try_from(*v.get_ref())
+                .ok()
+                .filter(|n| (1..=1_000_000).contains(n))
+                .and_then(NonZeroU32::new)
+            {
+                Some(n) => Some(Some(n)),
+                None => {
+                    self.error(
+                        v.span().start,
+                        format!(
+                            "secret `{name}`: rate_limit `{key}` must be from 1 to 1000000, not {}",
+                            v.get_ref()
+                        ),
+                    );
+                    None
+                }
+            }
+        };
+        let per_minute = number(&r.requests_per_minute, "requests_per_minute")?;
+        let burst = number(&r.burst, "burst")?;
+        let Some(per_minute) = per_minute else {
+            self.error(
+                raw.span().start,
+                format!("secret `{name}`: rate_limit needs `requests_per_minute`"),
+            );
+            return None;
+        };
+        Some(RateLimit {
+            per_minute,
+            burst: burst.unwrap_or(per_minute),
         })
     }
 
@@ -1496,6 +1618,22 @@ impl Cx<'_> {
             ("max_connections", at(&raw.max_connections)),
             ("credential", at(&raw.credential)),
             ("broker", at(&raw.broker)),
+            (
+                "capabilities",
+                if ty == "pg_dsn" {
+                    at(&raw.capabilities)
+                } else {
+                    None
+                },
+            ),
+            (
+                "rate_limit",
+                if ty == "pg_dsn" {
+                    at(&raw.rate_limit)
+                } else {
+                    None
+                },
+            ),
             ("hosts", if ty == "pg_dsn" { at(&raw.hosts) } else { None }),
             (
                 "inject_header",

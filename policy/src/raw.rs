@@ -84,6 +84,8 @@ pub(crate) struct RawSecret {
     pub optional: Option<bool>,
     pub enabled: Option<bool>,
     pub allow_plaintext: Option<bool>,
+    pub capabilities: Option<Spanned<Vec<Spanned<RawCapability>>>>,
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
     // oauth_token
     pub grant: Option<Spanned<String>>,
     pub token_endpoint: Option<Spanned<String>>,
@@ -107,6 +109,23 @@ pub(crate) struct RawSecret {
     // brokered_token
     pub credential: Option<Spanned<String>>,
     pub broker: Option<Spanned<RawBroker>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCapability {
+    pub name: Option<String>,
+    #[allow(dead_code)] // documentation for people reading the policy
+    pub description: Option<String>,
+    pub method: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRateLimit {
+    pub requests_per_minute: Option<Spanned<i64>>,
+    pub burst: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -261,6 +261,15 @@ pub fn secret_view(rt: &Runtime, s: &Secret) -> Value {
         "type": s.type_name(),
         "placeholder": s.placeholder,
         "hosts": s.hosts.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "capabilities": s.capabilities.iter().map(|c| json!({
+            "name": c.name,
+            "method": c.method.as_deref().unwrap_or("*"),
+            "path": c.path.as_str(),
+        })).collect::<Vec<_>>(),
+        "rate_limit": s.rate_limit.map(|r| json!({
+            "requests_per_minute": r.per_minute.get(),
+            "burst": r.burst.get(),
+        })),
         "optional": s.optional,
         "file": s.file.display().to_string(),
         "sources": s.sources().iter().map(|(field, src)| json!({
@@ -273,6 +282,7 @@ pub fn secret_view(rt: &Runtime, s: &Secret) -> Value {
         "reason": reason,
         "invocations": usage.invocations,
         "errors": usage.errors,
+        "rate_limited": usage.rate_limited,
         "last_error": usage.last_error,
         "last_used": crate::rfc3339(usage.last_used),
         "token_expires_in_secs": token.as_ref().and_then(|t| t.expires_in).map(|d| d.as_secs()),

@@ -52,6 +52,23 @@ pub enum ProxyError {
         /// Where it was found.
         location: String,
     },
+    /// The secret applies to the host but none of its `capabilities` matches the method
+    /// and path. 403 `capability_not_allowed`.
+    #[error("secret {secret} has no capability for {method} on this path")]
+    CapabilityNotAllowed {
+        /// Secret name.
+        secret: String,
+        /// The request method.
+        method: String,
+    },
+    /// The secret's `rate_limit` is spent. 429 `rate_limited` with `Retry-After`.
+    #[error("secret {secret} is over its rate limit; retry in {retry_after_secs} s")]
+    RateLimited {
+        /// Secret name.
+        secret: String,
+        /// Whole seconds until a request would be allowed (rounded up, at least 1).
+        retry_after_secs: u64,
+    },
     /// A secret would be sent over cleartext (decision 4). 403 `cleartext_injection_refused`.
     #[error("secret {secret} may not be sent in {location} over cleartext http")]
     CleartextInjectionRefused {
@@ -97,6 +114,9 @@ impl From<PlanError> for ProxyError {
                 secret,
                 location: loc(&location),
             },
+            PlanError::CapabilityNotAllowed { secret, method } => {
+                Self::CapabilityNotAllowed { secret, method }
+            }
             PlanError::CleartextInjectionRefused { secret, location } => {
                 Self::CleartextInjectionRefused {
                     secret,
@@ -116,7 +136,9 @@ impl ProxyError {
             Self::DestinationNotAllowed { .. }
             | Self::DestinationAddressDenied { .. }
             | Self::PlaceholderNotAllowed { .. }
+            | Self::CapabilityNotAllowed { .. }
             | Self::CleartextInjectionRefused { .. } => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::CredentialUnavailable { .. }
             | Self::UpstreamUnreachable
             | Self::UpstreamTls
@@ -135,6 +157,8 @@ impl ProxyError {
             Self::DestinationNotAllowed { .. } => "destination_not_allowed",
             Self::DestinationAddressDenied { .. } => "destination_address_denied",
             Self::PlaceholderNotAllowed { .. } => "placeholder_not_allowed",
+            Self::CapabilityNotAllowed { .. } => "capability_not_allowed",
+            Self::RateLimited { .. } => "rate_limited",
             Self::CleartextInjectionRefused { .. } => "cleartext_injection_refused",
             Self::CredentialUnavailable { .. } => "credential_unavailable",
             Self::CredentialPending { .. } => "credential_pending",
@@ -145,7 +169,20 @@ impl ProxyError {
         }
     }
 
-    /// The error as a response: status, `x-iron-proxy-error`, JSON envelope.
+    /// Seconds a client should wait before retrying (`Retry-After`, RFC 9110 §10.2.3):
+    /// for a rate limit, until the next request is allowed; for a pending mint, 5 (the README's promise).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            Self::CredentialPending { .. } => Some(5),
+            _ => None,
+        }
+    }
+
+    /// The error as a response: status, `x-iron-proxy-error`, JSON envelope, and
+    /// `Retry-After` when [`ProxyError::retry_after`] gives one.
     pub fn to_response(&self, request_id: &str) -> Response<ProxyBody> {
         let body = serde_json::json!({
             "error": self.code(),
@@ -166,6 +203,9 @@ impl ProxyError {
             http::header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         );
+        if let Some(secs) = self.retry_after() {
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp
     }
 }
@@ -189,5 +229,31 @@ mod tests {
         assert_eq!(v["error"], "placeholder_not_allowed");
         assert_eq!(v["request_id"], "r1");
         assert!(v["message"].as_str().unwrap().contains("GITHUB_TOKEN"));
+        assert!(
+            resp_retry_after(&ProxyError::PlaceholderNotAllowed {
+                secret: "S".into(),
+                location: "path".into(),
+            })
+            .is_none()
+        );
+    }
+
+    fn resp_retry_after(e: &ProxyError) -> Option<String> {
+        e.to_response("r")
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn rate_limited_and_pending_say_when_to_retry() {
+        let limited = ProxyError::RateLimited {
+            secret: "S".into(),
+            retry_after_secs: 7,
+        };
+        assert_eq!(limited.status(), 429);
+        assert_eq!(resp_retry_after(&limited).as_deref(), Some("7"));
+        let pending = ProxyError::CredentialPending { secret: "S".into() };
+        assert_eq!(resp_retry_after(&pending).as_deref(), Some("5"));
     }
 }

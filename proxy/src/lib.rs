@@ -72,7 +72,13 @@ pub struct Active {
     /// Values of `env` sourced static secrets, by secret index, read on first use: the
     /// process environment does not change while it runs.
     env_values: Vec<OnceLock<SecretValue>>,
+    /// Each secret's rate limiter, by secret index (`None` without `rate_limit`); shared
+    /// with its [`SecretStats`], so a reload that keeps the limit keeps the count.
+    limiters: Vec<Option<Arc<Limiter>>>,
 }
+
+/// A secret's request rate limiter (GCRA, `governor`).
+pub type Limiter = governor::DefaultDirectRateLimiter;
 
 impl Active {
     /// The policy in force with clients built for it, one per event loop
@@ -85,14 +91,39 @@ impl Active {
         let clients = (0..workers::count())
             .map(|_| upstream::build_client(&policy, tls.clone()))
             .collect();
-        let stats = policy.secrets.iter().map(|s| stats(&s.name)).collect();
+        let stats: Vec<Arc<SecretStats>> = policy.secrets.iter().map(|s| stats(&s.name)).collect();
         let env_values = policy.secrets.iter().map(|_| OnceLock::new()).collect();
+        let limiters = policy
+            .secrets
+            .iter()
+            .zip(&stats)
+            .map(|(s, st)| s.rate_limit.map(|limit| st.limiter(limit)))
+            .collect();
         Self {
             policy,
             clients,
             stats,
             env_values,
+            limiters,
         }
+    }
+
+    /// Takes one request from secret `index`'s rate limit, if it has one.
+    ///
+    /// # Errors
+    /// Over the limit: how long until a request would be allowed; the refusal is counted
+    /// in the secret's usage (`rate_limited`).
+    pub fn check_rate(&self, index: usize) -> Result<(), std::time::Duration> {
+        use governor::clock::Clock as _;
+        let Some(limiter) = self.limiters.get(index).and_then(Option::as_ref) else {
+            return Ok(());
+        };
+        limiter.check().map_err(|not_until| {
+            self.stats[index]
+                .rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            not_until.wait_time_from(governor::clock::DefaultClock::default().now())
+        })
     }
 
     /// The pooled upstream client of the calling thread's event loop.
@@ -148,6 +179,10 @@ pub struct SecretStats {
     last_used_ns: std::sync::atomic::AtomicI64,
     /// Failures: count and the last reason (the rare path).
     failures: Mutex<(u64, Option<String>)>,
+    /// Requests refused by the secret's rate limit.
+    rate_limited: AtomicU64,
+    /// The rate limiter and the limit it was built for, kept while reloads keep the limit.
+    limiter: Mutex<Option<(iron_policy::RateLimit, Arc<Limiter>)>>,
 }
 
 impl SecretStats {
@@ -168,6 +203,24 @@ impl SecretStats {
         f.1 = Some(reason.to_string());
     }
 
+    /// The rate limiter for `limit`: the one already in use when the limit is unchanged
+    /// (so a reload does not reset the count), else a new, full one.
+    fn limiter(&self, limit: iron_policy::RateLimit) -> Arc<Limiter> {
+        let mut slot = self
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((l, limiter)) = slot.as_ref()
+            && *l == limit
+        {
+            return limiter.clone();
+        }
+        let quota = governor::Quota::per_minute(limit.per_minute).allow_burst(limit.burst);
+        let limiter = Arc::new(governor::RateLimiter::direct(quota));
+        *slot = Some((limit, limiter.clone()));
+        limiter
+    }
+
     /// A copy of the usage counters.
     pub fn usage(&self) -> SecretUsage {
         let (errors, last_error) = self.failures.lock().map(|f| f.clone()).unwrap_or_default();
@@ -176,6 +229,7 @@ impl SecretStats {
             invocations: self.injections.get(),
             errors,
             last_error,
+            rate_limited: self.rate_limited.load(Ordering::Relaxed),
             last_used: (ns != 0)
                 .then(|| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns)).ok())
                 .flatten(),
@@ -192,6 +246,8 @@ pub struct SecretUsage {
     pub errors: u64,
     /// The last such failure (names and codes only).
     pub last_error: Option<String>,
+    /// Requests refused by the secret's `rate_limit` (429 `rate_limited`).
+    pub rate_limited: u64,
     /// When the secret was last applied (arrival of the request); shown as RFC 3339.
     #[serde(serialize_with = "rfc3339_opt")]
     pub last_used: Option<time::OffsetDateTime>,
@@ -220,6 +276,8 @@ fn stats_for(
             .clone(),
         last_used_ns: std::sync::atomic::AtomicI64::new(0),
         failures: Mutex::new((0, None)),
+        rate_limited: AtomicU64::new(0),
+        limiter: Mutex::new(None),
     });
     usage.insert(name.to_string(), stats.clone());
     stats

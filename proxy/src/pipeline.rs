@@ -281,6 +281,7 @@ async fn exchange(
         host: &host,
         port,
         tls,
+        method: req.method().as_str(),
         path,
         query,
         headers: &view_headers,
@@ -295,6 +296,13 @@ async fn exchange(
             warn!(secret = %secret.name, "secret is disabled (enabled = false); refusing request");
             return Err(ProxyError::CredentialUnavailable {
                 secret: secret.name.clone(),
+            });
+        }
+        if let Err(wait) = active.check_rate(s) {
+            return Err(ProxyError::RateLimited {
+                secret: secret.name.clone(),
+                // whole seconds, rounded up, at least 1
+                retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
             });
         }
         let value = match &secret.kind {

@@ -590,3 +590,149 @@ async fn self_signed_upstream_listed_in_upstream_ca_is_reached() {
     assert_eq!(refused.error_code().as_deref(), Some("upstream_tls_error"));
     assert!(w2.origin.records().is_empty());
 }
+
+const CAPABILITY_POLICY: &str = r#"version = 1
+
+[proxy]
+listen = "127.0.0.1:0"
+allow_cidrs = ["127.0.0.1/32"]
+upstream_ca = ["origin-ca.pem"]
+resolve = { "api.github.test" = "127.0.0.1", "inject.test" = "127.0.0.1" }
+
+[[secrets]]
+name = "GITHUB_TOKEN"
+type = "http"
+source = { env = "REAL_GITHUB_TOKEN" }
+hosts = ["api.github.test:{PORT}"]
+capabilities = [
+  { name = "read-issues", method = "GET", path = "/repos/acme/*/issues" },
+  { method = "POST", path = "/repos/acme/widget/issues/*/comments" },
+]
+rate_limit = { requests_per_minute = 1, burst = 3 }
+
+[[secrets]]
+name = "INJECT_KEY"
+type = "http"
+mode = "inject"
+source = { env = "REAL_INJECT_KEY" }
+inject_header = "X-Api-Key"
+hosts = ["inject.test:{PORT}"]
+capabilities = [{ method = "GET", path = "/geocode" }]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capabilities_and_rate_limits_gate_each_secret() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let w = World::new(CAPABILITY_POLICY, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let port = w.port();
+    let gh = |method: &'static str, path: &'static str| {
+        let url = format!("https://api.github.test:{port}{path}");
+        let p = &p;
+        async move {
+            p.curl(&[
+                "-X",
+                method,
+                &url,
+                "-H",
+                "Authorization: Bearer GITHUB_TOKEN",
+                "-D",
+                "/dev/stderr",
+            ])
+            .await
+        }
+    };
+    // Inside the capabilities: swapped and forwarded.
+    for (m, path) in [
+        ("GET", "/repos/acme/widget/issues"),
+        ("POST", "/repos/acme/widget/issues/7/comments"),
+    ] {
+        let r = gh(m, path).await;
+        assert_eq!(r.status, 200, "{m} {path}: {r:?}");
+    }
+    let recs = w.origin.records();
+    assert_eq!(recs.len(), 2);
+    assert!(
+        recs.iter().all(|r| r.header("authorization").as_deref()
+            == Some(format!("Bearer {REAL_GITHUB}").as_str()))
+    );
+    // Outside them (method, path, an encoded slash past the pattern): refused, not sent.
+    for (m, path) in [
+        ("DELETE", "/repos/acme/widget/issues"),
+        ("GET", "/repos/acme/widget/pulls"),
+        ("GET", "/repos/acme/widget/issues/a%2F..%2F..%2Fsecrets"),
+    ] {
+        let r = gh(m, path).await;
+        assert_eq!(r.status, 403, "{m} {path}: {r:?}");
+        assert_eq!(r.error_code().as_deref(), Some("capability_not_allowed"));
+        assert!(!r.body.contains(REAL_GITHUB));
+    }
+    assert_eq!(
+        w.origin.records().len(),
+        2,
+        "a refused request reached the origin"
+    );
+    // Burst 3, one a minute: the third swap passes, the fourth waits for the limit.
+    assert_eq!(gh("GET", "/repos/acme/widget/issues").await.status, 200);
+    let limited = gh("GET", "/repos/acme/widget/issues").await;
+    assert_eq!(limited.status, 429, "{limited:?}");
+    assert_eq!(limited.error_code().as_deref(), Some("rate_limited"));
+    let retry_after: u64 = limited
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .expect("Retry-After")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert_eq!(w.origin.records().len(), 3);
+    // A request without the placeholder is not the secret's business.
+    let plain = p
+        .curl(&[&format!("https://api.github.test:{port}/anything")])
+        .await;
+    assert_eq!(plain.status, 200);
+    // A reload that keeps the limit keeps its count.
+    p.rt.reload().await.expect("reload");
+    assert_eq!(gh("GET", "/repos/acme/widget/issues").await.status, 429);
+
+    // An injecting secret outside its capabilities refuses rather than forward bare.
+    let ok = p
+        .curl(&[&format!("https://inject.test:{port}/geocode/json?q=x")])
+        .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let bare = p
+        .curl(&[&format!("https://inject.test:{port}/directions")])
+        .await;
+    assert_eq!(bare.error_code().as_deref(), Some("capability_not_allowed"));
+    let recs = w.origin.records();
+    assert_eq!(recs.len(), 5);
+    assert_eq!(recs[4].header("x-api-key").as_deref(), Some(REAL_INJECT));
+
+    // The admin view shows the rules and the refusals, never the value.
+    let view =
+        iron_proxy::admin::secret_view(&p.rt, p.rt.active().policy.secret("GITHUB_TOKEN").unwrap());
+    assert_eq!(view["capabilities"][0]["name"], "read-issues");
+    assert_eq!(view["capabilities"][1]["method"], "POST");
+    assert_eq!(view["rate_limit"]["burst"], 3);
+    assert_eq!(view["rate_limited"], 2);
+    assert_eq!(view["invocations"], 3);
+    assert!(!view.to_string().contains(REAL_GITHUB));
+    let audit = p.audit.records();
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|r| r.error == Some("rate_limited"))
+            .count(),
+        2
+    );
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|r| r.error == Some("capability_not_allowed"))
+            .count(),
+        4
+    );
+}

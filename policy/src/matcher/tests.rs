@@ -74,6 +74,7 @@ fn view<'a>(
         host,
         port: 443,
         tls: true,
+        method: "GET",
         path,
         query,
         headers,
@@ -306,4 +307,120 @@ proptest! {
         let expected = format!("{q}&key=q%20real%26v");
         prop_assert_eq!(out.query.as_deref(), Some(expected.as_str()));
     }
+}
+
+const CAPS: &str = r#"
+version = 1
+[[secrets]]
+name = "STRIPE_KEY"
+type = "http"
+source = { env = "S" }
+hosts = ["api.stripe.test"]
+capabilities = [
+  { name = "list-charges", method = "get", path = "/v1/charges" },
+  { method = "POST", path = "/v1/charges/*/refunds" },
+]
+
+[[secrets]]
+name = "MAPS_KEY"
+type = "http"
+mode = "inject"
+source = { env = "M" }
+inject_header = "X-Api-Key"
+hosts = ["maps.test"]
+capabilities = [{ path = "/geocode" }]
+"#;
+
+#[test]
+fn capabilities_gate_swaps_and_injections_by_method_and_path() {
+    let p = Policy::parse(CAPS, Path::new("p.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let h: &[(&str, &[u8])] = &[("authorization", b"Bearer STRIPE_KEY")];
+    let req = |method, path| RequestView {
+        method,
+        ..view("api.stripe.test", path, None, h)
+    };
+    for (m, path) in [
+        ("GET", "/v1/charges"),
+        ("GET", "/v1/charges/ch_1"),
+        ("POST", "/v1/charges/ch_1/refunds"),
+    ] {
+        let plan = p
+            .plan(&req(m, path))
+            .unwrap_or_else(|e| panic!("{m} {path}: {e}"));
+        assert_eq!(plan.secrets.as_slice(), [0], "{m} {path}");
+    }
+    for (m, path) in [
+        ("POST", "/v1/charges"),
+        ("DELETE", "/v1/charges/ch_1"),
+        ("GET", "/v1/customers"),
+        ("POST", "/v1/charges/ch_1"),
+    ] {
+        assert_eq!(
+            p.plan(&req(m, path)).unwrap_err(),
+            PlanError::CapabilityNotAllowed {
+                secret: "STRIPE_KEY".into(),
+                method: m.into(),
+            },
+            "{m} {path}"
+        );
+    }
+    // Without the placeholder the capability-restricted swap secret is not involved.
+    let plain = RequestView {
+        method: "DELETE",
+        ..view("api.stripe.test", "/v1/customers", None, &[])
+    };
+    assert!(p.plan(&plain).unwrap().is_empty());
+    // An injecting secret applies to every request to its hosts, so a request outside its
+    // capabilities is refused rather than sent without the credential.
+    let inject = |path| view("maps.test", path, None, &[]);
+    assert_eq!(
+        p.plan(&inject("/geocode/json")).unwrap().secrets.as_slice(),
+        [1]
+    );
+    assert!(matches!(
+        p.plan(&inject("/directions")),
+        Err(PlanError::CapabilityNotAllowed { .. })
+    ));
+}
+
+#[test]
+fn capability_and_rate_limit_errors_name_the_problem() {
+    let bad = |extra: &str| {
+        let text = format!(
+            "version = 1\n[[secrets]]\nname = \"API_KEY\"\ntype = \"http\"\nsource = {{ env = \"K\" }}\nhosts = [\"a.test\"]\n{extra}\n"
+        );
+        Policy::parse(&text, Path::new("p.toml"))
+            .unwrap_err()
+            .to_string()
+    };
+    for (extra, want) in [
+        ("capabilities = []", "`capabilities` is empty"),
+        ("capabilities = [{ method = \"GET\" }]", "has no `path`"),
+        ("capabilities = [{ path = \"v1\" }]", "must start with `/`"),
+        (
+            "capabilities = [{ method = \"G T\", path = \"/\" }]",
+            "not an HTTP method",
+        ),
+        ("capabilities = [{ path = \"/\", verb = \"GET\" }]", "verb"),
+        ("rate_limit = { burst = 5 }", "needs `requests_per_minute`"),
+        (
+            "rate_limit = { requests_per_minute = 0 }",
+            "from 1 to 1000000",
+        ),
+        (
+            "rate_limit = { requests_per_minute = 10, burst = -1 }",
+            "from 1 to 1000000",
+        ),
+    ] {
+        let e = bad(extra);
+        assert!(e.contains(want), "{extra}: {e}");
+        assert!(e.contains("p.toml:"), "{extra}: {e}");
+    }
+    let ok = Policy::parse(
+        "version = 1\n[[secrets]]\nname = \"API_KEY\"\ntype = \"http\"\nsource = { env = \"K\" }\nhosts = [\"a.test\"]\nrate_limit = { requests_per_minute = 60 }\n",
+        Path::new("p.toml"),
+    )
+    .unwrap();
+    let r = ok.secrets[0].rate_limit.unwrap();
+    assert_eq!((r.per_minute.get(), r.burst.get()), (60, 60));
 }
