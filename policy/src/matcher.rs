@@ -383,6 +383,15 @@ impl Policy {
         Ok(plan)
     }
 
+    /// The secret whose placeholder appears in `bytes` (raw, not decoded), if any: for the
+    /// parts of a request no secret may be swapped into (method, header names).
+    pub fn placeholder_in(&self, bytes: &[u8]) -> Option<&crate::Secret> {
+        self.matcher
+            .find(bytes)
+            .next()
+            .map(|(s, _, _)| &self.secrets[s])
+    }
+
     fn check(
         &self,
         req: &RequestView<'_>,
@@ -396,6 +405,10 @@ impl Policy {
             location: location.clone(),
         };
         if !secret.allows_host(req.host, req.port, req.tls) {
+            return Err(not_allowed());
+        }
+        // `Host` names the destination the request was bound to (decision 1): never swapped.
+        if matches!(&location, Location::Header(h) if h.eq_ignore_ascii_case("host")) {
             return Err(not_allowed());
         }
         let swap = match (&secret.mode, &location) {

@@ -207,7 +207,22 @@ async fn exchange(
     let policy = &active.policy;
 
     // bind
-    let (host, port, tls) = bind(conn, &req)?;
+    let (host, port, tls) = match bind(conn, &req) {
+        Ok(b) => b,
+        Err(e) => {
+            // The audit line still names where the connection was bound (the CONNECT
+            // authority), not what the request claimed.
+            if let Some(dest) = &conn.dest {
+                let rec = guard.rec();
+                rec.host.push_str(&dest.host);
+                rec.port = dest.port;
+                rec.scheme = if dest.tls { "https" } else { "http" };
+                rec.host_class = policy.host_class(&dest.host, dest.port, dest.tls);
+            }
+            guard.rec().path.push_str(req.uri().path());
+            return Err(e);
+        }
+    };
     // A clone shares the request target's bytes: path and query are borrowed from it.
     let target = req.uri().clone();
     let (path, query) = (target.path(), target.query());
@@ -270,6 +285,19 @@ async fn exchange(
     } else {
         None
     };
+    // Parts the plan does not swap in but that are forwarded: the method and the Upgrade
+    // value (hop-by-hop, but passed on for a WebSocket). A placeholder there is never sent
+    // (decision 3).
+    let unswapped = std::iter::once(("method", req.method().as_str().as_bytes()))
+        .chain(upgrade.iter().map(|u| ("header:upgrade", u.as_bytes())));
+    for (location, bytes) in unswapped {
+        if let Some(secret) = policy.placeholder_in(bytes) {
+            return Err(ProxyError::PlaceholderNotAllowed {
+                secret: secret.name.clone(),
+                location: location.to_string(),
+            });
+        }
+    }
     strip_hop_by_hop(req.headers_mut(), false);
     // On the stack for up to 16 headers (a typical API request has fewer).
     let view_headers: smallvec::SmallVec<[(&str, &[u8]); 16]> = req
@@ -527,7 +555,13 @@ fn bind<'c>(
     conn: &'c Conn,
     req: &Request<Incoming>,
 ) -> Result<(Cow<'c, str>, u16, bool), ProxyError> {
-    let host_header = match req.headers().get(HOST) {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let first_host = hosts.next();
+    if hosts.next().is_some() {
+        // RFC 9112 §3.2: more than one Host is a 400; an upstream could route by either.
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    let host_header = match first_host {
         Some(h) => Some(
             h.to_str()
                 .map_err(|_| ProxyError::BadRequest("invalid Host header"))?,

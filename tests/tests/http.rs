@@ -736,3 +736,96 @@ async fn capabilities_and_rate_limits_gate_each_secret() {
         4
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placeholders_where_nothing_is_swapped_and_duplicate_hosts_are_refused() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let (w, p) = world().await;
+    let port = w.port();
+    let other = format!("https://other.test:{port}/ws");
+    for (args, location) in [
+        (vec!["-X", "GITHUB_TOKEN"], "method"),
+        (
+            vec![
+                "-H",
+                "Connection: Upgrade",
+                "-H",
+                "Upgrade: websocket, GITHUB_TOKEN",
+            ],
+            "header:upgrade",
+        ),
+    ] {
+        let mut a: Vec<&str> = vec![&other];
+        a.extend(args);
+        let r = p.curl(&a).await;
+        assert_eq!(r.status, 403, "{location}: {r:?}");
+        assert_eq!(r.error_code().as_deref(), Some("placeholder_not_allowed"));
+        assert!(r.body.contains(location), "{location}: {}", r.body);
+    }
+    // Two Host headers: an upstream might route by the second one.
+    let authority = format!("api.github.test:{port}");
+    let ca = std::fs::read_to_string(&p.ca.cert).unwrap();
+    let mut send = client::tunnel(p.addr(), &authority, "api.github.test", &ca)
+        .await
+        .expect("tunnel");
+    let req = Request::get("/user")
+        .header("host", &authority)
+        .header("host", format!("other.test:{port}"))
+        .header("authorization", "Bearer GITHUB_TOKEN")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = client::fetch(&mut send, req).await.expect("fetch");
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.headers["x-iron-proxy-error"], "bad_request");
+    // A Host that disagrees with the tunnel is audited under the tunnel's destination.
+    let r = p
+        .curl(&[
+            &format!("https://api.github.test:{port}/user"),
+            "-H",
+            &format!("Host: other.test:{port}"),
+        ])
+        .await;
+    assert_eq!(r.error_code().as_deref(), Some("authority_mismatch"));
+    assert!(w.origin.records().is_empty(), "something was forwarded");
+    let audit = p.audit.records();
+    let mismatch = audit
+        .iter()
+        .find(|r| r.error == Some("authority_mismatch"))
+        .expect("audit");
+    assert_eq!(
+        (mismatch.host.as_str(), mismatch.port),
+        ("api.github.test", port)
+    );
+    assert_eq!(mismatch.path, "/user");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_header_is_never_swapped() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let policy = STANDARD_POLICY
+        .replace(
+            "hosts = [\"api.github.test:{PORT}\"]",
+            "match_headers = [\"*\"]\nhosts = [\"*.github.test:{PORT}\"]",
+        )
+        .replace(
+            "resolve = {",
+            "resolve = { \"github_token.github.test\" = \"127.0.0.1\",",
+        );
+    let w = World::new(&policy, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    // The CONNECT host, SNI and Host all agree, so bind passes; the plan must still not
+    // put the secret into the routing header.
+    let r = p
+        .curl(&[&format!("https://GITHUB_TOKEN.github.test:{}/", w.port())])
+        .await;
+    assert_eq!(
+        r.error_code().as_deref(),
+        Some("placeholder_not_allowed"),
+        "{r:?}"
+    );
+    assert!(w.origin.records().is_empty());
+}
