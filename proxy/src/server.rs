@@ -198,10 +198,31 @@ async fn connect(
                             // the tunnel ends.
                             let held = conn;
                             let Ok(up) = on_upgrade.await else { return };
+                            let mut up = TokioIo::new(up);
+                            // Only a TLS ClientHello naming the CONNECT host is spliced
+                            // (decision 1; REFERENCE.md §2.5): else the tunnel would carry
+                            // traffic for any name the upstream serves.
+                            let hello = match peek_client_hello(&mut up).await {
+                                Ok((bytes, sni)) if normalize_host(&sni).as_deref() == Some(host.as_str()) => bytes,
+                                refused => {
+                                    let code = match refused {
+                                        Ok(_) => "sni_mismatch",
+                                        Err(code) => code,
+                                    };
+                                    warn!(host = %host, port, code, "passthrough refused: the ClientHello does not name the CONNECT host");
+                                    rec.kind = "tunnel";
+                                    rec.status = 200;
+                                    rec.outcome = "refused";
+                                    rec.error = Some(code);
+                                    rec.stop_clock();
+                                    rt.emit(rec);
+                                    return;
+                                }
+                            };
                             let idle = rt.policy().proxy.limits.idle_timeout;
                             let closing = reached(held.shutdown.clone(), Phase::Closing);
                             let (to_up, to_client) =
-                                relay(TokioIo::new(up), upstream, idle, closing).await;
+                                relay(Prefixed::new(hello, up), upstream, idle, closing).await;
                             if rt.is_closing() {
                                 rec.error = Some("shutdown");
                             }
@@ -231,6 +252,60 @@ async fn connect(
             resp
         }
     }
+}
+
+/// Longest a passthrough client may take to send its ClientHello (REFERENCE.md §2.5).
+const CLIENT_HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Most bytes read while looking for a complete ClientHello (REFERENCE.md §2.5).
+const CLIENT_HELLO_MAX: usize = 16 * 1024;
+
+/// Reads a TLS ClientHello (TLS 1.2 or 1.3, over one or more records) from `io`, parsed by
+/// rustls's [`rustls::server::Acceptor`]. Returns the bytes read, to be replayed upstream,
+/// and the SNI host name.
+///
+/// # Errors
+/// An audit error code: `client_hello_timeout` (none within 5 s), `client_hello_too_large`
+/// (over 16 KiB), `client_hello_invalid` (not TLS, malformed, or the client closed),
+/// `sni_missing` (no server_name extension).
+async fn peek_client_hello<T>(io: &mut T) -> Result<(Vec<u8>, String), &'static str>
+where
+    T: tokio::io::AsyncRead + Unpin,
+{
+    let read = async {
+        let mut acceptor = rustls::server::Acceptor::default();
+        let mut seen = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = io
+                .read(&mut chunk)
+                .await
+                .map_err(|_| "client_hello_invalid")?;
+            if n == 0 {
+                return Err("client_hello_invalid");
+            }
+            if seen.len() + n > CLIENT_HELLO_MAX {
+                return Err("client_hello_too_large");
+            }
+            seen.extend_from_slice(&chunk[..n]);
+            let mut fed = &chunk[..n];
+            while !fed.is_empty() {
+                acceptor
+                    .read_tls(&mut fed)
+                    .map_err(|_| "client_hello_invalid")?;
+            }
+            match acceptor.accept() {
+                Ok(None) => {}
+                Ok(Some(accepted)) => {
+                    let sni = accepted.client_hello().server_name().map(str::to_string);
+                    return sni.map(|s| (seen, s)).ok_or("sni_missing");
+                }
+                Err(_) => return Err("client_hello_invalid"),
+            }
+        }
+    };
+    tokio::time::timeout(CLIENT_HELLO_TIMEOUT, read)
+        .await
+        .map_err(|_| "client_hello_timeout")?
 }
 
 /// The CONNECT-stage checks: a `host:port` authority, on the egress allowlist, resolving to

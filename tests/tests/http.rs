@@ -476,6 +476,39 @@ async fn missing_source_fails_closed_and_passthrough_is_untouched() {
         w.origin.records()[0].header("authorization").as_deref(),
         Some("Bearer GITHUB_TOKEN")
     );
+
+    // A passthrough tunnel carries only TLS naming its CONNECT host: another SNI (domain
+    // fronting), no SNI, or cleartext is cut before anything reaches the origin.
+    let pass = format!("pass.test:{}", w.port());
+    for sni in ["other.test", "127.0.0.1"] {
+        let r = client::tunnel(p.addr(), &pass, sni, &w.origin.ca_pem).await;
+        assert!(r.is_err(), "SNI {sni} was spliced");
+    }
+    let (status, mut tcp, _) = client::connect(p.addr(), &pass).await.expect("connect");
+    assert_eq!(status, 200);
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: pass.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tcp.read_to_end(&mut buf).await;
+    assert!(buf.is_empty(), "cleartext was spliced");
+    assert_eq!(
+        w.origin.records().len(),
+        1,
+        "a refused tunnel reached the origin"
+    );
+    let codes: Vec<_> = p
+        .audit
+        .records()
+        .iter()
+        .filter(|r| r.kind == "tunnel" && r.outcome == "refused")
+        .filter_map(|r| r.error)
+        .collect();
+    assert_eq!(
+        codes,
+        ["sni_mismatch", "sni_missing", "client_hello_invalid"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
