@@ -473,15 +473,18 @@ async fn run(policy_path: &Path, cmd: &[String]) -> anyhow::Result<ExitCode> {
     };
     let mut child = tokio::process::Command::new(program);
     child.args(args);
-    // The sandbox never inherits a variable a secret source reads.
+    // The sandbox never inherits a variable a secret source reads, nor the admin API's
+    // bearer token (its source, and the variable `iron-proxy reload` sends).
     for var in SourceResolver::env_vars(
         policy
             .secrets
             .iter()
-            .flat_map(|s| s.sources().into_iter().map(|(_, src)| src)),
+            .flat_map(|s| s.sources().into_iter().map(|(_, src)| src))
+            .chain(policy.proxy.admin_token.iter()),
     ) {
         child.env_remove(var);
     }
+    child.env_remove("IRON_PROXY_ADMIN_TOKEN");
     for (k, v) in &env {
         child.env(k, v);
     }

@@ -172,7 +172,11 @@ async fn run_gives_the_child_a_working_sandbox_without_secrets() {
     if !have("curl") {
         return;
     }
-    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let policy = STANDARD_POLICY.replace(
+        "[proxy]\n",
+        "[proxy]\nadmin_token = { env = \"ADMIN_BEARER\" }\n",
+    );
+    let w = World::new(&policy, OriginOptions::default()).await;
     let port = w.port();
     let out = tokio::process::Command::new(bin())
         .args(["run", "--policy"])
@@ -183,10 +187,17 @@ async fn run_gives_the_child_a_working_sandbox_without_secrets() {
         ))
         .env("IRON_PROXY_HOME", w.dir.path().join("home"))
         .envs(standard_env())
+        .env("ADMIN_BEARER", "admin-bearer-value")
+        .env("IRON_PROXY_ADMIN_TOKEN", "admin-bearer-value")
         .output()
         .await
         .expect("run");
     let stdout = String::from_utf8_lossy(&out.stdout);
+    // The admin API's token would let the sandbox reload or probe the proxy.
+    assert!(
+        !stdout.contains("admin-bearer-value"),
+        "child inherited the admin token"
+    );
     assert!(
         out.status.success(),
         "{stdout} {}",
