@@ -35,6 +35,7 @@ pub mod loader;
 pub mod metrics;
 pub mod origin;
 pub mod pg;
+mod pgfilter;
 pub mod pipeline;
 pub mod sandbox;
 pub mod server;

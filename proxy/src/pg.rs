@@ -7,8 +7,12 @@
 //! the placeholder (RFC 5802/7677, constant-time check), then a login upstream with the real
 //! DSN (TLS per `sslmode`, always verified; SCRAM-SHA-256, with channel binding over TLS;
 //! MD5 or cleartext only when the DSN's `require_auth` names them), then `role`/`settings`,
-//! then bytes relayed both ways without parsing. The client sees BackendKeyData of the
-//! relay's own; a CancelRequest with those keys is forwarded with the real ones.
+//! then bytes relayed both ways without parsing, except that when the secret pins a `role`
+//! or `settings` the client's Query, Parse and FunctionCall messages are checked and those
+//! that would undo the pin are replaced by a statement that makes the server raise 42501
+//! ([`crate::pgfilter`]; such sessions also need an ASCII-safe `client_encoding`). The
+//! client sees BackendKeyData of the relay's own; a CancelRequest with those keys is
+//! forwarded with the real ones.
 //! (REFERENCE.md §2.11 and D11, D27.)
 
 use std::collections::HashMap;
@@ -669,7 +673,7 @@ async fn session(
             return;
         }
     };
-    let (client, upstream, own_keys) = match setup {
+    let (client, upstream, own_keys, rules) = match setup {
         Ok(Ok(Some(s))) => s,
         Ok(Ok(None)) => {
             // A CancelRequest is audited; a client gone before a session is not a session.
@@ -695,7 +699,19 @@ async fn session(
     };
     let idle = Duration::from_secs(24 * 3600);
     let stopping = stop.clone();
-    let (up, down) = crate::io::relay(client, upstream, idle, stopped(stop)).await;
+    // A secret that pins `role` or `settings`: the client's statements are checked on the
+    // way (crate::pgfilter); nothing is parsed otherwise.
+    let (up, down) = match rules {
+        Some(rules) => {
+            let mut client = crate::pgfilter::Filtered::new(client, rules, name.into());
+            let counts = crate::io::relay(&mut client, upstream, idle, stopped(stop)).await;
+            if client.refused() > 0 {
+                tracing::warn!(secret = %name, refused = client.refused(), "postgres session ended; statements were refused in it");
+            }
+            counts
+        }
+        None => crate::io::relay(client, upstream, idle, stopped(stop)).await,
+    };
     if let Ok(mut m) = cancels.lock() {
         m.remove(&own_keys);
     }
@@ -710,7 +726,14 @@ async fn session(
     rt.emit(rec);
 }
 
-type Established = (Box<dyn Stream>, Box<dyn Stream>, (i32, i32));
+/// The client, the upstream, the relay's own cancel keys and, when the secret pins a role
+/// or settings, the statement rules for the client's messages.
+type Established = (
+    Box<dyn Stream>,
+    Box<dyn Stream>,
+    (i32, i32),
+    Option<crate::pgfilter::Rules>,
+);
 
 async fn handshake(
     rt: &Arc<Runtime>,
@@ -912,6 +935,31 @@ async fn handshake(
                 return Err(());
             }
         };
+    // With a pinned role or settings, the client's statements are checked, which needs a
+    // client encoding in which a backslash byte is always a backslash (crate::pgfilter).
+    let pinned = spec.role.is_some() || !spec.settings.is_empty();
+    if pinned
+        && let Some((_, enc)) = statuses
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("client_encoding"))
+        && crate::pgfilter::unsafe_client_encoding(enc)
+    {
+        fail(
+            &mut client,
+            refuse(
+                "0A000",
+                "pg_refused_parameter",
+                format!(
+                    "client_encoding {enc} is not allowed through this relay (its role or settings are pinned); use UTF8"
+                ),
+            ),
+            rec,
+        )
+        .await;
+        return Err(());
+    }
+    let rules =
+        pinned.then(|| crate::pgfilter::Rules::new(spec.settings.iter().map(|(k, _)| k.as_str())));
     // Tell the client it is in.
     let mut own = [0u8; 8];
     let _ = crate::crypto_provider().secure_random.fill(&mut own);
@@ -941,7 +989,7 @@ async fn handshake(
         return Ok(None);
     }
     rec.status = 0;
-    Ok(Some((client, upstream, own_keys)))
+    Ok(Some((client, upstream, own_keys, rules)))
 }
 
 async fn fail(client: &mut Box<dyn Stream>, r: Refusal, rec: &mut AuditRecord) {

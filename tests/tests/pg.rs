@@ -525,3 +525,182 @@ async fn sigterm_closes_open_sessions_and_writes_their_audit_lines() {
     }
     assert!(!log.contains(APP_PASSWORD), "{log}");
 }
+
+/// A secret pinning `role` and `settings`: the client cannot undo them, by the simple or
+/// the extended protocol, and the connection stays usable after each refusal (the server
+/// raises 42501 in place of the refused statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_role_and_settings_cannot_be_undone_by_the_client() {
+    use tokio_postgres::error::SqlState;
+    let Some(c) = cluster() else { return };
+    c.psql("create role app_ro nologin").expect("role");
+    c.psql("grant app_ro to app").expect("grant");
+    let r = relay(
+        &c,
+        "role = \"app_ro\"\nsettings = { \"app.tenant\" = \"t-42\" }",
+        c.port,
+    )
+    .await;
+    let client = connect(&r.dsn).await.expect("connect");
+    async fn who(client: &tokio_postgres::Client) -> (String, String) {
+        let row = client
+            .query_one(
+                "select current_user::text, current_setting('app.tenant')",
+                &[],
+            )
+            .await
+            .expect("who");
+        (row.get(0), row.get(1))
+    }
+    let pinned = ("app_ro".to_string(), "t-42".to_string());
+    assert_eq!(who(&client).await, pinned);
+    for sql in [
+        "RESET ROLE",
+        "SET ROLE app",
+        "set local role app",
+        "SET SESSION AUTHORIZATION app",
+        "SET app.tenant = 'other'",
+        "set \"APP\".tenant to 'other'",
+        "RESET app.tenant",
+        "select set_config('role', 'app', false)",
+        "select pg_catalog.set_config('app.tenant', 'other', false)",
+        "select 1; set role app; select 2",
+        "select 'x'; reset /* c */ role",
+        "DISCARD ALL",
+        "RESET ALL",
+        "DO $$BEGIN EXECUTE 'RESET ' || 'ROLE'; END$$",
+        "select query_to_xml('select set_con'||'fig(''ro''||''le'',''app'',false)', true, false, '')",
+        "SET NAMES 'SJIS'",
+    ] {
+        let e = client.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            e.code(),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {e:?}"
+        );
+        let msg = e.as_db_error().map(|d| d.message().to_string());
+        assert!(
+            msg.as_deref()
+                .is_some_and(|m| m.starts_with("iron-proxy: ")),
+            "{sql}: {msg:?}"
+        );
+        assert_eq!(who(&client).await, pinned, "after {sql}");
+    }
+    // The extended protocol: Parse of a refused statement is replaced; the driver binds
+    // its values to the replacement and gets 42501 at Execute.
+    let e = client
+        .query("select set_config($1, $2, false)", &[&"role", &"app"])
+        .await
+        .expect_err("set_config by parameters");
+    assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e:?}");
+    let e = client
+        .execute("SET ROLE app", &[])
+        .await
+        .expect_err("extended SET ROLE");
+    assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e:?}");
+    let e = client
+        .prepare("select set_config('app.tenant', $1, false)")
+        .await
+        .expect("prepare of the replacement");
+    let e = client
+        .query(&e, &[&"other"])
+        .await
+        .expect_err("execute of the replacement");
+    assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e:?}");
+    assert_eq!(who(&client).await, pinned);
+    // Other settings pass, by set_config and by SET.
+    let row = client
+        .query_one("select set_config('statement_timeout', '5s', false)", &[])
+        .await
+        .expect("set_config of another setting");
+    assert_eq!(row.get::<_, String>(0), "5s");
+    client
+        .batch_execute("SET statement_timeout = '6s'; select 1; select 2")
+        .await
+        .expect("SET of another setting, clean multi-statement");
+    let row = client
+        .query_one("show statement_timeout", &[])
+        .await
+        .expect("show");
+    assert_eq!(row.get::<_, String>(0), "6s");
+    // Inside an explicit transaction: the refusal aborts it like any error; the pin stays.
+    let mut tx_client = connect(&r.dsn).await.expect("connect");
+    {
+        let tx = tx_client.transaction().await.expect("tx");
+        let row = tx
+            .query_one("select current_user::text", &[])
+            .await
+            .expect("in tx");
+        assert_eq!(row.get::<_, String>(0), "app_ro");
+        let e = tx.batch_execute("RESET ROLE").await.expect_err("in tx");
+        assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+        tx.rollback().await.expect("rollback");
+    }
+    {
+        let tx = tx_client.transaction().await.expect("tx");
+        tx.batch_execute("set local statement_timeout = '1s'")
+            .await
+            .expect("SET LOCAL of another setting");
+        tx.commit().await.expect("commit");
+    }
+    assert_eq!(who(&tx_client).await, pinned);
+    // COPY streams through the filter untouched (CopyData is never buffered whole).
+    client
+        .batch_execute("create temp table t (id int, v text)")
+        .await
+        .expect("temp table");
+    use futures_util::SinkExt as _;
+    let mut data = Vec::new();
+    for i in 0..50_000 {
+        data.extend_from_slice(format!("{i}\t{}\n", "x".repeat(40)).as_bytes());
+    }
+    let sink = client.copy_in("copy t from stdin").await.expect("copy in");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from(data)).await.expect("send");
+    assert_eq!(sink.finish().await.expect("finish"), 50_000);
+    // 100 autocommit queries, with parameters, keep the role and the setting.
+    for i in 0..100i32 {
+        let row = client
+            .query_one(
+                "select current_user::text, current_setting('app.tenant'), $1::int",
+                &[&i],
+            )
+            .await
+            .expect("query");
+        assert_eq!(
+            (
+                row.get::<_, String>(0),
+                row.get::<_, String>(1),
+                row.get::<_, i32>(2)
+            ),
+            (pinned.0.clone(), pinned.1.clone(), i)
+        );
+    }
+    // psql: a refusal, then the session still answers (simple protocol, one connection).
+    let (ok, _, err) = psql(&r.dsn, "reset role");
+    assert!(
+        !ok && err.contains("iron-proxy: changing the role"),
+        "{err}"
+    );
+    let (ok, out, err) = psql(&r.dsn, "select current_user, current_setting('app.tenant')");
+    assert!(ok, "{err}");
+    assert_eq!(out, "app_ro|t-42");
+    // A client encoding in which a backslash byte may belong to a character is refused.
+    let out = std::process::Command::new("psql")
+        .arg(&r.dsn)
+        .args(["-X", "-Atc", "select 1"])
+        .env("PGCLIENTENCODING", "SJIS")
+        .env_remove("PGPASSWORD")
+        .output()
+        .expect("psql");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("client_encoding"),
+        "{err}"
+    );
+    drop(client);
+    drop(tx_client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit = serde_json::to_string(&r.audit.records()).expect("json");
+    assert!(!audit.contains(APP_PASSWORD));
+}
