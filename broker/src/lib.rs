@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use iron_policy::{SourceKind, SourceRef};
 use zeroize::Zeroizing;
@@ -122,10 +122,47 @@ impl Env for HashMap<String, String> {
 
 #[derive(Clone)]
 struct FileEntry {
-    modified: Option<SystemTime>,
-    len: u64,
+    stamp: FileStamp,
     bytes: SecretValue,
 }
+
+/// What says a file is unchanged: modification and status-change times, size and inode.
+/// The status-change time (ctime) cannot be set by tools that keep the modification time
+/// (`cp -p`, `touch -r`, `rsync -t`, `tar`), and the inode changes on a rename-replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    changed: (i64, i64),
+    len: u64,
+    ino: u64,
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Self {
+            modified: meta.modified().ok(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+            len: meta.len(),
+            ino: meta.ino(),
+        }
+    }
+
+    /// True when a cached read with this stamp may be reused: the stamp is unchanged and
+    /// the file was last changed over [`RACY_SECS`] ago, so a second write within the
+    /// clock's granularity cannot hide behind an equal stamp (git's "racy" rule).
+    fn reusable(&self, now: SystemTime) -> bool {
+        let changed = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(self.changed.0).unwrap_or(0));
+        self.modified.is_some()
+            && now
+                .duration_since(changed)
+                .is_ok_and(|d| d.as_secs() >= RACY_SECS)
+    }
+}
+
+/// Seconds after its last change during which a file is always re-read.
+const RACY_SECS: u64 = 2;
 
 /// Resolves [`SourceRef`]s to values, caching file contents until the file changes.
 pub struct SourceResolver {
@@ -213,13 +250,11 @@ impl SourceResolver {
             source,
         };
         let meta = std::fs::metadata(path).map_err(err)?;
-        let modified = meta.modified().ok();
-        let len = meta.len();
+        let stamp = FileStamp::of(&meta);
         if let Ok(files) = self.files.lock()
             && let Some(e) = files.get(path)
-            && e.modified == modified
-            && e.len == len
-            && modified.is_some()
+            && e.stamp == stamp
+            && stamp.reusable(SystemTime::now())
         {
             return Ok(e.bytes.clone());
         }
@@ -228,8 +263,7 @@ impl SourceResolver {
             files.insert(
                 path.to_path_buf(),
                 FileEntry {
-                    modified,
-                    len,
+                    stamp,
                     bytes: bytes.clone(),
                 },
             );
@@ -330,5 +364,37 @@ mod tests {
         assert_eq!(r.resolve(&src).unwrap().expose(), b"second");
         std::fs::remove_file(&p).unwrap();
         assert!(r.resolve(&src).unwrap_err().is_missing());
+    }
+
+    #[test]
+    fn a_rewrite_that_keeps_size_and_mtime_is_still_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, "token-AAAA").unwrap();
+        let before = FileStamp::of(&std::fs::metadata(&p).unwrap());
+        // Past the kernel's timestamp tick, then `cp -p`/`touch -r` style: new bytes of the
+        // same length with the old modification time put back.
+        std::thread::sleep(Duration::from_millis(30));
+        std::fs::write(&p, "token-BBBB").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(before.modified.unwrap())
+            .unwrap();
+        let after = FileStamp::of(&std::fs::metadata(&p).unwrap());
+        assert_eq!((after.modified, after.len), (before.modified, before.len));
+        assert_ne!(after, before, "the status-change time must tell them apart");
+        // A file changed just now is re-read even with an equal stamp; later it is cached.
+        let now = SystemTime::now();
+        assert!(!after.reusable(now));
+        assert!(after.reusable(now + Duration::from_secs(RACY_SECS + 1)));
+        let r = resolver(&[]);
+        let src = SourceRef {
+            kind: SourceKind::File(p.clone()),
+            json_key: None,
+            pos: Pos::default(),
+        };
+        assert_eq!(r.resolve(&src).unwrap().expose(), b"token-BBBB");
     }
 }
