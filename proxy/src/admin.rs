@@ -108,7 +108,11 @@ async fn route(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<ProxyBody>
         let given = req
             .headers()
             .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|v| {
+                // The scheme is case-insensitive (RFC 9110 §11.1).
+                let v = v.as_bytes();
+                (v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &v[7..])
+            })
             .unwrap_or_default();
         if !iron_broker::ct_eq(given, expected.expose()) {
             return error(
@@ -158,7 +162,13 @@ async fn route(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<ProxyBody>
                 "no secret by that name",
             ),
         },
-        (_, ["healthz" | "readyz" | "metrics"] | ["v1", ..]) => error(
+        (
+            _,
+            ["healthz" | "readyz" | "metrics"]
+            | ["v1", "secrets" | "reload"]
+            | ["v1", "secrets", _]
+            | ["v1", "secrets", _, "probe"],
+        ) => error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed here",
@@ -192,7 +202,7 @@ fn source_state(rt: &Runtime, s: &Secret) -> (&'static str, Option<String>) {
 fn readyz(rt: &Runtime) -> Response<ProxyBody> {
     let mut reasons = Vec::new();
     if !rt.listening.load(std::sync::atomic::Ordering::Relaxed) {
-        reasons.push("proxy listener is not bound".to_string());
+        reasons.push("proxy listener is not bound (starting or shutting down)".to_string());
     }
     for s in rt
         .policy()

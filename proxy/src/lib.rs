@@ -703,6 +703,8 @@ impl Running {
     /// log as `closed` with `"error": "shutdown"` (waiting at most 2 s more for that).
     /// Returns true when everything drained within `grace`.
     pub async fn drain(mut self, grace: std::time::Duration) -> bool {
+        // No longer accepting: `/readyz` says so, so a load balancer stops sending.
+        self.rt.listening.store(false, Ordering::Relaxed);
         let _ = self.shutdown.send(Phase::Draining);
         let Some(mut task) = self.task.take() else {
             return true;

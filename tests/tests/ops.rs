@@ -224,6 +224,8 @@ async fn admin_secrets_readiness_and_probe() {
     assert_eq!(gh["state"], "ok");
     assert_eq!(gh["type"], "http");
     assert_eq!(get_json(a, Method::GET, "/v1/secrets/NOPE").await.0, 404);
+    assert_eq!(get_json(a, Method::GET, "/v1/nothing").await.0, 404);
+    assert_eq!(get_json(a, Method::DELETE, "/v1/secrets").await.0, 405);
 
     // Readiness: MAPS_KEY is required and missing.
     let (status, ready) = get_json(a, Method::GET, "/readyz").await;
@@ -597,4 +599,17 @@ async fn reload_says_a_new_pg_relay_starts_on_restart() {
         "{:?}",
         again.warnings
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_drops_when_the_listener_drains() {
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let listening = || p.rt.listening.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(listening());
+    let rt = p.rt.clone();
+    let InProcess { running, .. } = p;
+    assert!(running.drain(Duration::from_secs(1)).await);
+    // `/readyz` reads this flag: 503 "not bound" while shutting down.
+    assert!(!rt.listening.load(std::sync::atomic::Ordering::Relaxed));
 }
