@@ -184,9 +184,12 @@ pub async fn handle(
         Err(e) => {
             if let Some(mut rec) = guard.rec.take() {
                 rec.status = e.status().as_u16();
-                rec.outcome = match e.status().as_u16() {
-                    502 | 504 => "upstream_error",
-                    _ => "refused",
+                // The upstream failed, or the proxy refused (a missing credential too:
+                // nothing was forwarded).
+                rec.outcome = if e.code().starts_with("upstream_") {
+                    "upstream_error"
+                } else {
+                    "refused"
                 };
                 rec.error = Some(e.code());
                 rec.stop_clock();

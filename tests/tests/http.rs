@@ -450,6 +450,13 @@ async fn missing_source_fails_closed_and_passthrough_is_untouched() {
     assert_eq!(resp.status, 502);
     assert_eq!(resp.headers["x-iron-proxy-error"], "credential_unavailable");
     assert!(w.origin.records().is_empty());
+    // Nothing was forwarded: audited (and counted) as a refusal, not an upstream error.
+    let rec = p.audit.records();
+    let rec = rec
+        .iter()
+        .find(|r| r.error == Some("credential_unavailable"))
+        .expect("audit");
+    assert_eq!(rec.outcome, "refused");
 
     // Passthrough: the client talks TLS with the origin itself (origin CA, not the proxy's).
     let mut send = client::tunnel(
