@@ -111,6 +111,24 @@ fn load_with(path: &Path, env: Arc<dyn Env>, strict: bool) -> (Option<Policy>, V
             ));
         }
     }
+    if let Some(src) = &policy.proxy.admin_token
+        && let Err(e) = sources.resolve(src)
+    {
+        // Without it every admin call, /healthz and /readyz included, is refused (503).
+        diags.push(Diagnostic {
+            file: path.to_path_buf(),
+            line: src.pos.line,
+            col: src.pos.col,
+            severity: if strict || !e.is_missing() {
+                Severity::Error
+            } else {
+                Severity::Warning
+            },
+            message: format!(
+                "[proxy] admin_token: {e} (every admin call is refused with 503 until it is set)"
+            ),
+        });
+    }
     let top = |message: String| Diagnostic {
         file: path.to_path_buf(),
         line: 1,

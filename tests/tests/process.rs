@@ -592,3 +592,38 @@ async fn several_event_loops_serve_concurrent_connections() {
         "one audit line per request"
     );
 }
+
+#[test]
+fn check_fails_when_the_admin_token_source_is_missing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("admin.toml");
+    std::fs::write(
+        &p,
+        "version = 1\n[proxy]\nadmin_token = { env = \"ADMIN_BEARER_UNSET\" }\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(bin())
+        .args(["check", "--policy"])
+        .arg(&p)
+        .env_remove("ADMIN_BEARER_UNSET")
+        .output()
+        .expect("check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("{}:3:", p.display())) && text.contains("admin_token"),
+        "{text}"
+    );
+    let ok = std::process::Command::new(bin())
+        .args(["check", "--policy"])
+        .arg(&p)
+        .env("ADMIN_BEARER_UNSET", "set-now")
+        .output()
+        .expect("check");
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+}
