@@ -520,6 +520,7 @@ pub async fn start_all(
         let slots = Arc::new(Semaphore::new(max as usize));
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let accept_slots = slots.clone();
+        let overflow = Arc::new(Semaphore::new(OVERFLOW_HANDSHAKES));
         let name = secret.name.clone();
         let rt2 = rt.clone();
         let user = side.user.clone();
@@ -544,8 +545,23 @@ pub async fn start_all(
                     stop_rx.clone(),
                 );
                 let permit = accept_slots.clone().try_acquire_owned();
+                // At the cap, a connection may still be a CancelRequest, which needs no
+                // session (PostgreSQL takes cancels at any load): up to OVERFLOW_HANDSHAKES
+                // such connections are read; a startup among them is refused with 53300
+                // after the SSL exchange, where libpq can show it.
+                let overflow = match &permit {
+                    Ok(_) => None,
+                    Err(_) => overflow.clone().try_acquire_owned().ok(),
+                };
                 // The session runs on the next event loop (crate::workers).
                 crate::workers::hand_off(tcp, move |mut tcp| async move {
+                    if let Some(_overflow) = overflow {
+                        session(
+                            rt, &name, &user, &verifier, &cancels, tcp, peer, false, stop,
+                        )
+                        .await;
+                        return;
+                    }
                     let Ok(_permit) = permit else {
                         let _ =
                             send_error(&mut tcp, "53300", "too many connections for this relay")
@@ -563,7 +579,7 @@ pub async fn start_all(
                         rt.emit(rec);
                         return;
                     };
-                    session(rt, &name, &user, &verifier, &cancels, tcp, peer, stop).await;
+                    session(rt, &name, &user, &verifier, &cancels, tcp, peer, true, stop).await;
                 });
             }
         });
@@ -579,6 +595,9 @@ pub async fn start_all(
     }
     Ok(relays)
 }
+
+/// Connections read past a relay's `max_connections`, in case they are CancelRequests.
+const OVERFLOW_HANDSHAKES: usize = 16;
 
 /// The SCRAM-SHA-256 verifier of the placeholder password.
 struct Verifier {
@@ -651,6 +670,7 @@ async fn session(
     cancels: &CancelMap,
     tcp: TcpStream,
     peer: SocketAddr,
+    has_slot: bool,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut rec = AuditRecord::new("pg", rt.next_request_id(), peer, "STARTUP");
@@ -663,7 +683,7 @@ async fn session(
     let setup = tokio::select! {
         setup = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            handshake(&rt, name, user, verifier, cancels, tcp, &mut rec),
+            handshake(&rt, name, user, verifier, cancels, tcp, has_slot, &mut rec),
         ) => setup,
         () = stopped(stop.clone()) => {
             rec.outcome = "refused";
@@ -735,6 +755,7 @@ type Established = (
     Option<crate::pgfilter::Rules>,
 );
 
+#[allow(clippy::too_many_arguments)]
 async fn handshake(
     rt: &Arc<Runtime>,
     name: &str,
@@ -742,17 +763,16 @@ async fn handshake(
     verifier: &Verifier,
     cancels: &CancelMap,
     tcp: TcpStream,
+    has_slot: bool,
     rec: &mut AuditRecord,
 ) -> Result<Option<Established>, ()> {
     let policy = rt.policy();
-    // Removed or switched off (`enabled = false`) by a reload: no new sessions.
-    let Some(SecretKind::Pg(spec)) = policy
-        .secret(name)
-        .filter(|s| s.enabled)
-        .map(|s| s.kind.clone())
-    else {
-        rec.error = Some("credential_unavailable");
-        return Err(());
+    // Removed or switched off (`enabled = false`) by a reload: no new sessions. The client
+    // is told so after its startup packet (an error before it, during the SSLRequest, is
+    // one libpq cannot show).
+    let spec = match policy.secret(name).filter(|s| s.enabled).map(|s| &s.kind) {
+        Some(SecretKind::Pg(spec)) => Some(spec.clone()),
+        _ => None,
     };
     // The leaf offered to a TLS client names the address it connected to (the relay's
     // listen address), so verify-full works on any listen IP.
@@ -773,7 +793,7 @@ async fn handshake(
         match code {
             80_877_103 => {
                 // SSLRequest
-                if spec.client_tls {
+                if spec.as_ref().is_some_and(|s| s.client_tls) {
                     if client.write_all(b"S").await.is_err() {
                         return Ok(None);
                     }
@@ -834,6 +854,32 @@ async fn handshake(
             }
         }
     };
+    let Some(spec) = spec else {
+        fail(
+            &mut client,
+            refuse(
+                "08006",
+                "credential_unavailable",
+                "this relay's secret is disabled or no longer in the policy",
+            ),
+            rec,
+        )
+        .await;
+        return Err(());
+    };
+    if !has_slot {
+        fail(
+            &mut client,
+            refuse(
+                "53300",
+                "pg_too_many_connections",
+                "too many connections for this relay",
+            ),
+            rec,
+        )
+        .await;
+        return Err(());
+    }
     let got_user = params.get("user").cloned().unwrap_or_default();
     let got_db = params
         .get("database")
@@ -1433,8 +1479,10 @@ fn error_fields(body: &[u8]) -> (String, String) {
     (code, msg)
 }
 
+/// `s` as an escape-string constant (`E'...'`), read the same whatever the session's
+/// `standard_conforming_strings` (which the client may set at startup).
 fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 fn ident(s: &str) -> String {
@@ -1444,6 +1492,12 @@ fn ident(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn literals_do_not_depend_on_standard_conforming_strings() {
+        assert_eq!(literal(r"C:\temp"), r"E'C:\\temp'");
+        assert_eq!(literal(r"it's\"), r"E'it''s\\'");
+    }
 
     #[test]
     fn dsn_forms() {

@@ -704,3 +704,48 @@ async fn pinned_role_and_settings_cannot_be_undone_by_the_client() {
     let audit = serde_json::to_string(&r.audit.records()).expect("json");
     assert!(!audit.contains(APP_PASSWORD));
 }
+
+/// At `max_connections` a CancelRequest still gets through, and a new session is told
+/// 53300 (as an ErrorResponse after the startup packet, which libpq can show); a relay
+/// switched off by a reload says so instead of closing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_at_the_connection_cap_and_a_disabled_relay_answer_properly() {
+    let Some(c) = cluster() else { return };
+    let r = relay(&c, "max_connections = 1", c.port).await;
+    let code = |e: tokio_postgres::Error| {
+        e.code()
+            .map(|c| c.code().to_string())
+            .unwrap_or_else(|| e.to_string())
+    };
+    let client = connect(&r.dsn).await.expect("connect");
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        connect(&r.dsn).await.err().map(code).as_deref(),
+        Some("53300")
+    );
+    let (ok, _, stderr) = psql(&r.dsn, "select 1");
+    assert!(!ok && stderr.contains("too many connections"), "{stderr}");
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel");
+    let res = tokio::time::timeout(Duration::from_secs(5), sleeper)
+        .await
+        .expect("the cancel did not get through at the cap")
+        .expect("join");
+    assert_eq!(res.err().map(code).as_deref(), Some("57014"));
+
+    // Switched off by a reload: an ErrorResponse naming why, not a dropped connection.
+    let path = r.rt.active().policy.path.clone();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("max_connections = 1", "enabled = false"),
+    )
+    .unwrap();
+    r.rt.reload().await.expect("reload");
+    let (ok, _, stderr) = psql(&r.dsn, "select 1");
+    assert!(!ok && stderr.contains("disabled"), "{stderr}");
+}
