@@ -239,10 +239,48 @@ impl Config {
 // Token-endpoint transport
 // ---------------------------------------------------------------------------------------
 
-type HttpsClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Full<Bytes>,
->;
+type HttpsConnector =
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+type HttpsClient = hyper_util::client::legacy::Client<HandshakeDeadline, Full<Bytes>>;
+
+/// The HTTPS connector with one deadline over TCP connect *and* TLS handshake. hyper-util's
+/// connect timeout covers only TCP, so an endpoint that accepts and then never finishes the
+/// handshake used to run into the whole exchange's deadline, which reads as "no answer after
+/// the request was sent". A connector error is a connect error to the client: retryable,
+/// since no request was written.
+#[derive(Clone)]
+struct HandshakeDeadline {
+    inner: HttpsConnector,
+    deadline: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<http::Uri> for HandshakeDeadline {
+    type Response = <HttpsConnector as tower_service::Service<http::Uri>>::Response;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(dst);
+        let deadline = self.deadline;
+        Box::pin(async move {
+            match tokio::time::timeout(deadline, connecting).await {
+                Ok(r) => r,
+                Err(_) => Err("TCP connect and TLS handshake did not finish in time".into()),
+            }
+        })
+    }
+}
 
 /// HTTPS-only client for token endpoints: web PKI roots plus `upstream_ca`.
 struct Transport {
@@ -262,6 +300,10 @@ impl Transport {
             .https_only()
             .enable_http1()
             .wrap_connector(http);
+        let https = HandshakeDeadline {
+            inner: https,
+            deadline: timeout / 3,
+        };
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))

@@ -906,6 +906,26 @@ async fn answer_lost_after_rotation_is_reported_not_replayed() {
     let (_, list, _) = cli(&config, &["credentials", "list"], None);
     assert!(list.contains(" ok "), "{list}");
     drop(b);
+
+    // An endpoint that takes the TCP connection but never finishes the TLS handshake: no
+    // request was written, so it is retried as unreachable, not reported as interrupted.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &idp.token_url(),
+        &format!("https://{}/oauth/token", silent.local_addr().unwrap()),
+    );
+    std::fs::write(&config, text).unwrap();
+    bootstrap(&config);
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "idp_unavailable");
+    let (_, list, _) = cli(&config, &["credentials", "list"], None);
+    assert!(list.contains(" ok "), "{list}");
+    drop(b);
 }
 
 /// The Postgres store over TLS: with `sslmode=require` its connection is encrypted (the
