@@ -1161,6 +1161,14 @@ impl Broker {
             });
             match r {
                 Err(MintError::Malformed) => return Err(MintError::Malformed),
+                // A gateway's 502/504 says the IdP behind it failed or did not answer in
+                // time: it may have rotated the token, so this is an answer lost after the
+                // request was sent, never replayed (500, 503 and 429 come from the IdP
+                // itself, before or instead of a rotation, and are retried).
+                Err(MintError::Status(s @ (502 | 504))) => {
+                    tracing::warn!(credential = %spec.id, status = s, "token endpoint gateway error after the request was sent");
+                    return Err(MintError::Malformed);
+                }
                 Err(e) if e.is_retryable() && tokio::time::Instant::now() + delay < deadline => {
                     tracing::debug!(credential = %spec.id, error = %e, "token endpoint failed; retrying");
                     tokio::time::sleep(delay + crate::tokens::jitter(delay / 2)).await;

@@ -58,6 +58,9 @@ pub struct RotState {
     /// Rotate the refresh token on this many next valid requests but answer `200` with a
     /// body that is not a token response (a lost or garbled answer).
     pub malformed_next: AtomicU32,
+    /// Rotate the refresh token on this many next valid requests but answer `502` (a
+    /// gateway whose backend committed the rotation and then failed).
+    pub bad_gateway_next: AtomicU32,
     /// Rotate on the next valid request, then hold the answer this many ms (longer than
     /// the caller's timeout: the answer is lost after the rotation happened). One-shot.
     pub stall_after_rotate_ms: AtomicU64,
@@ -320,6 +323,13 @@ async fn handle(st: &RotState, req: Request<Incoming>) -> Response<Full<Bytes>> 
     let stall = st.stall_after_rotate_ms.swap(0, Ordering::SeqCst);
     if stall > 0 {
         tokio::time::sleep(Duration::from_millis(stall)).await;
+    }
+    if st
+        .bad_gateway_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return reply(StatusCode::BAD_GATEWAY, None);
     }
     if st
         .malformed_next

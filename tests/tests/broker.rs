@@ -785,6 +785,27 @@ async fn sigterm_mid_rotation_keeps_the_rotated_token() {
     drop(b);
 }
 
+/// A gateway's 502 after the IdP behind it rotated the token: an answer lost after the
+/// request was sent, so it is reported, never retried with the old token (which the IdP's
+/// reuse detection would punish by revoking the whole grant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_gateway_after_rotation_is_not_replayed() {
+    let idp = RotatingIdp::start().await;
+    idp.state.bad_gateway_next.store(1, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+    bootstrap(&config);
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["reason"], "rotation_interrupted");
+    assert_eq!(idp.state.requests.load(Ordering::SeqCst), 1, "replayed");
+    assert_eq!(idp.state.reuse_events.load(Ordering::SeqCst), 0);
+    assert_eq!(idp.state.revoked_families.load(Ordering::SeqCst), 0);
+    drop(b);
+}
+
 /// A 2xx that is not a token response after the IdP rotated: reported as
 /// `rotation_interrupted`, never retried with the old token. `revive` refuses a live
 /// credential and revives a dead one.
