@@ -513,6 +513,10 @@ pub struct Credential {
     /// still have committed it): the IdP was not called for it, so finding it later is not
     /// an interrupted rotation.
     abandoned_intent: Mutex<Option<u64>>,
+    /// The last on-demand cycle that failed: when it finished, and why. Callers that were
+    /// already waiting for the single flight share that result instead of each running a
+    /// cycle of their own against an IdP that is failing.
+    last_failure: Mutex<Option<(tokio::time::Instant, ServeError)>>,
 }
 
 impl Credential {
@@ -648,6 +652,7 @@ impl Broker {
                     flight: tokio::sync::Mutex::new(()),
                     unsaved: tokio::sync::Mutex::new(None),
                     abandoned_intent: Mutex::new(None),
+                    last_failure: Mutex::new(None),
                 }),
             );
         }
@@ -698,15 +703,30 @@ impl Broker {
     }
 
     /// Single-flight: returns the cached token if servable, else runs one refresh cycle.
+    /// A caller that was waiting while a cycle failed gets that cycle's error.
     async fn ensure_fresh(&self, cred: &Credential) -> Result<Cached, ServeError> {
+        let asked = tokio::time::Instant::now();
         let _flight = cred.flight.lock().await;
         if let Some(c) = cred.cached(now_ms()) {
             return Ok(c);
         }
+        if let Ok(last) = cred.last_failure.lock()
+            && let Some((at, e)) = last.as_ref()
+            && *at >= asked
+        {
+            return Err(e.clone());
+        }
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ServeError::Busy);
         }
-        self.cycle_until_done(cred, false).await
+        let r = self.cycle_until_done(cred, false).await;
+        if let Ok(mut last) = cred.last_failure.lock() {
+            *last = r
+                .as_ref()
+                .err()
+                .map(|e| (tokio::time::Instant::now(), e.clone()));
+        }
+        r
     }
 
     /// Runs [`Broker::refresh_cycle`] until it is not `Busy` (another broker's refresh),

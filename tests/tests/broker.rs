@@ -785,6 +785,36 @@ async fn sigterm_mid_rotation_keeps_the_rotated_token() {
     drop(b);
 }
 
+/// Callers arriving together while the IdP is down share one refresh cycle's failure
+/// instead of each running a full cycle of retries after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_share_one_failed_cycle() {
+    let idp = RotatingIdp::start().await;
+    idp.state.fail_next.store(u32::MAX, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
+    bootstrap(&config);
+    let b = Broker::start(&config, bport, &[]);
+    let callers: Vec<_> = (0..10).map(|_| tokio::spawn(access_token(bport))).collect();
+    for c in callers {
+        let (status, body) = c.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+    }
+    let one_cycle = idp.state.requests.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let total = idp.state.requests.load(Ordering::SeqCst);
+    // One cycle retries a handful of times within refresh_timeout_secs (5 s); ten cycles
+    // in a row would be ten times that.
+    assert!(
+        total <= 12,
+        "{total} token requests for 10 callers ({one_cycle} when they returned)"
+    );
+    let (_, list, _) = cli(&config, &["credentials", "list"], None);
+    assert!(list.contains(" ok "), "{list}");
+    drop(b);
+}
+
 /// A gateway's 502 after the IdP behind it rotated the token: an answer lost after the
 /// request was sent, so it is reported, never retried with the old token (which the IdP's
 /// reuse detection would punish by revoking the whole grant).
