@@ -81,9 +81,21 @@ pub enum MintError {
     /// A key or key file is unusable.
     #[error("{0}")]
     Key(String),
+    /// The token broker answered with a definite refusal (401, 404, 422: wrong token,
+    /// unknown or dead credential). Not retried within a mint, since asking again at once
+    /// gets the same answer, and not kept either: the broker's operator may revive the
+    /// credential, and the next request asks again.
+    #[error("{0}")]
+    Broker(String),
 }
 
 impl MintError {
+    /// True when the failure stands until an input changes (the secret is marked failed):
+    /// an OAuth refusal or an unusable input, not a broker's answer about its own state.
+    pub fn is_final(&self) -> bool {
+        !self.is_retryable() && !matches!(self, Self::Broker(_))
+    }
+
     /// True when trying again later may succeed without any change.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -95,7 +107,7 @@ impl MintError {
                     "temporarily_unavailable" | "server_error" | "slow_down"
                 )
             }
-            Self::Source(_) | Self::Key(_) => false,
+            Self::Source(_) | Self::Key(_) | Self::Broker(_) => false,
         }
     }
 }
@@ -349,6 +361,7 @@ impl TokenCache {
                 Err(MintError::Malformed) => "malformed",
                 Err(MintError::Source(_)) => "source",
                 Err(MintError::Key(_)) => "key",
+                Err(MintError::Broker(_)) => "broker",
             };
             observe(name, kind);
         }
@@ -373,7 +386,7 @@ impl TokenCache {
             Err(e) => {
                 tracing::warn!(secret = %name, error = %e, "token mint failed");
                 entry.last_error = Some(e.to_string());
-                if !e.is_retryable() {
+                if e.is_final() {
                     entry.failed = Some(e.to_string());
                     entry.token = None;
                 }
@@ -574,9 +587,13 @@ async fn broker_token(
             .map(sanitize_code)
             .map(|r| format!(" ({r})"))
             .unwrap_or_default();
-        return Err(MintError::Transport(format!(
-            "broker answered {status} {code}{reason}"
-        )));
+        let message = format!("broker answered {status} {code}{reason}");
+        // 408/429 and 5xx may pass; any other answer is the broker's word on the credential.
+        return Err(if status >= 500 || status == 408 || status == 429 {
+            MintError::Transport(message)
+        } else {
+            MintError::Broker(message)
+        });
     }
     let ok: Ok_ = serde_json::from_slice(resp.body()).map_err(|_| MintError::Malformed)?;
     if ok.access_token.is_empty() || !ok.expires_in.is_finite() || ok.expires_in <= 0.0 {

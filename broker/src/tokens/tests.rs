@@ -286,3 +286,32 @@ async fn lenient_token_responses_are_accepted() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_broker_credential_is_asked_once_per_request_and_not_kept_failed() {
+    let t = scripted(
+        &[
+            (
+                422,
+                r#"{"error":"credential_dead","reason":"invalid_grant"}"#,
+            ),
+            (200, r#"{"access_token":"revived","expires_in":3600}"#),
+        ],
+        Duration::ZERO,
+    );
+    let text = "version = 1\n[[secrets]]\nname = \"CODEX_TOKEN\"\ntype = \"brokered_token\"\ncredential = \"codex\"\nbroker = { url = \"http://127.0.0.1:9\" }\nhosts = [\"api.test\"]\n";
+    let p = iron_policy::Policy::parse(text, std::path::Path::new("p.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sources = Arc::new(SourceResolver::new(Arc::new(
+        HashMap::<String, String>::new(),
+    )));
+    let cache = TokenCache::new(t.clone(), sources, settings());
+    let s = &p.secrets[0];
+    let err = cache.token(s).await.unwrap_err().to_string();
+    assert!(err.contains("422 credential_dead (invalid_grant)"), "{err}");
+    // The broker's answer is final for this request: no retries against it.
+    assert_eq!(t.calls.load(Ordering::SeqCst), 1);
+    assert!(cache.status("CODEX_TOKEN").unwrap().failed.is_none());
+    // Revived on the broker: the next request gets a token, no reload needed.
+    assert_eq!(cache.token(s).await.unwrap().expose(), b"revived");
+}
