@@ -53,7 +53,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use arc_swap::ArcSwap;
 use iron_broker::{Env, SecretValue, SourceResolver};
 use iron_certs::{CertificateAuthority, LeafCache};
-use iron_policy::{Diagnostic, Policy};
+use iron_policy::{Diagnostic, Policy, ProxySettings};
 use tokio::net::TcpListener;
 
 pub use audit::{AuditRecord, AuditSink, MemoryAudit, StderrAudit};
@@ -323,6 +323,9 @@ pub struct Runtime {
     /// for (a reload cannot start or move one; see [`Runtime::reload`]).
     pub pg_started: Mutex<Vec<(String, Option<SocketAddr>)>>,
     env: Arc<dyn Env>,
+    /// `[proxy]` as the process started with it: listeners, connection cap, leaf cache and
+    /// CA apply on restart, so a reload compares against these, not the last reload's.
+    boot: ProxySettings,
     reload_lock: tokio::sync::Mutex<()>,
     id_prefix: u32,
     ids: AtomicU64,
@@ -394,6 +397,7 @@ impl Runtime {
         let tls = upstream::client_tls_config(&policy, provider)?;
         let metrics = Arc::new(metrics::Metrics::default());
         let usage = Arc::new(Mutex::new(HashMap::new()));
+        let boot = policy.proxy.clone();
         let active = Arc::new(ArcSwap::from_pointee(Active::new(policy, &tls, |name| {
             stats_for(&usage, &metrics, name)
         })));
@@ -426,6 +430,7 @@ impl Runtime {
             pg_not_started: Mutex::new(Vec::new()),
             pg_started: Mutex::new(Vec::new()),
             env,
+            boot,
             reload_lock: tokio::sync::Mutex::new(()),
             id_prefix,
             ids: AtomicU64::new(0),
@@ -563,7 +568,8 @@ impl Runtime {
         if broken {
             return refuse(diags, &self.metrics);
         }
-        if policy.proxy.ca != old.proxy.ca {
+        let boot = &self.boot;
+        if policy.proxy.ca != boot.ca {
             diags.push(at1(
                 iron_policy::Severity::Error,
                 "[proxy] ca_cert/ca_key changed: changing the CA needs a restart".into(),
@@ -571,24 +577,25 @@ impl Runtime {
             return refuse(diags, &self.metrics);
         }
         for (changed, key) in [
-            (policy.proxy.listen != old.proxy.listen, "listen"),
+            (policy.proxy.listen != boot.listen, "listen"),
             (
-                policy.proxy.admin_listen != old.proxy.admin_listen,
+                policy.proxy.admin_listen != boot.admin_listen,
                 "admin_listen",
             ),
             (
-                policy.proxy.limits.max_connections != old.proxy.limits.max_connections,
+                policy.proxy.limits.max_connections != boot.limits.max_connections,
                 "limits.max_connections",
             ),
             (
-                policy.proxy.limits.leaf_cache_size != old.proxy.limits.leaf_cache_size,
+                policy.proxy.limits.leaf_cache_size != boot.limits.leaf_cache_size,
                 "limits.leaf_cache_size",
             ),
         ] {
+            // Said on every reload until a restart applies it.
             if changed {
                 diags.push(at1(
                     iron_policy::Severity::Warning,
-                    format!("[proxy] {key} changed: it takes effect on restart"),
+                    format!("[proxy] {key} differs from the running process's: it takes effect on restart"),
                 ));
             }
         }
@@ -660,6 +667,11 @@ impl Runtime {
             removed = ?summary.removed,
             "policy reloaded"
         );
+        // Said here too, so a reload by file change or SIGHUP (nobody reads the summary)
+        // still tells the operator what did not apply.
+        for w in &summary.warnings {
+            tracing::warn!("reload: {w}");
+        }
         Ok(summary)
     }
 }

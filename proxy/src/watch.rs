@@ -23,12 +23,14 @@ pub fn spawn(rt: Arc<Runtime>) -> Result<(), String> {
     // A `.toml` file, a file of the policy in force, or one of its include directories
     // itself (created after start, or named by a later reload).
     let current = rt.clone();
+    // Events name absolute paths; the policy's may be relative (`--policy policy.conf`).
+    let same = |a: &PathBuf, b: &PathBuf| a == b || std::path::absolute(a).is_ok_and(|a| a == *b);
     let relevant = move |paths: &[PathBuf]| -> bool {
         let policy = current.policy();
         paths.iter().any(|p| {
             p.extension().is_some_and(|e| e == "toml")
-                || policy.files.iter().any(|w| w == p)
-                || policy.watch_dirs.iter().any(|d| d == p)
+                || policy.files.iter().any(|w| same(w, p))
+                || policy.watch_dirs.iter().any(|d| same(d, p))
         })
     };
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {

@@ -613,3 +613,26 @@ async fn readiness_drops_when_the_listener_drains() {
     // `/readyz` reads this flag: 503 "not bound" while shutting down.
     assert!(!rt.listening.load(std::sync::atomic::Ordering::Relaxed));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_change_is_reported_on_every_reload_until_a_restart() {
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let text = std::fs::read_to_string(&w.policy_path).unwrap();
+    std::fs::write(
+        &w.policy_path,
+        text.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\""),
+    )
+    .unwrap();
+    for round in 0..2 {
+        let summary = p.rt.reload().await.expect("reload");
+        assert!(
+            summary
+                .warnings
+                .iter()
+                .any(|w| w.contains("[proxy] listen") && w.contains("restart")),
+            "round {round}: {:?}",
+            summary.warnings
+        );
+    }
+}
