@@ -89,6 +89,28 @@ impl HostPattern {
         }
     }
 
+    /// True when some `host:port` on TLS matches both patterns (e.g. `api.example.com` and
+    /// `*.example.com`, or `:*` and `:8443`).
+    pub fn overlaps(&self, other: &HostPattern) -> bool {
+        let tls_port = |p: PortSpec| match p {
+            PortSpec::Default => Some(443),
+            PortSpec::Port(n) => Some(n),
+            PortSpec::Any => None,
+        };
+        let ports = match (tls_port(self.port), tls_port(other.port)) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        // A host each pattern matches: the exact name, or a label under the suffix.
+        let some_host = |k: &HostKind| match k {
+            HostKind::Exact(h) => h.clone(),
+            HostKind::Suffix(s) => format!("x{s}"),
+        };
+        ports
+            && (self.matches_host(&some_host(&other.kind))
+                || other.matches_host(&some_host(&self.kind)))
+    }
+
     /// The port part of the pattern.
     pub fn port(&self) -> PortSpec {
         self.port

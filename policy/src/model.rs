@@ -41,6 +41,16 @@ pub enum Egress {
     Open,
 }
 
+impl std::fmt::Display for Egress {
+    /// As written in the policy: `allowlist` or `open`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Allowlist => "allowlist",
+            Self::Open => "open",
+        })
+    }
+}
+
 /// Limits and timeouts of DESIGN.md decision 11. Each has a documented default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -776,7 +786,8 @@ pub struct Policy {
 /// Addresses the proxy never dials unless `allow_cidrs` makes an exception (DESIGN.md
 /// decision 5): unspecified, loopback, RFC 1918, CGNAT, link-local (incl. cloud metadata
 /// 169.254.169.254), multicast, broadcast, "this network", ULA, IPv6 link-local, the
-/// AWS IPv6 metadata address, and NAT64/IPv4-mapped forms (checked after unmapping).
+/// AWS IPv6 metadata address, NAT64 (`64:ff9b::/96`), IPv4-compatible (`::/96`, RFC 4291
+/// §2.5.5.1, which holds `::` and `::1`), and IPv4-mapped forms (checked after unmapping).
 pub const DEFAULT_DENY_CIDRS: &[&str] = &[
     "0.0.0.0/8",
     "10.0.0.0/8",
@@ -789,8 +800,7 @@ pub const DEFAULT_DENY_CIDRS: &[&str] = &[
     "198.18.0.0/15",
     "224.0.0.0/4",
     "240.0.0.0/4",
-    "::/128",
-    "::1/128",
+    "::/96",
     "fc00::/7",
     "fe80::/10",
     "ff00::/8",
@@ -872,6 +882,15 @@ impl Policy {
                 }
             };
             matched.sort();
+            if matched.is_empty() {
+                cx.warn(
+                    pattern.span().start,
+                    format!(
+                        "include pattern `{}` matches no file: no drop-in secrets come from it",
+                        pattern.get_ref()
+                    ),
+                );
+            }
             for frag in matched {
                 if files.contains(&frag) {
                     continue;
@@ -908,6 +927,24 @@ impl Policy {
                         secret.name, secret.placeholder
                     ),
                 });
+            }
+        }
+        // Passthrough traffic is never intercepted: a secret cannot be swapped there, and
+        // its placeholder would reach the host as the sandbox wrote it.
+        for secret in &secrets {
+            for h in &secret.hosts {
+                if let Some(p) = proxy.passthrough.iter().find(|p| p.overlaps(h)) {
+                    diags.push(Diagnostic {
+                        file: secret.file.clone(),
+                        line: secret.pos.line,
+                        col: secret.pos.col,
+                        severity: Severity::Warning,
+                        message: format!(
+                            "secret `{}`: host `{h}` is also covered by passthrough `{p}`, which is tunnelled without interception: the secret is never swapped there",
+                            secret.name
+                        ),
+                    });
+                }
             }
         }
         diags.append(&mut cx.diags);

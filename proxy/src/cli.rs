@@ -249,7 +249,7 @@ fn check(path: &Path) -> ExitCode {
     match policy {
         Some(p) if errors == 0 => {
             println!(
-                "{}: ok: {} secret(s), egress {:?}, {} warning(s)",
+                "{}: ok: {} secret(s), egress {}, {} warning(s)",
                 path.display(),
                 p.secrets.len(),
                 p.proxy.egress,

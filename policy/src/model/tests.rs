@@ -240,6 +240,9 @@ fn deny_cidrs() {
     assert!(denied("::ffff:169.254.169.254"));
     assert!(denied("::ffff:10.0.0.1"));
     assert!(denied("fd00:ec2::254"));
+    assert!(denied("::127.0.0.1"));
+    assert!(denied("::a9fe:a9fe"));
+    assert!(denied("::1") && denied("::"));
     assert!(denied("100.64.0.1"));
     assert!(!denied("::ffff:127.0.0.1"));
     assert!(!denied("93.184.216.34"));
@@ -433,4 +436,51 @@ fn drop_in_fragments_shadow_earlier_secrets() {
         )),
         "{err}"
     );
+}
+
+#[test]
+fn passthrough_over_a_secret_host_and_an_empty_include_warn() {
+    let p = parse(
+        r#"version = 1
+include = ["nowhere.d/*.toml"]
+[proxy]
+passthrough = ["*.example.com", "pinned.test:8443"]
+[[secrets]]
+name = "GITHUB_TOKEN"
+type = "http"
+source = { env = "X" }
+hosts = ["api.example.com", "pinned.test:443", "other.test"]
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let w: Vec<String> = p.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        w.iter()
+            .any(|m| m
+                .contains("host `api.example.com` is also covered by passthrough `*.example.com`")),
+        "{w:?}"
+    );
+    // Another port, and another host: no overlap.
+    assert!(
+        !w.iter()
+            .any(|m| m.contains("pinned.test") || m.contains("other.test")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter()
+            .any(|m| m.contains(":2:12:") && m.contains("matches no file")),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn host_patterns_overlap_when_some_host_and_port_match_both() {
+    let hp = |s: &str| crate::HostPattern::parse(s).unwrap();
+    assert!(hp("*.a.com").overlaps(&hp("*.b.a.com")));
+    assert!(hp("x.a.com").overlaps(&hp("*.a.com")));
+    assert!(hp("a.com:*").overlaps(&hp("a.com:8443")));
+    assert!(hp("a.com").overlaps(&hp("a.com:443")));
+    assert!(!hp("a.com").overlaps(&hp("a.com:8443")));
+    assert!(!hp("*.a.com").overlaps(&hp("a.com")));
+    assert!(!hp("*.a.com").overlaps(&hp("*.b.com")));
 }
