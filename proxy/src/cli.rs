@@ -361,7 +361,18 @@ async fn secrets(command: SecretsCommand) -> anyhow::Result<ExitCode> {
             serde_json::from_str(&body).context("admin API answered something that is not JSON")?
         }
         (None, Some(p)) => {
-            let (rt, _) = runtime(&p).await?;
+            // Reading the policy needs no CA: a throwaway one in memory, so listing secrets
+            // never creates CA files.
+            let policy = Arc::new(load(&p)?);
+            let (ca, _) = iron_certs::CertificateAuthority::generate("iron-proxy secrets list")
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let rt = Runtime::new(
+                policy,
+                Arc::new(ca),
+                Arc::new(ProcessEnv),
+                Arc::new(StderrAudit::new()),
+            )
+            .map_err(anyhow::Error::msg)?;
             let policy = rt.policy();
             let views: Vec<serde_json::Value> = policy
                 .secrets

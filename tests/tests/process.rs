@@ -627,3 +627,32 @@ fn check_fails_when_the_admin_token_source_is_missing() {
         String::from_utf8_lossy(&ok.stdout)
     );
 }
+
+#[test]
+fn secrets_list_shows_names_never_values_and_creates_no_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("policy.toml");
+    std::fs::write(
+        &p,
+        "version = 1\n[[secrets]]\nname = \"GITHUB_TOKEN\"\ntype = \"http\"\nsource = { env = \"REAL_GITHUB_TOKEN\" }\nhosts = [\"api.github.com\"]\ncapabilities = [{ method = \"GET\", path = \"/repos\" }]\n",
+    )
+    .expect("write");
+    let home = dir.path().join("home");
+    let out = std::process::Command::new(bin())
+        .args(["secrets", "list", "--policy"])
+        .arg(&p)
+        .env("IRON_PROXY_HOME", &home)
+        .env("REAL_GITHUB_TOKEN", REAL_GITHUB)
+        .current_dir(dir.path())
+        .output()
+        .expect("secrets list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("GITHUB_TOKEN") && text.contains("api.github.com"),
+        "{text}"
+    );
+    assert!(!text.contains(REAL_GITHUB));
+    assert!(!home.exists(), "secrets list wrote a state directory");
+    assert!(!dir.path().join(".iron-proxy").exists());
+}
