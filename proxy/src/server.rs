@@ -320,6 +320,18 @@ async fn check_connect(
     let auth = req.uri().authority().ok_or(ProxyError::BadRequest(
         "CONNECT needs a host:port authority",
     ))?;
+    // RFC 9110 §9.3.6: the target is authority-form, `host:port` and nothing else; no
+    // scheme or path, no userinfo (which would be dropped silently), digits-only port.
+    let port_text = auth.as_str().rsplit_once(':').map_or("", |(_, p)| p);
+    if req.uri().scheme().is_some()
+        || auth.as_str().contains('@')
+        || port_text.is_empty()
+        || !port_text.bytes().all(|b| b.is_ascii_digit())
+    {
+        return Err(ProxyError::BadRequest(
+            "CONNECT target must be host:port (authority-form)",
+        ));
+    }
     let host = normalize_host(auth.host()).ok_or(ProxyError::BadRequest("invalid CONNECT host"))?;
     let port = auth
         .port_u16()

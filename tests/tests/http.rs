@@ -205,6 +205,16 @@ async fn destination_refusals() {
         .expect("connect");
     assert_eq!(status, 403);
     assert!(String::from_utf8_lossy(&head).contains("x-iron-proxy-error: destination_not_allowed"));
+    // Only authority-form: no userinfo, scheme or signed port.
+    let port = w.port();
+    for target in [
+        format!("user@api.github.test:{port}"),
+        format!("http://api.github.test:{port}/"),
+        format!("api.github.test:+{port}"),
+    ] {
+        let (status, _, head) = client::connect(p.addr(), &target).await.expect("connect");
+        assert_eq!(status, 400, "{target}: {}", String::from_utf8_lossy(&head));
+    }
     // Allowed port only: the secret host on another port is not reachable.
     let (status, _, _) = client::connect(p.addr(), "api.github.test:443")
         .await
