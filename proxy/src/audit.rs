@@ -98,6 +98,10 @@ pub struct AuditRecord {
     pub bytes_out: u64,
     /// Milliseconds from arrival to the end of the response body.
     pub duration_ms: u64,
+    /// Postgres relay sessions whose role or settings are pinned: statements refused for
+    /// undoing the pin (`crate::pgfilter`). Written only when not zero.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub statements_refused: u64,
     #[serde(skip)]
     started: Option<Instant>,
 }
@@ -128,6 +132,7 @@ impl AuditRecord {
             secrets: SmallVec::new(),
             bytes_in: 0,
             bytes_out: 0,
+            statements_refused: 0,
             duration_ms: 0,
             started: Some(Instant::now()),
         }
@@ -330,6 +335,11 @@ impl AuditSink for MemoryAudit {
             r.push(record);
         }
     }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if signature
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

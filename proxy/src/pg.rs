@@ -728,6 +728,7 @@ async fn session(
             if client.refused() > 0 {
                 tracing::warn!(secret = %name, refused = client.refused(), "postgres session ended; statements were refused in it");
             }
+            rec.statements_refused = client.refused();
             counts
         }
         None => crate::io::relay(client, upstream, idle, stopped(stop)).await,

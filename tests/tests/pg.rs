@@ -703,6 +703,11 @@ async fn pinned_role_and_settings_cannot_be_undone_by_the_client() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let audit = serde_json::to_string(&r.audit.records()).expect("json");
     assert!(!audit.contains(APP_PASSWORD));
+    // The session's audit line counts what was refused in it.
+    assert!(
+        r.audit.records().iter().any(|a| a.statements_refused >= 16),
+        "{audit}"
+    );
 }
 
 /// At `max_connections` a CancelRequest still gets through, and a new session is told
