@@ -195,7 +195,13 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             // policy): whoever holds the default port on this machine is not trusted with it.
             let (addr, named) = match (admin, policy) {
                 (Some(a), _) => (a, true),
-                (None, Some(p)) => match load(&p)?.proxy.admin_listen {
+                // Only `admin_listen` is needed: the policy is parsed, and its sources are
+                // not read here (they live in the server's environment, not this shell's).
+                (None, Some(p)) => match iron_policy::Policy::load(&p)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .proxy
+                    .admin_listen
+                {
                     Some(a) => (a, true),
                     None => (crate::admin::DEFAULT_ADMIN_LISTEN, false),
                 },

@@ -656,3 +656,37 @@ fn secrets_list_shows_names_never_values_and_creates_no_ca() {
     assert!(!home.exists(), "secrets list wrote a state directory");
     assert!(!dir.path().join(".iron-proxy").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_command_reads_only_admin_listen_from_the_policy() {
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let policy = STANDARD_POLICY.replace(
+        "[proxy]\n",
+        &format!("[proxy]\nadmin_listen = \"{admin}\"\n"),
+    );
+    let w = World::new(&policy, OriginOptions::default()).await;
+    let home = w.dir.path().join("home");
+    let proxy = Spawned::start(&bin(), &w.policy_path, &home, &standard_env(), "info");
+    // This shell lacks the secrets' variables; the server has them.
+    let out = std::process::Command::new(bin())
+        .args(["reload", "--policy"])
+        .arg(&w.policy_path)
+        .env_remove("REAL_GITHUB_TOKEN")
+        .output()
+        .expect("reload");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("reloaded"), "{text}");
+    assert!(
+        !text.contains("REAL_GITHUB_TOKEN"),
+        "the CLI checked its own environment: {text}"
+    );
+    drop(proxy);
+}
