@@ -10,7 +10,7 @@
 //! then bytes relayed both ways without parsing, except that when the secret pins a `role`
 //! or `settings` the client's Query, Parse and FunctionCall messages are checked and those
 //! that would undo the pin are replaced by a statement that makes the server raise 42501
-//! ([`crate::pgfilter`]; such sessions also need an ASCII-safe `client_encoding`). The
+//! (`crate::pgfilter`; such sessions also need an ASCII-safe `client_encoding`). The
 //! client sees BackendKeyData of the relay's own; a CancelRequest with those keys is
 //! forwarded with the real ones.
 //! (REFERENCE.md §2.11 and D11, D27.)
