@@ -3,7 +3,8 @@
 import argparse, json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROXY_BIN = os.path.join(ROOT, "target", "release", "iron-proxy")
+# IRON_BENCH_BIN runs another build (an A/B against an older binary).
+PROXY_BIN = os.environ.get("IRON_BENCH_BIN") or os.path.join(ROOT, "target", "release", "iron-proxy")
 HOST = "bench.test"
 PASS_HOST = "pass.test"
 
