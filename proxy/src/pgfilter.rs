@@ -32,8 +32,12 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Largest Query, Parse or FunctionCall message accepted while filtering, in bytes (body).
-pub const MAX_BUFFERED: usize = 64 * 1024 * 1024;
+/// Largest Query, Parse or FunctionCall message checked while filtering, in bytes (body).
+/// A larger one is read through without being kept and refused like a statement (42501):
+/// checking takes time and memory on the event loop in proportion to the text, so one
+/// client's 64 MiB of `;` must not stall every session. Bulk data belongs in COPY, which is
+/// not checked.
+pub const MAX_BUFFERED: usize = 1024 * 1024;
 
 /// Why a statement was refused. [`Reason::text`] is what the client and the log see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +61,8 @@ pub enum Reason {
     FunctionCall,
     /// Writing to `pg_settings` (its update rule calls `set_config`).
     SettingsView,
+    /// A Query, Parse or FunctionCall larger than [`MAX_BUFFERED`].
+    TooLarge,
 }
 
 impl Reason {
@@ -77,6 +83,9 @@ impl Reason {
             Self::FunctionCall => "the FunctionCall message is not allowed on this connection",
             Self::SettingsView => {
                 "changing settings through pg_settings is not allowed on this connection"
+            }
+            Self::TooLarge => {
+                "statements over 1 MiB are not allowed on this connection (use COPY for bulk data)"
             }
         }
     }
@@ -285,10 +294,17 @@ impl Rules {
             b"vacuum_mem" => b"maintenance_work_mem".as_slice(),
             n => n,
         };
+        // `transaction_X` is the running transaction's `default_transaction_X`: pinning the
+        // default pins it too (`SET transaction_read_only = off` inside BEGIN).
+        let default_of = |n: &[u8]| {
+            n.strip_prefix(b"transaction_".as_slice())
+                .map(|rest| [b"default_transaction_".as_slice(), rest].concat())
+        };
         match name {
             b"role" | b"session_authorization" => Some(Reason::Role),
             b"client_encoding" => Some(Reason::Encoding),
             n if self.pinned.iter().any(|p| p == n) => Some(Reason::Setting),
+            n if default_of(n).is_some_and(|d| self.pinned.contains(&d)) => Some(Reason::Setting),
             _ => None,
         }
     }
@@ -676,21 +692,34 @@ fn string(s: &[u8], start: usize, kind: StrKind, backslash_quotes: bool) -> (Tok
     )
 }
 
-/// After a closing quote at `j - 1`: the position of the quote that continues the string
-/// (whitespace with at least one newline, `--` comments allowed after it), if any.
+/// After a closing quote at `j - 1`: the position of the quote that continues the string,
+/// if any. PostgreSQL's `scan.l` `quotecontinue`: horizontal whitespace and `--` comments,
+/// then a newline, then any whitespace and `--` comments each ended by a newline, then the
+/// quote. (A `--` comment before the newline also continues the string: missing it let a
+/// statement hide in what looked like a string.)
 fn continuation(s: &[u8], mut j: usize) -> Option<usize> {
     let n = s.len();
-    while j < n && matches!(s[j], b' ' | b'\t' | 0x0c) {
-        j += 1;
+    let comment_at = |j: usize| j + 1 < n && s[j] == b'-' && s[j + 1] == b'-';
+    loop {
+        while j < n && matches!(s[j], b' ' | b'\t' | 0x0b | 0x0c) {
+            j += 1;
+        }
+        if comment_at(j) {
+            while j < n && !matches!(s[j], b'\n' | b'\r') {
+                j += 1;
+            }
+            continue;
+        }
+        break;
     }
     if j >= n || !matches!(s[j], b'\n' | b'\r') {
         return None;
     }
     loop {
-        while j < n && matches!(s[j], b' ' | b'\t' | b'\n' | b'\r' | 0x0c) {
+        while j < n && matches!(s[j], b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
             j += 1;
         }
-        if j + 1 < n && s[j] == b'-' && s[j + 1] == b'-' {
+        if comment_at(j) {
             let nl = s[j..].iter().position(|&b| b == b'\n' || b == b'\r')?;
             j += nl;
             continue;
@@ -760,7 +789,13 @@ enum State {
     Stream(usize),
     /// Buffering a Q/P/F body (`need` more bytes).
     Buffer { tag: u8, need: usize },
+    /// Reading past a Q/P/F body over [`MAX_BUFFERED`] (`need` more bytes), keeping only
+    /// its first [`KEPT_PREFIX`] bytes (a Parse's statement name); then refused.
+    Discard { tag: u8, need: usize },
 }
+
+/// Bytes kept of a message too large to check: enough for a Parse's statement name.
+const KEPT_PREFIX: usize = 1024;
 
 /// A client stream whose frontend messages are checked (see the module documentation);
 /// writes pass through.
@@ -826,14 +861,11 @@ impl<S> Filtered<S> {
                             io::Error::new(io::ErrorKind::InvalidData, "bad message length")
                         })?;
                     if matches!(tag, b'Q' | b'P' | b'F') {
-                        if body > MAX_BUFFERED {
-                            tracing::warn!(secret = %self.secret, size = body, "postgres relay: statement too large; closing the session");
-                            return Err(io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                "statement too large",
-                            ));
-                        }
                         self.body.clear();
+                        if body > MAX_BUFFERED {
+                            self.state = State::Discard { tag, need: body };
+                            continue;
+                        }
                         self.body.reserve(body.min(64 * 1024));
                         self.state = State::Buffer { tag, need: body };
                         if body == 0 {
@@ -858,6 +890,20 @@ impl<S> Filtered<S> {
                         State::Stream(rest - k)
                     };
                 }
+                State::Discard { tag, need } => {
+                    let k = need.min(data.len());
+                    let keep = KEPT_PREFIX.saturating_sub(self.body.len()).min(k);
+                    self.body.extend_from_slice(&data[..keep]);
+                    data = &data[k..];
+                    if k == need {
+                        self.refuse_oversized(tag);
+                    } else {
+                        self.state = State::Discard {
+                            tag,
+                            need: need - k,
+                        };
+                    }
+                }
                 State::Buffer { tag, need } => {
                     let k = need.min(data.len());
                     self.body.extend_from_slice(&data[..k]);
@@ -874,6 +920,30 @@ impl<S> Filtered<S> {
             }
         }
         Ok(())
+    }
+
+    /// An over-large Q/P/F has been read through: queues its refusal (a Parse keeps its
+    /// statement name, with no parameters; a Bind that supplies some then fails too).
+    fn refuse_oversized(&mut self, tag: u8) {
+        self.state = State::Header;
+        self.refused += 1;
+        let reason = Reason::TooLarge;
+        tracing::warn!(secret = %self.secret, reason = reason.text(), "postgres relay refused a statement");
+        let name = (tag == b'P')
+            .then(|| c_str(&self.body).map(|(name, _)| name.to_vec()))
+            .flatten();
+        match name {
+            Some(name) => {
+                let p = parse_replacement(&name, b"", &[0, 0], reason);
+                self.out.extend_from_slice(&p);
+            }
+            None => {
+                let mut q = refusal_sql(reason).into_bytes();
+                q.push(0);
+                put_message(&mut self.out, b'Q', &q);
+            }
+        }
+        self.body.clear();
     }
 
     /// A whole Q/P/F body is in `body`: checks it and queues it or its replacement.
@@ -1207,6 +1277,9 @@ mod tests {
             "SET default_transaction_read_only = off",
             "SET sort_mem = '1GB'",
             "select set_config('SORT_MEM', '1GB', false)",
+            "SET transaction_read_only = off",
+            "set local transaction_read_only to off",
+            "select set_config('transaction_read_only', 'off', true)",
         ] {
             assert_eq!(rules.check(sql.as_bytes()), Some(Reason::Setting), "{sql}");
         }
@@ -1389,13 +1462,32 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_comment_before_the_newline_continues_a_string_as_the_server_reads_it() {
+        // scan.l quotecontinue: `'' --c\n'...'` is one string; a lexer that closed it
+        // would see the rest as another string and miss the statement after it.
+        let sql = "select E'' --\n'\\'x' || '\\' ; RESET ROLE; --'";
+        assert_eq!(check(sql), Some(Reason::Role), "{sql}");
+        let sql = "select E'' -- a\n -- b\n'\\'x' ; SET app.tenant = $$t-99$$; --'";
+        assert_eq!(check(sql), Some(Reason::Setting), "{sql}");
+        // Still one harmless string when nothing hides in it.
+        assert_eq!(check("select 'a' -- c\n'b'"), None);
+    }
+
     #[tokio::test]
-    async fn an_oversized_statement_ends_the_session() {
-        let mut input = vec![b'Q'];
-        input.extend_from_slice(&u32::try_from(MAX_BUFFERED + 5).unwrap().to_be_bytes());
-        let err = filter(&input, 1024, 1024).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        // A bad length too.
+    async fn an_oversized_statement_is_read_through_and_refused() {
+        let big = "x".repeat(MAX_BUFFERED + 10);
+        let mut input = query(&format!("select '{big}'"));
+        input.extend(parse("big", &format!("select '{big}' where $1"), &[25]));
+        input.extend(query("select 1"));
+        let mut expected = query(&refusal_sql(Reason::TooLarge));
+        expected.extend(parse("big", &refusal_sql(Reason::TooLarge), &[]));
+        expected.extend(query("select 1"));
+        for chunk in [4096, 1 << 22] {
+            let got = filter(&input, chunk, 16 * 1024).await.unwrap();
+            assert!(got == expected, "chunk {chunk}");
+        }
+        // A bad length ends the session.
         let err = filter(b"X\0\0\0\x02", 1024, 1024).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
@@ -1412,6 +1504,7 @@ mod tests {
             Reason::Encoding,
             Reason::FunctionCall,
             Reason::SettingsView,
+            Reason::TooLarge,
         ] {
             assert!(!r.text().contains('\'') && !r.text().contains('$'), "{r:?}");
             // The replacement lexes as one statement, which the filter itself would refuse.
