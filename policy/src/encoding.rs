@@ -70,9 +70,23 @@ pub fn has_dot_segment(raw_path: &str) -> bool {
     raw_path.split('/').any(is_dot_segment)
 }
 
-/// True when `seg` decodes to `.` or `..`: one or two dots, each literal or `%2e`/`%2E`.
-/// Reads the bytes in place (no decoding buffer).
+/// True when `seg` decodes to `.` or `..`: one or two dots, each literal or `%2e`/`%2E`,
+/// optionally followed by a path parameter (`;…`, `%3b…`), which servlet containers
+/// (Tomcat, Jetty, Spring) strip before resolving the dots: `/a/..;/admin` is `/admin` to
+/// them. Reads the bytes in place (no decoding buffer).
 fn is_dot_segment(seg: &str) -> bool {
+    let seg = match seg.find(';') {
+        Some(i) => &seg[..i],
+        None => seg,
+    };
+    let seg = match seg
+        .as_bytes()
+        .windows(3)
+        .position(|w| w[0] == b'%' && w[1] == b'3' && (w[2] | 0x20) == b'b')
+    {
+        Some(i) => &seg[..i],
+        None => seg,
+    };
     let mut rest = seg.as_bytes();
     let mut dots = 0;
     while !rest.is_empty() {
@@ -130,6 +144,13 @@ mod tests {
         assert!(!has_dot_segment("/a/%2e%2e%2e"));
         assert!(!has_dot_segment("/a/%2/b"));
         assert!(!has_dot_segment("/"));
+        // Path parameters are stripped by servlet containers before dots are resolved.
+        assert!(has_dot_segment("/v1/charges/..;/admin"));
+        assert!(has_dot_segment("/v1/%2e%2e;jsessionid=x/admin"));
+        assert!(has_dot_segment("/v1/..%3b/admin"));
+        assert!(has_dot_segment("/v1/.%3B/admin"));
+        assert!(!has_dot_segment("/v1/a;b/..x;/c"));
+        assert!(!has_dot_segment("/v1/;../c"));
     }
 
     proptest! {

@@ -329,13 +329,6 @@ async fn exchange(
                 secret: secret.name.clone(),
             });
         }
-        if let Err(wait) = active.check_rate(s) {
-            return Err(ProxyError::RateLimited {
-                secret: secret.name.clone(),
-                // whole seconds, rounded up, at least 1
-                retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
-            });
-        }
         let value = match &secret.kind {
             SecretKind::Static(source) => active.static_value(&rt.sources, s, source).map_err(|e| {
                 warn!(secret = %secret.name, error = %e, "secret source unavailable; refusing request");
@@ -368,6 +361,17 @@ async fn exchange(
             }
         }?;
         values.push(s, value);
+    }
+    // Rate limits, once every value is in hand: a request refused above (a missing source,
+    // no token) has not used the secret and takes nothing from its limit.
+    for &s in &plan.secrets {
+        if let Err(wait) = active.check_rate(s) {
+            return Err(ProxyError::RateLimited {
+                secret: policy.secrets[s].name.clone(),
+                // whole seconds, rounded up, at least 1
+                retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
+            });
+        }
     }
 
     // rewrite, in place: only swapped values and injected headers change

@@ -668,6 +668,14 @@ source = { env = "REAL_INJECT_KEY" }
 inject_header = "X-Api-Key"
 hosts = ["inject.test:{PORT}"]
 capabilities = [{ method = "GET", path = "/geocode" }]
+
+[[secrets]]
+name = "MISSING_KEY"
+type = "http"
+source = { env = "SET_NOWHERE_AT_ALL" }
+optional = true
+hosts = ["api.github.test:{PORT}"]
+rate_limit = { requests_per_minute = 1, burst = 1 }
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -719,6 +727,9 @@ async fn capabilities_and_rate_limits_gate_each_secret() {
         assert_eq!(r.error_code().as_deref(), Some("capability_not_allowed"));
         assert!(!r.body.contains(REAL_GITHUB));
     }
+    // A `..` with a path parameter is a dot segment to servlet containers: 400 first.
+    let r = gh("GET", "/repos/acme/widget/issues/..;/..;/secrets").await;
+    assert_eq!(r.error_code().as_deref(), Some("invalid_path"), "{r:?}");
     assert_eq!(
         w.origin.records().len(),
         2,
@@ -744,6 +755,21 @@ async fn capabilities_and_rate_limits_gate_each_secret() {
         .curl(&[&format!("https://api.github.test:{port}/anything")])
         .await;
     assert_eq!(plain.status, 200);
+    // A request refused for a missing value does not use up the secret's limit.
+    for _ in 0..2 {
+        let r = p
+            .curl(&[
+                &format!("https://api.github.test:{port}/x"),
+                "-H",
+                "X-Api-Key: MISSING_KEY",
+            ])
+            .await;
+        assert_eq!(
+            r.error_code().as_deref(),
+            Some("credential_unavailable"),
+            "{r:?}"
+        );
+    }
     // A reload that keeps the limit keeps its count.
     p.rt.reload().await.expect("reload");
     assert_eq!(gh("GET", "/repos/acme/widget/issues").await.status, 429);
