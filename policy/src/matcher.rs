@@ -358,7 +358,7 @@ impl Policy {
             if !secret.allows_host(req.host, req.port, req.tls) {
                 continue;
             }
-            if !secret.allows_request(req.method, req.path) {
+            if !capability_allows(secret, req) {
                 return Err(capability_not_allowed(secret, req));
             }
             let location = match target {
@@ -428,7 +428,7 @@ impl Policy {
         if !swap {
             return Err(not_allowed());
         }
-        if !secret.allows_request(req.method, req.path) {
+        if !capability_allows(secret, req) {
             return Err(capability_not_allowed(secret, req));
         }
         if !req.tls && !secret.allow_plaintext {
@@ -449,6 +449,32 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// Headers some frameworks (Rails, Laravel, ASP.NET, Express `method-override`) read as
+/// the real method of a POST.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// True when `secret`'s capabilities allow `req`: its method and path, and the method any
+/// method-override header names (upper-cased), since an origin that honours the header runs
+/// that method instead.
+fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
+    if secret.capabilities.is_empty() {
+        return true;
+    }
+    secret.allows_request(req.method, req.path)
+        && req
+            .headers
+            .iter()
+            .filter(|(n, _)| METHOD_OVERRIDES.iter().any(|o| n.eq_ignore_ascii_case(o)))
+            .all(|(_, v)| {
+                std::str::from_utf8(v)
+                    .is_ok_and(|m| secret.allows_request(&m.trim().to_ascii_uppercase(), req.path))
+            })
 }
 
 fn capability_not_allowed(secret: &crate::Secret, req: &RequestView<'_>) -> PlanError {

@@ -364,6 +364,28 @@ fn capabilities_gate_swaps_and_injections_by_method_and_path() {
             "{m} {path}"
         );
     }
+    // A method-override header names the method the origin will run: it must be allowed too.
+    let overridden: &[(&str, &[u8])] = &[
+        ("authorization", b"Bearer STRIPE_KEY"),
+        ("X-HTTP-Method-Override", b"delete"),
+    ];
+    let r = RequestView {
+        method: "GET",
+        ..view("api.stripe.test", "/v1/charges", None, overridden)
+    };
+    assert!(matches!(
+        p.plan(&r),
+        Err(PlanError::CapabilityNotAllowed { .. })
+    ));
+    let get_override: &[(&str, &[u8])] = &[
+        ("authorization", b"Bearer STRIPE_KEY"),
+        ("x-http-method", b"GET"),
+    ];
+    let r = RequestView {
+        method: "GET",
+        ..view("api.stripe.test", "/v1/charges", None, get_override)
+    };
+    assert!(p.plan(&r).is_ok());
     // Without the placeholder the capability-restricted swap secret is not involved.
     let plain = RequestView {
         method: "DELETE",
