@@ -266,7 +266,8 @@ const CLIENT_HELLO_MAX: usize = 16 * 1024;
 /// # Errors
 /// An audit error code: `client_hello_timeout` (none within 5 s), `client_hello_too_large`
 /// (over 16 KiB), `client_hello_invalid` (not TLS, malformed, or the client closed),
-/// `sni_missing` (no server_name extension).
+/// `client_hello_ech` (Encrypted Client Hello: the real name is hidden), `sni_missing` (no
+/// server_name extension).
 async fn peek_client_hello<T>(io: &mut T) -> Result<(Vec<u8>, String), &'static str>
 where
     T: tokio::io::AsyncRead + Unpin,
@@ -297,6 +298,13 @@ where
                 Ok(None) => {}
                 Ok(Some(accepted)) => {
                     let sni = accepted.client_hello().server_name().map(str::to_string);
+                    // Encrypted Client Hello hides the real server name inside; the outer
+                    // SNI names only the front, so the check above would mean nothing.
+                    match hello_has_extension(&seen, EXT_ENCRYPTED_CLIENT_HELLO) {
+                        Some(false) => {}
+                        Some(true) => return Err("client_hello_ech"),
+                        None => return Err("client_hello_invalid"),
+                    }
                     return sni.map(|s| (seen, s)).ok_or("sni_missing");
                 }
                 Err(_) => return Err("client_hello_invalid"),
@@ -306,6 +314,49 @@ where
     tokio::time::timeout(CLIENT_HELLO_TIMEOUT, read)
         .await
         .map_err(|_| "client_hello_timeout")?
+}
+
+/// The `encrypted_client_hello` extension (draft-ietf-tls-esni, type 0xfe0d).
+const EXT_ENCRYPTED_CLIENT_HELLO: u16 = 0xfe0d;
+
+/// Whether the ClientHello in the TLS records `records` (as read from the client, possibly
+/// several records) carries extension `ext` (RFC 8446 §4.1.2 layout); `None` when it cannot
+/// be parsed.
+fn hello_has_extension(records: &[u8], ext: u16) -> Option<bool> {
+    let mut hs = Vec::new();
+    let mut pos = 0;
+    while pos + 5 <= records.len() {
+        let len = usize::from(u16::from_be_bytes([records[pos + 3], records[pos + 4]]));
+        let frag = records.get(pos + 5..pos + 5 + len)?;
+        if records[pos] == 22 {
+            hs.extend_from_slice(frag);
+        }
+        pos += 5 + len;
+    }
+    let u16_at = |b: &[u8], i: usize| -> Option<usize> {
+        Some(usize::from(u16::from_be_bytes([
+            *b.get(i)?,
+            *b.get(i + 1)?,
+        ])))
+    };
+    if hs.first() != Some(&1) {
+        return None;
+    }
+    let body_len = (usize::from(*hs.get(1)?) << 16) | u16_at(&hs, 2)?;
+    let body = hs.get(4..4 + body_len)?;
+    let mut i = 2 + 32; // legacy_version, random
+    i += 1 + usize::from(*body.get(i)?); // legacy_session_id
+    i += 2 + u16_at(body, i)?; // cipher_suites
+    i += 1 + usize::from(*body.get(i)?); // legacy_compression_methods
+    let ext_end = i + 2 + u16_at(body, i)?;
+    let mut j = i + 2;
+    while j + 4 <= ext_end.min(body.len()) {
+        if u16_at(body, j)? == usize::from(ext) {
+            return Some(true);
+        }
+        j += 4 + u16_at(body, j + 2)?;
+    }
+    Some(false)
 }
 
 /// The CONNECT-stage checks: a `host:port` authority, on the egress allowlist, resolving to
@@ -457,5 +508,81 @@ where
         .with_upgrades();
     if let Err(e) = graceful(served, shutdown).await {
         debug!(error = %e, "tunnel connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real ClientHello from rustls for `name`, as the bytes a client sends.
+    fn rustls_hello(name: &str) -> Vec<u8> {
+        let config = rustls::ClientConfig::builder_with_provider(crate::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let mut conn = rustls::ClientConnection::new(
+            Arc::new(config),
+            rustls_pki_types::ServerName::try_from(name.to_string()).unwrap(),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    /// A ClientHello record whose extensions are `exts` (type, data).
+    fn hello_with(exts: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut e = Vec::new();
+        for (t, d) in exts {
+            e.extend_from_slice(&t.to_be_bytes());
+            e.extend_from_slice(&u16::try_from(d.len()).unwrap().to_be_bytes());
+            e.extend_from_slice(d);
+        }
+        let mut body = vec![3, 3];
+        body.extend_from_slice(&[7; 32]);
+        body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+        body.extend_from_slice(&u16::try_from(e.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(&e);
+        let mut hs = vec![1, 0];
+        hs.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+        hs.extend_from_slice(&body);
+        let mut rec = vec![22, 3, 1];
+        rec.extend_from_slice(&u16::try_from(hs.len()).unwrap().to_be_bytes());
+        rec.extend_from_slice(&hs);
+        rec
+    }
+
+    #[test]
+    fn the_ech_extension_is_found_in_a_client_hello() {
+        let real = rustls_hello("pass.test");
+        assert_eq!(hello_has_extension(&real, 0), Some(true), "server_name");
+        assert_eq!(
+            hello_has_extension(&real, EXT_ENCRYPTED_CLIENT_HELLO),
+            Some(false)
+        );
+        let ech = hello_with(&[(0, b"\0\0"), (EXT_ENCRYPTED_CLIENT_HELLO, b"\0\x01\x02")]);
+        assert_eq!(
+            hello_has_extension(&ech, EXT_ENCRYPTED_CLIENT_HELLO),
+            Some(true)
+        );
+        // The same hello split over two records.
+        let (hdr, hs) = ech.split_at(5);
+        let (a, b) = hs.split_at(20);
+        let mut split = vec![22, 3, 1, 0, 20];
+        split.extend_from_slice(a);
+        split.extend_from_slice(&[22, 3, 1]);
+        split.extend_from_slice(&u16::try_from(b.len()).unwrap().to_be_bytes());
+        split.extend_from_slice(b);
+        assert_eq!(hdr[0], 22);
+        assert_eq!(
+            hello_has_extension(&split, EXT_ENCRYPTED_CLIENT_HELLO),
+            Some(true)
+        );
+        assert_eq!(hello_has_extension(&ech[..ech.len() - 3], 0), None);
+        assert_eq!(hello_has_extension(b"GET / HTTP/1.1\r\n", 0), None);
     }
 }
