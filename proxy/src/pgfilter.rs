@@ -18,7 +18,8 @@
 //! `CREATE FUNCTION|PROCEDURE|LANGUAGE`; `SET`/`RESET` clauses of `ALTER
 //! FUNCTION|PROCEDURE|ROUTINE` on those names; `set_config` unless called with a plain
 //! string literal naming another setting; the functions that run SQL text
-//! (`query_to_xml`…, `ts_stat`, `ts_rewrite`); writes through `pg_settings`; `U&` escapes;
+//! (`query_to_xml`…, `ts_stat`, `ts_rewrite`, and tablefunc's `crosstab*`/`connectby` and
+//! `dblink*` when installed); writes through `pg_settings`; `U&` escapes;
 //! and any string, dollar-quoted body or comment that contains `set_config`. A text with a
 //! backslash is checked twice, with and without `standard_conforming_strings`, since the
 //! client may turn it off. `client_encoding` is locked because in the client-only encodings
@@ -187,7 +188,12 @@ impl Rules {
                 | b"query_to_xmlschema"
                 | b"query_to_xml_and_xmlschema"
                 | b"ts_stat"
-                | b"ts_rewrite" => return Some(Reason::Code),
+                | b"ts_rewrite"
+                | b"connectby" => return Some(Reason::Code),
+                // Extensions' functions that run SQL text (tablefunc, dblink), if installed.
+                n if n.starts_with(b"crosstab") || n.starts_with(b"dblink") => {
+                    return Some(Reason::Code);
+                }
                 b"pg_settings" => settings_view = true,
                 b"update" | b"insert" | b"merge" | b"delete" | b"create" | b"alter" | b"rule"
                     if !quoted =>
@@ -1199,6 +1205,9 @@ mod tests {
                 "create or replace procedural language x",
                 "select query_to_xml('select 1', true, false, '')",
                 "select pg_catalog.\"query_to_xml\"('select 1', true, false, '')",
+                "select * from crosstab('select 1') as t(a text)",
+                "select dblink_exec('dbname=app', 'reset role')",
+                "select * from connectby('t', 'a', 'b', '1', 0) as t(a text, b text, l int)",
                 "select ts_stat('select 1')",
                 "select ts_rewrite('a'::tsquery, 'select 1')",
             ],
