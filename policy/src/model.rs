@@ -1938,6 +1938,19 @@ impl Cx<'_> {
         {
             self.error(pw.span().start, format!("secret `{name}`: `password` (the sandbox-side placeholder) must be 16+ characters of [A-Za-z0-9-_.~]"));
         }
+        // PostgreSQL cuts identifiers to 63 bytes (60–63 on a character boundary), so a
+        // client's longer name could land on a pinned one the relay compared in full. A
+        // pinned name under 60 bytes cannot be reached that way.
+        if let Some(settings) = &raw.settings {
+            for k in settings.get_ref().keys() {
+                if k.is_empty() || k.len() >= 60 {
+                    self.error(
+                        settings.span().start,
+                        format!("secret `{name}`: setting name `{k}` must be 1 to 59 bytes (PostgreSQL truncates identifiers at 63, which would let a client reach a pinned name with a longer one)"),
+                    );
+                }
+            }
+        }
         let max_connections = match &raw.max_connections {
             Some(m) if *m.get_ref() == 0 => {
                 self.error(

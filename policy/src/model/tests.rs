@@ -484,3 +484,17 @@ fn host_patterns_overlap_when_some_host_and_port_match_both() {
     assert!(!hp("*.a.com").overlaps(&hp("a.com")));
     assert!(!hp("*.a.com").overlaps(&hp("*.b.com")));
 }
+
+#[test]
+fn pinned_pg_setting_names_must_be_shorter_than_postgres_truncation() {
+    let long = format!("app.{}", "t".repeat(63));
+    let text = format!(
+        "version = 1\n[[secrets]]\nname = \"DATABASE_URL\"\ntype = \"pg_dsn\"\nsource = {{ env = \"DSN\" }}\ndatabase = \"app\"\nsettings = {{ \"{long}\" = \"x\", \"app.tenant\" = \"t\" }}\n"
+    );
+    let e = errors(&text);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("1 to 59 bytes") && e[0].contains(&long),
+        "{e:?}"
+    );
+}
