@@ -726,6 +726,16 @@ async fn unwritable_store_means_no_refresh_attempt() {
 }
 
 /// Bootstraps credential `codex` in a fresh file store with the IdP's seed token.
+/// A broker config for `idp` with a file store in a fresh directory, its credential
+/// bootstrapped: (the directory, the broker's port, the config path).
+fn file_store_credential(idp: &RotatingIdp) -> (tempfile::TempDir, u16, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let bport = free_port();
+    let config = write_config(dir.path(), idp, bport, "{ file = \"creds\" }");
+    bootstrap(&config);
+    (dir, bport, config)
+}
+
 fn bootstrap(config: &Path) {
     let (ok, _, err) = cli(
         config,
@@ -741,10 +751,7 @@ fn bootstrap(config: &Path) {
 async fn sigterm_mid_rotation_keeps_the_rotated_token() {
     let idp = RotatingIdp::start().await;
     idp.state.delay_ms.store(1500, Ordering::SeqCst);
-    let dir = tempfile::tempdir().unwrap();
-    let bport = free_port();
-    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
-    bootstrap(&config);
+    let (dir, bport, config) = file_store_credential(&idp);
     let b = Broker::start(&config, bport, &[]);
     // The scheduler starts a refresh within 200 ms; stop the broker while the IdP holds it.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -791,10 +798,7 @@ async fn sigterm_mid_rotation_keeps_the_rotated_token() {
 async fn concurrent_callers_share_one_failed_cycle() {
     let idp = RotatingIdp::start().await;
     idp.state.fail_next.store(u32::MAX, Ordering::SeqCst);
-    let dir = tempfile::tempdir().unwrap();
-    let bport = free_port();
-    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
-    bootstrap(&config);
+    let (_dir, bport, config) = file_store_credential(&idp);
     let b = Broker::start(&config, bport, &[]);
     let callers: Vec<_> = (0..10).map(|_| tokio::spawn(access_token(bport))).collect();
     for c in callers {
@@ -822,10 +826,7 @@ async fn concurrent_callers_share_one_failed_cycle() {
 async fn bad_gateway_after_rotation_is_not_replayed() {
     let idp = RotatingIdp::start().await;
     idp.state.bad_gateway_next.store(1, Ordering::SeqCst);
-    let dir = tempfile::tempdir().unwrap();
-    let bport = free_port();
-    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
-    bootstrap(&config);
+    let (_dir, bport, config) = file_store_credential(&idp);
     let b = Broker::start(&config, bport, &[]);
     let (status, body) = access_token(bport).await;
     assert_eq!(status, 422, "{body}");
@@ -843,10 +844,7 @@ async fn bad_gateway_after_rotation_is_not_replayed() {
 async fn garbled_success_is_reported_not_replayed_and_revive_is_checked() {
     let idp = RotatingIdp::start().await;
     idp.state.malformed_next.store(1, Ordering::SeqCst);
-    let dir = tempfile::tempdir().unwrap();
-    let bport = free_port();
-    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
-    bootstrap(&config);
+    let (_dir, bport, config) = file_store_credential(&idp);
     let (ok, _, err) = cli(&config, &["credentials", "revive", "--id", "codex"], None);
     assert!(!ok && err.contains("not dead"), "{err}");
     let b = Broker::start(&config, bport, &[]);
@@ -881,10 +879,7 @@ async fn garbled_success_is_reported_not_replayed_and_revive_is_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_record_is_reported_and_repaired_by_set() {
     let idp = RotatingIdp::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let bport = free_port();
-    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
-    bootstrap(&config);
+    let (dir, bport, config) = file_store_credential(&idp);
     std::fs::write(
         dir.path().join("creds/codex.json"),
         b"{\"id\": \"codex\", trunc",
@@ -927,10 +922,7 @@ async fn answer_lost_after_rotation_is_reported_not_replayed() {
     idp.state
         .stall_after_rotate_ms
         .store(7000, Ordering::SeqCst);
-    let dir = tempfile::tempdir().unwrap();
-    let bport = free_port();
-    let config = write_config(dir.path(), &idp, bport, "{ file = \"creds\" }");
-    bootstrap(&config);
+    let (_dir, bport, config) = file_store_credential(&idp);
     let b = Broker::start(&config, bport, &[]);
     let (status, body) = access_token(bport).await;
     assert_eq!(status, 422, "{body}");
