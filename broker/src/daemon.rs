@@ -23,7 +23,9 @@
 //! waits for refreshes in flight and writes held records before exit.
 //!
 //! HTTP API: `GET /v1/credentials/{id}/access_token` → `{access_token, expires_at,
-//! expires_in}` (`Cache-Control: no-store`); `GET /healthz`; `GET /metrics`.
+//! expires_in[, stale]}` (`Cache-Control: no-store`; `stale` when a still-valid token is
+//! served after a failed refresh, see `Broker::access_token`); `GET /healthz`;
+//! `GET /metrics`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -406,6 +408,7 @@ struct Metrics {
     /// The reason currently exported per dead credential.
     dead_reason: Mutex<HashMap<String, String>>,
     http: Family<HttpLabels, Counter>,
+    stale_served: Family<CredLabels, Counter>,
 }
 
 impl Metrics {
@@ -441,6 +444,12 @@ impl Metrics {
             "API requests by endpoint and status",
             http.clone(),
         );
+        let stale_served = Family::<CredLabels, Counter>::default();
+        registry.register(
+            "broker_stale_served",
+            "Access tokens served inside their early-refresh window because the refresh failed (grace)",
+            stale_served.clone(),
+        );
         Self {
             registry,
             attempts,
@@ -449,6 +458,7 @@ impl Metrics {
             dead,
             dead_reason: Mutex::new(HashMap::new()),
             http,
+            stale_served,
         }
     }
 
@@ -488,6 +498,26 @@ pub enum ServeError {
     /// IdP and the credential stays alive (503 `source_unavailable`).
     #[error("{0}")]
     Source(String),
+}
+
+/// An access token as [`Broker::access_token`] serves it.
+pub struct Served {
+    /// The access token.
+    pub access: SecretValue,
+    /// When it expires, Unix ms.
+    pub expires_at_ms: u64,
+    /// Served inside its early-refresh window because the refresh failed (grace).
+    pub stale: bool,
+}
+
+impl Served {
+    fn fresh(c: Cached) -> Self {
+        Self {
+            access: c.access,
+            expires_at_ms: c.expires_at_ms,
+            stale: false,
+        }
+    }
 }
 
 /// A servable access token.
@@ -556,6 +586,31 @@ impl Credential {
         g.as_ref().filter(|c| self.servable(c, now)).cloned()
     }
 
+    /// The cached token when a refresh failed with `e` and the token is still valid for at
+    /// least [`GRACE_MIN_REMAINING_MS`]: the grace window of REFERENCE §5 d1 ("stale tokens
+    /// served within a grace window while the IdP is down"). Served on transient failures
+    /// (IdP, store, lease, client-secret source) and on `rotation_interrupted` — the access
+    /// token minted before the interrupted rotation stays valid at the IdP until it expires,
+    /// and serving it gives the operator until then to re-bootstrap. Not on any other dead
+    /// reason: an OAuth refusal (`invalid_grant`...) means the IdP disowned the grant.
+    fn grace(&self, e: &ServeError, now: u64) -> Option<Cached> {
+        let eligible = match e {
+            ServeError::Idp(_)
+            | ServeError::Store(_)
+            | ServeError::Busy
+            | ServeError::Source(_) => true,
+            ServeError::Dead(reason) => reason == "rotation_interrupted",
+            ServeError::NotBootstrapped => false,
+        };
+        if !eligible {
+            return None;
+        }
+        let g = self.cached.lock().ok()?;
+        g.as_ref()
+            .filter(|c| c.expires_at_ms > now.saturating_add(GRACE_MIN_REMAINING_MS))
+            .cloned()
+    }
+
     fn adopt(&self, rec: &Record) -> Option<Cached> {
         let access = rec.access_token.as_ref()?;
         let c = Cached {
@@ -581,6 +636,10 @@ impl Credential {
         Some(c.expires_at_ms.saturating_sub(early) + jitter)
     }
 }
+
+/// A token inside its early-refresh window is served after a failed refresh (grace) only
+/// while at least this long remains before it expires (ms): a caller needs time to use it.
+const GRACE_MIN_REMAINING_MS: u64 = 5_000;
 
 /// Shortest and longest access-token lifetime the broker plans with (ms). An IdP that says
 /// `expires_in: 0` would otherwise have the scheduler refresh in a tight loop; one that
@@ -678,27 +737,56 @@ impl Broker {
     }
 
     /// A servable access token for `id`, refreshing (with the rotation protocol) when the
-    /// cached one is too close to expiry. Waits at most `wait`.
+    /// cached one is too close to expiry. Waits at most `wait`. When that refresh fails and
+    /// the cached token is still valid (see `Credential::grace`), the cached token is
+    /// served instead, marked stale (`Served::stale`), and the failure is logged and counted
+    /// (`broker_stale_served`).
     ///
     /// # Errors
-    /// [`ServeError`]; `None` for an unknown id.
+    /// [`ServeError`] when the refresh fails and no token can be served; `None` for an
+    /// unknown id.
     pub async fn access_token(
         self: &Arc<Self>,
         id: &str,
         wait: Duration,
-    ) -> Option<Result<(SecretValue, u64), ServeError>> {
+    ) -> Option<Result<Served, ServeError>> {
         let cred = self.creds.get(id)?.clone();
         if let Some(c) = cred.cached(now_ms()) {
-            return Some(Ok((c.access, c.expires_at_ms)));
+            return Some(Ok(Served::fresh(c)));
         }
         // The refresh runs detached: a caller that gives up does not cancel it mid-rotation.
         let this = self.clone();
         let c2 = cred.clone();
         let task = tokio::spawn(async move { this.ensure_fresh(&c2).await });
-        Some(match tokio::time::timeout(wait, task).await {
-            Ok(Ok(r)) => r.map(|c| (c.access, c.expires_at_ms)),
+        let result = match tokio::time::timeout(wait, task).await {
+            Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(ServeError::Store("refresh task failed".into())),
             Err(_) => Err(ServeError::Busy),
+        };
+        Some(match result {
+            Ok(c) => Ok(Served::fresh(c)),
+            Err(e) => match cred.grace(&e, now_ms()) {
+                Some(c) => {
+                    tracing::warn!(
+                        credential = %id,
+                        error = %e,
+                        expires_in_s = c.expires_at_ms.saturating_sub(now_ms()) / 1000,
+                        "refresh failed; serving the cached access token until it expires (grace)"
+                    );
+                    self.metrics
+                        .stale_served
+                        .get_or_create(&CredLabels {
+                            credential: id.to_string(),
+                        })
+                        .inc();
+                    Ok(Served {
+                        access: c.access,
+                        expires_at_ms: c.expires_at_ms,
+                        stale: true,
+                    })
+                }
+                None => Err(e),
+            },
         })
     }
 
@@ -1358,14 +1446,17 @@ impl Broker {
             );
         };
         let resp = match result {
-            Ok((token, expires_at_ms)) => {
+            Ok(served) => {
                 let now = now_ms();
                 #[allow(clippy::cast_precision_loss)]
-                let body = serde_json::json!({
-                    "access_token": String::from_utf8_lossy(token.expose()),
-                    "expires_at": rfc3339_ms(expires_at_ms),
-                    "expires_in": expires_at_ms.saturating_sub(now) as f64 / 1000.0,
+                let mut body = serde_json::json!({
+                    "access_token": String::from_utf8_lossy(served.access.expose()),
+                    "expires_at": rfc3339_ms(served.expires_at_ms),
+                    "expires_in": served.expires_at_ms.saturating_sub(now) as f64 / 1000.0,
                 });
+                if served.stale {
+                    body["stale"] = serde_json::Value::Bool(true);
+                }
                 let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
                 let h = r.headers_mut();
                 h.insert(

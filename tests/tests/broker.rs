@@ -792,6 +792,75 @@ async fn sigterm_mid_rotation_keeps_the_rotated_token() {
     drop(b);
 }
 
+/// Grace (REFERENCE §5 d1): a refresh that fails while the cached access token is still
+/// valid serves that token, marked `stale`, until 5 s before it expires; then the failure
+/// is answered. The client secret is a file: removing it fails every refresh at once,
+/// without calling the IdP, and leaves the credential alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_refresh_serves_the_still_valid_token_until_it_expires() {
+    let idp = RotatingIdp::start().await;
+    // 20 s tokens, early window 18 s: served fresh for the first 11 s (more than half the
+    // window left), refreshed by the scheduler from 2 s on.
+    idp.state.lifetime_secs.store(20, Ordering::SeqCst);
+    let (dir, bport, config) = file_store_credential(&idp);
+    let secret = dir.path().join("client-secret.txt");
+    std::fs::write(&secret, rotating_idp::CLIENT_SECRET).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "client_secret = { env = \"BROKER_CLIENT_SECRET\" }",
+        "client_secret = { file = \"client-secret.txt\" }\nearly_refresh_fraction = 0.9",
+    );
+    assert!(text.contains("early_refresh_fraction"), "{text}");
+    std::fs::write(&config, text).unwrap();
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("stale").is_none(), "{body}");
+    let first = body["access_token"].as_str().unwrap().to_string();
+    let issued = Instant::now();
+    std::fs::remove_file(&secret).unwrap();
+    let refreshes = idp.state.refreshes.load(Ordering::SeqCst);
+
+    // Past the fresh part (11 s), inside the grace part (until 15 s).
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(issued.elapsed())).await;
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stale"], true, "{body}");
+    assert_eq!(body["access_token"].as_str().unwrap(), first);
+    let expires_in = body["expires_in"].as_f64().unwrap();
+    assert!((5.0..=8.5).contains(&expires_in), "{body}");
+    assert!(idp.is_valid_access(&first));
+
+    // Less than 5 s left: the failure is answered.
+    tokio::time::sleep(Duration::from_millis(15_500).saturating_sub(issued.elapsed())).await;
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "source_unavailable");
+    assert_eq!(
+        idp.state.refreshes.load(Ordering::SeqCst),
+        refreshes,
+        "the IdP was called without a client secret"
+    );
+    let metrics = metrics_text(bport).await;
+    assert!(
+        metrics.contains("broker_stale_served_total{credential=\"codex\"} 1"),
+        "{metrics}"
+    );
+    let log = b.kill();
+    assert!(log.contains("grace"), "{log}");
+    assert!(!log.contains(&first), "{log}");
+}
+
+async fn metrics_text(port: u16) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-m", "10", "-H"])
+        .arg(format!("Authorization: Bearer {BROKER_TOKEN}"))
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Callers arriving together while the IdP is down share one refresh cycle's failure
 /// instead of each running a full cycle of retries after the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
