@@ -309,6 +309,9 @@ impl Transport {
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(30))
+                // `token_endpoint_headers` go out in Title-Case (`x-api-key` → `X-Api-Key`):
+                // hyper 1 keeps no other casing for headers it did not parse itself.
+                .http1_title_case_headers(true)
                 .build(https);
         Ok(Self { client, timeout })
     }

@@ -435,7 +435,8 @@ async fn exchange(
     let body = Counted::new(body, tally.clone(), 0, Box::new(|_| {})).boxed();
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
-    parts.extensions = http::Extensions::new();
+    // The extensions are kept: they hold the header casing hyper recorded (its type is
+    // private to hyper), which the client writes back. The upgrade handle was taken above.
     let up = Request::from_parts(parts, body);
     let limits = &policy.proxy.limits;
     let sent = std::time::Instant::now();

@@ -131,6 +131,10 @@ fn http1_builder(limits: &Limits) -> http1::Builder {
         .header_read_timeout(limits.client_header_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers)
+        // Header names reach the origin in the client's casing, and responses reach the
+        // client in the origin's (REFERENCE §4 "keeps the client's casing on the wire"):
+        // hyper records the casing in the request's extensions, which the pipeline keeps.
+        .preserve_header_case(true)
         .keep_alive(true);
     b
 }

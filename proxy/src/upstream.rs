@@ -220,6 +220,11 @@ pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(limits.idle_timeout)
         .pool_max_idle_per_host(64)
+        // The casing hyper recorded when it parsed the client's request (and, for the
+        // response, the origin's) is written back; a header the proxy adds (inject,
+        // `token_endpoint_headers`) goes out in Title-Case.
+        .http1_preserve_header_case(true)
+        .http1_title_case_headers(true)
         .build(https)
 }
 

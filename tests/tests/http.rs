@@ -905,3 +905,129 @@ async fn the_host_header_is_never_swapped() {
     );
     assert!(w.origin.records().is_empty());
 }
+
+/// A TLS origin for `name` that records each request head as received (raw bytes, so the
+/// header casing shows) and answers `200 ok` with a mixed-case header, one request per
+/// connection. Returns its address, its self-signed certificate (PEM) and the heads.
+#[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
+async fn raw_head_origin(
+    name: &str,
+) -> (
+    std::net::SocketAddr,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(iron_proxy::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let recorded = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            recorded
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&head).into_owned());
+            let _ = tls
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\nX-Origin-MixedCase: yes\r\ncontent-length: 2\r\nConnection: close\r\n\r\nok",
+                )
+                .await;
+            let _ = tls.shutdown().await;
+        }
+    });
+    (addr, cert.pem(), heads)
+}
+
+/// Header names keep the client's casing on the way to the origin, swapped or not, and the
+/// origin's casing on the way back (REFERENCE §4 "keeps the client's casing on the wire");
+/// a header the proxy adds (inject) goes out in Title-Case.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_casing_is_kept_both_ways() {
+    if !have("curl") {
+        return;
+    }
+    let (addr, pem, heads) = raw_head_origin("case.test").await;
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    std::fs::write(w.dir.path().join("case-origin.pem"), pem).unwrap();
+    let port = addr.port();
+    std::fs::write(
+        &w.policy_path,
+        format!(
+            r#"version = 1
+
+[proxy]
+listen = "127.0.0.1:0"
+allow_cidrs = ["127.0.0.1/32"]
+upstream_ca = ["case-origin.pem"]
+resolve = {{ "case.test" = "127.0.0.1", "inject.test" = "127.0.0.1" }}
+
+[[secrets]]
+name = "GITHUB_TOKEN"
+type = "http"
+source = {{ env = "REAL_GITHUB_TOKEN" }}
+hosts = ["case.test:{port}"]
+
+[[secrets]]
+name = "INJECT_KEY"
+type = "http"
+mode = "inject"
+source = {{ env = "REAL_INJECT_KEY" }}
+inject_header = "x-inject-key"
+hosts = ["case.test:{port}"]
+"#
+        ),
+    )
+    .unwrap();
+    let p = w.proxy(standard_env()).await;
+    let r = p
+        .curl(&[
+            &format!("https://case.test:{port}/x"),
+            "-i",
+            "-H",
+            "AUTHORIZATION: Bearer GITHUB_TOKEN",
+            "-H",
+            "x-MiXeD-Case: 1",
+            "-H",
+            "accept: */*",
+        ])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("\nX-Origin-MixedCase: yes"), "{}", r.body);
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let head = &heads[0];
+    assert!(
+        head.contains(&format!("\r\nAUTHORIZATION: Bearer {REAL_GITHUB}\r\n")),
+        "{head}"
+    );
+    assert!(head.contains("\r\nx-MiXeD-Case: 1\r\n"), "{head}");
+    assert!(head.contains("\r\naccept: */*\r\n"), "{head}");
+    assert!(
+        head.contains(&format!("\r\nX-Inject-Key: {REAL_INJECT}\r\n")),
+        "{head}"
+    );
+}
