@@ -6,8 +6,9 @@
 //! a time (single-flight), and runs each mint on its own task, so a request that stops
 //! waiting never cancels or poisons it (REFERENCE.md D1). Retryable failures (network,
 //! 5xx, 429, malformed responses) are retried with jittered exponential backoff inside a
-//! mint; an OAuth error code such as `invalid_grant` marks the secret failed until its
-//! inputs change. A token without `expires_in` lives [`DEFAULT_LIFETIME`]. A refresh token
+//! mint; after a failed mint the secret cools down (1 s, doubling to [`MAX_COOL_DOWN`])
+//! before traffic may start another; an OAuth error code such as `invalid_grant` marks the
+//! secret failed until its inputs change. A token without `expires_in` lives [`DEFAULT_LIFETIME`]. A refresh token
 //! the IdP rotates is kept in memory for the next refresh. The IdP's response body is never
 //! logged or returned: errors carry status codes and OAuth error codes only.
 //!
@@ -31,6 +32,9 @@ use crate::{SecretValue, SourceResolver};
 
 /// Lifetime assumed for a token whose response has no `expires_in`.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// Shortest lifetime taken from an `expires_in` (1 s): an IdP answering `expires_in: 0`
+/// would otherwise be called for every request.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
 /// Longest lifetime taken from an `expires_in` (1 day): a huge value would overflow the
 /// expiry arithmetic; the token is refreshed at the latest then.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
@@ -195,11 +199,23 @@ struct Entry {
     fingerprint: u64,
     token: Option<Token>,
     rotated_refresh: Option<SecretValue>,
+    /// Keyed hash of the configured `refresh_token` input that `rotated_refresh` descends
+    /// from: a change of other inputs (scopes, headers) keeps the rotated token, since the
+    /// configured one may be rotated out at the IdP (reuse detection would revoke the grant).
+    refresh_seed: u64,
     failed: Option<String>,
     last_error: Option<String>,
+    /// After a failed mint: no new mint before this instant (requests are answered with
+    /// `last_error` meanwhile), so traffic cannot drive calls to a failing IdP.
+    cool_until: Option<Instant>,
+    /// Failed mints in a row (the cool-down doubles with each, up to [`MAX_COOL_DOWN`]).
+    failures: u32,
     inflight: Option<MintFuture>,
     mints: u64,
 }
+
+/// The longest pause between failed mints of one secret.
+pub const MAX_COOL_DOWN: Duration = Duration::from_secs(60);
 
 /// The resolved inputs of one mint.
 struct Inputs {
@@ -261,6 +277,7 @@ impl TokenCache {
             .inputs(secret)
             .map_err(|e| unavailable(e.to_string()))?;
         let fingerprint = self.fingerprint(secret, &inputs);
+        let seed = self.refresh_seed(&inputs);
         let now = Instant::now();
         let (wait_on, had_token) = {
             let mut entries = self
@@ -269,10 +286,17 @@ impl TokenCache {
                 .map_err(|_| unavailable("token cache poisoned".into()))?;
             let entry = entries.entry(secret.name.clone()).or_default();
             if entry.fingerprint != fingerprint {
-                // Inputs changed (or first use): start over, clearing any failure.
+                // Inputs changed (or first use): start over, clearing any failure, but keep
+                // a rotated refresh token while the configured one it replaced is unchanged.
+                let rotated_refresh = entry
+                    .rotated_refresh
+                    .take()
+                    .filter(|_| entry.refresh_seed == seed);
                 *entry = Entry {
                     fingerprint,
                     mints: entry.mints,
+                    rotated_refresh,
+                    refresh_seed: seed,
                     ..Entry::default()
                 };
             }
@@ -285,12 +309,27 @@ impl TokenCache {
                 && t.expires_at > now + (t.lifetime / 10).min(Duration::from_secs(1))
             {
                 let value = t.value.clone();
-                if now >= t.refresh_at() && entry.inflight.is_none() {
+                if now >= t.refresh_at()
+                    && entry.inflight.is_none()
+                    && entry.cool_until.is_none_or(|until| now >= until)
+                {
                     self.start(entry, secret, inputs, fingerprint);
                 }
                 return Ok(value);
             }
             if entry.inflight.is_none() {
+                if let Some(until) = entry.cool_until
+                    && now < until
+                {
+                    let reason = entry
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "token mint failed".into());
+                    return Err(unavailable(format!(
+                        "{reason} (next attempt in {} s)",
+                        until.saturating_duration_since(now).as_secs().max(1)
+                    )));
+                }
                 self.start(entry, secret, inputs, fingerprint);
             }
             (
@@ -336,9 +375,10 @@ impl TokenCache {
         let this = self.clone();
         let secret = secret.clone();
         let rotated = entry.rotated_refresh.clone();
+        let seed = entry.refresh_seed;
         let handle = tokio::spawn(async move {
             let result = this.mint_with_retries(&secret, &inputs, rotated).await;
-            this.store(&secret.name, fingerprint, &result);
+            this.store(&secret.name, fingerprint, seed, &result);
             result
         });
         let fut = async move {
@@ -351,7 +391,7 @@ impl TokenCache {
         entry.inflight = Some(fut);
     }
 
-    fn store(&self, name: &str, fingerprint: u64, result: &Result<Token, MintError>) {
+    fn store(&self, name: &str, fingerprint: u64, seed: u64, result: &Result<Token, MintError>) {
         if let Some(observe) = self.observer.get() {
             let kind = match result {
                 Ok(_) => "ok",
@@ -372,7 +412,16 @@ impl TokenCache {
             return;
         };
         if entry.fingerprint != fingerprint {
-            return; // inputs changed while minting: the result belongs to old inputs
+            // Inputs changed while minting: the token belongs to old inputs, but a refresh
+            // token the IdP rotated meanwhile replaces the configured one if that is the
+            // same (the old one may be rotated out).
+            if let Ok(t) = result
+                && let Some(rt) = &t.refresh_token
+                && entry.refresh_seed == seed
+            {
+                entry.rotated_refresh = Some(rt.clone());
+            }
+            return;
         }
         entry.inflight = None;
         match result {
@@ -382,6 +431,8 @@ impl TokenCache {
                 }
                 entry.token = Some(t.clone());
                 entry.last_error = None;
+                entry.cool_until = None;
+                entry.failures = 0;
             }
             Err(e) => {
                 tracing::warn!(secret = %name, error = %e, "token mint failed");
@@ -389,6 +440,11 @@ impl TokenCache {
                 if e.is_final() {
                     entry.failed = Some(e.to_string());
                     entry.token = None;
+                } else if !matches!(e, MintError::Broker(_)) {
+                    // A broker's refusal is asked again at once (its operator may revive the
+                    // credential); the broker guards its IdP itself.
+                    entry.failures = entry.failures.saturating_add(1);
+                    entry.cool_until = Some(Instant::now() + cool_down(entry.failures));
                 }
             }
         }
@@ -462,6 +518,15 @@ impl TokenCache {
         }
     }
 
+    /// A keyed hash of the configured `refresh_token` input (0 when there is none).
+    fn refresh_seed(&self, inputs: &Inputs) -> u64 {
+        inputs.fields.get("refresh_token").map_or(0, |v| {
+            let mut h = self.hasher.build_hasher();
+            h.write(v.expose());
+            h.finish()
+        })
+    }
+
     /// A keyed hash of every input (names and values, length-prefixed): detects change
     /// without keeping plaintext.
     fn fingerprint(&self, secret: &Secret, inputs: &Inputs) -> u64 {
@@ -480,6 +545,12 @@ impl TokenCache {
         h.write(format!("{:?}", secret.kind).as_bytes());
         h.finish()
     }
+}
+
+/// The pause after the `failures`-th failed mint in a row: 1 s, doubling, at most
+/// [`MAX_COOL_DOWN`].
+fn cool_down(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(MAX_COOL_DOWN)
 }
 
 /// A random duration in `[0, max)` (`RandomState` as the entropy source).
@@ -630,7 +701,7 @@ impl<'c> oauth2::AsyncHttpClient<'c> for OAuthHttp {
                 .send(req)
                 .await
                 .map_err(|e| HttpErr::Transport(e.0))?;
-            if resp.status().is_server_error() || resp.status().as_u16() == 429 {
+            if resp.status().is_server_error() || matches!(resp.status().as_u16(), 408 | 429) {
                 return Err(HttpErr::Status(resp.status().as_u16()));
             }
             Ok(lenient_success(resp))
@@ -641,7 +712,8 @@ impl<'c> oauth2::AsyncHttpClient<'c> for OAuthHttp {
 /// Makes a `2xx` JSON token response acceptable to the `oauth2` crate, which wants exactly
 /// `200`, a JSON content type, a `token_type` and a numeric `expires_in`. IdPs in the wild
 /// send `201`, `text/plain`, no `token_type` (RFC 6749 §5.1 requires it, some omit it) or
-/// `expires_in` as a string (Azure AD v1): accepted as `200`, `Bearer`, and the number.
+/// `expires_in` as a string (Azure AD v1) or a fraction: accepted as `200`, `Bearer`, and
+/// whole seconds; an unusable `expires_in` (zero, negative) is dropped (default lifetime).
 /// Anything else passes unchanged.
 fn lenient_success(resp: oauth2::HttpResponse) -> oauth2::HttpResponse {
     if !resp.status().is_success() {
@@ -655,10 +727,11 @@ fn lenient_success(resp: oauth2::HttpResponse) -> oauth2::HttpResponse {
     if !obj.contains_key("token_type") {
         obj.insert("token_type".into(), "Bearer".into());
     }
-    if let Some(serde_json::Value::String(v)) = obj.get("expires_in")
-        && let Ok(n) = v.trim().parse::<u64>()
-    {
-        obj.insert("expires_in".into(), n.into());
+    if let Some(v) = obj.get("expires_in") {
+        match expires_in_secs(v) {
+            Some(n) => obj.insert("expires_in".into(), n.into()),
+            None => obj.remove("expires_in"),
+        };
     }
     let (mut parts, _) = resp.into_parts();
     parts.status = http::StatusCode::OK;
@@ -769,8 +842,8 @@ async fn oauth2_grant(
             let lifetime = tok
                 .expires_in()
                 .unwrap_or(DEFAULT_LIFETIME)
-                .min(MAX_LIFETIME);
-            if tok.access_token().secret().is_empty() {
+                .clamp(MIN_LIFETIME, MAX_LIFETIME);
+            if !usable_token(tok.access_token().secret()) {
                 return Err(MintError::Malformed);
             }
             Ok(Token {
@@ -784,7 +857,7 @@ async fn oauth2_grant(
             })
         }
         Err(RequestTokenError::ServerResponse(e)) => Err(MintError::Rejected {
-            code: e.error().as_ref().to_string(),
+            code: sanitize_code(e.error().as_ref()),
         }),
         Err(RequestTokenError::Request(HttpErr::Status(s))) => Err(MintError::Status(s)),
         Err(RequestTokenError::Request(HttpErr::Transport(t))) => Err(MintError::Transport(t)),
@@ -847,24 +920,30 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<Token, MintError
     }
     let parsed: Option<Resp> = serde_json::from_slice(body).ok();
     if !(200..300).contains(&status) {
+        // 408, 429 and 5xx say "later", whatever the body: an IdP's rate-limit answer often
+        // carries an `error` field (`too_many_requests`), which is not a refusal of the grant.
         return match parsed.and_then(|r| r.error) {
-            Some(code) if status < 500 => Err(MintError::Rejected {
-                code: sanitize_code(&code),
-            }),
+            Some(code) if status < 500 && status != 408 && status != 429 => {
+                Err(MintError::Rejected {
+                    code: sanitize_code(&code),
+                })
+            }
             _ => Err(MintError::Status(status)),
         };
     }
     let r = parsed.ok_or(MintError::Malformed)?;
     let token = r
         .access_token
-        .filter(|t| !t.is_empty())
+        .filter(|t| usable_token(t))
         .ok_or(MintError::Malformed)?;
-    let given = match r.expires_in {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(Duration::from_secs),
-        Some(serde_json::Value::String(s)) => s.parse().ok().map(Duration::from_secs),
-        _ => None,
-    };
-    let lifetime = given.unwrap_or(DEFAULT_LIFETIME).min(MAX_LIFETIME);
+    let given = r
+        .expires_in
+        .as_ref()
+        .and_then(expires_in_secs)
+        .map(Duration::from_secs);
+    let lifetime = given
+        .unwrap_or(DEFAULT_LIFETIME)
+        .clamp(MIN_LIFETIME, MAX_LIFETIME);
     Ok(Token {
         value: SecretValue::new(token.into_bytes()),
         expires_at: Instant::now() + lifetime,
@@ -874,16 +953,38 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<Token, MintError
     })
 }
 
-/// OAuth error codes are short ASCII words; anything else is not repeated verbatim.
-fn sanitize_code(code: &str) -> String {
+/// An IdP's `error` value as it may be shown (admin API, logs, the broker's `reason`): OAuth
+/// error codes (RFC 6749 §5.2 and its extensions) are lower-case words joined by `_`, at
+/// most 40 bytes; anything else — digits, capitals, punctuation, a client secret an IdP
+/// echoed into the field — becomes `unrecognized_error`.
+pub fn sanitize_code(code: &str) -> String {
     if !code.is_empty()
-        && code.len() <= 64
-        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && code.len() <= 40
+        && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
     {
         code.to_string()
     } else {
         "unrecognized_error".to_string()
     }
+}
+
+/// `expires_in` in whole seconds when it is a positive finite number or a string holding
+/// one (RFC 6749 §5.1 says an integer; IdPs also send `3600.5` or `"3600"`); `None` for
+/// anything else (zero, negative, not a number), which means the default lifetime.
+fn expires_in_secs(v: &serde_json::Value) -> Option<u64> {
+    let n = match v {
+        serde_json::Value::Number(n) => n.as_f64()?,
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
+        _ => return None,
+    };
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    (n.is_finite() && n >= 1.0).then(|| n.min(MAX_LIFETIME.as_secs_f64()) as u64)
+}
+
+/// An access token the proxy can put in a header: not empty, no control characters
+/// (CR, LF, NUL would make an invalid or split header; such a token is an unusable answer).
+fn usable_token(t: &str) -> bool {
+    !t.is_empty() && http::HeaderValue::from_str(t).is_ok()
 }
 
 fn urlencode(s: &str) -> String {

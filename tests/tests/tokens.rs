@@ -212,8 +212,18 @@ async fn idp_outage_fails_closed_then_recovers() {
         "forwarded without a credential"
     );
     assert!(s.idp.state.calls.load(Ordering::SeqCst) >= 2, "no retry");
-    // Recovery without restart.
+    // Recovery without restart, once the 1 s cool-down after the failed mint is over;
+    // during it, requests are refused without calling the IdP.
     s.idp.state.fail_next.store(0, Ordering::SeqCst);
+    let calls = s.idp.state.calls.load(Ordering::SeqCst);
+    let r = p.curl(&[&format!("https://cc.test:{port}/x")]).await;
+    assert_eq!(r.error_code().as_deref(), Some("credential_unavailable"));
+    assert_eq!(
+        s.idp.state.calls.load(Ordering::SeqCst),
+        calls,
+        "IdP called while cooling down"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let r = p.curl(&[&format!("https://cc.test:{port}/x")]).await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(s.w.origin.records().len(), 1);

@@ -189,6 +189,11 @@ async fn retries_5xx_then_recovers_and_invalid_grant_is_terminal() {
         }
     );
     assert_eq!(t.calls.load(Ordering::SeqCst), 3);
+    // Cooling down after the failed mint: answered at once, the IdP is not called.
+    let err = cache.token(&s).await.unwrap_err().to_string();
+    assert!(err.contains("next attempt in 1 s"), "{err}");
+    assert_eq!(t.calls.load(Ordering::SeqCst), 3);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(cache.token(&s).await.unwrap().expose(), b"back");
 
     let t = scripted(
@@ -314,4 +319,143 @@ async fn a_dead_broker_credential_is_asked_once_per_request_and_not_kept_failed(
     assert!(cache.status("CODEX_TOKEN").unwrap().failed.is_none());
     // Revived on the broker: the next request gets a token, no reload needed.
     assert_eq!(cache.token(s).await.unwrap().expose(), b"revived");
+}
+
+/// A rate-limit answer is "later", even with an OAuth `error` field in its body (Auth0's
+/// 429 carries `too_many_requests`): retried within the mint, never a final refusal.
+#[tokio::test(start_paused = true)]
+async fn rate_limit_with_an_error_body_is_retried_not_final() {
+    for grant in ["client_credentials", "jwt"] {
+        let t = scripted(
+            &[
+                (429, r#"{"error":"too_many_requests"}"#),
+                (408, r#"{"error":"request_timeout"}"#),
+                (200, r#"{"access_token":"ok","expires_in":60}"#),
+            ],
+            Duration::ZERO,
+        );
+        assert_eq!(
+            parse_token_response(429, br#"{"error":"too_many_requests"}"#).unwrap_err(),
+            MintError::Status(429)
+        );
+        if grant == "jwt" {
+            continue; // parse_token_response above is the jwt_bearer/gcp/broker path
+        }
+        let (s, sources) = secret(grant, CC);
+        let cache = TokenCache::new(t.clone(), sources, settings());
+        assert_eq!(cache.token(&s).await.unwrap().expose(), b"ok");
+        assert_eq!(t.calls.load(Ordering::SeqCst), 3);
+        assert!(cache.status("API_TOKEN").unwrap().failed.is_none());
+    }
+}
+
+/// What an IdP puts in `error` is shown only when it looks like an OAuth error code: a
+/// client secret echoed there (or a forged log line) becomes `unrecognized_error`.
+#[tokio::test(start_paused = true)]
+async fn idp_error_text_is_never_shown_verbatim() {
+    for body in [
+        r#"{"error":"bad_cs_REALclientSECRET_991"}"#,
+        r#"{"error":"x\n2026-01-01 INFO forged line"}"#,
+    ] {
+        let t = scripted(&[(400, body)], Duration::ZERO);
+        let (s, sources) = secret("client_credentials", CC);
+        let cache = TokenCache::new(t.clone(), sources, settings());
+        let err = cache.token(&s).await.unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "credential unavailable: token endpoint refused the grant: unrecognized_error"
+        );
+        let st = cache.status("API_TOKEN").unwrap();
+        assert!(!format!("{st:?}").contains("REAL"), "{st:?}");
+    }
+    assert_eq!(sanitize_code("invalid_grant"), "invalid_grant");
+    assert_eq!(sanitize_code("abcdefghij0123456789"), "unrecognized_error");
+}
+
+/// `expires_in` as a fraction, huge, zero or negative: the token is used (whole seconds,
+/// clamped, or the default lifetime), on the oauth2-crate grants as on the others. A token
+/// with a line break is an unusable answer.
+#[tokio::test(start_paused = true)]
+async fn odd_expires_in_is_accepted_and_control_characters_are_not() {
+    for (expires, lifetime) in [
+        ("3600.5", 3600),
+        ("1e12", 86_400),
+        ("99999999999999999999", 86_400),
+        ("0", 300),
+        ("-5", 300),
+        ("\"-5\"", 300),
+        ("\"120\"", 120),
+    ] {
+        let body = format!(r#"{{"access_token":"t","expires_in":{expires}}}"#);
+        let t = scripted(&[(200, &body)], Duration::ZERO);
+        let (s, sources) = secret("client_credentials", CC);
+        let cache = TokenCache::new(t.clone(), sources, settings());
+        assert_eq!(cache.token(&s).await.unwrap().expose(), b"t", "{expires}");
+        let left = cache.status("API_TOKEN").unwrap().expires_in.unwrap();
+        assert!(
+            left.as_secs() <= lifetime && left.as_secs() + 1 >= lifetime,
+            "{expires}: {left:?}"
+        );
+        let parsed = parse_token_response(200, body.as_bytes()).unwrap();
+        assert_eq!(parsed.lifetime.as_secs(), lifetime, "{expires}");
+    }
+    let t = scripted(
+        &[(200, r#"{"access_token":"a\r\nX-Evil: 1","expires_in":60}"#)],
+        Duration::ZERO,
+    );
+    let (s, sources) = secret("client_credentials", CC);
+    let cache = TokenCache::new(t.clone(), sources, settings());
+    let err = cache.token(&s).await.unwrap_err().to_string();
+    assert!(err.contains("invalid token response"), "{err}");
+    assert!(
+        parse_token_response(200, br#"{"access_token":"a\nb"}"#).is_err(),
+        "a token with a line break"
+    );
+}
+
+/// A change of other inputs (here the client secret: a reload) keeps the refresh token the
+/// IdP rotated: sending the configured one again would be reuse of a rotated-out token.
+#[tokio::test(start_paused = true)]
+async fn rotated_refresh_token_survives_a_change_of_other_inputs() {
+    let t = scripted(
+        &[
+            (
+                200,
+                r#"{"access_token":"a1","expires_in":10,"refresh_token":"refresh-2"}"#,
+            ),
+            (200, r#"{"access_token":"a2","expires_in":10}"#),
+        ],
+        Duration::ZERO,
+    );
+    let (s, sources) = secret(
+        "refresh_token",
+        "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
+    );
+    let cache = TokenCache::new(t.clone(), sources.clone(), settings());
+    assert_eq!(cache.token(&s).await.unwrap().expose(), b"a1");
+    let (s2, _) = secret(
+        "refresh_token",
+        "client_id = { env = \"CID\" }, client_secret = { env = \"CS\" }, refresh_token = { env = \"RT\" }",
+    );
+    assert_eq!(cache.token(&s2).await.unwrap().expose(), b"a2");
+    let seen = t.seen.lock().unwrap().clone();
+    assert!(seen[1].contains("refresh_token=refresh-2"), "{seen:?}");
+}
+
+/// Traffic against a failing IdP: one mint, then a cool-down that doubles (1 s, 2 s, 4 s…)
+/// during which requests are answered without calling the IdP.
+#[tokio::test(start_paused = true)]
+async fn failing_idp_is_not_driven_by_traffic() {
+    let t = scripted(&[(503, "")], Duration::ZERO);
+    let (s, sources) = secret("client_credentials", CC);
+    let cache = TokenCache::new(t.clone(), sources, settings());
+    // 60 s of a request every 100 ms.
+    for _ in 0..600 {
+        let _ = cache.token(&s).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls = t.calls.load(Ordering::SeqCst);
+    // Mints start at about 0, 1, 3, 7, 15, 31 s: 6 mints of 3 attempts.
+    assert!(calls <= 7 * 3, "{calls} IdP calls in 60 s");
+    assert!(calls >= 3, "{calls}");
 }
