@@ -1032,15 +1032,24 @@ impl Policy {
             .any(|p| p.matches(host, port, true))
     }
 
-    /// The egress decision for a destination (DESIGN.md decision 5): true when `host:port`
-    /// may be reached at all. `tls` picks the default port of patterns without one.
+    /// The egress decision for a CONNECT (DESIGN.md decision 5): true when a tunnel to
+    /// `host:port` may be opened — a destination requests may be forwarded to
+    /// ([`Policy::allows_forward`]), or a token-endpoint host whose stubs are answered
+    /// locally. `tls` picks the default port of patterns without one.
     pub fn allows_destination(&self, host: &str, port: u16, tls: bool) -> bool {
+        self.allows_forward(host, port, tls) || (tls && self.is_stub_host(host, port))
+    }
+
+    /// The egress decision for a request that would be forwarded (DESIGN.md decision 5):
+    /// true when `host:port` is allowed, passthrough or one of a secret's hosts. A
+    /// token-endpoint host is not allowed by being one: only its stub (the token path) is
+    /// answered, locally; anything else on it needs an `allow` entry like any host.
+    pub fn allows_forward(&self, host: &str, port: u16, tls: bool) -> bool {
         match self.proxy.egress {
             Egress::Open => true,
             Egress::Allowlist => {
                 self.proxy.allow.iter().any(|p| p.matches(host, port, tls))
                     || self.is_passthrough(host, port)
-                    || (tls && self.is_stub_host(host, port))
                     || self.secrets.iter().any(|s| s.allows_host(host, port, tls))
             }
         }

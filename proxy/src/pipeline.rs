@@ -241,7 +241,7 @@ async fn exchange(
     // allowlist and the denied address ranges (169.254.169.254) do not apply to them.
     let stub = policy.stub_for(&host, port, tls, req.method().as_str(), path);
     if stub.is_none() {
-        if !policy.allows_destination(&host, port, tls) {
+        if !policy.allows_forward(&host, port, tls) {
             return Err(ProxyError::DestinationNotAllowed {
                 host: host.into_owned(),
                 port,

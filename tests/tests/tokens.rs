@@ -349,6 +349,25 @@ async fn sandbox_sdk_token_dance_is_stubbed() {
         .filter(|r| r.outcome == "stubbed")
         .count();
     assert_eq!(stubbed, 4);
+
+    // Only the stub is answered on a token endpoint's host: any other path or method is not
+    // forwarded to it (the host is in no `allow` entry), and the IdP is not called.
+    let calls = s.idp.state.calls.load(Ordering::SeqCst);
+    for args in [
+        vec!["-X", "POST", "/other"],
+        vec!["-X", "POST", "//token"],
+        vec!["-X", "GET", "/token"],
+    ] {
+        let url = format!("https://idp.test:{idp_port}{}", args[2]);
+        let r = p.curl(&[args[0], args[1], &url]).await;
+        assert_eq!(r.status, 403, "{args:?} {r:?}");
+        assert_eq!(
+            r.error_code().as_deref(),
+            Some("destination_not_allowed"),
+            "{args:?}"
+        );
+    }
+    assert_eq!(s.idp.state.calls.load(Ordering::SeqCst), calls);
 }
 
 #[test]

@@ -313,6 +313,11 @@ keyfile = { file = "sa.json" }
     );
     assert!(p.allows_destination("id.example.test", 8443, true));
     assert!(p.allows_destination("oauth2.googleapis.com", 443, true));
+    // The tunnel opens for the stub, but nothing else on the token endpoint's host is
+    // forwarded. (oauth2.googleapis.com is under the gcp secret's default `*.googleapis.com`
+    // hosts, so it is a secret host.)
+    assert!(!p.allows_forward("id.example.test", 8443, true));
+    assert!(p.allows_forward("oauth2.googleapis.com", 443, true));
 }
 
 #[test]
