@@ -52,6 +52,11 @@ enum Command {
         /// The policy file.
         #[arg(long)]
         policy: PathBuf,
+        /// Run CMD as this user (`NAME`, `UID` or `UID:GID`; a name takes its primary
+        /// group), so it cannot read the proxy's secret files, CA key or memory. Without it,
+        /// CMD runs as the proxy's user and a warning says what it can read.
+        #[arg(long)]
+        user: Option<String>,
         /// The command and its arguments.
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         cmd: Vec<String>,
@@ -188,7 +193,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", sandbox::export_lines(&env));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { policy, cmd } => run(&policy, &cmd).await,
+        Command::Run { policy, user, cmd } => run(&policy, user.as_deref(), &cmd).await,
         Command::Secrets { command } => secrets(command).await,
         Command::Reload { policy, admin } => {
             // The bearer token goes only to an address the operator named (flag or
@@ -283,7 +288,35 @@ async fn runtime(policy: &Path) -> anyhow::Result<(Arc<Runtime>, state::CaFiles)
     Ok((rt, ca))
 }
 
+/// Process set-up for `serve` and `run`: not dumpable (no core file with secrets in it,
+/// and other processes of the same user cannot read this one's memory or
+/// `/proc/PID/environ`, where the real values of `env` sources are), and the soft limit on
+/// open files raised to the hard limit (each proxied connection needs two descriptors; the
+/// usual soft limit of 1024 would make most requests fail under load).
+fn harden_process() {
+    use rustix::process::{
+        DumpableBehavior, Resource, getrlimit, set_dumpable_behavior, setrlimit,
+    };
+    if let Err(e) = set_dumpable_behavior(DumpableBehavior::NotDumpable) {
+        tracing::warn!(error = %e, "could not mark the process not dumpable");
+    }
+    let mut lim = getrlimit(Resource::Nofile);
+    if let Some(hard) = lim.maximum
+        && lim.current.is_some_and(|soft| soft < hard)
+    {
+        let from = lim.current;
+        lim.current = Some(hard);
+        match setrlimit(Resource::Nofile, lim) {
+            Ok(()) => tracing::debug!(from = ?from, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+        }
+    }
+}
+
 async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
+    // A SIGHUP before the policy watcher is up must not end the process (its default).
+    let _early_hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    harden_process();
     crate::workers::start(event_loops()).map_err(anyhow::Error::msg)?;
     let (rt, ca) = runtime(policy_path).await?;
     let policy = rt.policy();
@@ -468,7 +501,44 @@ async fn shutdown_signal() {
 /// How long `run` waits, after its child exits, for Postgres sessions still open.
 const RUN_PG_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn run(policy_path: &Path, cmd: &[String]) -> anyhow::Result<ExitCode> {
+/// `NAME`, `UID` or `UID:GID` → (uid, gid). A name is looked up with `getent passwd`
+/// (so NSS users resolve too) and takes its primary group; a bare UID keeps it as GID too.
+///
+/// # Errors
+/// When the user is unknown or the numbers do not parse.
+fn resolve_user(spec: &str) -> anyhow::Result<(u32, u32)> {
+    if let Some((u, g)) = spec.split_once(':') {
+        let uid = u
+            .parse()
+            .with_context(|| format!("--user {spec}: UID is not a number"))?;
+        let gid = g
+            .parse()
+            .with_context(|| format!("--user {spec}: GID is not a number"))?;
+        return Ok((uid, gid));
+    }
+    if let Ok(uid) = spec.parse::<u32>() {
+        return Ok((uid, uid));
+    }
+    let out = std::process::Command::new("getent")
+        .args(["passwd", spec])
+        .output()
+        .with_context(|| format!("--user {spec}: failed to run getent"))?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = line.trim().split(':').collect();
+    match (out.status.success(), fields.get(2), fields.get(3)) {
+        (true, Some(u), Some(g)) => Ok((
+            u.parse()
+                .with_context(|| format!("--user {spec}: bad passwd entry"))?,
+            g.parse()
+                .with_context(|| format!("--user {spec}: bad passwd entry"))?,
+        )),
+        _ => bail!("--user {spec}: no such user"),
+    }
+}
+
+async fn run(policy_path: &Path, user: Option<&str>, cmd: &[String]) -> anyhow::Result<ExitCode> {
+    let run_as = user.map(resolve_user).transpose()?;
+    harden_process();
     let (rt, ca) = runtime(policy_path).await?;
     let proxy = start(rt.clone(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
@@ -504,6 +574,28 @@ async fn run(policy_path: &Path, cmd: &[String]) -> anyhow::Result<ExitCode> {
     child.env_remove("IRON_PROXY_ADMIN_TOKEN");
     for (k, v) in &env {
         child.env(k, v);
+    }
+    match run_as {
+        // std drops supplementary groups (setgroups) when it switches from root.
+        Some((uid, gid)) => {
+            child.uid(uid).gid(gid);
+        }
+        None => {
+            let file_sources = policy.secrets.iter().any(|s| {
+                s.sources()
+                    .into_iter()
+                    .any(|(_, src)| matches!(src.kind, iron_policy::SourceKind::File(_)))
+            });
+            if rustix::process::geteuid().is_root() {
+                tracing::warn!(
+                    "`run` without --user: the command runs as root and can read every real secret (the proxy's memory, its secret files, the CA key); use --user to run it as another user"
+                );
+            } else if file_sources || policy.proxy.ca.is_none() {
+                tracing::warn!(
+                    "`run` without --user: the command runs as the proxy's user and can read the secret files and the CA key; use --user to run it as another user"
+                );
+            }
+        }
     }
     let status = child
         .status()

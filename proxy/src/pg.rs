@@ -358,8 +358,7 @@ pub fn client_side(
     if dirty {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        crate::state::create_dir(dir)?;
         let doc = serde_json::json!({"port": port, "password": password, "user": user});
         let tmp = dir.join(format!(".pg-{}.{}", secret.name, std::process::id()));
         std::fs::OpenOptions::new()

@@ -43,16 +43,22 @@ pub struct CaFiles {
 /// # Errors
 /// A message naming the file that could not be read, created or written.
 pub fn load_ca(policy: &Policy, dir: &Path) -> Result<CaFiles, String> {
-    let (ca, cert) = match &policy.proxy.ca {
+    let (ca, cert, key) = match &policy.proxy.ca {
         Some((cert, key)) => (
             CertificateAuthority::load(cert, key).map_err(|e| chain(&e))?,
             cert.clone(),
+            key.clone(),
         ),
-        None => (
-            CertificateAuthority::load_or_init(dir).map_err(|e| chain(&e))?,
-            dir.join(CA_CERT_FILE),
-        ),
+        None => {
+            create_dir(dir)?;
+            (
+                CertificateAuthority::load_or_init(dir).map_err(|e| chain(&e))?,
+                dir.join(CA_CERT_FILE),
+                dir.join(iron_certs::CA_KEY_FILE),
+            )
+        }
     };
+    warn_if_readable_by_others(&key);
     let cert = std::path::absolute(&cert).unwrap_or(cert);
     let bundle = write_bundle(&ca, dir)?;
     Ok(CaFiles {
@@ -62,9 +68,73 @@ pub fn load_ca(policy: &Policy, dir: &Path) -> Result<CaFiles, String> {
     })
 }
 
+/// Creates the state directory (and its parents) with mode 0755 whatever the umask allows
+/// beyond that: its files are what sandboxes read (the CA bundle, the stub key file); the
+/// secret ones in it (the CA key, `pg-*.json`) are 0600 themselves.
+///
+/// # Errors
+/// A message naming the directory.
+pub(crate) fn create_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let err =
+        |e: std::io::Error| format!("failed to create state directory {}: {e}", dir.display());
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(err)?;
+    // Exactly 0755: the umask may have taken more (a sandbox run as another user must read
+    // the bundle) or less.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)
+}
+
+/// Writes `data` to `path` with `mode` (not the umask's default), through a temporary file
+/// renamed over it.
+fn write_with_mode(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| {
+            // Exactly `mode`, whatever the umask.
+            use std::os::unix::fs::PermissionsExt as _;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            f.write_all(data)
+        })
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            format!("failed to write {}: {e}", path.display())
+        })
+}
+
+/// Logs a warning when the CA key at `path` can be read or written by other users.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "the CA key can be read by other users: anyone who reads it can impersonate any host to the sandbox; chmod 600 it"
+        );
+    }
+}
+
 fn write_bundle(ca: &CertificateAuthority, dir: &Path) -> Result<PathBuf, String> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("failed to create state directory {}: {e}", dir.display()))?;
+    create_dir(dir)?;
     let mut pem = ca.cert_pem().to_string();
     if let Some(system) = SYSTEM_BUNDLES
         .iter()
@@ -76,10 +146,7 @@ fn write_bundle(ca: &CertificateAuthority, dir: &Path) -> Result<PathBuf, String
         pem.push_str(&system);
     }
     let path = dir.join(BUNDLE_FILE);
-    let tmp = dir.join(format!(".{BUNDLE_FILE}.{}", std::process::id()));
-    std::fs::write(&tmp, pem)
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| format!("failed to write {}: {e}", path.display()))?;
+    write_with_mode(&path, pem.as_bytes(), 0o644)?;
     Ok(std::path::absolute(&path).unwrap_or(path))
 }
 
@@ -104,8 +171,7 @@ pub fn gcp_stub_env(policy: &Policy, dir: &Path) -> Result<Vec<(String, String)>
     else {
         return Ok(Vec::new());
     };
-    std::fs::create_dir_all(dir)
-        .map_err(|e| format!("failed to create state directory {}: {e}", dir.display()))?;
+    create_dir(dir)?;
     let path = dir.join(format!("gcp-stub-{}.json", secret.name));
     if !path.exists() {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256)
@@ -120,10 +186,12 @@ pub fn gcp_stub_env(policy: &Policy, dir: &Path) -> Result<Vec<(String, String)>
             "auth_uri": "https://accounts.google.com/o/oauth2/auth",
             "token_uri": format!("https://{}/token", iron_policy::model::GCP_TOKEN_HOST),
         });
-        let tmp = dir.join(format!(".gcp-stub-{}.{}", secret.name, std::process::id()));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc).unwrap_or_default())
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("failed to write {}: {e}", path.display()))?;
+        // Readable by the sandbox, which may run as another user; it holds no secret.
+        write_with_mode(
+            &path,
+            &serde_json::to_vec_pretty(&doc).unwrap_or_default(),
+            0o644,
+        )?;
     }
     let path = std::path::absolute(&path)
         .unwrap_or(path)

@@ -230,6 +230,48 @@ async fn run_gives_the_child_a_working_sandbox_without_secrets() {
         .await
         .expect("run");
     assert_eq!(st.code(), Some(7));
+
+    // Run as root without --user, the command could read the proxy's memory and files: a
+    // warning says so. With --user it runs as that user and cannot read the proxy's
+    // environment (where the real values of `env` sources are), yet reaches the API.
+    let root = String::from_utf8_lossy(&out.stderr).contains("runs as root");
+    let is_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    assert_eq!(root, is_root, "{}", String::from_utf8_lossy(&out.stderr));
+    if !is_root || !std::path::Path::new("/proc/self/environ").exists() {
+        return;
+    }
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        // The sandbox user must reach the CA bundle in the state directory.
+        std::fs::set_permissions(w.dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+    }
+    let out = tokio::process::Command::new(bin())
+        .args(["run", "--user", "65534", "--policy"])
+        .arg(&w.policy_path)
+        .args(["--", "sh", "-c"])
+        .arg(format!(
+            "id -u; if cat /proc/$PPID/environ >/dev/null 2>&1; then echo environ-readable; else echo environ-refused; fi; curl -sS -w ' %{{http_code}}' https://api.github.test:{port}/user -H \"Authorization: Bearer $GITHUB_TOKEN\""
+        ))
+        .env("IRON_PROXY_HOME", w.dir.path().join("home"))
+        .envs(standard_env())
+        .output()
+        .await
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout} {stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "65534", "{stdout}");
+    assert_eq!(lines[1], "environ-refused", "{stdout}");
+    assert!(stdout.trim_end().ends_with("200"), "{stdout} {stderr}");
+    assert!(!stderr.contains("without --user"), "{stderr}");
+    for real in ALL_REAL {
+        assert!(!stdout.contains(real), "child saw a real secret");
+    }
 }
 
 #[test]
