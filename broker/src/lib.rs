@@ -259,6 +259,19 @@ impl SourceResolver {
             return Ok(e.bytes.clone());
         }
         let bytes = SecretValue::new(std::fs::read(path).map_err(err)?);
+        // A file rewritten in place (`echo new > file`: truncate, then write) can be read
+        // between the two: empty, or a JSON document cut short. Within the racy window of
+        // its change, such a read gives the last value read instead (and is not cached), so
+        // a rotation does not fail the requests that land in the gap; a file still empty
+        // or broken after the window is an error as before.
+        if !stamp.reusable(SystemTime::now())
+            && let Ok(files) = self.files.lock()
+            && let Some(prev) = files.get(path)
+            && looks_mid_write(prev.bytes.expose(), bytes.expose())
+        {
+            tracing::debug!(path = %path.display(), "file changed moments ago and reads empty or cut short; using the previous read");
+            return Ok(prev.bytes.clone());
+        }
         if let Ok(mut files) = self.files.lock() {
             files.insert(
                 path.to_path_buf(),
@@ -270,6 +283,16 @@ impl SourceResolver {
         }
         Ok(bytes)
     }
+}
+
+/// True when `new` looks like a write in progress over `prev`: empty (but a newline), or
+/// not JSON where `prev` was.
+fn looks_mid_write(prev: &[u8], new: &[u8]) -> bool {
+    if trim_newline(new).is_empty() {
+        return !trim_newline(prev).is_empty();
+    }
+    let is_json = |b: &[u8]| serde_json::from_slice::<serde::de::IgnoredAny>(b).is_ok();
+    prev.trim_ascii_start().starts_with(b"{") && is_json(prev) && !is_json(new)
 }
 
 fn trim_newline(b: &[u8]) -> &[u8] {
@@ -396,5 +419,48 @@ mod tests {
             pos: Pos::default(),
         };
         assert_eq!(r.resolve(&src).unwrap().expose(), b"token-BBBB");
+    }
+
+    /// A rotation by rewriting the file in place: a read between the truncate and the write
+    /// (empty, or JSON cut short) gives the previous value; the new value is read as soon as
+    /// it is there; a file left empty is an error once the racy window has passed.
+    #[test]
+    fn file_rewritten_in_place_never_reads_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = resolver(&[]);
+        let raw = dir.path().join("raw");
+        let json = dir.path().join("j.json");
+        let src = |p: &std::path::Path, key: Option<&str>| SourceRef {
+            kind: SourceKind::File(p.to_path_buf()),
+            json_key: key.map(Into::into),
+            pos: Pos::default(),
+        };
+        std::fs::write(&raw, "old-token\n").unwrap();
+        std::fs::write(&json, r#"{"token": "old-json"}"#).unwrap();
+        assert_eq!(r.resolve(&src(&raw, None)).unwrap().expose(), b"old-token");
+        assert_eq!(
+            r.resolve(&src(&json, Some("token"))).unwrap().expose(),
+            b"old-json"
+        );
+        std::fs::write(&raw, "").unwrap();
+        std::fs::write(&json, r#"{"token": "new-js"#).unwrap();
+        assert_eq!(r.resolve(&src(&raw, None)).unwrap().expose(), b"old-token");
+        assert_eq!(
+            r.resolve(&src(&json, Some("token"))).unwrap().expose(),
+            b"old-json"
+        );
+        std::fs::write(&raw, "new-token\n").unwrap();
+        std::fs::write(&json, r#"{"token": "new-json"}"#).unwrap();
+        assert_eq!(r.resolve(&src(&raw, None)).unwrap().expose(), b"new-token");
+        assert_eq!(
+            r.resolve(&src(&json, Some("token"))).unwrap().expose(),
+            b"new-json"
+        );
+        // Emptied for good: an error once the change is older than the racy window.
+        std::fs::write(&raw, "").unwrap();
+        assert_eq!(r.resolve(&src(&raw, None)).unwrap().expose(), b"new-token");
+        std::thread::sleep(Duration::from_secs(RACY_SECS + 1));
+        let e = r.resolve(&src(&raw, None)).unwrap_err();
+        assert!(e.to_string().ends_with("is empty"), "{e}");
     }
 }
