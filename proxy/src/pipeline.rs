@@ -131,6 +131,55 @@ fn cut_outcome(rt: &Runtime, rec: &mut AuditRecord) -> &'static str {
     }
 }
 
+/// Waits for the response to a request whose body is still being sent. While the body
+/// flows there is no deadline, only a stall limit: no body bytes for `idle` is a timeout.
+/// Once the body has ended, the response headers must come within `header_timeout`.
+///
+/// # Errors
+/// `Err(None)` on a timeout; `Err(Some(end))` when the request failed after its body ended
+/// as `end` other than complete (the client went away); a failure after a complete body is
+/// `Ok(Err(..))`, as from the client.
+async fn await_response<F, T>(
+    response: F,
+    body_end: tokio::sync::oneshot::Receiver<BodyEnd>,
+    tally: &Tally,
+    header_timeout: std::time::Duration,
+    idle: std::time::Duration,
+) -> Result<Result<T, hyper_util::client::legacy::Error>, Option<BodyEnd>>
+where
+    F: std::future::Future<Output = Result<T, hyper_util::client::legacy::Error>>,
+{
+    tokio::pin!(response);
+    let mut body_end = body_end;
+    let mut seen = tally[0].load(Ordering::Relaxed);
+    let end = loop {
+        tokio::select! {
+            r = &mut response => {
+                // A failure right after the client's body broke off is the client's doing.
+                if r.is_err()
+                    && let Ok(end @ (BodyEnd::Error | BodyEnd::Dropped)) = body_end.try_recv()
+                {
+                    return Err(Some(end));
+                }
+                return Ok(r);
+            }
+            end = &mut body_end => break end.unwrap_or(BodyEnd::Dropped),
+            () = tokio::time::sleep(idle) => {
+                let now = tally[0].load(Ordering::Relaxed);
+                if now == seen {
+                    return Err(None);
+                }
+                seen = now;
+            }
+        }
+    };
+    match tokio::time::timeout(header_timeout, response).await {
+        Err(_) => Err(None),
+        Ok(Err(_)) if end != BodyEnd::Complete => Err(Some(end)),
+        Ok(r) => Ok(r),
+    }
+}
+
 /// The values a plan needs, by secret index: the first inline (a request usually needs
 /// one), borrowed from the policy's cache when it has them.
 #[derive(Default)]
@@ -184,6 +233,10 @@ pub async fn handle(
         Err(e) => {
             if let Some(mut rec) = guard.rec.take() {
                 rec.status = e.status().as_u16();
+                if let Some(t) = &guard.tally {
+                    rec.bytes_in = t[0].load(Ordering::Relaxed);
+                    rec.bytes_out = t[1].load(Ordering::Relaxed);
+                }
                 // The upstream failed, or the proxy refused (a missing credential too:
                 // nothing was forwarded).
                 rec.outcome = if e.code().starts_with("upstream_") {
@@ -432,7 +485,26 @@ async fn exchange(
     let tally: Tally = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     guard.tally = Some(tally.clone());
     let (mut parts, body) = req.into_parts();
-    let body = Counted::new(body, tally.clone(), 0, Box::new(|_| {})).boxed();
+    // A request with a body reports its end: the response-header timeout runs from there
+    // (an upload may take longer than the timeout), and a client that went away mid-body
+    // is told apart from an upstream failure.
+    let (body_end_tx, body_end) = if http_body::Body::is_end_stream(&body) {
+        (None, None)
+    } else {
+        let (tx, rx) = tokio::sync::oneshot::channel::<BodyEnd>();
+        (Some(tx), Some(rx))
+    };
+    let body = Counted::new(
+        body,
+        tally.clone(),
+        0,
+        Box::new(move |end| {
+            if let Some(tx) = body_end_tx {
+                let _ = tx.send(end);
+            }
+        }),
+    )
+    .boxed();
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     // The extensions are kept: they hold the header casing hyper recorded (its type is
@@ -440,13 +512,35 @@ async fn exchange(
     let up = Request::from_parts(parts, body);
     let limits = &policy.proxy.limits;
     let sent = std::time::Instant::now();
-    let resp = match tokio::time::timeout(
-        limits.upstream_response_header_timeout,
-        active.client().request(up),
-    )
-    .await
-    {
-        Err(_) => return Err(ProxyError::UpstreamTimeout),
+    let response = active.client().request(up);
+    let waited = match body_end {
+        None => tokio::time::timeout(limits.upstream_response_header_timeout, response)
+            .await
+            .map_err(|_| None),
+        Some(body_end) => {
+            await_response(
+                response,
+                body_end,
+                &tally,
+                limits.upstream_response_header_timeout,
+                limits.idle_timeout,
+            )
+            .await
+        }
+    };
+    let resp = match waited {
+        Err(None) => return Err(ProxyError::UpstreamTimeout),
+        Err(Some(BodyEnd::Error | BodyEnd::Dropped)) => {
+            // The client stopped sending the body: its cancel, not an upstream failure.
+            if let Some(mut rec) = guard.rec.take() {
+                rec.bytes_in = tally[0].load(Ordering::Relaxed);
+                rec.outcome = cut_outcome(rt, &mut rec);
+                rec.stop_clock();
+                rt.emit(rec);
+            }
+            return Err(ProxyError::Upstream);
+        }
+        Err(Some(BodyEnd::Complete)) => return Err(ProxyError::UpstreamTimeout),
         Ok(Err(e)) => {
             let mapped = classify(&e);
             warn!(host = %host, port, error = %ErrorChain(&e), code = mapped.code(), "upstream request failed");

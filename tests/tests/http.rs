@@ -1031,3 +1031,88 @@ hosts = ["case.test:{port}"]
         "{head}"
     );
 }
+
+/// The response-header timeout runs from the end of the request body: an upload that takes
+/// longer than it still completes. A body that stalls for `idle_timeout_secs` is cut (504),
+/// and a client that goes away mid-body is audited `client_cancel` with the bytes it sent,
+/// not as an upstream failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_uploads_complete_and_stalled_or_abandoned_ones_are_told_apart() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if !have("curl") {
+        return;
+    }
+    let policy = format!(
+        "{STANDARD_POLICY}\n[proxy.limits]\nupstream_response_header_timeout_secs = 1\nidle_timeout_secs = 2\n"
+    );
+    let w = World::new(
+        &policy,
+        OriginOptions {
+            plain: true,
+            ..OriginOptions::default()
+        },
+    )
+    .await;
+    let p = w.proxy(standard_env()).await;
+    let port = w.port();
+    let file = w.dir.path().join("up.bin");
+    std::fs::write(&file, vec![7u8; 250_000]).expect("write");
+    // ~2.5 s of upload against a 1 s response-header timeout.
+    let r = p
+        .curl(&[
+            &format!("http://plain.test:{port}/up"),
+            "-T",
+            file.to_str().expect("path"),
+            "--limit-rate",
+            "100K",
+        ])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(w.origin.records().pop().expect("record").body_len, 250_000);
+
+    let head = format!(
+        "POST http://plain.test:{port}/stall HTTP/1.1\r\nHost: plain.test:{port}\r\nContent-Length: 100\r\n\r\n0123456789"
+    );
+    // Stalled: 10 of 100 bytes, then nothing.
+    let mut tcp = tokio::net::TcpStream::connect(p.addr())
+        .await
+        .expect("connect");
+    tcp.write_all(head.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tcp.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("upstream_timeout"), "{answer}");
+
+    // Abandoned: 10 of 100 bytes, then the connection closes.
+    let mut tcp = tokio::net::TcpStream::connect(p.addr())
+        .await
+        .expect("connect");
+    tcp.write_all(head.replace("/stall", "/gone").as_bytes())
+        .await
+        .expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(tcp);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let rec = loop {
+        if let Some(r) = p.audit.records().into_iter().find(|r| r.path == "/gone") {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no audit record");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(rec.outcome, "client_cancel", "{rec:?}");
+    assert_eq!(rec.bytes_in, 10, "{rec:?}");
+    let stalled = p
+        .audit
+        .records()
+        .into_iter()
+        .find(|r| r.path == "/stall")
+        .expect("stall record");
+    assert_eq!(stalled.error, Some("upstream_timeout"));
+    assert_eq!(stalled.bytes_in, 10, "{stalled:?}");
+}
