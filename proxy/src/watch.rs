@@ -25,18 +25,35 @@ pub fn spawn(rt: Arc<Runtime>) -> Result<(), String> {
     let current = rt.clone();
     // Events name absolute paths; the policy's may be relative (`--policy policy.conf`).
     let same = |a: &PathBuf, b: &PathBuf| a == b || std::path::absolute(a).is_ok_and(|a| a == *b);
-    let relevant = move |paths: &[PathBuf]| -> bool {
+    // A policy file that is a symlink (a Kubernetes ConfigMap volume: `policy.toml ->
+    // ..data/policy.toml`, `..data -> ..2026_12_01_…`) changes when a link elsewhere in the
+    // directory is swapped, an event that names neither the file nor a `.toml`: any event
+    // in the directory then counts.
+    let relevant = move |kind: &notify::EventKind, paths: &[PathBuf]| -> bool {
+        use notify::EventKind::{Create, Modify, Remove};
+        use notify::event::ModifyKind;
         let policy = current.policy();
+        // Links are created, renamed or removed, never written: data writes (an audit log
+        // kept in the same directory) are not such a swap.
+        let renamed = matches!(kind, Create(_) | Remove(_) | Modify(ModifyKind::Name(_)));
+        let linked = || {
+            policy
+                .files
+                .iter()
+                .any(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()))
+        };
         paths.iter().any(|p| {
             p.extension().is_some_and(|e| e == "toml")
                 || policy.files.iter().any(|w| same(w, p))
                 || policy.watch_dirs.iter().any(|d| same(d, p))
-        })
+                || p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".."))
+        }) || (renamed && linked())
     };
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(ev) = ev
             && !ev.kind.is_access()
-            && relevant(&ev.paths)
+            && relevant(&ev.kind, &ev.paths)
         {
             let _ = tx.send(());
         }

@@ -191,6 +191,54 @@ async fn drop_in_secret_is_usable_without_restart() {
     );
 }
 
+/// A policy mounted the Kubernetes ConfigMap way (`policy.toml -> ..data/policy.toml`,
+/// `..data -> ..v1`) is reloaded when `..data` is swapped to a new version, an event that
+/// names neither the policy file nor a `.toml`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_style_symlink_swap_is_reloaded() {
+    let mut w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let dir = w.dir.path().to_path_buf();
+    let text = std::fs::read_to_string(&w.policy_path)
+        .expect("policy")
+        .replace(
+            "\"origin-ca.pem\"",
+            &format!("{:?}", dir.join("origin-ca.pem")),
+        )
+        .replace("\"basic.json\"", &format!("{:?}", dir.join("basic.json")));
+    let cm = dir.join("cm");
+    std::fs::create_dir_all(cm.join("..v1")).expect("mkdir");
+    std::fs::create_dir_all(cm.join("..v2")).expect("mkdir");
+    std::fs::write(cm.join("..v1/policy.toml"), &text).expect("write");
+    std::fs::write(
+        cm.join("..v2/policy.toml"),
+        text.replace("other.test", "other2.test"),
+    )
+    .expect("write");
+    std::os::unix::fs::symlink("..v1", cm.join("..data")).expect("link");
+    std::os::unix::fs::symlink("..data/policy.toml", cm.join("policy.toml")).expect("link");
+    w.policy_path = cm.join("policy.toml");
+    let p = w.proxy(standard_env()).await;
+    iron_proxy::watch::spawn(p.rt.clone()).expect("watch");
+    let port = w.port();
+    assert!(p.rt.policy().allows_destination("other.test", port, true));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::os::unix::fs::symlink("..v2", cm.join("..data_tmp")).expect("link");
+    std::fs::rename(cm.join("..data_tmp"), cm.join("..data")).expect("swap");
+    let mut seen = false;
+    for _ in 0..60 {
+        if p.rt.policy().allows_destination("other2.test", port, true) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        seen,
+        "the swapped ConfigMap version was not loaded within 3 s"
+    );
+    assert!(!p.rt.policy().allows_destination("other.test", port, true));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_secrets_readiness_and_probe() {
     let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
