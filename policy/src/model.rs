@@ -929,6 +929,55 @@ impl Policy {
                 });
             }
         }
+        // A broker reached over http:// carries its bearer token in cleartext: only to a
+        // loopback address, also after `resolve` (which the dial follows).
+        for secret in &secrets {
+            if let SecretKind::Brokered(b) = &secret.kind
+                && let Some(rest) = b.url.strip_prefix("http://")
+            {
+                let authority = rest.split('/').next().unwrap_or_default();
+                let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+                if let Some(ip) = proxy.resolve.get(&host.to_ascii_lowercase())
+                    && !ip.is_loopback()
+                {
+                    diags.push(Diagnostic {
+                        file: secret.file.clone(),
+                        line: secret.pos.line,
+                        col: secret.pos.col,
+                        severity: Severity::Error,
+                        message: format!(
+                            "secret `{}`: broker url is http:// but `resolve` maps {host} to {ip}, not a loopback address: the broker token would cross the network in cleartext (use https://)",
+                            secret.name
+                        ),
+                    });
+                }
+            }
+        }
+        // Two token secrets with one token endpoint: its stub answers with the first one's
+        // placeholder, so an SDK configured for the second gets the wrong placeholder.
+        let mut endpoints: HashMap<(&str, u16, &str), &str> = HashMap::new();
+        for secret in &secrets {
+            if let SecretKind::OAuth(o) = &secret.kind {
+                let key = (
+                    o.token_endpoint.host.as_str(),
+                    o.token_endpoint.port,
+                    o.token_endpoint.path.as_str(),
+                );
+                if let Some(first) = endpoints.insert(key, &secret.name) {
+                    diags.push(Diagnostic {
+                        file: secret.file.clone(),
+                        line: secret.pos.line,
+                        col: secret.pos.col,
+                        severity: Severity::Warning,
+                        message: format!(
+                            "secret `{}` has the token endpoint of secret `{first}`: a sandbox SDK's token request there is answered with `{first}`'s placeholder",
+                            secret.name
+                        ),
+                    });
+                    endpoints.insert(key, first);
+                }
+            }
+        }
         // Passthrough traffic is never intercepted: a secret cannot be swapped there, and
         // its placeholder would reach the host as the sandbox wrote it.
         for secret in &secrets {

@@ -503,3 +503,26 @@ fn pinned_pg_setting_names_must_be_shorter_than_postgres_truncation() {
         "{e:?}"
     );
 }
+
+/// A broker over http:// is accepted on loopback only, also after `resolve`; two token
+/// secrets sharing a token endpoint are warned about (its stub answers for the first).
+#[test]
+fn broker_http_must_stay_loopback_and_shared_token_endpoints_warn() {
+    let broker = |resolve: &str| {
+        format!(
+            "version = 1\n[proxy]\nresolve = {{ {resolve} }}\n[[secrets]]\nname = \"CODEX\"\ntype = \"brokered_token\"\nbroker = {{ url = \"http://localhost:8181\" }}\nhosts = [\"chatgpt.test\"]\n"
+        )
+    };
+    assert!(parse(&broker("")).is_ok());
+    assert!(parse(&broker("\"localhost\" = \"127.0.0.2\"")).is_ok());
+    let e = errors(&broker("\"localhost\" = \"192.0.2.2\""));
+    assert!(e.iter().any(|m| m.contains("cleartext")), "{e:?}");
+    let two = "version = 1\n[[secrets]]\nname = \"TOKEN_ONE\"\ntype = \"oauth_token\"\ngrant = \"client_credentials\"\ntoken_endpoint = \"https://id.test/token\"\nfields = { client_id = { env = \"A\" }, client_secret = { env = \"B\" } }\nhosts = [\"a.test\"]\n[[secrets]]\nname = \"TOKEN_TWO\"\ntype = \"oauth_token\"\ngrant = \"client_credentials\"\ntoken_endpoint = \"https://id.test/token\"\nfields = { client_id = { env = \"C\" }, client_secret = { env = \"D\" } }\nhosts = [\"b.test\"]\n";
+    let p = parse(two).unwrap_or_else(|e| panic!("{e}"));
+    let w: Vec<String> = p.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        w.iter()
+            .any(|m| m.contains("secret `TOKEN_TWO` has the token endpoint of secret `TOKEN_ONE`")),
+        "{w:?}"
+    );
+}
