@@ -227,12 +227,22 @@ impl Dsn {
             None | Some("prefer" | "allow") => SslMode::Prefer,
             Some("disable") => SslMode::Disable,
             Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
-            Some(other) => return Err(format!("unsupported sslmode {other}")),
+            // The value is not repeated: a password pasted into the wrong field would be.
+            Some(_) => {
+                return Err(
+                    "unsupported sslmode (use disable, allow, prefer, require, verify-ca or verify-full)"
+                        .to_string(),
+                );
+            }
         };
         let channel_binding_required = match kv.get("channel_binding").map(String::as_str) {
             None | Some("prefer" | "disable") => false,
             Some("require") => true,
-            Some(other) => return Err(format!("unsupported channel_binding {other}")),
+            Some(_) => {
+                return Err(
+                    "unsupported channel_binding (use disable, prefer or require)".to_string(),
+                );
+            }
         };
         let port = match kv.get("port") {
             Some(p) => p.parse().map_err(|_| "invalid port in DSN".to_string())?,
