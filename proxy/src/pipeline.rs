@@ -557,6 +557,11 @@ async fn exchange(
     // respond, audit when the body ends
     let mut resp = resp;
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    if switching && client_upgrade.is_none() {
+        // A 101 to a request that asked for no upgrade: nothing to switch to.
+        warn!(host = %host, port, "upstream switched protocols without an upgrade request");
+        return Err(ProxyError::Upstream);
+    }
     let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, switching);
@@ -761,14 +766,23 @@ pub(crate) fn split_authority(auth: &str, default_port: u16) -> Result<(String, 
     Ok((host, a.port_u16().unwrap_or(default_port)))
 }
 
+/// A WebSocket upgrade request: `Upgrade: websocket` and `upgrade` in `Connection`. Any
+/// other protocol (`h2c`, `TLS/1.0`) is not offered to the origin: its `Upgrade` header is
+/// dropped as hop-by-hop and the request goes as a plain one (RFC 9110 §7.8 lets a server
+/// ignore it) — after an `h2c` upgrade the proxy could see no further request.
 fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(UPGRADE)
-        && h.get_all(CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+    h.get(UPGRADE).is_some_and(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .next()
+                .is_some_and(|p| p.trim().eq_ignore_ascii_case("websocket"))
         })
+    }) && h.get_all(CONNECTION).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+    })
 }
 
 /// Removes the hop-by-hop headers ([`HOP_BY_HOP`]) and every header named in `Connection`

@@ -432,6 +432,33 @@ async fn keep_alive_sse_and_websocket() {
         Some(format!("Bearer {REAL_GITHUB}"))
     );
     assert_eq!(ws.header("upgrade").as_deref(), Some("websocket"));
+
+    // Any other upgrade (h2c) is not offered to the origin: after it the proxy would see
+    // no further request. The request goes as a plain one.
+    let mut send = client::tunnel(p.addr(), &authority, "api.github.test", p.ca.ca.cert_pem())
+        .await
+        .expect("tunnel");
+    let r = client::fetch(
+        &mut send,
+        Request::get("/h2c")
+            .header("host", &authority)
+            .header("connection", "Upgrade, HTTP2-Settings")
+            .header("upgrade", "h2c")
+            .header("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")
+            .body(Full::new(Bytes::new()))
+            .expect("req"),
+    )
+    .await
+    .expect("h2c");
+    assert_eq!(r.status, 200, "{r:?}");
+    let h2c = w
+        .origin
+        .records()
+        .into_iter()
+        .find(|r| r.target == "/h2c")
+        .expect("h2c record");
+    assert!(h2c.header("upgrade").is_none(), "{h2c:?}");
+    assert!(h2c.header("http2-settings").is_none(), "{h2c:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
