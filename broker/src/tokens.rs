@@ -1077,6 +1077,15 @@ impl ServiceAccountKey {
         }
         let raw: Raw = serde_json::from_slice(json)
             .map_err(|_| MintError::Key("keyfile is not a service-account JSON document".into()))?;
+        let token_uri = raw
+            .token_uri
+            .unwrap_or_else(|| GOOGLE_TOKEN_URI.to_string());
+        // The signed assertion is good for an hour of access tokens: never in cleartext.
+        if !token_uri.starts_with("https://") {
+            return Err(MintError::Key(
+                "keyfile token_uri must be an https:// URL".into(),
+            ));
+        }
         let client_email = raw
             .client_email
             .filter(|e| !e.is_empty())
@@ -1091,9 +1100,7 @@ impl ServiceAccountKey {
             client_email,
             private_key: SecretValue::new(private_key.into_bytes()),
             private_key_id: raw.private_key_id,
-            token_uri: raw
-                .token_uri
-                .unwrap_or_else(|| GOOGLE_TOKEN_URI.to_string()),
+            token_uri,
         })
     }
 }
