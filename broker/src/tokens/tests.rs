@@ -464,10 +464,10 @@ async fn failing_idp_is_not_driven_by_traffic() {
 /// `token_uri` is not https is refused before anything is signed or sent.
 #[test]
 fn keyfile_token_uri_must_be_https() {
-    let e = ServiceAccountKey::parse(
+    let Err(e) = ServiceAccountKey::parse(
         br#"{"client_email":"a@b.test","private_key":"x","token_uri":"http://idp.test/token"}"#,
-    )
-    .err()
-    .expect("accepted an http token_uri");
+    ) else {
+        panic!("accepted an http token_uri")
+    };
     assert_eq!(e.to_string(), "keyfile token_uri must be an https:// URL");
 }
