@@ -110,7 +110,42 @@ impl Service<Name> for PolicyResolver {
 use tower_service::Service;
 
 /// The pooled upstream client.
-pub type UpstreamClient = Client<HttpsConnector<TcpConnector>, ProxyBody>;
+pub type UpstreamClient = Client<ConnectDeadline, ProxyBody>;
+
+/// The pooled client's connector: TCP connect and TLS handshake under one deadline. The TCP
+/// connect timeout alone let an upstream that accepts and never finishes the handshake hold
+/// a request until the response-header timeout (120 s by default). A miss is an
+/// [`io::ErrorKind::TimedOut`] error, which [`classify`] answers 504 `upstream_timeout`.
+#[derive(Clone)]
+pub struct ConnectDeadline {
+    inner: HttpsConnector<TcpConnector>,
+    deadline: std::time::Duration,
+}
+
+impl Service<http::Uri> for ConnectDeadline {
+    type Response = <HttpsConnector<TcpConnector> as Service<http::Uri>>::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(dst);
+        let deadline = self.deadline;
+        Box::pin(async move {
+            match tokio::time::timeout(deadline, connecting).await {
+                Ok(r) => r,
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TCP connect and TLS handshake to the upstream did not finish in time",
+                )
+                .into()),
+            }
+        })
+    }
+}
 
 /// The TCP dialer under the pooled client: hyper-util's [`HttpConnector`] over
 /// [`PolicyResolver`], whose connections report no connection info. hyper-util copies a
@@ -215,6 +250,10 @@ pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {
         .https_or_http()
         .enable_http1()
         .wrap_connector(TcpConnector(http));
+    let https = ConnectDeadline {
+        inner: https,
+        deadline: limits.upstream_connect_timeout + limits.tls_handshake_timeout,
+    };
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())

@@ -1143,3 +1143,34 @@ async fn long_uploads_complete_and_stalled_or_abandoned_ones_are_told_apart() {
     assert_eq!(stalled.error, Some("upstream_timeout"));
     assert_eq!(stalled.bytes_in, 10, "{stalled:?}");
 }
+
+/// An upstream that accepts the TCP connection and never finishes the TLS handshake is given
+/// up on after the connect and handshake timeouts (504), not held until the response-header
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_upstream_handshake_times_out() {
+    if !have("curl") {
+        return;
+    }
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    std::fs::write(
+        &w.policy_path,
+        format!(
+            "version = 1\n[proxy]\nlisten = \"127.0.0.1:0\"\nallow = [\"stall.test:{port}\"]\nallow_cidrs = [\"127.0.0.1/32\"]\nresolve = {{ \"stall.test\" = \"127.0.0.1\" }}\n[proxy.limits]\nupstream_connect_timeout_secs = 1\ntls_handshake_timeout_secs = 1\n"
+        ),
+    )
+    .expect("policy");
+    let p = w.proxy(standard_env()).await;
+    let started = std::time::Instant::now();
+    let r = p.curl(&[&format!("https://stall.test:{port}/")]).await;
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(r.error_code().as_deref(), Some("upstream_timeout"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(silent);
+}
