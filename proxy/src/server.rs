@@ -53,13 +53,31 @@ impl Drop for Slot {
 pub async fn serve(rt: Arc<Runtime>, listener: TcpListener, mut shutdown: watch::Receiver<Phase>) {
     let max = rt.policy().proxy.limits.max_connections;
     let slots = Arc::new(Semaphore::new(max));
+    // Logged once each time the cap is reached (not per waiting connection).
+    let mut saturated = false;
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = shutdown.wait_for(|p| *p >= Phase::Draining) => break,
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => {
+                saturated = false;
+                p
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                if !saturated {
+                    warn!(
+                        max_connections = max,
+                        "max_connections reached: new connections wait in the listen backlog until one closes"
+                    );
+                    saturated = true;
+                }
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = shutdown.wait_for(|p| *p >= Phase::Draining) => break,
+                }
+            }
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,

@@ -684,3 +684,43 @@ async fn a_listen_change_is_reported_on_every_reload_until_a_restart() {
         );
     }
 }
+
+/// At `max_connections` a new connection waits in the listen backlog (it is served once a
+/// slot frees), and the proxy says so once in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_wait_and_are_logged() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let policy = format!("{STANDARD_POLICY}\n[proxy.limits]\nmax_connections = 1\n");
+    let w = World::new(&policy, OriginOptions::default()).await;
+    let proxy = Spawned::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_iron-proxy-e2e")),
+        &w.policy_path,
+        &w.dir.path().join("home"),
+        &standard_env(),
+        "info",
+    );
+    let first = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("first");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("second");
+    let authority = format!("api.github.test:{}", w.port());
+    second
+        .write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = [0u8; 12];
+    let waited = tokio::time::timeout(Duration::from_millis(500), second.read(&mut buf)).await;
+    assert!(waited.is_err(), "served over the cap");
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), second.read_exact(&mut buf))
+        .await
+        .expect("not served after a slot freed")
+        .expect("read");
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    drop(second);
+    let log = proxy.stop();
+    assert_eq!(log.matches("max_connections reached").count(), 1, "{log}");
+}
