@@ -550,9 +550,24 @@ pub struct Credential {
     /// already waiting for the single flight share that result instead of each running a
     /// cycle of their own against an IdP that is failing.
     last_failure: Mutex<Option<(tokio::time::Instant, ServeError)>>,
+    /// Until when the token endpoint asked us not to call it (its `Retry-After` on a 429 or
+    /// 503, RFC 9110 §10.2.3): refresh cycles, scheduled or on demand, wait until then.
+    idp_wait_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Credential {
+    /// How long the token endpoint's last `Retry-After` still asks us to wait (zero when
+    /// it asked for nothing or the wait is over).
+    fn idp_wait(&self) -> Duration {
+        self.idp_wait_until
+            .lock()
+            .ok()
+            .and_then(|w| *w)
+            .map_or(Duration::ZERO, |until| {
+                until.saturating_duration_since(tokio::time::Instant::now())
+            })
+    }
+
     fn early_ms(&self, lifetime_ms: u64) -> u64 {
         let f = self.spec.early_refresh_fraction.unwrap_or(0.3);
         let max = self
@@ -715,6 +730,7 @@ impl Broker {
                     unsaved: tokio::sync::Mutex::new(None),
                     abandoned_intent: Mutex::new(None),
                     last_failure: Mutex::new(None),
+                    idp_wait_until: Mutex::new(None),
                 }),
             );
         }
@@ -827,6 +843,14 @@ impl Broker {
         cred: &Credential,
         scheduled: bool,
     ) -> Result<Cached, ServeError> {
+        let wait = cred.idp_wait();
+        if !wait.is_zero() {
+            // Nothing is written or sent while the IdP's Retry-After runs.
+            return Err(ServeError::Idp(format!(
+                "the token endpoint asked us to wait {} s more (Retry-After)",
+                wait.as_secs().max(1)
+            )));
+        }
         let deadline = tokio::time::Instant::now() + self.refresh_timeout * 2;
         loop {
             match self.refresh_cycle(cred, scheduled).await {
@@ -1280,12 +1304,29 @@ impl Broker {
                     tracing::warn!(credential = %spec.id, status = s, "token endpoint gateway error after the request was sent");
                     return Err(MintError::Malformed);
                 }
-                Err(e) if e.is_retryable() && tokio::time::Instant::now() + delay < deadline => {
+                // The IdP's Retry-After, when longer, replaces our pause; when it reaches past
+                // the refresh timeout, this cycle ends and no cycle calls before it is over.
+                Err(e)
+                    if e.is_retryable()
+                        && tokio::time::Instant::now()
+                            + delay.max(e.retry_after().unwrap_or_default())
+                            < deadline =>
+                {
                     tracing::debug!(credential = %spec.id, error = %e, "token endpoint failed; retrying");
-                    tokio::time::sleep(delay + crate::tokens::jitter(delay / 2)).await;
+                    let pause = delay.max(e.retry_after().unwrap_or_default());
+                    tokio::time::sleep(pause + crate::tokens::jitter(delay / 2)).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                other => return other,
+                other => {
+                    if let Err(e) = &other
+                        && let Some(wait) = e.retry_after()
+                        && let Ok(mut until) = cred.idp_wait_until.lock()
+                    {
+                        tracing::warn!(credential = %spec.id, retry_after_s = wait.as_secs(), "the token endpoint asked for a pause (Retry-After); no refresh until it is over");
+                        *until = Some(tokio::time::Instant::now() + wait);
+                    }
+                    return other;
+                }
             }
         }
     }
@@ -1346,7 +1387,8 @@ impl Broker {
                     if !matches!(e, ServeError::NotBootstrapped | ServeError::Dead(_)) {
                         tracing::warn!(credential = %cred.spec.id, error = %e, "scheduled refresh failed");
                     }
-                    tokio::time::sleep(backoff + crate::tokens::jitter(backoff / 2)).await;
+                    let pause = (backoff + crate::tokens::jitter(backoff / 2)).max(cred.idp_wait());
+                    tokio::time::sleep(pause).await;
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                 }
             }
@@ -1539,9 +1581,12 @@ impl Broker {
                     http::HeaderValue::from_static("no-store"),
                 );
                 if status == StatusCode::SERVICE_UNAVAILABLE {
+                    // The IdP's own Retry-After passed on while it runs, else 1 s.
+                    let wait = self.creds.get(id).map_or(Duration::ZERO, |c| c.idp_wait());
+                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                     h.insert(
                         http::header::RETRY_AFTER,
-                        http::HeaderValue::from_static("1"),
+                        http::HeaderValue::from(secs.max(1)),
                     );
                 }
                 r

@@ -73,6 +73,15 @@ pub enum MintError {
     /// The IdP answered with an HTTP error and no OAuth error code.
     #[error("token endpoint answered http {0}")]
     Status(u16),
+    /// The endpoint answered 429 or 503 with a `Retry-After` (RFC 9110 §10.2.3): no new
+    /// request is sent to it before `retry_after` has passed (at most [`MAX_RETRY_AFTER`]).
+    #[error("{message}; retry after {} s", .retry_after.as_secs().max(1))]
+    Throttled {
+        /// What answered and how, e.g. `token endpoint answered http 429`.
+        message: String,
+        /// How long the endpoint asked us to wait.
+        retry_after: Duration,
+    },
     /// No response.
     #[error("token endpoint unreachable: {0}")]
     Transport(String),
@@ -104,7 +113,7 @@ impl MintError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Status(s) => *s >= 500 || *s == 429 || *s == 408,
-            Self::Transport(_) | Self::Malformed => true,
+            Self::Transport(_) | Self::Malformed | Self::Throttled { .. } => true,
             Self::Rejected { code } => {
                 matches!(
                     code.as_str(),
@@ -113,6 +122,59 @@ impl MintError {
             }
             Self::Source(_) | Self::Key(_) | Self::Broker(_) => false,
         }
+    }
+
+    /// How long the endpoint asked us to wait before the next request, when it said so.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Throttled { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// Longest wait taken from a `Retry-After` (10 min): a larger value (or a date far ahead)
+/// is cut to this, so a misconfigured endpoint cannot park a secret for days; a policy
+/// reload that changes the secret's inputs ends the wait at once.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// The wait a `429`/`503` response asks for in its `Retry-After` header (RFC 9110
+/// §10.2.3: delay-seconds or an HTTP-date), at most [`MAX_RETRY_AFTER`]. `None` for any
+/// other status, no header, or a value that is neither form (the caller's own backoff then
+/// applies). A date in the past is a zero wait.
+pub fn retry_after(status: u16, headers: &http::HeaderMap) -> Option<Duration> {
+    if status != 429 && status != 503 {
+        return None;
+    }
+    let v = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    let wait = if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // More digits than fit are "a very long time", not an error.
+        Duration::from_secs(
+            v.parse::<u64>()
+                .unwrap_or(u64::MAX)
+                .min(MAX_RETRY_AFTER.as_secs()),
+        )
+    } else {
+        httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// `err` turned into [`MintError::Throttled`] when the response asked for a wait.
+fn throttled(err: MintError, status: u16, headers: &http::HeaderMap) -> MintError {
+    match retry_after(status, headers) {
+        Some(retry_after) if err.is_retryable() => MintError::Throttled {
+            message: err.to_string(),
+            retry_after,
+        },
+        _ => err,
     }
 }
 
@@ -397,6 +459,7 @@ impl TokenCache {
                 Ok(_) => "ok",
                 Err(MintError::Rejected { .. }) => "rejected",
                 Err(MintError::Status(_)) => "status",
+                Err(MintError::Throttled { .. }) => "throttled",
                 Err(MintError::Transport(_)) => "transport",
                 Err(MintError::Malformed) => "malformed",
                 Err(MintError::Source(_)) => "source",
@@ -443,8 +506,10 @@ impl TokenCache {
                 } else if !matches!(e, MintError::Broker(_)) {
                     // A broker's refusal is asked again at once (its operator may revive the
                     // credential); the broker guards its IdP itself.
+                    // The endpoint's own `Retry-After` when it gave one and asked for longer.
                     entry.failures = entry.failures.saturating_add(1);
-                    entry.cool_until = Some(Instant::now() + cool_down(entry.failures));
+                    let wait = cool_down(entry.failures).max(e.retry_after().unwrap_or_default());
+                    entry.cool_until = Some(Instant::now() + wait);
                 }
             }
         }
@@ -466,7 +531,13 @@ impl TokenCache {
             .await
             .unwrap_or_else(|_| Err(MintError::Transport("token request timed out".into())));
             match r {
-                Err(e) if e.is_retryable() && attempt < self.settings.attempts => {
+                // A `Retry-After` longer than our next pause ends this mint: the cool-down
+                // after it keeps every caller away for that long.
+                Err(e)
+                    if e.is_retryable()
+                        && attempt < self.settings.attempts
+                        && e.retry_after().is_none_or(|w| w <= delay) =>
+                {
                     tracing::debug!(secret = %secret.name, attempt, error = %e, "token mint failed; retrying");
                     tokio::time::sleep(delay + jitter(delay / 2)).await;
                     delay *= 2;
@@ -661,7 +732,7 @@ async fn broker_token(
         let message = format!("broker answered {status} {code}{reason}");
         // 408/429 and 5xx may pass; any other answer is the broker's word on the credential.
         return Err(if status >= 500 || status == 408 || status == 429 {
-            MintError::Transport(message)
+            throttled(MintError::Transport(message), status, resp.headers())
         } else {
             MintError::Broker(message)
         });
@@ -701,8 +772,9 @@ impl<'c> oauth2::AsyncHttpClient<'c> for OAuthHttp {
                 .send(req)
                 .await
                 .map_err(|e| HttpErr::Transport(e.0))?;
-            if resp.status().is_server_error() || matches!(resp.status().as_u16(), 408 | 429) {
-                return Err(HttpErr::Status(resp.status().as_u16()));
+            let status = resp.status().as_u16();
+            if resp.status().is_server_error() || matches!(status, 408 | 429) {
+                return Err(HttpErr::Status(status, retry_after(status, resp.headers())));
             }
             Ok(lenient_success(resp))
         })
@@ -748,7 +820,7 @@ enum HttpErr {
     #[error("{0}")]
     Transport(String),
     #[error("http {0}")]
-    Status(u16),
+    Status(u16, Option<Duration>),
 }
 
 /// refresh_token, client_credentials and password grants through the `oauth2` crate.
@@ -859,7 +931,13 @@ async fn oauth2_grant(
         Err(RequestTokenError::ServerResponse(e)) => Err(MintError::Rejected {
             code: sanitize_code(e.error().as_ref()),
         }),
-        Err(RequestTokenError::Request(HttpErr::Status(s))) => Err(MintError::Status(s)),
+        Err(RequestTokenError::Request(HttpErr::Status(s, None))) => Err(MintError::Status(s)),
+        Err(RequestTokenError::Request(HttpErr::Status(s, Some(retry_after)))) => {
+            Err(MintError::Throttled {
+                message: MintError::Status(s).to_string(),
+                retry_after,
+            })
+        }
         Err(RequestTokenError::Request(HttpErr::Transport(t))) => Err(MintError::Transport(t)),
         Err(RequestTokenError::Parse(..) | RequestTokenError::Other(_)) => {
             Err(MintError::Malformed)
@@ -902,7 +980,8 @@ pub(crate) async fn post_form(
         .send(req)
         .await
         .map_err(|e| MintError::Transport(e.0))?;
-    parse_token_response(resp.status().as_u16(), resp.body())
+    let status = resp.status().as_u16();
+    parse_token_response(status, resp.body()).map_err(|e| throttled(e, status, resp.headers()))
 }
 
 /// Parses a token endpoint response.

@@ -55,6 +55,8 @@ pub struct RotState {
     pub delay_ms: AtomicU64,
     /// Answer this many next token requests with an empty 503 (state is left untouched).
     pub fail_next: AtomicU32,
+    /// When not 0, those 503 answers carry `Retry-After: <this many seconds>`.
+    pub retry_after_secs: AtomicU64,
     /// Rotate the refresh token on this many next valid requests but answer `200` with a
     /// body that is not a token response (a lost or garbled answer).
     pub malformed_next: AtomicU32,
@@ -250,7 +252,13 @@ async fn handle(st: &RotState, req: Request<Incoming>) -> Response<Full<Bytes>> 
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
-        return reply(StatusCode::SERVICE_UNAVAILABLE, None);
+        let mut r = reply(StatusCode::SERVICE_UNAVAILABLE, None);
+        let wait = st.retry_after_secs.load(Ordering::SeqCst);
+        if wait > 0 {
+            r.headers_mut()
+                .insert(http::header::RETRY_AFTER, wait.into());
+        }
+        return r;
     }
     // RFC 6749 §2.3.1: id and secret are form-encoded, joined by ':', then base64-encoded.
     let basic = req

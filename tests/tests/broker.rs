@@ -147,8 +147,14 @@ fn cli(config: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String, Stri
 
 /// `GET /v1/credentials/codex/access_token` with the bearer: (status, body).
 async fn access_token(port: u16) -> (u16, serde_json::Value) {
+    let (status, body, _) = access_token_with_head(port).await;
+    (status, body)
+}
+
+/// [`access_token`], with the response head (status line and headers, lower-cased).
+async fn access_token_with_head(port: u16) -> (u16, serde_json::Value, String) {
     let out = tokio::process::Command::new("curl")
-        .args(["-s", "-m", "30", "-w", "\n%{http_code}", "-H"])
+        .args(["-s", "-m", "30", "-D", "-", "-w", "\n%{http_code}", "-H"])
         .arg(format!("Authorization: Bearer {BROKER_TOKEN}"))
         .arg(format!(
             "http://127.0.0.1:{port}/v1/credentials/codex/access_token"
@@ -157,10 +163,12 @@ async fn access_token(port: u16) -> (u16, serde_json::Value) {
         .await
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let (rest, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    let (head, body) = rest.split_once("\r\n\r\n").unwrap_or(("", rest));
     (
         code.trim().parse().unwrap_or(0),
         serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        head.to_ascii_lowercase(),
     )
 }
 
@@ -882,6 +890,48 @@ async fn concurrent_callers_share_one_failed_cycle() {
     assert!(
         total <= 12,
         "{total} token requests for 10 callers ({one_cycle} when they returned)"
+    );
+    let (_, list, _) = cli(&config, &["credentials", "list"], None);
+    assert!(list.contains(" ok "), "{list}");
+    drop(b);
+}
+
+/// An IdP that answers 503 with `Retry-After: 30` is left alone for 30 s: the cycle
+/// ends at once (the wait is past the refresh timeout), neither callers nor the scheduler
+/// call it again meanwhile, the broker's own 503 passes the wait on in its `Retry-After`,
+/// and the credential stays alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idp_retry_after_is_honoured() {
+    let idp = RotatingIdp::start().await;
+    idp.state.retry_after_secs.store(30, Ordering::SeqCst);
+    idp.state.fail_next.store(u32::MAX, Ordering::SeqCst);
+    let (_dir, bport, config) = file_store_credential(&idp);
+    let b = Broker::start(&config, bport, &[]);
+    let started = Instant::now();
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "idp_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the cycle waited instead of ending: {:?}",
+        started.elapsed()
+    );
+    for _ in 0..5 {
+        let (status, _) = access_token(bport).await;
+        assert_eq!(status, 503);
+    }
+    let (_, _, head) = access_token_with_head(bport).await;
+    let wait: u64 = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After in {head}"));
+    assert!((20..=30).contains(&wait), "Retry-After {wait}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        idp.state.requests.load(Ordering::SeqCst),
+        1,
+        "the IdP was called again during its Retry-After"
     );
     let (_, list, _) = cli(&config, &["credentials", "list"], None);
     assert!(list.contains(" ok "), "{list}");

@@ -8,6 +8,8 @@ struct Scripted {
     replies: Mutex<Vec<(u16, String)>>,
     delay: Duration,
     seen: Mutex<Vec<String>>,
+    /// `Retry-After` value put on every 429 and 503 reply.
+    retry_after: Option<&'static str>,
 }
 
 impl TokenTransport for Scripted {
@@ -26,15 +28,17 @@ impl TokenTransport for Scripted {
             }
         };
         let delay = self.delay;
+        let retry_after = self.retry_after.filter(|_| status == 429 || status == 503);
         Box::pin(async move {
             tokio::time::sleep(delay).await;
             if status == 0 {
                 return Err(TransportError("connection refused".into()));
             }
-            Ok(http::Response::builder()
-                .status(status)
-                .body(body.into_bytes())
-                .unwrap())
+            let mut resp = http::Response::builder().status(status);
+            if let Some(v) = retry_after {
+                resp = resp.header(http::header::RETRY_AFTER, v);
+            }
+            Ok(resp.body(body.into_bytes()).unwrap())
         })
     }
 }
@@ -45,6 +49,7 @@ fn scripted(replies: &[(u16, &str)], delay: Duration) -> Arc<Scripted> {
         replies: Mutex::new(replies.iter().map(|(s, b)| (*s, b.to_string())).collect()),
         delay,
         seen: Mutex::new(Vec::new()),
+        retry_after: None,
     })
 }
 
@@ -470,4 +475,111 @@ fn keyfile_token_uri_must_be_https() {
         panic!("accepted an http token_uri")
     };
     assert_eq!(e.to_string(), "keyfile token_uri must be an https:// URL");
+}
+
+/// `Retry-After` on a 429/503 (RFC 9110 §10.2.3): a wait longer than the next backoff ends
+/// the mint, and no caller reaches the endpoint again before it is over, on every grant
+/// path (oauth2 crate, form post, broker); a short one is waited within the mint.
+#[tokio::test(start_paused = true)]
+async fn retry_after_keeps_callers_away_from_the_endpoint() {
+    let broker = "version = 1\n[[secrets]]\nname = \"API_TOKEN\"\ntype = \"brokered_token\"\ncredential = \"c\"\nbroker = { url = \"http://127.0.0.1:9\" }\nhosts = [\"api.test\"]\n";
+    for (kind, status) in [("cc", 429), ("broker", 503)] {
+        let ok = r#"{"access_token":"ok","expires_in":3600}"#;
+        let t = Arc::new(Scripted {
+            retry_after: Some("30"),
+            ..Arc::into_inner(scripted(&[(status, "{}"), (200, ok)], Duration::ZERO)).unwrap()
+        });
+        let (s, sources) = match kind {
+            "cc" => secret("client_credentials", CC),
+            _ => {
+                let p = iron_policy::Policy::parse(broker, std::path::Path::new("p.toml")).unwrap();
+                let env = Arc::new(HashMap::<String, String>::new());
+                (p.secrets[0].clone(), Arc::new(SourceResolver::new(env)))
+            }
+        };
+        let cache = TokenCache::new(t.clone(), sources, settings());
+        let err = cache.token(&s).await.unwrap_err().to_string();
+        assert!(err.contains("retry after 30 s"), "{kind}: {err}");
+        assert_eq!(
+            t.calls.load(Ordering::SeqCst),
+            1,
+            "{kind}: retried within the mint"
+        );
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let err = cache.token(&s).await.unwrap_err().to_string();
+        assert!(err.contains("next attempt in 10 s"), "{kind}: {err}");
+        assert_eq!(
+            t.calls.load(Ordering::SeqCst),
+            1,
+            "{kind}: called during the wait"
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(cache.token(&s).await.unwrap().expose(), b"ok", "{kind}");
+        assert_eq!(t.calls.load(Ordering::SeqCst), 2, "{kind}");
+    }
+
+    // The form-post path (jwt_bearer, gcp_auth, the broker's refresh).
+    let t = Arc::new(Scripted {
+        retry_after: Some("45"),
+        ..Arc::into_inner(scripted(&[(503, "")], Duration::ZERO)).unwrap()
+    });
+    let err = post_form(&*t, "https://idp.test/token", &[], &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(45)), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "token endpoint answered http 503; retry after 45 s"
+    );
+
+    // A wait shorter than the backoff is kept within the mint.
+    let t = Arc::new(Scripted {
+        retry_after: Some("0"),
+        ..Arc::into_inner(scripted(
+            &[
+                (429, "{}"),
+                (200, r#"{"access_token":"ok","expires_in":60}"#),
+            ],
+            Duration::ZERO,
+        ))
+        .unwrap()
+    });
+    let (s, sources) = secret("client_credentials", CC);
+    let cache = TokenCache::new(t.clone(), sources, settings());
+    assert_eq!(cache.token(&s).await.unwrap().expose(), b"ok");
+    assert_eq!(t.calls.load(Ordering::SeqCst), 2);
+}
+
+/// The two forms of `Retry-After`, the cap, and what does not count.
+#[test]
+fn retry_after_header_forms() {
+    let h = |v: &str| {
+        let mut m = http::HeaderMap::new();
+        m.insert(http::header::RETRY_AFTER, v.parse().unwrap());
+        m
+    };
+    assert_eq!(retry_after(429, &h("120")), Some(Duration::from_secs(120)));
+    assert_eq!(retry_after(503, &h(" 7 ")), Some(Duration::from_secs(7)));
+    assert_eq!(
+        retry_after(429, &h("99999999999999999999999")),
+        Some(MAX_RETRY_AFTER)
+    );
+    let later = std::time::SystemTime::now() + Duration::from_secs(90);
+    let w = retry_after(503, &h(&httpdate::fmt_http_date(later))).unwrap();
+    assert!(
+        w <= Duration::from_secs(90) && w >= Duration::from_secs(85),
+        "{w:?}"
+    );
+    assert_eq!(
+        retry_after(503, &h("Sun, 06 Nov 1994 08:49:37 GMT")),
+        Some(Duration::ZERO)
+    );
+    assert_eq!(retry_after(429, &h("soon")), None);
+    assert_eq!(retry_after(429, &h("-5")), None);
+    assert_eq!(
+        retry_after(500, &h("30")),
+        None,
+        "only 429 and 503 ask for a wait"
+    );
+    assert_eq!(retry_after(429, &http::HeaderMap::new()), None);
 }
