@@ -570,15 +570,16 @@ async fn exchange(
     });
     rec.status = parts.status.as_u16();
     if let Some(upstream_upgrade) = upstream_upgrade {
+        // Audited when the upgraded connection ends, like a passthrough tunnel: with the
+        // bytes it moved each way and its whole duration.
         rec.outcome = "upgraded";
-        rec.stop_clock();
-        rt.emit(rec);
         if let Some(client_upgrade) = client_upgrade {
             let idle = policy.proxy.limits.idle_timeout;
             // The relay holds the connection's max_connections slot until it ends, like a
             // passthrough tunnel (hyper's connection future ends at the upgrade).
             let slot = conn.slot.clone();
             let shutdown = conn.shutdown.clone();
+            let rt = rt.clone();
             tokio::spawn(
                 async move {
                     let _slot = slot;
@@ -591,14 +592,19 @@ async fn exchange(
                                 crate::server::reached(shutdown, crate::Phase::Closing),
                             )
                             .await;
-                            debug!(
-                                bytes_up = up,
-                                bytes_down = down,
-                                "upgraded connection closed"
-                            );
+                            rec.bytes_in = rec.bytes_in.saturating_add(up);
+                            rec.bytes_out = rec.bytes_out.saturating_add(down);
+                            if rt.is_closing() {
+                                rec.error = Some("shutdown");
+                            }
                         }
-                        Err(e) => debug!(error = %e, "upgrade failed"),
+                        Err(e) => {
+                            debug!(error = %e, "upgrade failed");
+                            rec.error = Some("upgrade_failed");
+                        }
                     }
+                    rec.stop_clock();
+                    rt.emit(rec);
                 }
                 .in_current_span(),
             );

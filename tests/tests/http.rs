@@ -432,6 +432,28 @@ async fn keep_alive_sse_and_websocket() {
         Some(format!("Bearer {REAL_GITHUB}"))
     );
     assert_eq!(ws.header("upgrade").as_deref(), Some("websocket"));
+    // Audited when it closes, with what it moved each way.
+    io.shutdown().await.expect("shutdown");
+    drop(io);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let rec = loop {
+        if let Some(r) = p
+            .audit
+            .records()
+            .into_iter()
+            .find(|r| r.outcome == "upgraded")
+        {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit line for the upgrade"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(rec.status, 101);
+    assert_eq!((rec.bytes_in, rec.bytes_out), (10, 10), "{rec:?}");
+    assert_eq!(rec.error, None);
 
     // Any other upgrade (h2c) is not offered to the origin: after it the proxy would see
     // no further request. The request goes as a plain one.
