@@ -843,14 +843,6 @@ impl Broker {
         cred: &Credential,
         scheduled: bool,
     ) -> Result<Cached, ServeError> {
-        let wait = cred.idp_wait();
-        if !wait.is_zero() {
-            // Nothing is written or sent while the IdP's Retry-After runs.
-            return Err(ServeError::Idp(format!(
-                "the token endpoint asked us to wait {} s more (Retry-After)",
-                wait.as_secs().max(1)
-            )));
-        }
         let deadline = tokio::time::Instant::now() + self.refresh_timeout * 2;
         loop {
             match self.refresh_cycle(cred, scheduled).await {
@@ -1063,6 +1055,16 @@ impl Broker {
         {
             self.metrics.attempt(id, "adopted");
             return Ok(c);
+        }
+        // The IdP's Retry-After: held records were written, the store read (a token another
+        // broker or `credentials set` stored is taken, a dead mark is reported), but no
+        // lease is taken, no intent written and the IdP not called until it is over.
+        let wait = cred.idp_wait();
+        if !wait.is_zero() {
+            return Err(ServeError::Idp(format!(
+                "the token endpoint asked us to wait {} s more (Retry-After)",
+                wait.as_secs().max(1)
+            )));
         }
         let Some(lease) = self
             .store
@@ -1582,7 +1584,12 @@ impl Broker {
                 );
                 if status == StatusCode::SERVICE_UNAVAILABLE {
                     // The IdP's own Retry-After passed on while it runs, else 1 s.
-                    let wait = self.creds.get(id).map_or(Duration::ZERO, |c| c.idp_wait());
+                    let wait = match &e {
+                        ServeError::Idp(_) => {
+                            self.creds.get(id).map_or(Duration::ZERO, |c| c.idp_wait())
+                        }
+                        _ => Duration::ZERO,
+                    };
                     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                     h.insert(
                         http::header::RETRY_AFTER,

@@ -133,6 +133,10 @@ impl MintError {
     }
 }
 
+/// Longest `Retry-After` waited within a mint (2 s); a longer one ends the mint and sets
+/// the secret's cool-down instead.
+pub const IN_MINT_RETRY_AFTER: Duration = Duration::from_secs(2);
+
 /// Longest wait taken from a `Retry-After` (10 min): a larger value (or a date far ahead)
 /// is cut to this, so a misconfigured endpoint cannot park a secret for days; a policy
 /// reload that changes the secret's inputs ends the wait at once.
@@ -531,15 +535,17 @@ impl TokenCache {
             .await
             .unwrap_or_else(|_| Err(MintError::Transport("token request timed out".into())));
             match r {
-                // A `Retry-After` longer than our next pause ends this mint: the cool-down
-                // after it keeps every caller away for that long.
+                // A `Retry-After` of a few seconds is waited within the mint (a broker's
+                // `Retry-After: 1`, a rate limiter's short pause); a longer one ends it, and
+                // the cool-down after it keeps every caller away for that long.
                 Err(e)
                     if e.is_retryable()
                         && attempt < self.settings.attempts
-                        && e.retry_after().is_none_or(|w| w <= delay) =>
+                        && e.retry_after().is_none_or(|w| w <= IN_MINT_RETRY_AFTER) =>
                 {
                     tracing::debug!(secret = %secret.name, attempt, error = %e, "token mint failed; retrying");
-                    tokio::time::sleep(delay + jitter(delay / 2)).await;
+                    let pause = delay.max(e.retry_after().unwrap_or_default());
+                    tokio::time::sleep(pause + jitter(delay / 2)).await;
                     delay *= 2;
                     attempt += 1;
                 }

@@ -712,7 +712,8 @@ impl Running {
     /// Stops accepting, asks open connections to finish their current request and close,
     /// and waits up to `grace` for them. Connections still open then (a stalled upload, a
     /// long response, a tunnel) are closed, and each request cut is written to the audit
-    /// log as `closed` with `"error": "shutdown"` (waiting at most 2 s more for that).
+    /// log as `closed` (`upgraded` for a WebSocket) with `"error": "shutdown"` (waiting at
+    /// most 2 s more for that).
     /// Returns true when everything drained within `grace`.
     pub async fn drain(mut self, grace: std::time::Duration) -> bool {
         // No longer accepting: `/readyz` says so, so a load balancer stops sending.

@@ -532,9 +532,10 @@ async fn retry_after_keeps_callers_away_from_the_endpoint() {
         "token endpoint answered http 503; retry after 45 s"
     );
 
-    // A wait shorter than the backoff is kept within the mint.
+    // A wait of a few seconds (a broker's `Retry-After: 1`) is kept within the mint: the
+    // request still gets its token, one second later.
     let t = Arc::new(Scripted {
-        retry_after: Some("0"),
+        retry_after: Some("1"),
         ..Arc::into_inner(scripted(
             &[
                 (429, "{}"),
@@ -546,8 +547,14 @@ async fn retry_after_keeps_callers_away_from_the_endpoint() {
     });
     let (s, sources) = secret("client_credentials", CC);
     let cache = TokenCache::new(t.clone(), sources, settings());
+    let asked = Instant::now();
     assert_eq!(cache.token(&s).await.unwrap().expose(), b"ok");
     assert_eq!(t.calls.load(Ordering::SeqCst), 2);
+    assert!(
+        asked.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
 }
 
 /// The two forms of `Retry-After`, the cap, and what does not count.
