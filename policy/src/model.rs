@@ -223,6 +223,11 @@ impl HeaderSelector {
         Ok(Self { entries })
     }
 
+    /// True when some header may be selected (the list is not empty).
+    pub fn selects_any(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
     /// True when the header `name` (any case) is selected.
     pub fn selects(&self, name: &str) -> bool {
         // Names from an HTTP library are lowercase already: copy only when not.

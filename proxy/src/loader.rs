@@ -80,6 +80,9 @@ fn load_with(path: &Path, env: Arc<dyn Env>, strict: bool) -> (Option<Policy>, V
             // Input checks below would only repeat that the source is absent.
             continue;
         }
+        if let Some(d) = header_unsafe_value(s, &sources) {
+            diags.push(at(s.pos.line, s.pos.col, Severity::Warning, d));
+        }
         if let iron_policy::SecretKind::Pg(spec) = &s.kind
             && let Ok(v) = sources.resolve(&spec.source)
         {
@@ -151,7 +154,80 @@ fn load_with(path: &Path, env: Arc<dyn Env>, strict: bool) -> (Option<Policy>, V
     (Some(policy), diags)
 }
 
+/// A warning when a static secret that goes into headers has a value no header may carry
+/// (RFC 9110 §5.5: no CR, LF, NUL or other control character but tab): such a request is
+/// refused with 502 `credential_unavailable` when it comes, so `check` says it first. Only a
+/// warning: the same value may be fine where the secret is swapped into a path or query
+/// (percent-encoded there), and a file source may be corrected while the proxy runs.
+fn header_unsafe_value(s: &iron_policy::Secret, sources: &SourceResolver) -> Option<String> {
+    use iron_policy::{HttpMode, InjectTarget, SecretKind};
+    let SecretKind::Static(src) = &s.kind else {
+        return None;
+    };
+    let in_headers = match &s.mode {
+        HttpMode::Replace { headers, .. } => headers.selects_any(),
+        HttpMode::Inject { target, .. } => matches!(target, InjectTarget::Header(_)),
+    };
+    let value = sources.resolve(src).ok()?;
+    let bad = value
+        .expose()
+        .iter()
+        .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f);
+    (in_headers && bad).then(|| {
+        format!(
+            "secret `{}`: its value holds a line break or another control character, which no header can carry: requests that would put it in a header are refused (502 credential_unavailable)",
+            s.name
+        )
+    })
+}
+
 /// True when any diagnostic is an error.
 pub fn has_errors(diags: &[Diagnostic]) -> bool {
     diags.iter().any(|d| d.severity == Severity::Error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value with a line break inside is reported by `check` for a header secret (a
+    /// single trailing newline is stripped by the source and is fine), not for one that
+    /// only goes into the query.
+    #[test]
+    fn header_secret_with_a_line_break_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("policy.toml");
+        std::fs::write(
+            &policy,
+            "version = 1\n\
+             [[secrets]]\nname = \"HDR_TOKEN\"\ntype = \"http\"\nsource = { env = \"HDR_TOKEN\" }\nhosts = [\"a.test\"]\n\
+             [[secrets]]\nname = \"QRY_TOKEN\"\ntype = \"http\"\nsource = { env = \"QRY_TOKEN\" }\nhosts = [\"a.test\"]\nmatch_headers = []\nmatch_query = [\"key\"]\n\
+             [[secrets]]\nname = \"TXT_TOKEN\"\ntype = \"http\"\nsource = { env = \"TXT_TOKEN\" }\nhosts = [\"a.test\"]\n",
+        )
+        .unwrap();
+        let env: std::collections::HashMap<String, String> = [
+            ("HDR_TOKEN", "abc\r\nX-Evil: 1"),
+            ("QRY_TOKEN", "abc\ndef"),
+            ("TXT_TOKEN", "fine-value\n"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let (loaded, diags) = load(&policy, Arc::new(env));
+        assert!(loaded.is_some(), "{diags:?}");
+        assert!(!has_errors(&diags), "{diags:?}");
+        let warned: Vec<_> = diags
+            .iter()
+            .filter(|d| d.message.contains("control character"))
+            .collect();
+        assert_eq!(warned.len(), 1, "{diags:?}");
+        assert!(
+            warned[0].message.starts_with("secret `HDR_TOKEN`"),
+            "{diags:?}"
+        );
+        assert!(
+            !warned[0].message.contains("Evil"),
+            "the value is never shown"
+        );
+    }
 }
