@@ -104,6 +104,11 @@ pub enum ProxyError {
     /// The upstream failed during the exchange. 502 `upstream_error`.
     #[error("upstream failed")]
     Upstream,
+    /// The proxy could not open a connection to the upstream for lack of file descriptors
+    /// (EMFILE/ENFILE: its own load, not the upstream's fault). 503 `proxy_overloaded`
+    /// with `Retry-After: 1`.
+    #[error("the proxy is out of file descriptors; retry shortly")]
+    ProxyOverloaded,
 }
 
 impl From<PlanError> for ProxyError {
@@ -144,7 +149,9 @@ impl ProxyError {
             | Self::UpstreamTls
             | Self::Upstream => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::CredentialPending { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CredentialPending { .. } | Self::ProxyOverloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -166,17 +173,20 @@ impl ProxyError {
             Self::UpstreamTls => "upstream_tls_error",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::Upstream => "upstream_error",
+            Self::ProxyOverloaded => "proxy_overloaded",
         }
     }
 
     /// Seconds a client should wait before retrying (`Retry-After`, RFC 9110 §10.2.3):
-    /// for a rate limit, until the next request is allowed; for a pending mint, 5 (the README's promise).
+    /// for a rate limit, until the next request is allowed; for a pending mint, 5 (the README's
+    /// promise); when out of file descriptors, 1.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::RateLimited {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
             Self::CredentialPending { .. } => Some(5),
+            Self::ProxyOverloaded => Some(1),
             _ => None,
         }
     }

@@ -328,6 +328,12 @@ impl iron_broker::tokens::TokenTransport for ClientTransport {
 
 /// Maps a client error to the proxy error the client sees, by walking the cause chain.
 pub fn classify(err: &hyper_util::client::legacy::Error) -> ProxyError {
+    classify_chain(err, err.is_connect())
+}
+
+/// [`classify`] over any error chain; `connecting` when the error came from opening the
+/// connection.
+fn classify_chain(err: &(dyn std::error::Error + 'static), connecting: bool) -> ProxyError {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(d) = e.downcast_ref::<DialError>() {
@@ -347,6 +353,14 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> ProxyError {
             Some(io) if io.kind() == io::ErrorKind::TimedOut => {
                 return ProxyError::UpstreamTimeout;
             }
+            Some(io)
+                if io.raw_os_error().is_some_and(|n| {
+                    n == rustix::io::Errno::MFILE.raw_os_error()
+                        || n == rustix::io::Errno::NFILE.raw_os_error()
+                }) =>
+            {
+                return ProxyError::ProxyOverloaded;
+            }
             Some(io) => match io.get_ref() {
                 Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
                 None => e.source(),
@@ -354,9 +368,38 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> ProxyError {
             None => e.source(),
         };
     }
-    if err.is_connect() {
+    if connecting {
         ProxyError::UpstreamUnreachable
     } else {
         ProxyError::Upstream
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Out of file descriptors when dialing is the proxy's own overload (503, retry), not an
+    /// unreachable upstream (502); a refused connection and a timeout keep their codes.
+    #[test]
+    fn connect_errors_are_classified_by_cause() {
+        let wrapped = |e: io::Error| io::Error::other(e);
+        let emfile = wrapped(io::Error::from_raw_os_error(
+            rustix::io::Errno::MFILE.raw_os_error(),
+        ));
+        let e = classify_chain(&emfile, true);
+        assert_eq!(e.code(), "proxy_overloaded");
+        assert_eq!(e.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.retry_after(), Some(1));
+        let enfile = io::Error::from_raw_os_error(rustix::io::Errno::NFILE.raw_os_error());
+        assert_eq!(classify_chain(&enfile, true).code(), "proxy_overloaded");
+        let refused = wrapped(io::Error::from(io::ErrorKind::ConnectionRefused));
+        assert_eq!(
+            classify_chain(&refused, true).code(),
+            "upstream_unreachable"
+        );
+        let timeout = wrapped(io::Error::from(io::ErrorKind::TimedOut));
+        assert_eq!(classify_chain(&timeout, true).code(), "upstream_timeout");
+        assert_eq!(classify_chain(&refused, false).code(), "upstream_error");
     }
 }
