@@ -67,6 +67,8 @@ pub struct Active {
     /// The pooled upstream clients built for it (resolution, deny CIDRs, roots): one per
     /// event loop, so pooled connections stay on the thread that uses them.
     clients: Vec<upstream::UpstreamClient>,
+    /// What `clients` were built from: a reload with an equal key keeps them.
+    transport: upstream::TransportKey,
     /// Usage counters of each secret, by index into `policy.secrets` (shared with the
     /// runtime's map, so they survive reloads).
     stats: Vec<Arc<SecretStats>>,
@@ -89,9 +91,24 @@ impl Active {
         tls: &rustls::ClientConfig,
         stats: impl Fn(&str) -> Arc<SecretStats>,
     ) -> Self {
-        let clients = (0..workers::count())
-            .map(|_| upstream::build_client(&policy, tls.clone()))
-            .collect();
+        Self::reusing(policy, tls, stats, None)
+    }
+
+    /// As [`Active::new`], keeping `previous`'s upstream clients (and their pooled
+    /// connections) when they were built from the same [`upstream::TransportKey`].
+    pub fn reusing(
+        policy: Arc<Policy>,
+        tls: &rustls::ClientConfig,
+        stats: impl Fn(&str) -> Arc<SecretStats>,
+        previous: Option<&Active>,
+    ) -> Self {
+        let transport = upstream::TransportKey::of(&policy);
+        let clients = match previous {
+            Some(p) if p.transport == transport => p.clients.clone(),
+            _ => (0..workers::count())
+                .map(|_| upstream::build_client(&policy, tls.clone()))
+                .collect(),
+        };
         let stats: Vec<Arc<SecretStats>> = policy.secrets.iter().map(|s| stats(&s.name)).collect();
         let env_values = policy.secrets.iter().map(|_| OnceLock::new()).collect();
         let limiters = policy
@@ -103,6 +120,7 @@ impl Active {
         Self {
             policy,
             clients,
+            transport,
             stats,
             env_values,
             limiters,
@@ -636,7 +654,12 @@ impl Runtime {
             }
         };
         let policy = Arc::new(policy);
-        let next = Active::new(policy.clone(), &tls, |name| self.stats(name));
+        let next = Active::reusing(
+            policy.clone(),
+            &tls,
+            |name| self.stats(name),
+            Some(&self.active.load()),
+        );
         let names =
             |p: &Policy| -> Vec<String> { p.secrets.iter().map(|s| s.name.clone()).collect() };
         let (new_names, old_names) = (names(&policy), names(&old));

@@ -95,6 +95,7 @@ pub struct Origin {
     pub ca_pem: String,
     records: Arc<Mutex<Vec<Recorded>>>,
     events: Arc<Semaphore>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -158,11 +159,14 @@ impl Origin {
             git_root: opts.git_root.clone(),
         });
         let plain = opts.plain;
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let shared = shared.clone();
                 let leaves = leaves.clone();
                 let fixed = fixed.clone();
@@ -197,8 +201,14 @@ impl Origin {
             ca_pem,
             records,
             events,
+            accepted,
             task,
         })
+    }
+
+    /// TCP connections accepted so far (each a new upstream connection of the proxy).
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every request received so far.

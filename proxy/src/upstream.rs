@@ -235,6 +235,43 @@ pub fn client_tls_config(
     iron_broker::tls::client_config(&policy.proxy.upstream_ca, provider)
 }
 
+/// What a pooled upstream client is built from: the policy's `resolve`, `allow_cidrs` and
+/// limits, and the `upstream_ca` files (paths and contents). A reload whose key is equal
+/// keeps the running clients and their pooled connections (no burst of new TLS handshakes
+/// after a policy edit); any difference builds new ones, so a connection dialed under old
+/// resolution, address rules or trust is never reused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TransportKey {
+    resolve: Vec<(String, std::net::IpAddr)>,
+    allow_cidrs: Vec<ipnet::IpNet>,
+    limits: iron_policy::Limits,
+    upstream_ca: Vec<(std::path::PathBuf, Option<Vec<u8>>)>,
+}
+
+impl TransportKey {
+    /// The key of `policy` (reads the `upstream_ca` files; an unreadable one keys as `None`).
+    pub fn of(policy: &Policy) -> Self {
+        let mut resolve: Vec<_> = policy
+            .proxy
+            .resolve
+            .iter()
+            .map(|(h, ip)| (h.clone(), *ip))
+            .collect();
+        resolve.sort();
+        Self {
+            resolve,
+            allow_cidrs: policy.proxy.allow_cidrs.clone(),
+            limits: policy.proxy.limits.clone(),
+            upstream_ca: policy
+                .proxy
+                .upstream_ca
+                .iter()
+                .map(|p| (p.clone(), std::fs::read(p).ok()))
+                .collect(),
+        }
+    }
+}
+
 /// Builds the pooled client: keep-alive connections pooled per scheme and authority,
 /// TCP_NODELAY, the policy's connect and idle timeouts.
 pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {

@@ -724,3 +724,60 @@ async fn connections_over_the_cap_wait_and_are_logged() {
     let log = proxy.stop();
     assert_eq!(log.matches("max_connections reached").count(), 1, "{log}");
 }
+
+/// A reload that changes only secrets keeps the pooled upstream connections (no new TLS
+/// handshake to the origin); one that changes what connections were dialed under (here
+/// `resolve`) drops them, so nothing dialed under old rules is reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_keeps_upstream_connections_unless_transport_settings_change() {
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let port = w.port();
+    let get = || async {
+        let r = p
+            .curl(&[
+                &format!("https://api.github.test:{port}/user"),
+                "-H",
+                "Authorization: Bearer GITHUB_TOKEN",
+            ])
+            .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    };
+    get().await;
+    get().await;
+    let first = w.origin.connections();
+    assert_eq!(
+        first, 1,
+        "the second request did not reuse the pooled connection"
+    );
+
+    let text = std::fs::read_to_string(&w.policy_path).expect("policy");
+    let with_secret = format!(
+        "{text}\n[[secrets]]\nname = \"NEW_KEY\"\ntype = \"http\"\nsource = {{ env = \"REAL_GITHUB_TOKEN\" }}\nmatch_headers = [\"X-New\"]\nhosts = [\"other.test:{port}\"]\n"
+    );
+    std::fs::write(&w.policy_path, &with_secret).expect("write");
+    p.rt.reload().await.expect("reload");
+    get().await;
+    assert_eq!(
+        w.origin.connections(),
+        first,
+        "a secret-only reload dropped the pool"
+    );
+
+    assert!(with_secret.contains("\"private.test\" = \"10.1.2.3\""));
+    std::fs::write(
+        &w.policy_path,
+        with_secret.replace(
+            "\"private.test\" = \"10.1.2.3\"",
+            "\"private.test\" = \"10.1.2.4\"",
+        ),
+    )
+    .expect("write");
+    p.rt.reload().await.expect("reload");
+    get().await;
+    assert_eq!(
+        w.origin.connections(),
+        first + 1,
+        "a connection dialed under the old resolve table was reused"
+    );
+}
