@@ -1590,10 +1590,9 @@ impl Broker {
                         }
                         _ => Duration::ZERO,
                     };
-                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                     h.insert(
                         http::header::RETRY_AFTER,
-                        http::HeaderValue::from(secs.max(1)),
+                        http::HeaderValue::from(crate::tokens::retry_after_secs(wait)),
                     );
                 }
                 r

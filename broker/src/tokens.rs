@@ -173,13 +173,24 @@ pub fn retry_after(status: u16, headers: &http::HeaderMap) -> Option<Duration> {
 
 /// `err` turned into [`MintError::Throttled`] when the response asked for a wait.
 fn throttled(err: MintError, status: u16, headers: &http::HeaderMap) -> MintError {
-    match retry_after(status, headers) {
+    with_wait(err, retry_after(status, headers))
+}
+
+/// `err` as [`MintError::Throttled`] when there is a `wait` and `err` may pass with time.
+fn with_wait(err: MintError, wait: Option<Duration>) -> MintError {
+    match wait {
         Some(retry_after) if err.is_retryable() => MintError::Throttled {
             message: err.to_string(),
             retry_after,
         },
         _ => err,
     }
+}
+
+/// `d` in whole seconds, rounded up, at least 1: a `Retry-After` value (RFC 9110 §10.2.3)
+/// that never tells a client to come back before the wait is over.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 /// Why the proxy cannot have a token for a request.
@@ -937,12 +948,8 @@ async fn oauth2_grant(
         Err(RequestTokenError::ServerResponse(e)) => Err(MintError::Rejected {
             code: sanitize_code(e.error().as_ref()),
         }),
-        Err(RequestTokenError::Request(HttpErr::Status(s, None))) => Err(MintError::Status(s)),
-        Err(RequestTokenError::Request(HttpErr::Status(s, Some(retry_after)))) => {
-            Err(MintError::Throttled {
-                message: MintError::Status(s).to_string(),
-                retry_after,
-            })
+        Err(RequestTokenError::Request(HttpErr::Status(s, wait))) => {
+            Err(with_wait(MintError::Status(s), wait))
         }
         Err(RequestTokenError::Request(HttpErr::Transport(t))) => Err(MintError::Transport(t)),
         Err(RequestTokenError::Parse(..) | RequestTokenError::Other(_)) => {

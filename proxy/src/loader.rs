@@ -168,12 +168,15 @@ fn header_unsafe_value(s: &iron_policy::Secret, sources: &SourceResolver) -> Opt
         HttpMode::Replace { headers, .. } => headers.selects_any(),
         HttpMode::Inject { target, .. } => matches!(target, InjectTarget::Header(_)),
     };
+    if !in_headers {
+        return None;
+    }
     let value = sources.resolve(src).ok()?;
     let bad = value
         .expose()
         .iter()
         .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f);
-    (in_headers && bad).then(|| {
+    bad.then(|| {
         format!(
             "secret `{}`: its value holds a line break or another control character, which no header can carry: requests that would put it in a header are refused (502 credential_unavailable)",
             s.name

@@ -421,8 +421,7 @@ async fn exchange(
         if let Err(wait) = active.check_rate(s) {
             return Err(ProxyError::RateLimited {
                 secret: policy.secrets[s].name.clone(),
-                // whole seconds, rounded up, at least 1
-                retry_after_secs: (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1),
+                retry_after_secs: iron_broker::tokens::retry_after_secs(wait),
             });
         }
     }
