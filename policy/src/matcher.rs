@@ -54,18 +54,8 @@ impl PlaceholderMatcher {
     /// `hay` with every placeholder replaced by its value, in a vector of exactly its length
     /// (so it can become shared bytes without another allocation).
     fn replace(&self, hay: &[u8], values: &dyn SecretValues) -> Vec<u8> {
-        let len = self.find(hay).fold(hay.len(), |n, (s, start, end)| {
-            n - (end - start) + values.value(s).len()
-        });
-        let mut out = Vec::with_capacity(len);
-        let mut last = 0;
-        for (s, start, end) in self.find(hay) {
-            out.extend_from_slice(&hay[last..start]);
-            out.extend_from_slice(values.value(s));
-            last = end;
-        }
-        out.extend_from_slice(&hay[last..]);
-        out
+        let found: SmallVec<[(usize, usize, usize); 2]> = self.find(hay).collect();
+        splice(hay, found.iter().copied(), values)
     }
 }
 
@@ -103,8 +93,9 @@ pub enum Location {
 }
 
 /// Header names a placeholder is commonly found in, as HTTP/1 servers hand them over
-/// (lowercase): a [`Location`] for one of these borrows the name instead of copying it.
-const COMMON_HEADERS: [&str; 6] = [
+/// (lowercase): a [`Location`] for one of these borrows the name instead of copying it (and
+/// the proxy caches the audit entry of such a location).
+pub const COMMON_HEADERS: [&str; 6] = [
     "authorization",
     "x-api-key",
     "api-key",
@@ -186,6 +177,9 @@ pub struct Plan {
     /// Every swap and injection, in request order.
     pub applied: SmallVec<[Applied; 2]>,
     header_edits: SmallVec<[(usize, bool); 2]>,
+    /// Every placeholder found in a header value as sent, as (header index, secret index,
+    /// start, end): [`Plan::apply`] swaps these without scanning the value again.
+    header_spans: SmallVec<[(usize, usize, usize, usize); 2]>,
     path_edit: bool,
     query_edit: bool,
     injects: SmallVec<[usize; 2]>,
@@ -234,7 +228,16 @@ impl Plan {
             let Some((_, value)) = req.headers.get(i) else {
                 continue;
             };
-            let mut v = m.replace(value, values);
+            let mut v = if basic {
+                m.replace(value, values)
+            } else {
+                let spans = self.header_spans.iter().filter(move |sp| sp.0 == i);
+                splice(
+                    value,
+                    spans.map(|&(_, s, start, end)| (s, start, end)),
+                    values,
+                )
+            };
             if basic && let Some((scheme, creds)) = split_basic(&v) {
                 let swapped = m.replace(&creds, values);
                 let encoded = STANDARD.encode(&swapped);
@@ -315,8 +318,9 @@ impl Policy {
         let mut plan = Plan::default();
         for (i, (name, value)) in req.headers.iter().enumerate() {
             let mut found = false;
-            for (s, _, _) in m.find(value) {
+            for (s, start, end) in m.find(value) {
                 self.check(req, s, Location::header(name), &mut plan)?;
+                plan.header_spans.push((i, s, start, end));
                 found = true;
             }
             let mut basic = false;
@@ -449,6 +453,28 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// `hay` with the placeholder `spans` — (secret index, start, end), in order and not
+/// overlapping, as [`PlaceholderMatcher::find`] gives them — replaced by their values, in a
+/// vector of exactly its length (so it can become shared bytes without another allocation).
+fn splice(
+    hay: &[u8],
+    spans: impl Iterator<Item = (usize, usize, usize)> + Clone,
+    values: &dyn SecretValues,
+) -> Vec<u8> {
+    let len = spans.clone().fold(hay.len(), |n, (s, start, end)| {
+        n - (end - start) + values.value(s).len()
+    });
+    let mut out = Vec::with_capacity(len);
+    let mut last = 0;
+    for (s, start, end) in spans {
+        out.extend_from_slice(&hay[last..start]);
+        out.extend_from_slice(values.value(s));
+        last = end;
+    }
+    out.extend_from_slice(&hay[last..]);
+    out
 }
 
 /// Headers some frameworks (Rails, Laravel, ASP.NET, Express `method-override`) read as

@@ -45,6 +45,13 @@ mode = "inject"
 source = { env = "J" }
 inject_query_param = "api_key"
 hosts = ["injectq.test"]
+
+[[secrets]]
+name = "MULTI_TOKEN"
+type = "http"
+source = { env = "M" }
+match_headers = ["X-A", "X-B", "Authorization"]
+hosts = ["multi.test"]
 "#;
 
 fn policy() -> Policy {
@@ -60,6 +67,7 @@ impl SecretValues for Values {
             b"plainreal",
             b"injreal",
             b"jj",
+            b"multireal",
         ][index]
     }
 }
@@ -247,6 +255,30 @@ fn inject_header_and_query() {
         .plan(&view("maps.test", "/", None, &[]))
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(plan.is_empty());
+}
+
+#[test]
+fn each_header_gets_the_swaps_found_in_it() {
+    // The plan keeps where each placeholder was found; the rewrite of one header must use
+    // that header's positions only.
+    let p = policy();
+    let h: &[(&str, &[u8])] = &[
+        ("X-A", b"MULTI_TOKEN"),
+        ("Accept", b"*/*"),
+        ("X-B", b"a MULTI_TOKEN b MULTI_TOKEN!"),
+        ("Authorization", b"Basic dXNlcjpNVUxUSV9UT0tFTg=="), // user:MULTI_TOKEN
+    ];
+    let req = view("multi.test", "/", None, h);
+    let plan = p.plan(&req).unwrap_or_else(|e| panic!("{e}"));
+    let out = plan.apply(&p, &req, &Values);
+    assert_eq!(
+        out.headers.as_slice(),
+        [
+            (0, b"multireal".to_vec()),
+            (2, b"a multireal b multireal!".to_vec()),
+            (3, b"Basic dXNlcjptdWx0aXJlYWw=".to_vec()), // user:multireal
+        ]
+    );
 }
 
 proptest! {
