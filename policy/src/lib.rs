@@ -25,7 +25,9 @@ mod raw;
 pub use capability::{Capability, PathPattern, RateLimit};
 pub use error::{Diagnostic, PolicyErrors, Severity};
 pub use host::{HostPattern, PortSpec, normalize_host};
-pub use matcher::{Applied, Location, Plan, PlanError, RequestView, Rewritten, SecretValues};
+pub use matcher::{
+    Applied, COMMON_HEADERS, Location, Plan, PlanError, RequestView, Rewritten, SecretValues,
+};
 pub use model::{
     BrokeredSpec, ClientAuth, Egress, GcpSpec, Grant, HeaderSelector, HttpMode, InjectFormatter,
     InjectTarget, Limits, OAuthSpec, PgSpec, Policy, Pos, ProxySettings, Secret, SecretKind,

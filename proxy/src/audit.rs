@@ -42,13 +42,59 @@ impl std::fmt::Display for AppliedAt {
     }
 }
 
-impl Serialize for AppliedSecret {
+/// How many locations have their audit entry cached per secret: `stub`, `pg`, `path`, and
+/// a header of [`iron_policy::COMMON_HEADERS`] named as hyper hands it over (lowercase).
+pub(crate) const CACHED_LOCATIONS: usize = 3 + iron_policy::COMMON_HEADERS.len();
+
+impl AppliedAt {
+    /// The slot of this location's cached audit entry, if it has one.
+    fn cache_slot(&self) -> Option<usize> {
+        match self {
+            Self::Stub => Some(0),
+            Self::Pg => Some(1),
+            Self::Request(iron_policy::Location::Path) => Some(2),
+            Self::Request(iron_policy::Location::Header(Cow::Borrowed(h))) => {
+                iron_policy::COMMON_HEADERS
+                    .iter()
+                    .position(|c| c == h)
+                    .map(|i| 3 + i)
+            }
+            Self::Request(_) => None,
+        }
+    }
+}
+
+/// `{"name":…,"location":…}`, serialized field by field.
+struct Entry<'a>(&'a AppliedSecret);
+
+impl Serialize for Entry<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct as _;
         let mut st = s.serialize_struct("AppliedSecret", 2)?;
-        st.serialize_field("name", &*self.stats.name)?;
-        st.serialize_field("location", &format_args!("{}", self.location))?;
+        st.serialize_field("name", &*self.0.stats.name)?;
+        st.serialize_field("location", &format_args!("{}", self.0.location))?;
         st.end()
+    }
+}
+
+/// Written as `{"name":…,"location":…}`. For the common locations the entry is serialized
+/// once per secret and copied afterwards: JSON escaping of the same two strings on every
+/// request was most of what a swap added to the audit writer's work.
+impl Serialize for AppliedSecret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let cached = self.location.cache_slot().and_then(|i| {
+            self.stats.audit_entries[i]
+                .get_or_init(|| {
+                    serde_json::to_string(&Entry(self))
+                        .ok()
+                        .and_then(|j| serde_json::value::RawValue::from_string(j).ok())
+                })
+                .as_deref()
+        });
+        match cached {
+            Some(raw) => raw.serialize(s),
+            None => Entry(self).serialize(s),
+        }
     }
 }
 
@@ -345,6 +391,47 @@ fn is_zero(n: &u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cached_entries_are_written_like_the_others() {
+        // The second line of each secret and location comes from the per-secret cache; a
+        // name that needs escaping must come out the same either way.
+        let metrics = crate::metrics::Metrics::default();
+        let usage = Mutex::new(std::collections::HashMap::new());
+        let stats = crate::stats_for(&usage, &metrics, "TOKEN \"Q\"");
+        let id = crate::RequestId { prefix: 1, n: 2 };
+        let mut rec = AuditRecord::new("request", id, ([127, 0, 0, 1], 9).into(), "GET");
+        rec.secrets = [
+            AppliedAt::Request(iron_policy::Location::header("authorization")),
+            AppliedAt::Request(iron_policy::Location::header("X-Custom")),
+            AppliedAt::Request(iron_policy::Location::Path),
+            AppliedAt::Request(iron_policy::Location::Query("key".into())),
+            AppliedAt::Stub,
+        ]
+        .into_iter()
+        .map(|location| AppliedSecret {
+            stats: stats.clone(),
+            location,
+        })
+        .collect();
+        let want = serde_json::json!([
+            {"name": "TOKEN \"Q\"", "location": "header:authorization"},
+            {"name": "TOKEN \"Q\"", "location": "header:X-Custom"},
+            {"name": "TOKEN \"Q\"", "location": "path"},
+            {"name": "TOKEN \"Q\"", "location": "query:key"},
+            {"name": "TOKEN \"Q\"", "location": "stub"},
+        ]);
+        for _ in 0..2 {
+            let text = serde_json::to_string(&rec).expect("serializes");
+            let line: serde_json::Value = serde_json::from_str(&text).expect("one JSON line");
+            assert_eq!(line["secrets"], want, "{text}");
+        }
+        assert!(stats.audit_entries[0].get().is_some(), "stub entry cached");
+        assert!(
+            stats.audit_entries[3].get().is_some(),
+            "authorization entry cached"
+        );
+    }
 
     #[test]
     fn applied_secrets_are_written_with_name_and_location() {

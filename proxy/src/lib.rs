@@ -202,6 +202,10 @@ pub struct SecretStats {
     rate_limited: AtomicU64,
     /// The rate limiter and the limit it was built for, kept while reloads keep the limit.
     limiter: Mutex<Option<(iron_policy::RateLimit, Arc<Limiter>)>>,
+    /// The audit line's entry for this secret at each common location, serialized once
+    /// (by the audit writer) and copied into every later line ([`audit::AppliedAt`]).
+    pub(crate) audit_entries:
+        [std::sync::OnceLock<Option<Box<serde_json::value::RawValue>>>; audit::CACHED_LOCATIONS],
 }
 
 impl SecretStats {
@@ -297,6 +301,7 @@ fn stats_for(
         failures: Mutex::new((0, None)),
         rate_limited: AtomicU64::new(0),
         limiter: Mutex::new(None),
+        audit_entries: [const { std::sync::OnceLock::new() }; audit::CACHED_LOCATIONS],
     });
     usage.insert(name.to_string(), stats.clone());
     stats
