@@ -6,7 +6,7 @@ each with `Authorization: Bearer BENCH_TOKEN` (swapped) and with a value that is
 placeholder; the difference of the two runs' totals divided by N2 - N1 is the per-request
 count without start-up. All threads are counted (the audit writer too).
 Usage: python3 bench/swap_cost.py [--n1 200] [--n2 1200]; needs the release build and valgrind."""
-import argparse, glob, os, subprocess, sys, tempfile, time
+import argparse, glob, os, shutil, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,6 +15,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n1", type=int, default=200)
     ap.add_argument("--n2", type=int, default=1200)
+    ap.add_argument("--keep", metavar="DIR", help="copy each N2 run's callgrind files here "
+                    "(for callgrind_annotate: where the difference goes)")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="iron-swapcost-")
     real = os.environ.get("IRON_BENCH_BIN") or os.path.join(
@@ -38,6 +40,10 @@ def main():
             bench.stop_stack(d, proxy)
         time.sleep(1)
         best = 0
+        if a.keep and n == a.n2:
+            os.makedirs(a.keep, exist_ok=True)
+            for f in glob.glob(f"{work}/cg.*"):
+                shutil.copy(f, os.path.join(a.keep, header.split()[-1] + "." + os.path.basename(f)))
         for f in glob.glob(f"{work}/cg.*"):
             for line in open(f):
                 if line.startswith(("summary:", "totals:")):
