@@ -344,6 +344,9 @@ impl LeafCache {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck)));
         config.alpn_protocols = self.alpn.clone();
+        // The provider's suite order, not the client's, picks the cipher: the proxy's
+        // order is chosen by measurement (iron_proxy::crypto_provider).
+        config.ignore_client_order = true;
         config.session_storage = self.sessions.clone();
         config.ticketer = self.ticketer.clone();
         Ok(CachedLeaf {

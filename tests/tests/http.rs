@@ -67,6 +67,22 @@ async fn curl_header_swap_reaches_only_the_secrets_host() {
     // Without a placeholder, the other host is reachable.
     let plain = p.curl(&[&format!("https://other.test:{port}/")]).await;
     assert_eq!(plain.status, 200);
+    // The client leg takes the proxy's cipher order (AES-128-GCM first), not the client's
+    // (this one asks for AES-256-GCM first).
+    let ordered = p
+        .curl(&[
+            "-v",
+            "--tls13-ciphers",
+            "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256",
+            &format!("https://other.test:{port}/"),
+        ])
+        .await;
+    assert_eq!(ordered.status, 200, "{ordered:?}");
+    assert!(
+        ordered.stderr.contains("TLSv1.3 / TLS_AES_128_GCM_SHA256"),
+        "{}",
+        ordered.stderr
+    );
 
     let audit = p.audit.records();
     let swapped = audit
