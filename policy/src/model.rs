@@ -813,6 +813,14 @@ pub const DEFAULT_DENY_CIDRS: &[&str] = &[
     "64:ff9b::/96",
 ];
 
+/// [`DEFAULT_DENY_CIDRS`] parsed once (every upstream dial checks its address against them).
+static DEFAULT_DENY_NETS: std::sync::LazyLock<Vec<IpNet>> = std::sync::LazyLock::new(|| {
+    DEFAULT_DENY_CIDRS
+        .iter()
+        .filter_map(|c| c.parse::<IpNet>().ok())
+        .collect()
+});
+
 impl Policy {
     /// Reads and parses the policy at `path`.
     ///
@@ -1137,10 +1145,7 @@ impl Policy {
         if self.proxy.allow_cidrs.iter().any(|n| n.contains(&ip)) {
             return false;
         }
-        DEFAULT_DENY_CIDRS
-            .iter()
-            .filter_map(|c| c.parse::<IpNet>().ok())
-            .any(|n| n.contains(&ip))
+        DEFAULT_DENY_NETS.iter().any(|n| n.contains(&ip))
     }
 }
 

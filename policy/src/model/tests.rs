@@ -247,6 +247,8 @@ fn deny_cidrs() {
     assert!(!denied("::ffff:127.0.0.1"));
     assert!(!denied("93.184.216.34"));
     assert!(!denied("2606:4700::1111"));
+    // Every default range is in force (none dropped for failing to parse).
+    assert_eq!(DEFAULT_DENY_NETS.len(), DEFAULT_DENY_CIDRS.len());
 }
 
 #[test]
