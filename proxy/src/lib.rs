@@ -365,9 +365,23 @@ pub struct RequestId {
     n: u32,
 }
 
+impl RequestId {
+    /// The id as 16 lowercase hex digits (the prefix's 8, then the counter's 8).
+    pub fn hex(&self) -> [u8; 16] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 16];
+        let bits = (u64::from(self.prefix) << 32) | u64::from(self.n);
+        for (i, d) in out.iter_mut().enumerate() {
+            *d = DIGITS[((bits >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        out
+    }
+}
+
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:08x}{:08x}", self.prefix, self.n)
+        let hex = self.hex();
+        f.write_str(std::str::from_utf8(&hex).unwrap_or_default())
     }
 }
 
