@@ -82,7 +82,17 @@ impl Serialize for Entry<'_> {
 /// request was most of what a swap added to the audit writer's work.
 impl Serialize for AppliedSecret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let cached = self.location.cache_slot().and_then(|i| {
+        match self.cached() {
+            Some(raw) => raw.serialize(s),
+            None => Entry(self).serialize(s),
+        }
+    }
+}
+
+impl AppliedSecret {
+    /// The entry's JSON, serialized on first use, for a common location; `None` otherwise.
+    fn cached(&self) -> Option<&serde_json::value::RawValue> {
+        self.location.cache_slot().and_then(|i| {
             self.stats.audit_entries[i]
                 .get_or_init(|| {
                     serde_json::to_string(&Entry(self))
@@ -90,11 +100,7 @@ impl Serialize for AppliedSecret {
                         .and_then(|j| serde_json::value::RawValue::from_string(j).ok())
                 })
                 .as_deref()
-        });
-        match cached {
-            Some(raw) => raw.serialize(s),
-            None => Entry(self).serialize(s),
-        }
+        })
     }
 }
 
@@ -209,10 +215,19 @@ fn request_id<S: serde::Serializer>(id: &crate::RequestId, s: S) -> Result<S::Ok
 /// `IP:PORT`; an IPv4 address is written digit by digit (`Display` of a `SocketAddr` takes
 /// the formatting machinery through a dozen pieces: a third of an audit line's cost).
 fn client_addr<S: serde::Serializer>(addr: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
-    let SocketAddr::V4(v4) = addr else {
-        return display(addr, s);
-    };
+    match client_text(addr) {
+        Some(text) => s.serialize_str(text.as_str()),
+        None => s.collect_str(addr),
+    }
+}
+
+/// `addr` as `IP:PORT` on the stack (`None` only if it did not fit in 64 bytes).
+fn client_text(addr: &SocketAddr) -> Option<StackText> {
+    use std::fmt::Write as _;
     let mut text = StackText::default();
+    let SocketAddr::V4(v4) = addr else {
+        return write!(text, "{addr}").ok().map(|()| text);
+    };
     for (i, octet) in v4.ip().octets().into_iter().enumerate() {
         if i > 0 {
             text.push(b'.');
@@ -221,19 +236,7 @@ fn client_addr<S: serde::Serializer>(addr: &SocketAddr, s: S) -> Result<S::Ok, S
     }
     text.push(b':');
     text.push_decimal(v4.port());
-    s.serialize_str(text.as_str())
-}
-
-/// `v`'s `Display` text as a JSON string, formatted on the stack first (up to 64 bytes; a
-/// longer text is formatted straight into the output). serde's `collect_str` escapes every
-/// piece the formatter hands it; a request id or an `IP:PORT` comes in up to ten pieces.
-fn display<S: serde::Serializer>(v: &impl std::fmt::Display, s: S) -> Result<S::Ok, S::Error> {
-    use std::fmt::Write as _;
-    let mut text = StackText::default();
-    match write!(text, "{v}") {
-        Ok(()) => s.serialize_str(text.as_str()),
-        Err(_) => s.collect_str(v),
-    }
+    Some(text)
 }
 
 /// A 64-byte text buffer on the stack; a write that does not fit fails.
@@ -298,6 +301,11 @@ impl std::fmt::Write for StackText {
 /// nanoseconds; empty if it cannot be formatted).
 fn rfc3339<S: serde::Serializer>(t: &time::OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
     let mut buf = [0u8; 64];
+    s.serialize_str(rfc3339_text(t, &mut buf))
+}
+
+/// `t` as RFC 3339 text in `buf`.
+fn rfc3339_text<'b>(t: &time::OffsetDateTime, buf: &'b mut [u8; 64]) -> &'b str {
     let mut out = &mut buf[..];
     // The length written is what the slice advanced by (format_into's count is not the
     // whole text for a fractional second).
@@ -305,7 +313,86 @@ fn rfc3339<S: serde::Serializer>(t: &time::OffsetDateTime, s: S) -> Result<S::Ok
         Ok(_) => 64 - out.len(),
         Err(_) => 0,
     };
-    s.serialize_str(std::str::from_utf8(&buf[..n]).unwrap_or_default())
+    std::str::from_utf8(&buf[..n]).unwrap_or_default()
+}
+
+impl AuditRecord {
+    /// Appends the record as one JSON object (no newline), byte for byte what its
+    /// `Serialize` gives through `serde_json::to_writer`, for the audit writer's hot path:
+    /// the constant keys are copied instead of escaped, numbers go through `itoa`, and a
+    /// string is escaped by serde_json only when it holds a quote, a backslash or a control
+    /// character.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let mut ts = [0u8; 64];
+        put_str(out, b"{\"ts\":", rfc3339_text(&self.arrived, &mut ts));
+        put_str(out, b",\"kind\":", self.kind);
+        out.extend_from_slice(b",\"request_id\":\"");
+        out.extend_from_slice(&self.request_id.hex());
+        out.extend_from_slice(b"\",\"client\":");
+        match client_text(&self.client) {
+            Some(text) => json_str(out, text.as_str()),
+            None => json_str(out, &self.client.to_string()),
+        }
+        put_str(out, b",\"method\":", &self.method);
+        put_str(out, b",\"host\":", &self.host);
+        put_int(out, b",\"port\":", self.port);
+        put_str(out, b",\"scheme\":", self.scheme);
+        put_str(out, b",\"host_class\":", self.host_class);
+        put_str(out, b",\"path\":", &self.path);
+        put_int(out, b",\"status\":", self.status);
+        put_str(out, b",\"outcome\":", self.outcome);
+        if let Some(e) = self.error {
+            put_str(out, b",\"error\":", e);
+        }
+        out.extend_from_slice(b",\"secrets\":[");
+        for (i, s) in self.secrets.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            match s.cached() {
+                Some(raw) => out.extend_from_slice(raw.get().as_bytes()),
+                None => {
+                    let _ = serde_json::to_writer(&mut *out, &Entry(s));
+                }
+            }
+        }
+        put_int(out, b"],\"bytes_in\":", self.bytes_in);
+        put_int(out, b",\"bytes_out\":", self.bytes_out);
+        put_int(out, b",\"duration_ms\":", self.duration_ms);
+        if self.statements_refused != 0 {
+            put_int(out, b",\"statements_refused\":", self.statements_refused);
+        }
+        out.push(b'}');
+    }
+}
+
+/// `s` as a JSON string: copied as is when nothing in it needs escaping (RFC 8259 §7: a
+/// quote, a backslash, U+0000–U+001F), escaped by serde_json otherwise.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+fn json_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// `key` (`,"name":` as JSON text), then `v` as a JSON string.
+fn put_str(out: &mut Vec<u8>, key: &[u8], v: &str) {
+    out.extend_from_slice(key);
+    json_str(out, v);
+}
+
+/// `key` (`,"name":` as JSON text), then `n`.
+fn put_int(out: &mut Vec<u8>, key: &[u8], n: impl itoa::Integer) {
+    out.extend_from_slice(key);
+    json_int(out, n);
 }
 
 /// Where audit records go.
@@ -390,9 +477,8 @@ impl StderrAudit {
                     while let Some(msg) = next.take() {
                         match msg {
                             AuditMsg::Record(r) => {
-                                if serde_json::to_writer(&mut buf, &*r).is_ok() {
-                                    buf.push(b'\n');
-                                }
+                                r.write_json(&mut buf);
+                                buf.push(b'\n');
                             }
                             AuditMsg::Flush(ack) => {
                                 // Every record sent before the flush is in `buf` or out.
@@ -480,6 +566,68 @@ fn is_zero(n: &u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_writers_line_is_byte_for_byte_the_serialized_record() {
+        let metrics = crate::metrics::Metrics::default();
+        let usage = Mutex::new(std::collections::HashMap::new());
+        let plain = crate::stats_for(&usage, &metrics, "GITHUB_TOKEN");
+        let odd = crate::stats_for(&usage, &metrics, "TOKEN \"Q\" \\ \u{1}");
+        let mut records = Vec::new();
+        for (client, method, host, path) in [
+            ("127.0.0.1:9", "GET", "api.github.test", "/"),
+            (
+                "[::1]:443",
+                "PROPFIND",
+                "h\"o\\st\n",
+                "/p\u{0}a\u{1f}th/é/\u{2028}",
+            ),
+            ("10.0.0.255:65535", "STARTUP", "", ""),
+        ] {
+            let mut rec = AuditRecord::new(
+                "request",
+                crate::RequestId {
+                    prefix: 0xdead_beef,
+                    n: 7,
+                },
+                client.parse().expect("address"),
+                method,
+            );
+            rec.host = host.into();
+            rec.path = path.into();
+            rec.port = 8443;
+            rec.status = 502;
+            rec.bytes_in = u64::MAX;
+            rec.bytes_out = 12;
+            rec.duration_ms = 3;
+            records.push(rec.clone());
+            rec.error = Some("upstream_unreachable");
+            rec.outcome = "refused";
+            rec.statements_refused = 2;
+            rec.secrets = [
+                (
+                    plain.clone(),
+                    AppliedAt::Request(iron_policy::Location::header("authorization")),
+                ),
+                (
+                    odd.clone(),
+                    AppliedAt::Request(iron_policy::Location::Query("k\"ey".into())),
+                ),
+                (odd.clone(), AppliedAt::Pg),
+                (odd.clone(), AppliedAt::Pg),
+            ]
+            .into_iter()
+            .map(|(stats, location)| AppliedSecret { stats, location })
+            .collect();
+            records.push(rec);
+        }
+        for rec in &records {
+            let mut line = Vec::new();
+            rec.write_json(&mut line);
+            let want = serde_json::to_string(rec).expect("serializes");
+            assert_eq!(String::from_utf8_lossy(&line), want);
+        }
+    }
 
     #[test]
     fn client_and_request_id_are_written_as_display_shows_them() {
