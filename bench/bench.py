@@ -180,7 +180,9 @@ hosts = ["{HOST}:{origin_port}"]
     os.makedirs(f"{d}/etc", exist_ok=True)
     with open(f"{d}/etc/policy.toml", "w") as f:
         f.write(policy)
-    env = dict(os.environ, BENCH_REAL_TOKEN="bench-real-token-value", IRON_PROXY_HOME=f"{d}/state", IRON_PROXY_LOG="warn")
+    # IRON_BENCH_LOG sets the proxy's log level (default warn; the proxy's own default is info).
+    env = dict(os.environ, BENCH_REAL_TOKEN="bench-real-token-value", IRON_PROXY_HOME=f"{d}/state",
+               IRON_PROXY_LOG=os.environ.get("IRON_BENCH_LOG", "warn"))
     log = open(f"{d}/proxy.log", "w")
     p = subprocess.Popen([PROXY_BIN, "serve", "--policy", f"{d}/etc/policy.toml"], env=env, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(100):

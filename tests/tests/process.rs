@@ -570,6 +570,10 @@ async fn serve_reports_a_missing_required_secret_and_fails_closed() {
     assert_eq!(r.status, 502, "{r:?}");
     assert_eq!(r.error_code().as_deref(), Some("credential_unavailable"));
     assert!(w.origin.records().is_empty());
+    let request_id = serde_json::from_str::<serde_json::Value>(&r.body)
+        .ok()
+        .and_then(|v| v["request_id"].as_str().map(str::to_string))
+        .expect("the envelope names the request");
     // Other secrets work meanwhile.
     let r = curl_via(
         proxy.addr,
@@ -580,6 +584,12 @@ async fn serve_reports_a_missing_required_secret_and_fails_closed() {
     assert_eq!(r.status, 200, "{r:?}");
     let log = proxy.stop();
     assert!(log.contains("REAL_GITHUB_TOKEN is not set"), "{log}");
+    // The refusal's warning names the request, as the envelope and the audit line do.
+    assert!(
+        log.lines().any(|l| l.contains("secret source unavailable")
+            && l.contains(&format!("request_id={request_id}"))),
+        "{log}"
+    );
     for real in ALL_REAL {
         assert!(!log.contains(real));
     }
