@@ -218,7 +218,7 @@ pub async fn handle(
     let id = rt.next_request_id();
     // At debug level: an enabled span per request (created, formatted, entered on every
     // poll) costs ~7 % of a keep-alive request's instructions at the default info level
-    // (bench/README.md). The warnings below carry the request id themselves.
+    // (bench/README.md). The warnings below carry the request id and client themselves.
     let span = debug_span!("request", id = %id, method = %req.method());
     let mut guard = AuditGuard {
         rec: Some(AuditRecord::new(
@@ -381,14 +381,14 @@ async fn exchange(
     for &s in &plan.secrets {
         let secret = &policy.secrets[s];
         if !secret.enabled {
-            warn!(request_id = %id, secret = %secret.name, "secret is disabled (enabled = false); refusing request");
+            warn!(request_id = %id, client = %conn.client, secret = %secret.name, "secret is disabled (enabled = false); refusing request");
             return Err(ProxyError::CredentialUnavailable {
                 secret: secret.name.clone(),
             });
         }
         let value = match &secret.kind {
             SecretKind::Static(source) => active.static_value(&rt.sources, s, source).map_err(|e| {
-                warn!(request_id = %id, secret = %secret.name, error = %e, "secret source unavailable; refusing request");
+                warn!(request_id = %id, client = %conn.client, secret = %secret.name, error = %e, "secret source unavailable; refusing request");
                 rt.secret_failed(&secret.name, &e.to_string());
                 ProxyError::CredentialUnavailable {
                     secret: secret.name.clone(),
@@ -400,7 +400,7 @@ async fn exchange(
             }),
             SecretKind::OAuth(_) | SecretKind::Gcp(_) | SecretKind::Brokered(_) => {
                 rt.tokens.token(secret).await.map(Cow::Owned).map_err(|e| {
-                    warn!(request_id = %id, secret = %secret.name, error = %e, "no access token; refusing request");
+                    warn!(request_id = %id, client = %conn.client, secret = %secret.name, error = %e, "no access token; refusing request");
                     rt.secret_failed(&secret.name, &e.to_string());
                     let brokered = matches!(secret.kind, SecretKind::Brokered(_));
                     match e {
@@ -546,7 +546,7 @@ async fn exchange(
         Err(Some(BodyEnd::Complete)) => return Err(ProxyError::UpstreamTimeout),
         Ok(Err(e)) => {
             let mapped = classify(&e);
-            warn!(request_id = %id, host = %host, port, error = %ErrorChain(&e), code = mapped.code(), "upstream request failed");
+            warn!(request_id = %id, client = %conn.client, host = %host, port, error = %ErrorChain(&e), code = mapped.code(), "upstream request failed");
             return Err(mapped);
         }
         Ok(Ok(r)) => {
@@ -562,7 +562,7 @@ async fn exchange(
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     if switching && client_upgrade.is_none() {
         // A 101 to a request that asked for no upgrade: nothing to switch to.
-        warn!(request_id = %id, host = %host, port, "upstream switched protocols without an upgrade request");
+        warn!(request_id = %id, client = %conn.client, host = %host, port, "upstream switched protocols without an upgrade request");
         return Err(ProxyError::Upstream);
     }
     let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));

@@ -584,10 +584,12 @@ async fn serve_reports_a_missing_required_secret_and_fails_closed() {
     assert_eq!(r.status, 200, "{r:?}");
     let log = proxy.stop();
     assert!(log.contains("REAL_GITHUB_TOKEN is not set"), "{log}");
-    // The refusal's warning names the request, as the envelope and the audit line do.
+    // The refusal's warning names the request (as the envelope and the audit line do) and
+    // the client.
     assert!(
         log.lines().any(|l| l.contains("secret source unavailable")
-            && l.contains(&format!("request_id={request_id}"))),
+            && l.contains(&format!("request_id={request_id}"))
+            && l.contains("client=127.0.0.1:")),
         "{log}"
     );
     for real in ALL_REAL {
