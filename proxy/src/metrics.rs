@@ -79,7 +79,14 @@ pub struct Metrics {
     pub token_expiry_seconds: Family<SecretLabel, Gauge<f64, AtomicU64>>,
     /// Policy reloads, `ok` or `invalid`.
     pub reloads: Family<ResultLabel, Counter>,
+    /// The `requests` counters of forwarded requests without an error, by host class
+    /// ([`FORWARDED_CLASSES`]), taken from the family once: a family look-up hashes its four
+    /// label strings under a lock, and this is the counter nearly every request counts.
+    forwarded: [std::sync::OnceLock<Counter>; FORWARDED_CLASSES.len()],
 }
+
+/// Host classes whose forwarded-request counter [`Metrics`] keeps at hand.
+const FORWARDED_CLASSES: [&str; 6] = ["secret", "stub", "passthrough", "allow", "open", "denied"];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,6 +108,7 @@ impl Default for Metrics {
             token_mints: Family::default(),
             token_expiry_seconds: Family::default(),
             reloads: Family::default(),
+            forwarded: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -158,14 +166,21 @@ impl Metrics {
     /// `injections` are counted through their [`crate::SecretStats`].)
     pub fn observe(&self, rec: &AuditRecord) {
         let code = rec.error.unwrap_or("none");
-        self.requests
-            .get_or_create(&RequestLabels {
-                kind: rec.kind,
-                outcome: rec.outcome,
-                code,
-                host_class: rec.host_class,
-            })
-            .inc();
+        let labels = || RequestLabels {
+            kind: rec.kind,
+            outcome: rec.outcome,
+            code,
+            host_class: rec.host_class,
+        };
+        let hot = (rec.kind == "request" && rec.outcome == "forwarded" && rec.error.is_none())
+            .then(|| FORWARDED_CLASSES.iter().position(|c| *c == rec.host_class))
+            .flatten();
+        match hot {
+            Some(i) => self.forwarded[i]
+                .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.requests.get_or_create(&labels()).inc(),
+        };
         if rec.outcome == "refused" {
             self.refusals.get_or_create(&CodeLabel { code }).inc();
         }
@@ -181,5 +196,47 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_requests_are_counted_in_the_family() {
+        // The kept counters are the family's own: what /metrics shows.
+        let m = Metrics::default();
+        let rec = |host_class: &'static str, outcome: &'static str, error| {
+            let mut r = AuditRecord::new(
+                "request",
+                crate::RequestId::default(),
+                ([127, 0, 0, 1], 1).into(),
+                "GET",
+            );
+            r.host_class = host_class;
+            r.outcome = outcome;
+            r.error = error;
+            r
+        };
+        for _ in 0..3 {
+            m.observe(&rec("secret", "forwarded", None));
+        }
+        m.observe(&rec("stub", "forwarded", None));
+        m.observe(&rec("secret", "refused", Some("placeholder_not_allowed")));
+        m.observe(&rec("secret", "forwarded", Some("upstream_timeout")));
+        let text = m.encode();
+        for want in [
+            r#"iron_proxy_requests_total{kind="request",outcome="forwarded",code="none",host_class="secret"} 3"#,
+            r#"iron_proxy_requests_total{kind="request",outcome="forwarded",code="none",host_class="stub"} 1"#,
+            r#"iron_proxy_requests_total{kind="request",outcome="refused",code="placeholder_not_allowed",host_class="secret"} 1"#,
+            r#"iron_proxy_requests_total{kind="request",outcome="forwarded",code="upstream_timeout",host_class="secret"} 1"#,
+            r#"iron_proxy_refusals_total{code="placeholder_not_allowed"} 1"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "{want} missing from\n{text}"
+            );
+        }
     }
 }
