@@ -265,18 +265,7 @@ impl StackText {
 
     /// Appends `n` in decimal.
     fn push_decimal(&mut self, n: u16) {
-        let mut digits = [0u8; 5];
-        let mut i = digits.len();
-        let mut n = n;
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        for &d in &digits[i..] {
+        for &d in itoa::Buffer::new().format(n).as_bytes() {
             self.push(d);
         }
     }
