@@ -40,10 +40,10 @@ def main():
             bench.stop_stack(d, proxy)
         time.sleep(1)
         best = 0
-        if a.keep and n == a.n2:
+        if a.keep:
             os.makedirs(a.keep, exist_ok=True)
             for f in glob.glob(f"{work}/cg.*"):
-                shutil.copy(f, os.path.join(a.keep, header.split()[-1] + "." + os.path.basename(f)))
+                shutil.copy(f, os.path.join(a.keep, f"{header.split()[-1]}.n{n}.{os.path.basename(f)}"))
         for f in glob.glob(f"{work}/cg.*"):
             for line in open(f):
                 if line.startswith(("summary:", "totals:")):

@@ -69,7 +69,7 @@ pub struct Conn {
 }
 
 /// Headers never forwarded (RFC 9110 §7.6.1), plus `Proxy-Authorization`.
-const HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -796,9 +796,25 @@ fn is_upgrade(h: &HeaderMap) -> bool {
 
 /// Removes the hop-by-hop headers ([`HOP_BY_HOP`]) and every header named in `Connection`
 /// (RFC 9110 §7.6.1). With `keep_upgrade`, `Upgrade` and `Connection` stay (a 101 response).
-/// Allocates only when `Connection` names a header outside [`HOP_BY_HOP`] (`close` and
-/// `keep-alive`, the usual tokens, do not).
+/// One pass over the names finds which are present, so a message without any (most
+/// requests) costs no hash look-up, and one with `Connection: keep-alive` (most responses)
+/// two removals, not one per name of [`HOP_BY_HOP`]. Allocates only when `Connection` names
+/// a header outside [`HOP_BY_HOP`] (`close` and `keep-alive`, the usual tokens, do not).
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let mut present: smallvec::SmallVec<[&'static HeaderName; 4]> = smallvec::SmallVec::new();
+    let mut has_connection = false;
+    for name in h.keys() {
+        let Some(n) = HOP_BY_HOP.iter().find(|n| *n == name) else {
+            continue;
+        };
+        has_connection |= n == CONNECTION;
+        if !(keep_upgrade && (n == UPGRADE || n == CONNECTION)) {
+            present.push(n);
+        }
+    }
+    if !has_connection && present.is_empty() {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(CONNECTION)
         .iter()
@@ -814,10 +830,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         })
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    for n in HOP_BY_HOP {
-        if keep_upgrade && (n == UPGRADE || n == CONNECTION) {
-            continue;
-        }
+    for n in present {
         h.remove(n);
     }
     for n in named {
@@ -962,5 +975,39 @@ mod tests {
         let mut kept: Vec<_> = switching.keys().map(HeaderName::as_str).collect();
         kept.sort_unstable();
         assert_eq!(kept, ["connection", "upgrade", "x-keep"]);
+
+        // Nothing hop-by-hop: the map is left as it was.
+        let mut plain = HeaderMap::new();
+        plain.insert("x-keep", HeaderValue::from_static("1"));
+        plain.append("accept", HeaderValue::from_static("a"));
+        plain.append("accept", HeaderValue::from_static("b"));
+        let before = plain.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain, before);
+
+        // No Connection header: each hop-by-hop name present goes, with all its values.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "proxy-authorization",
+            HeaderValue::from_static("Basic eA=="),
+        );
+        h.append("te", HeaderValue::from_static("trailers"));
+        h.append("te", HeaderValue::from_static("gzip"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(
+            h.keys().map(HeaderName::as_str).collect::<Vec<_>>(),
+            ["x-keep"]
+        );
+
+        // A 101 keeps Connection, but what it names still goes.
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("upgrade, x-drop"));
+        h.insert("x-drop", HeaderValue::from_static("1"));
+        h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        let mut kept: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["connection", "upgrade"]);
     }
 }
