@@ -145,9 +145,9 @@ async fn await_response<F, T>(
     tally: &Tally,
     header_timeout: std::time::Duration,
     idle: std::time::Duration,
-) -> Result<Result<T, hyper_util::client::legacy::Error>, Option<BodyEnd>>
+) -> Result<Result<T, crate::upstream::UpstreamError>, Option<BodyEnd>>
 where
-    F: std::future::Future<Output = Result<T, hyper_util::client::legacy::Error>>,
+    F: std::future::Future<Output = Result<T, crate::upstream::UpstreamError>>,
 {
     tokio::pin!(response);
     let mut body_end = body_end;

@@ -6,18 +6,20 @@
 //! checked addresses are dialled — there is no second resolution (DESIGN.md decision 5).
 //! Upstream TLS always verifies against the web PKI roots plus `upstream_ca` (decision 6).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use http::{Request, Response};
+use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use iron_policy::Policy;
 use rustls::ClientConfig;
 use rustls::crypto::CryptoProvider;
@@ -108,9 +110,6 @@ impl Service<Name> for PolicyResolver {
 }
 
 use tower_service::Service;
-
-/// The pooled upstream client.
-pub type UpstreamClient = Client<ConnectDeadline, ProxyBody>;
 
 /// The pooled client's connector: TCP connect and TLS handshake under one deadline. The TCP
 /// connect timeout alone let an upstream that accepts and never finishes the handshake hold
@@ -287,21 +286,340 @@ pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {
         .https_or_http()
         .enable_http1()
         .wrap_connector(TcpConnector(http));
-    let https = ConnectDeadline {
+    let connector = ConnectDeadline {
         inner: https,
         deadline: limits.upstream_connect_timeout + limits.tls_handshake_timeout,
     };
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(limits.idle_timeout)
-        .pool_max_idle_per_host(64)
-        // The casing hyper recorded when it parsed the client's request (and, for the
-        // response, the origin's) is written back; a header the proxy adds (inject,
-        // `token_endpoint_headers`) goes out in Title-Case.
-        .http1_preserve_header_case(true)
-        .http1_title_case_headers(true)
-        .build(https)
+    let mut h1 = hyper::client::conn::http1::Builder::new();
+    // The casing hyper recorded when it parsed the client's request (and, for the
+    // response, the origin's) is written back; a header the proxy adds (inject,
+    // `token_endpoint_headers`) goes out in Title-Case.
+    h1.preserve_header_case(true).title_case_headers(true);
+    UpstreamClient {
+        pool: Arc::new(Pool {
+            connector,
+            h1,
+            idle: Mutex::new([HashMap::new(), HashMap::new()]),
+            idle_timeout: limits.idle_timeout,
+            reaper: std::sync::Once::new(),
+        }),
+    }
+}
+
+/// Most idle connections kept per scheme and authority (in each event loop's pool).
+const MAX_IDLE_PER_HOST: usize = 64;
+
+/// The pooled upstream client: HTTP/1.1 over verified TLS (or plain TCP for `http`), with
+/// idle keep-alive connections kept per scheme and authority. Each event loop has its own
+/// ([`crate::Active::client`]); the connections it dials are served on the calling loop.
+///
+/// A connection goes back to the pool when its response body has been read to the end
+/// (or at once when the response has no body), unless the response switched protocols;
+/// one idle longer than the policy's `idle_timeout` is closed. A request that a pooled
+/// connection refused before writing anything (the upstream closed it while idle) is sent
+/// again on the next idle connection or a new one; once any of it was written it is never
+/// resent. This is what hyper-util's legacy client did here before, without its per-byte
+/// hashing of the pool key, boxed futures and a task per request (bench/README.md).
+#[derive(Clone)]
+pub struct UpstreamClient {
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    connector: ConnectDeadline,
+    h1: hyper::client::conn::http1::Builder,
+    /// Idle connections by authority (`host:port` as in the URI), `[http, https]`; the
+    /// newest at the end of each list.
+    idle: Mutex<[HashMap<Box<str>, Vec<Idle>>; 2]>,
+    idle_timeout: std::time::Duration,
+    reaper: std::sync::Once,
+}
+
+struct Idle {
+    sender: http1::SendRequest<ProxyBody>,
+    since: std::time::Instant,
+}
+
+/// Why an upstream request failed. [`classify`] maps it to what the client is told.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection: resolution, a denied address, TCP connect or the TLS handshake
+    /// failed or timed out.
+    #[error("cannot connect to the upstream")]
+    Connect(#[source] BoxError),
+    /// The connection failed while sending the request or reading the response head.
+    #[error("upstream request failed")]
+    Request(#[source] hyper::Error),
+    /// The request URI has no `http`/`https` scheme or no authority (a bug of the caller).
+    #[error("the upstream request URI is not absolute")]
+    NotAbsolute,
+}
+
+impl UpstreamError {
+    /// Whether the error came from opening the connection.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(_))
+    }
+}
+
+impl UpstreamClient {
+    /// Sends `req`, whose URI is absolute (`https://host:port/path?query`): on an idle
+    /// pooled connection to that scheme and authority, else on a new one. The request goes
+    /// out in origin form, with a `Host` header from the URI when it has none.
+    ///
+    /// # Errors
+    /// [`UpstreamError::Connect`] when no connection could be made,
+    /// [`UpstreamError::Request`] when the exchange failed before the response head,
+    /// [`UpstreamError::NotAbsolute`] for a URI without scheme or authority.
+    pub async fn request(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let uri = req.uri().clone();
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(UpstreamError::NotAbsolute),
+        };
+        let Some(authority) = uri.authority().cloned() else {
+            return Err(UpstreamError::NotAbsolute);
+        };
+        if !req.headers().contains_key(http::header::HOST) {
+            let default_port = if tls { 443 } else { 80 };
+            let host = match authority.port_u16() {
+                Some(p) if p == default_port => authority.host(),
+                _ => authority.as_str(),
+            };
+            if let Ok(v) = http::HeaderValue::from_str(host) {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
+        }
+        let origin_form = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = http::Uri::from(origin_form);
+        let mut req = req;
+        loop {
+            let (mut sender, reused) = match self.pool.checkout(tls, authority.as_str()) {
+                Some(s) => (s, true),
+                None => (self.pool.dial(uri.clone()).await?, false),
+            };
+            if reused
+                && std::future::poll_fn(|cx| sender.poll_ready(cx))
+                    .await
+                    .is_err()
+            {
+                continue; // closed while idle: the next one
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.pool.wrap(resp, sender, tls, authority)),
+                Err(mut e) => match e.take_message() {
+                    // Refused before a byte was written: safe to send again.
+                    Some(r) if reused => req = r,
+                    _ => return Err(UpstreamError::Request(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// The newest idle connection to `authority` that is open and not expired; the closed
+    /// and expired ones met on the way are dropped.
+    fn checkout(&self, tls: bool, authority: &str) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle[usize::from(tls)].get_mut(authority)?;
+        let now = std::time::Instant::now();
+        while let Some(i) = list.pop() {
+            if !i.sender.is_closed() && now.saturating_duration_since(i.since) < self.idle_timeout {
+                return Some(i.sender);
+            }
+        }
+        None
+    }
+
+    /// A new connection: dial (resolution under the policy, TCP, TLS under one deadline),
+    /// the HTTP/1.1 handshake, and the connection's task spawned on the calling loop.
+    async fn dial(&self, uri: http::Uri) -> Result<http1::SendRequest<ProxyBody>, UpstreamError> {
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let io = connector.call(uri).await.map_err(UpstreamError::Connect)?;
+        let (sender, conn) = self
+            .h1
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.into()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// The response with a body that gives `sender` back to the pool when read to its
+    /// end; at once when there is no body to read; never after a 101 (the connection is
+    /// the upgrade's).
+    fn wrap(
+        self: &Arc<Self>,
+        resp: Response<hyper::body::Incoming>,
+        sender: http1::SendRequest<ProxyBody>,
+        tls: bool,
+        authority: http::uri::Authority,
+    ) -> Response<PooledBody> {
+        let mut back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| GiveBack {
+            sender,
+            pool: Arc::downgrade(self),
+            tls,
+            authority,
+        });
+        if http_body::Body::is_end_stream(resp.body())
+            && let Some(b) = back.take()
+        {
+            b.give_back();
+        }
+        resp.map(|body| PooledBody { body, back })
+    }
+
+    /// Adds an idle connection (dropped, which closes it, when the list is full).
+    fn put(self: &Arc<Self>, tls: bool, authority: &str, sender: http1::SendRequest<ProxyBody>) {
+        let entry = Idle {
+            sender,
+            since: std::time::Instant::now(),
+        };
+        {
+            let mut idle = self
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let map = &mut idle[usize::from(tls)];
+            match map.get_mut(authority) {
+                Some(list) if list.len() >= MAX_IDLE_PER_HOST => {}
+                Some(list) => list.push(entry),
+                None => {
+                    map.insert(authority.into(), vec![entry]);
+                }
+            }
+        }
+        self.reaper.call_once(|| {
+            let pool = Arc::downgrade(self);
+            let every = self.idle_timeout.max(std::time::Duration::from_secs(1));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(pool) = pool.upgrade() else { return };
+                    pool.reap();
+                }
+            });
+        });
+    }
+
+    /// Drops idle connections that are closed or past the idle timeout, and the lists
+    /// left empty.
+    fn reap(&self) {
+        let now = std::time::Instant::now();
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for map in idle.iter_mut() {
+            map.retain(|_, list| {
+                list.retain(|i| {
+                    !i.sender.is_closed()
+                        && now.saturating_duration_since(i.since) < self.idle_timeout
+                });
+                !list.is_empty()
+            });
+        }
+    }
+
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        idle.iter().flat_map(|m| m.values()).map(Vec::len).sum()
+    }
+}
+
+/// What a response body needs to give its connection back.
+struct GiveBack {
+    sender: http1::SendRequest<ProxyBody>,
+    pool: std::sync::Weak<Pool>,
+    tls: bool,
+    authority: http::uri::Authority,
+}
+
+impl GiveBack {
+    fn give_back(self) {
+        if let Some(pool) = self.pool.upgrade()
+            && !self.sender.is_closed()
+        {
+            pool.put(self.tls, self.authority.as_str(), self.sender);
+        }
+    }
+}
+
+/// A response body from [`UpstreamClient`]: hyper's body, passed through; read to its end,
+/// it gives the connection back to the pool. Dropped before the end or failed, the
+/// connection is closed (hyper cannot reuse a connection with unread body bytes).
+pub struct PooledBody {
+    body: hyper::body::Incoming,
+    back: Option<GiveBack>,
+}
+
+impl std::fmt::Debug for PooledBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBody").finish_non_exhaustive()
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let r = std::task::ready!(Pin::new(&mut self.body).poll_frame(cx));
+        match &r {
+            None => {
+                if let Some(b) = self.back.take() {
+                    b.give_back();
+                }
+            }
+            Some(Err(_)) => self.back = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // Read to its last data frame but not polled once more for the end.
+        if http_body::Body::is_end_stream(&self.body)
+            && let Some(b) = self.back.take()
+        {
+            b.give_back();
+        }
+    }
 }
 
 /// Token-endpoint requests over the pooled client, so they get the same resolution, deny
@@ -363,8 +681,11 @@ impl iron_broker::tokens::TokenTransport for ClientTransport {
     }
 }
 
-/// Maps a client error to the proxy error the client sees, by walking the cause chain.
-pub fn classify(err: &hyper_util::client::legacy::Error) -> ProxyError {
+/// Maps a client error to the proxy error the client sees, by walking the cause chain:
+/// a denied address is `destination_address_denied`, a TLS failure `upstream_tls_error`, a
+/// timeout `upstream_timeout`, out of file descriptors `proxy_overloaded`, any other
+/// connect failure `upstream_unreachable`, anything else `upstream_error`.
+pub fn classify(err: &UpstreamError) -> ProxyError {
     classify_chain(err, err.is_connect())
 }
 
@@ -415,6 +736,190 @@ fn classify_chain(err: &(dyn std::error::Error + 'static), connecting: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use http_body_util::BodyExt as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A plain-HTTP origin on loopback that answers every request on a connection with
+    /// `answer(n)` (n counts the connection's requests from 0) and records each request
+    /// head; `close_after` closes the connection after that many answers.
+    struct Origin {
+        port: u16,
+        accepted: Arc<AtomicUsize>,
+        heads: Arc<Mutex<Vec<String>>>,
+    }
+
+    fn origin(answer: fn(usize) -> &'static str, close_after: usize) -> Origin {
+        let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std.set_nonblocking(true).unwrap();
+        let port = std.local_addr().unwrap().port();
+        let listener = tokio::net::TcpListener::from_std(std).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (a, h) = (accepted.clone(), heads.clone());
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for n in 0..close_after {
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 1024];
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                            }
+                        };
+                        let head: Vec<u8> = buf.drain(..end).collect();
+                        h.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
+                        if tcp.write_all(answer(n).as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Closed, as an origin closes an idle keep-alive connection.
+                });
+            }
+        });
+        Origin {
+            port,
+            accepted,
+            heads,
+        }
+    }
+
+    fn client(idle_timeout: std::time::Duration) -> UpstreamClient {
+        let mut policy = Policy::parse(
+            "version = 1\n[proxy]\nlisten = \"127.0.0.1:0\"\nallow_cidrs = [\"127.0.0.1/32\"]\n",
+            std::path::Path::new("test.toml"),
+        )
+        .unwrap();
+        policy.proxy.limits.idle_timeout = idle_timeout;
+        let tls = client_tls_config(&policy, crate::crypto_provider()).unwrap();
+        build_client(&Arc::new(policy), tls)
+    }
+
+    fn get(port: u16, target: &str) -> Request<ProxyBody> {
+        Request::get(format!("http://127.0.0.1:{port}{target}"))
+            .body(crate::body::full(bytes::Bytes::new()))
+            .unwrap()
+    }
+
+    const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    const EMPTY: &str = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+    /// Requests one after the other share one upstream connection, whether their body
+    /// was read to the end or there was none to read; each goes out in origin form with a
+    /// `Host` taken from the URI.
+    #[tokio::test]
+    async fn sequential_requests_share_one_pooled_connection() {
+        let o = origin(|n| if n == 1 { EMPTY } else { OK }, usize::MAX);
+        let c = client(std::time::Duration::from_secs(60));
+        for target in ["/a?b=1", "/empty", "/c"] {
+            let resp = c.request(get(o.port, target)).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            if target != "/empty" {
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(&body[..], b"ok");
+            }
+        }
+        assert_eq!(
+            o.accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for three requests"
+        );
+        let heads = o.heads.lock().unwrap().clone();
+        assert!(
+            heads[0].starts_with("GET /a?b=1 HTTP/1.1\r\n"),
+            "{}",
+            heads[0]
+        );
+        assert!(
+            heads[0].contains(&format!("Host: 127.0.0.1:{}\r\n", o.port)),
+            "{}",
+            heads[0]
+        );
+        assert!(heads[2].starts_with("GET /c HTTP/1.1\r\n"), "{}", heads[2]);
+        assert_eq!(c.pool.idle_count(), 1);
+    }
+
+    /// A pooled connection the origin closed while it was idle is not used: the request
+    /// goes out on a new connection and succeeds.
+    #[tokio::test]
+    async fn a_connection_closed_while_idle_is_replaced() {
+        let o = origin(|_| OK, 1);
+        let c = client(std::time::Duration::from_secs(60));
+        for _ in 0..3 {
+            let resp = c.request(get(o.port, "/")).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// A connection idle past the idle timeout is closed and dropped from the pool; the
+    /// next request dials a new one.
+    #[tokio::test]
+    async fn idle_connections_expire() {
+        let o = origin(|_| OK, usize::MAX);
+        let c = client(std::time::Duration::from_millis(300));
+        let resp = c.request(get(o.port, "/")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(c.pool.idle_count(), 1);
+        // The reaper runs at most once a second.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert_eq!(
+            c.pool.idle_count(),
+            0,
+            "the reaper dropped the expired connection"
+        );
+        let resp = c.request(get(o.port, "/")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// After a 101 the connection belongs to the upgrade: it never goes back to the pool.
+    #[tokio::test]
+    async fn an_upgraded_connection_is_not_pooled() {
+        const SWITCH: &str =
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n";
+        let o = origin(|n| if n == 0 { SWITCH } else { OK }, usize::MAX);
+        let c = client(std::time::Duration::from_secs(60));
+        let mut req = get(o.port, "/ws");
+        req.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        req.headers_mut()
+            .insert(http::header::UPGRADE, http::HeaderValue::from_static("x"));
+        let mut resp = c.request(req).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        let _upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
+        assert_eq!(c.pool.idle_count(), 0);
+        let resp = c.request(get(o.port, "/")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A URI without scheme or authority is refused before any dial.
+    #[tokio::test]
+    async fn a_relative_uri_is_refused() {
+        let c = client(std::time::Duration::from_secs(60));
+        let req = Request::get("/x")
+            .body(crate::body::full(bytes::Bytes::new()))
+            .unwrap();
+        assert!(matches!(
+            c.request(req).await,
+            Err(UpstreamError::NotAbsolute)
+        ));
+    }
 
     /// Out of file descriptors when dialing is the proxy's own overload (503, retry), not an
     /// unreachable upstream (502); a refused connection and a timeout keep their codes.
