@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -301,7 +302,7 @@ pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {
             h1,
             idle: Mutex::new([HashMap::new(), HashMap::new()]),
             idle_timeout: limits.idle_timeout,
-            reaper: std::sync::Once::new(),
+            reaper: std::sync::atomic::AtomicBool::new(false),
         }),
     }
 }
@@ -332,7 +333,8 @@ struct Pool {
     /// newest at the end of each list.
     idle: Mutex<[HashMap<Box<str>, Vec<Idle>>; 2]>,
     idle_timeout: std::time::Duration,
-    reaper: std::sync::Once,
+    /// Whether the task that drops expired idle connections was started.
+    reaper: std::sync::atomic::AtomicBool,
 }
 
 struct Idle {
@@ -507,17 +509,22 @@ impl Pool {
                 }
             }
         }
-        self.reaper.call_once(|| {
+        // The reaper runs on the loop that first pools a connection (the pool is that
+        // loop's); outside a runtime (a body dropped at shutdown) there is none to start.
+        if !self.reaper.load(Ordering::Relaxed)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+            && !self.reaper.swap(true, Ordering::Relaxed)
+        {
             let pool = Arc::downgrade(self);
             let every = self.idle_timeout.max(std::time::Duration::from_secs(1));
-            tokio::spawn(async move {
+            rt.spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
                     let Some(pool) = pool.upgrade() else { return };
                     pool.reap();
                 }
             });
-        });
+        }
     }
 
     /// Drops idle connections that are closed or past the idle timeout, and the lists
@@ -738,7 +745,7 @@ mod tests {
     use super::*;
 
     use http_body_util::BodyExt as _;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// A plain-HTTP origin on loopback that answers every request on a connection with
