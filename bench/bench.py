@@ -547,15 +547,24 @@ def main():
             runs = {t: [] for t in targets}
             cpu = {t: [] for t in targets}
             names = list(targets)
+            # Swap and no-placeholder run back to back (alternating which goes first), so the
+            # swap's cost is measured in pairs a few seconds apart: one unit of the rotation.
+            units = [[t] for t in names if t not in ("direct", NOP)]
+            for u in units:
+                if u == [SWAP] and NOP in names:
+                    u.append(NOP)
             for rep in range(a.reps):
-                # Interleaved, and the order rotates each repetition so no target always
-                # runs first after a scenario starts (or right after another one).
-                order = names[rep % len(names):] + names[:rep % len(names)]
-                # Swap and no-placeholder run back to back (alternating which goes first),
-                # so the swap's cost is measured in pairs a few seconds apart.
-                if SWAP in order and NOP in order:
-                    order.remove(NOP)
-                    order.insert(order.index(SWAP) + (rep + 1) % 2, NOP)
+                # Interleaved: direct first, then the proxies with their order rotating each
+                # repetition, so a different one runs right after direct each time. Running
+                # right after direct (oha and nginx at full speed) was seen to cost the next
+                # proxy up to 20 % (iron-proxy's event loops then park about 3x as often, for the
+                # whole next cell; a 3 s pause did not help), and the old rotation of one cyclic
+                # list put iron-proxy's pair right after direct in every repetition.
+                k = rep % len(units) if units else 0
+                order = ["direct"] + [t for u in units[k:] + units[:k] for t in u]
+                if SWAP in order and NOP in order and rep % 2:
+                    i = order.index(SWAP)
+                    order[i], order[i + 1] = order[i + 1], order[i]
                 for t in order:
                     cfg = targets[t]
                     path = "/post" if method == "POST" else "/"
