@@ -15,8 +15,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n1", type=int, default=200)
     ap.add_argument("--n2", type=int, default=1200)
-    ap.add_argument("--keep", metavar="DIR", help="copy each N2 run's callgrind files here "
-                    "(for callgrind_annotate: where the difference goes)")
+    ap.add_argument("--keep", metavar="DIR", help="copy each run's callgrind files here, named "
+                    "by header and N (bench/cg_diff.py: where the per-request count goes)")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="iron-swapcost-")
     real = os.environ.get("IRON_BENCH_BIN") or os.path.join(
