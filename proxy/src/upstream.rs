@@ -315,7 +315,9 @@ const MAX_IDLE_PER_HOST: usize = 64;
 /// ([`crate::Active::client`]); the connections it dials are served on the calling loop.
 ///
 /// A connection goes back to the pool when its response body has been read to the end
-/// (or at once when the response has no body), unless the response switched protocols;
+/// (or at once when the response has no body) and hyper will take a next request on it
+/// (an upload still running after an early response is waited for, see
+/// `GiveBack::give_back`), unless the response switched protocols;
 /// one idle longer than the policy's `idle_timeout` is closed. A request that a pooled
 /// connection refused before writing anything (the upstream closed it while idle) is sent
 /// again on the next idle connection or a new one; once any of it was written it is never
@@ -437,7 +439,9 @@ impl Pool {
         let list = idle[usize::from(tls)].get_mut(authority)?;
         let now = std::time::Instant::now();
         while let Some(i) = list.pop() {
-            if !i.sender.is_closed() && now.saturating_duration_since(i.since) < self.idle_timeout {
+            // Ready: open, and not busy (only ready connections are pooled; a closed one
+            // is not ready either).
+            if i.sender.is_ready() && now.saturating_duration_since(i.since) < self.idle_timeout {
                 return Some(i.sender);
             }
         }
@@ -565,12 +569,40 @@ struct GiveBack {
 }
 
 impl GiveBack {
+    /// Pools the connection once hyper will take a next request on it: at once in the
+    /// usual case (hyper is ready in the same poll that ends the response body); when the
+    /// upstream answered before the request body was all sent, a task waits for the upload
+    /// to end (at most the idle timeout; the connection is closed otherwise), so no request
+    /// ever waits behind another client's upload. A closed connection is dropped.
     fn give_back(self) {
-        if let Some(pool) = self.pool.upgrade()
-            && !self.sender.is_closed()
-        {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        if self.sender.is_ready() {
             pool.put(self.tls, self.authority.as_str(), self.sender);
+            return;
         }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.sender.is_closed() {
+            return;
+        }
+        let Self {
+            mut sender,
+            pool: weak,
+            tls,
+            authority,
+        } = self;
+        let wait = pool.idle_timeout;
+        drop(pool);
+        rt.spawn(async move {
+            let ready =
+                tokio::time::timeout(wait, std::future::poll_fn(|cx| sender.poll_ready(cx))).await;
+            if let (Ok(Ok(())), Some(pool)) = (ready, weak.upgrade()) {
+                pool.put(tls, authority.as_str(), sender);
+            }
+        });
     }
 }
 
@@ -912,6 +944,51 @@ mod tests {
         assert_eq!(c.pool.idle_count(), 0);
         let resp = c.request(get(o.port, "/")).await.unwrap();
         resp.into_body().collect().await.unwrap();
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A request body that sends one chunk and then never ends (an upload in progress).
+    struct Unfinished(bool);
+
+    impl http_body::Body for Unfinished {
+        type Data = bytes::Bytes;
+        type Error = crate::body::BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            if self.0 {
+                return Poll::Pending;
+            }
+            self.0 = true;
+            Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+                b"partial",
+            )))))
+        }
+    }
+
+    /// An origin that answers before the upload ended (as with a 401 or 413): the
+    /// connection is still sending that body, so the next request to the host must not be
+    /// queued behind it; it goes out on a new connection at once.
+    #[tokio::test]
+    async fn a_connection_still_uploading_is_not_handed_out() {
+        let o = origin(|_| EMPTY, usize::MAX);
+        let c = client(std::time::Duration::from_secs(60));
+        let post = Request::post(format!("http://127.0.0.1:{}/upload", o.port))
+            .body(Unfinished(false).boxed())
+            .unwrap();
+        let resp = c.request(post).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        drop(resp);
+        let next = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            c.request(get(o.port, "/next")),
+        )
+        .await
+        .expect("the next request waited behind the unfinished upload")
+        .unwrap();
+        assert_eq!(next.status(), 200);
         assert_eq!(o.accepted.load(Ordering::SeqCst), 2);
     }
 
