@@ -20,7 +20,6 @@ use hyper::client::conn::http1;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::dns::Name;
-use hyper_util::rt::TokioIo;
 use iron_policy::Policy;
 use rustls::ClientConfig;
 use rustls::crypto::CryptoProvider;
@@ -112,18 +111,19 @@ impl Service<Name> for PolicyResolver {
 
 use tower_service::Service;
 
-/// The pooled client's connector: TCP connect and TLS handshake under one deadline. The TCP
+/// The pooled client's connector: TCP connect (hyper-util's [`HttpConnector`] over
+/// [`PolicyResolver`]) and TLS handshake under one deadline. The TCP
 /// connect timeout alone let an upstream that accepts and never finishes the handshake hold
 /// a request until the response-header timeout (120 s by default). A miss is an
 /// [`io::ErrorKind::TimedOut`] error, which [`classify`] answers 504 `upstream_timeout`.
 #[derive(Clone)]
 pub struct ConnectDeadline {
-    inner: HttpsConnector<TcpConnector>,
+    inner: HttpsConnector<HttpConnector<PolicyResolver>>,
     deadline: std::time::Duration,
 }
 
 impl Service<http::Uri> for ConnectDeadline {
-    type Response = <HttpsConnector<TcpConnector> as Service<http::Uri>>::Response;
+    type Response = <HttpsConnector<HttpConnector<PolicyResolver>> as Service<http::Uri>>::Response;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -147,81 +147,8 @@ impl Service<http::Uri> for ConnectDeadline {
     }
 }
 
-/// The TCP dialer under the pooled client: hyper-util's [`HttpConnector`] over
-/// [`PolicyResolver`], whose connections report no connection info. hyper-util copies a
-/// connection's info ([`hyper_util::client::legacy::connect::HttpInfo`], the socket
-/// addresses) into every response's extensions, three allocations per request that nothing
-/// here reads.
-#[derive(Clone)]
-pub struct TcpConnector(HttpConnector<PolicyResolver>);
-
 /// A boxed error, as connectors return them.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl Service<http::Uri> for TcpConnector {
-    type Response = TcpConnection;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<TcpConnection, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.0.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, dst: http::Uri) -> Self::Future {
-        let connecting = self.0.call(dst);
-        Box::pin(async move { connecting.await.map(TcpConnection).map_err(Into::into) })
-    }
-}
-
-/// An upstream TCP connection (see [`TcpConnector`]).
-#[derive(Debug)]
-pub struct TcpConnection(TokioIo<tokio::net::TcpStream>);
-
-impl hyper_util::client::legacy::connect::Connection for TcpConnection {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        hyper_util::client::legacy::connect::Connected::new()
-    }
-}
-
-impl hyper::rt::Read for TcpConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for TcpConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
-    }
-}
 
 /// Builds the rustls client configuration for upstreams from the policy's `upstream_ca`
 /// ([`iron_broker::tls::client_config`]).
@@ -286,7 +213,7 @@ pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
-        .wrap_connector(TcpConnector(http));
+        .wrap_connector(http);
     let connector = ConnectDeadline {
         inner: https,
         deadline: limits.upstream_connect_timeout + limits.tls_handshake_timeout,
