@@ -90,8 +90,9 @@ impl Active {
         policy: Arc<Policy>,
         tls: &rustls::ClientConfig,
         stats: impl Fn(&str) -> Arc<SecretStats>,
+        metrics: &metrics::Metrics,
     ) -> Self {
-        Self::reusing(policy, tls, stats, None)
+        Self::reusing(policy, tls, stats, metrics, None)
     }
 
     /// As [`Active::new`], keeping `previous`'s upstream clients (and their pooled
@@ -100,13 +101,20 @@ impl Active {
         policy: Arc<Policy>,
         tls: &rustls::ClientConfig,
         stats: impl Fn(&str) -> Arc<SecretStats>,
+        metrics: &metrics::Metrics,
         previous: Option<&Active>,
     ) -> Self {
         let transport = upstream::TransportKey::of(&policy);
         let clients = match previous {
             Some(p) if p.transport == transport => p.clients.clone(),
             _ => (0..workers::count())
-                .map(|_| upstream::build_client(&policy, tls.clone()))
+                .map(|_| {
+                    upstream::build_client(
+                        &policy,
+                        tls.clone(),
+                        metrics.upstream_connections.clone(),
+                    )
+                })
                 .collect(),
         };
         let stats: Vec<Arc<SecretStats>> = policy.secrets.iter().map(|s| stats(&s.name)).collect();
@@ -450,9 +458,12 @@ impl Runtime {
         let metrics = Arc::new(metrics::Metrics::default());
         let usage = Arc::new(Mutex::new(HashMap::new()));
         let boot = policy.proxy.clone();
-        let active = Arc::new(ArcSwap::from_pointee(Active::new(policy, &tls, |name| {
-            stats_for(&usage, &metrics, name)
-        })));
+        let active = Arc::new(ArcSwap::from_pointee(Active::new(
+            policy,
+            &tls,
+            |name| stats_for(&usage, &metrics, name),
+            &metrics,
+        )));
         let sources = Arc::new(SourceResolver::new(env.clone()));
         let tokens = iron_broker::tokens::TokenCache::new(
             Arc::new(upstream::ClientTransport::new(active.clone())),
@@ -692,6 +703,7 @@ impl Runtime {
             policy.clone(),
             &tls,
             |name| self.stats(name),
+            &self.metrics,
             Some(&self.active.load()),
         );
         let names =

@@ -79,6 +79,9 @@ pub struct Metrics {
     pub token_expiry_seconds: Family<SecretLabel, Gauge<f64, AtomicU64>>,
     /// Policy reloads, `ok` or `invalid`.
     pub reloads: Family<ResultLabel, Counter>,
+    /// Upstream connections opened by the pooled clients (TCP connect, TLS and HTTP/1.1
+    /// handshakes done); against `requests`, how often keep-alive saves a handshake.
+    pub upstream_connections: Counter,
     /// The `requests` counters of forwarded requests without an error, by host class
     /// ([`FORWARDED_CLASSES`]), taken from the family once: a family look-up hashes its four
     /// label strings under a lock, and this is the counter nearly every request counts.
@@ -108,6 +111,7 @@ impl Default for Metrics {
             token_mints: Family::default(),
             token_expiry_seconds: Family::default(),
             reloads: Family::default(),
+            upstream_connections: Counter::default(),
             forwarded: Default::default(),
             registry: Registry::default(),
         };
@@ -157,6 +161,11 @@ impl Default for Metrics {
             m.token_expiry_seconds.clone(),
         );
         registry.register("reloads", "Policy reloads by result", m.reloads.clone());
+        registry.register(
+            "upstream_connections_opened",
+            "Upstream connections opened by the pooled clients",
+            m.upstream_connections.clone(),
+        );
         Self { registry, ..m }
     }
 }

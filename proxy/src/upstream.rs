@@ -200,8 +200,13 @@ impl TransportKey {
 }
 
 /// Builds the pooled client: keep-alive connections pooled per scheme and authority,
-/// TCP_NODELAY, the policy's connect and idle timeouts.
-pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {
+/// TCP_NODELAY, the policy's connect and idle timeouts; `opened` counts the connections it
+/// dials (`iron_proxy_upstream_connections_opened_total`).
+pub fn build_client(
+    policy: &Arc<Policy>,
+    tls: ClientConfig,
+    opened: prometheus_client::metrics::counter::Counter,
+) -> UpstreamClient {
     let limits = &policy.proxy.limits;
     let mut http = HttpConnector::new_with_resolver(PolicyResolver {
         policy: policy.clone(),
@@ -230,6 +235,7 @@ pub fn build_client(policy: &Arc<Policy>, tls: ClientConfig) -> UpstreamClient {
             idle: Mutex::new([HashMap::new(), HashMap::new()]),
             idle_timeout: limits.idle_timeout,
             reaper: std::sync::atomic::AtomicBool::new(false),
+            opened,
         }),
     }
 }
@@ -264,6 +270,8 @@ struct Pool {
     idle_timeout: std::time::Duration,
     /// Whether the task that drops expired idle connections was started.
     reaper: std::sync::atomic::AtomicBool,
+    /// Connections dialed.
+    opened: prometheus_client::metrics::counter::Counter,
 }
 
 struct Idle {
@@ -388,6 +396,7 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(|e| UpstreamError::Connect(e.into()))?;
+        self.opened.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -768,7 +777,7 @@ mod tests {
         .unwrap();
         policy.proxy.limits.idle_timeout = idle_timeout;
         let tls = client_tls_config(&policy, crate::crypto_provider()).unwrap();
-        build_client(&Arc::new(policy), tls)
+        build_client(&Arc::new(policy), tls, Default::default())
     }
 
     fn get(port: u16, target: &str) -> Request<ProxyBody> {
@@ -828,6 +837,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         assert_eq!(o.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(c.pool.opened.get(), 3);
     }
 
     /// A connection idle past the idle timeout is closed and dropped from the pool; the

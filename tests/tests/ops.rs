@@ -418,6 +418,11 @@ async fn metrics_count_every_request_and_parse() {
         body.contains("iron_proxy_refusals_total{code=\"destination_not_allowed\"} 1"),
         "{body}"
     );
+    // Two requests were forwarded, to two authorities: one upstream connection each.
+    assert!(
+        body.contains("iron_proxy_upstream_connections_opened_total 2\n"),
+        "{body}"
+    );
     for real in ALL_REAL {
         assert!(!body.contains(real));
     }
