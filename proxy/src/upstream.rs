@@ -338,7 +338,6 @@ impl UpstreamClient {
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         *req.uri_mut() = http::Uri::from(origin_form);
-        let mut req = req;
         loop {
             let (mut sender, reused) = match self.pool.checkout(tls, authority.as_str()) {
                 Some(s) => (s, true),
