@@ -362,6 +362,37 @@ async fn admin_secrets_readiness_and_probe() {
     );
 }
 
+/// Upstream keep-alive across client connections: three curls, each its own tunnel and
+/// TLS session toward the proxy, reach the origin over one pooled upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_client_connections_share_one_upstream_connection() {
+    if !have("curl") {
+        return;
+    }
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let a = admin(&p).await;
+    let url = format!("https://api.github.test:{}/m", w.port());
+    for _ in 0..3 {
+        let c = p
+            .curl(&[url.as_str(), "-H", "Authorization: Bearer GITHUB_TOKEN"])
+            .await;
+        assert_eq!(c.status, 200, "{c:?}");
+    }
+    let (status, body) = iron_proxy::admin::call(a, Method::GET, "/metrics")
+        .await
+        .expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("iron_proxy_injections_total{secret=\"GITHUB_TOKEN\"} 3"),
+        "{body}"
+    );
+    assert!(
+        body.contains("iron_proxy_upstream_connections_opened_total 1\n"),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_every_request_and_parse() {
     if !have("curl") {
