@@ -279,6 +279,14 @@ struct Idle {
     since: std::time::Instant,
 }
 
+impl Idle {
+    /// Whether checkout may hand it out: ready (open, and not busy: only ready connections
+    /// are pooled, and a closed one is not ready) and idle for less than `timeout`.
+    fn usable(&self, now: std::time::Instant, timeout: std::time::Duration) -> bool {
+        self.sender.is_ready() && now.saturating_duration_since(self.since) < timeout
+    }
+}
+
 /// Why an upstream request failed. [`classify`] maps it to what the client is told.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -373,9 +381,7 @@ impl Pool {
         let list = idle[usize::from(tls)].get_mut(authority)?;
         let now = std::time::Instant::now();
         while let Some(i) = list.pop() {
-            // Ready: open, and not busy (only ready connections are pooled; a closed one
-            // is not ready either).
-            if i.sender.is_ready() && now.saturating_duration_since(i.since) < self.idle_timeout {
+            if i.usable(now, self.idle_timeout) {
                 return Some(i.sender);
             }
         }
@@ -466,8 +472,8 @@ impl Pool {
         }
     }
 
-    /// Drops idle connections that are closed or past the idle timeout, and the lists
-    /// left empty.
+    /// Drops idle connections checkout would not hand out (closed or past the idle
+    /// timeout), and the lists left empty.
     fn reap(&self) {
         let now = std::time::Instant::now();
         let mut idle = self
@@ -476,10 +482,7 @@ impl Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for map in idle.iter_mut() {
             map.retain(|_, list| {
-                list.retain(|i| {
-                    !i.sender.is_closed()
-                        && now.saturating_duration_since(i.since) < self.idle_timeout
-                });
+                list.retain(|i| i.usable(now, self.idle_timeout));
                 !list.is_empty()
             });
         }
