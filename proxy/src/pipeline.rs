@@ -399,7 +399,7 @@ async fn exchange(
                 secret: secret.name.clone(),
             }),
             SecretKind::OAuth(_) | SecretKind::Gcp(_) | SecretKind::Brokered(_) => {
-                rt.tokens.token(secret).await.map(Cow::Owned).map_err(|e| {
+                Box::pin(rt.tokens.token(secret)).await.map(Cow::Owned).map_err(|e| {
                     warn!(request_id = %id, client = %conn.client, secret = %secret.name, error = %e, "no access token; refusing request");
                     rt.secret_failed(&secret.name, &e.to_string());
                     let brokered = matches!(secret.kind, SecretKind::Brokered(_));

@@ -349,7 +349,7 @@ impl UpstreamClient {
         loop {
             let (mut sender, reused) = match self.pool.checkout(tls, authority.as_str()) {
                 Some(s) => (s, true),
-                None => (self.pool.dial(uri.clone()).await?, false),
+                None => (Box::pin(self.pool.dial(uri.clone())).await?, false),
             };
             if reused
                 && std::future::poll_fn(|cx| sender.poll_ready(cx))
