@@ -25,6 +25,8 @@ use crate::model::{HttpMode, InjectTarget, Policy, Secret};
 pub(crate) struct PlaceholderMatcher {
     ac: Option<AhoCorasick>,
     owners: Vec<usize>,
+    /// The shortest placeholder's length in bytes: a shorter haystack holds none.
+    min_len: usize,
 }
 
 impl PlaceholderMatcher {
@@ -40,14 +42,31 @@ impl PlaceholderMatcher {
             .build(owners.iter().map(|&i| secrets[i].placeholder.as_bytes()))
             .ok()
             .filter(|_| !owners.is_empty());
-        Self { ac, owners }
+        let min_len = owners
+            .iter()
+            .map(|&i| secrets[i].placeholder.len())
+            .min()
+            .unwrap_or(0);
+        Self {
+            ac,
+            owners,
+            min_len,
+        }
     }
 
-    /// Matches in `hay` as (secret index, start, end).
+    /// Matches in `hay` as (secret index, start, end), leftmost-longest and not
+    /// overlapping. The common case, a value with no placeholder, is one search and no
+    /// iterator (a value shorter than every placeholder is not searched at all); only
+    /// after a first match does the iteration go on from it.
     fn find<'h>(&'h self, hay: &'h [u8]) -> impl Iterator<Item = (usize, usize, usize)> + 'h {
-        self.ac
-            .iter()
-            .flat_map(move |ac| ac.find_iter(hay))
+        let first = self
+            .ac
+            .as_ref()
+            .filter(|_| hay.len() >= self.min_len)
+            .and_then(|ac| Some((ac, ac.find(hay)?)));
+        first
+            .into_iter()
+            .flat_map(move |(ac, m)| ac.find_iter(aho_corasick::Input::new(hay).range(m.start()..)))
             .map(|m| (self.owners[m.pattern().as_usize()], m.start(), m.end()))
     }
 

@@ -478,3 +478,37 @@ fn capability_and_rate_limit_errors_name_the_problem() {
     let r = ok.secrets[0].rate_limit.unwrap();
     assert_eq!((r.per_minute.get(), r.burst.get()), (60, 60));
 }
+
+proptest! {
+    /// The matcher's search (one search first, then iteration from the first match; short
+    /// values skipped) finds exactly what a plain leftmost-longest iteration over the whole
+    /// value finds, for values built from placeholders, their fragments and other bytes.
+    #[test]
+    fn find_agrees_with_a_plain_iteration(
+        parts in proptest::collection::vec(
+            prop_oneof![
+                Just("GITHUB_TOKEN".to_string()),
+                Just("MULTI_TOKEN".to_string()),
+                Just("GITHUB_".to_string()),
+                Just("TOKEN".to_string()),
+                "[ -~]{0,6}",
+            ],
+            0..6,
+        )
+    ) {
+        let p = policy();
+        let m = &p.matcher;
+        let hay = parts.concat();
+        let found: Vec<_> = m.find(hay.as_bytes()).collect();
+        let plain: Vec<_> = m
+            .ac
+            .as_ref()
+            .map(|ac| {
+                ac.find_iter(hay.as_bytes())
+                    .map(|x| (m.owners[x.pattern().as_usize()], x.start(), x.end()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        prop_assert_eq!(found, plain);
+    }
+}
