@@ -253,9 +253,14 @@ const MAX_IDLE_PER_HOST: usize = 64;
 /// `GiveBack::give_back`), unless the response switched protocols;
 /// one idle longer than the policy's `idle_timeout` is closed. A request that a pooled
 /// connection refused before writing anything (the upstream closed it while idle) is sent
-/// again on the next idle connection or a new one; once any of it was written it is never
-/// resent. This is what hyper-util's legacy client did here before, without its per-byte
-/// hashing of the pool key, boxed futures and a task per request (bench/README.md).
+/// again on the next idle connection or a new one. Once any of it was written it is resent
+/// only when all of these hold (RFC 9110 §9.2.2, as Go's transport does): the connection had
+/// sat idle for [`RESEND_AFTER_IDLE`] or more, the upstream closed it before any response
+/// came, the method is idempotent and there is no body; the resend goes on a new
+/// connection, once. Kept from hyper-util's legacy client, which this replaced: the resend
+/// of a refused request, `Host` from the URI, origin form, the idle timeout; dropped: its
+/// per-byte hashing of the pool key, boxed futures and a task per request
+/// (bench/README.md).
 #[derive(Clone)]
 pub struct UpstreamClient {
     pool: Arc<Pool>,
@@ -346,11 +351,20 @@ impl UpstreamClient {
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         *req.uri_mut() = http::Uri::from(origin_form);
+        // After the upstream closed a long-idle connection under the request, the resend
+        // goes on a new connection: its idle siblings may be closing too.
+        let mut fresh_only = false;
         loop {
-            let (mut sender, reused) = match self.pool.checkout(tls, authority.as_str()) {
-                Some(s) => (s, true),
-                None => (Box::pin(self.pool.dial(uri.clone())).await?, false),
+            let checked_out = if fresh_only {
+                None
+            } else {
+                self.pool.checkout(tls, authority.as_str())
             };
+            let (mut sender, idle_for) = match checked_out {
+                Some((s, idle_for)) => (s, Some(idle_for)),
+                None => (Box::pin(self.pool.dial(uri.clone())).await?, None),
+            };
+            let reused = idle_for.is_some();
             if reused
                 && std::future::poll_fn(|cx| sender.poll_ready(cx))
                     .await
@@ -358,11 +372,20 @@ impl UpstreamClient {
             {
                 continue; // closed while idle: the next one
             }
+            let resend = match idle_for {
+                Some(idle) if idle >= RESEND_AFTER_IDLE => replay_copy(&req),
+                _ => None,
+            };
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.pool.wrap(resp, sender, tls, authority)),
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), resend) {
                     // Refused before a byte was written: safe to send again.
-                    Some(r) if reused => req = r,
+                    (Some(r), _) if reused => req = r,
+                    (None, Some(copy)) if closed_under_request(e.error()) => {
+                        tracing::debug!(authority = %authority, error = %e.error(), "upstream closed an idle connection under the request; sending it again on a new one");
+                        req = copy;
+                        fresh_only = true;
+                    }
                     _ => return Err(UpstreamError::Request(e.into_error())),
                 },
             }
@@ -370,10 +393,65 @@ impl UpstreamClient {
     }
 }
 
+/// How long a pooled connection must have sat idle for a request sent on it to be sent
+/// again when the upstream closes the connection under it. An origin's keep-alive timer
+/// closes connections idle for its timeout (seconds: nginx 75 s, Node.js 5 s), and the
+/// close can cross the proxy's next request on the wire; a connection in use within the
+/// last second is not one such a timer closes, and is not worth a copy of every request.
+const RESEND_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A copy of `req` to send again, when that is safe: an idempotent method (RFC 9110
+/// §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and no body (a streamed body cannot be
+/// replayed). `None` otherwise.
+fn replay_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
+    use http::Method;
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut copy = Request::new(crate::body::full(bytes::Bytes::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    // The header casing hyper recorded (its type is private to hyper) goes along.
+    *copy.extensions_mut() = req.extensions().clone();
+    Some(copy)
+}
+
+/// Whether `e` says the connection closed under the request before any of the response
+/// came: end of stream before a response head, or a reset or broken pipe.
+fn closed_under_request(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
 impl Pool {
-    /// The newest idle connection to `authority` that is open and not expired; the closed
-    /// and expired ones met on the way are dropped.
-    fn checkout(&self, tls: bool, authority: &str) -> Option<http1::SendRequest<ProxyBody>> {
+    /// The newest idle connection to `authority` that is open and not expired, with how
+    /// long it sat idle; the closed and expired ones met on the way are dropped.
+    fn checkout(
+        &self,
+        tls: bool,
+        authority: &str,
+    ) -> Option<(http1::SendRequest<ProxyBody>, std::time::Duration)> {
         let mut idle = self
             .idle
             .lock()
@@ -382,7 +460,7 @@ impl Pool {
         let now = std::time::Instant::now();
         while let Some(i) = list.pop() {
             if i.usable(now, self.idle_timeout) {
-                return Some(i.sender);
+                return Some((i.sender, now.saturating_duration_since(i.since)));
             }
         }
         None
@@ -714,6 +792,7 @@ fn classify_chain(err: &(dyn std::error::Error + 'static), connecting: bool) -> 
 mod tests {
     use super::*;
 
+    use http::Method;
     use http_body_util::BodyExt as _;
     use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -728,6 +807,17 @@ mod tests {
     }
 
     fn origin(answer: fn(usize) -> &'static str, close_after: usize) -> Origin {
+        origin_with(answer, close_after, false)
+    }
+
+    /// As [`origin`]; with `drop_next`, after `close_after` answers it reads one more
+    /// request head (recorded) and closes without answering: an origin whose keep-alive
+    /// timer closed the connection as that request was on its way.
+    fn origin_with(
+        answer: fn(usize) -> &'static str,
+        close_after: usize,
+        drop_next: bool,
+    ) -> Origin {
         let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         std.set_nonblocking(true).unwrap();
         let port = std.local_addr().unwrap().port();
@@ -741,7 +831,7 @@ mod tests {
                 let h = h.clone();
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
-                    for n in 0..close_after {
+                    for n in 0..close_after.saturating_add(usize::from(drop_next)) {
                         let end = loop {
                             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                                 break i + 4;
@@ -756,6 +846,9 @@ mod tests {
                         h.lock()
                             .unwrap()
                             .push(String::from_utf8_lossy(&head).into_owned());
+                        if n == close_after {
+                            return; // read, never answered
+                        }
                         if tcp.write_all(answer(n).as_bytes()).await.is_err() {
                             return;
                         }
@@ -844,6 +937,55 @@ mod tests {
 
     /// A connection idle past the idle timeout is closed and dropped from the pool; the
     /// next request dials a new one.
+    /// An origin that closes a long-idle connection just as a GET goes out on it: the GET is
+    /// sent again on a new connection and answered; the client never sees the close.
+    #[tokio::test]
+    async fn a_get_the_origin_dropped_on_a_long_idle_connection_is_sent_again() {
+        let o = origin_with(|_| OK, 1, true);
+        let c = client(std::time::Duration::from_secs(60));
+        let resp = c.request(get(o.port, "/a")).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        tokio::time::sleep(RESEND_AFTER_IDLE + std::time::Duration::from_millis(100)).await;
+        let resp = c.request(get(o.port, "/b")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        let heads = o.heads.lock().unwrap().clone();
+        let targets: Vec<&str> = heads.iter().map(|h| h.split(' ').nth(1).unwrap()).collect();
+        assert_eq!(targets, ["/a", "/b", "/b"], "{heads:?}");
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// Not sent again (the client gets the error): a request with a body, a method that is
+    /// not idempotent, and a GET on a connection in use a moment ago.
+    #[tokio::test]
+    async fn what_cannot_be_safely_resent_is_not() {
+        let wait = RESEND_AFTER_IDLE + std::time::Duration::from_millis(100);
+        for (method, body, idle) in [
+            (Method::PUT, "x", wait),
+            (Method::POST, "", wait),
+            (Method::GET, "", std::time::Duration::ZERO),
+        ] {
+            let o = origin_with(|_| OK, 1, true);
+            let c = client(std::time::Duration::from_secs(60));
+            let resp = c.request(get(o.port, "/a")).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            tokio::time::sleep(idle).await;
+            let mut req = Request::new(crate::body::full(bytes::Bytes::from_static(
+                body.as_bytes(),
+            )));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = format!("http://127.0.0.1:{}/b", o.port).parse().unwrap();
+            let err = c.request(req).await.unwrap_err();
+            assert!(
+                matches!(err, UpstreamError::Request(_)),
+                "{method}: {err:?}"
+            );
+            assert_eq!(o.heads.lock().unwrap().len(), 2, "{method}: sent once only");
+            assert_eq!(o.accepted.load(Ordering::SeqCst), 1, "{method}");
+        }
+    }
+
     #[tokio::test]
     async fn idle_connections_expire() {
         let o = origin(|_| OK, usize::MAX);
