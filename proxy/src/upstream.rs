@@ -255,7 +255,7 @@ const MAX_IDLE_PER_HOST: usize = 64;
 /// connection refused before writing anything (the upstream closed it while idle) is sent
 /// again on the next idle connection or a new one. Once any of it was written it is resent
 /// only when all of these hold (RFC 9110 §9.2.2, as Go's transport does): the connection had
-/// sat idle for [`RESEND_AFTER_IDLE`] or more, the upstream closed it before any response
+/// sat idle for 250 ms or more (`RESEND_AFTER_IDLE`), the upstream closed it before any response
 /// came, the method is idempotent and there is no body; the resend goes on a new
 /// connection, once. Kept from hyper-util's legacy client, which this replaced: the resend
 /// of a refused request, `Host` from the URI, origin form, the idle timeout; dropped: its
@@ -395,10 +395,12 @@ impl UpstreamClient {
 
 /// How long a pooled connection must have sat idle for a request sent on it to be sent
 /// again when the upstream closes the connection under it. An origin's keep-alive timer
-/// closes connections idle for its timeout (seconds: nginx 75 s, Node.js 5 s), and the
-/// close can cross the proxy's next request on the wire; a connection in use within the
-/// last second is not one such a timer closes, and is not worth a copy of every request.
-const RESEND_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+/// closes connections idle for its timeout (1 s and up: gunicorn 2 s, Node.js 5 s, nginx
+/// 75 s), and that close can cross the proxy's next request on the wire; the proxy's idle
+/// clock starts a little after the origin's, so the threshold sits well below a second. A
+/// connection busier than that is not one such a timer closes, and under load (the
+/// connections a few milliseconds idle) no request pays for the copy.
+const RESEND_AFTER_IDLE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// A copy of `req` to send again, when that is safe: an idempotent method (RFC 9110
 /// §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and no body (a streamed body cannot be
