@@ -37,23 +37,20 @@ pub type Tally = Arc<[AtomicU64; 2]>;
 
 /// A body that passes frames through unchanged, adds data bytes to counter `which` of a
 /// shared [`Tally`], and calls `on_end` exactly once when it ends, fails or is dropped.
-pub struct Counted<B> {
+/// `on_end` is held inline (no allocation of its own: a request's two bodies are boxed once
+/// each, callback included).
+pub struct Counted<B, F: FnOnce(BodyEnd)> {
     inner: B,
     empty: bool,
     count: Tally,
     which: usize,
-    on_end: Option<Box<dyn FnOnce(BodyEnd) + Send + Sync>>,
+    on_end: Option<F>,
 }
 
-impl<B: Body> Counted<B> {
+impl<B: Body, F: FnOnce(BodyEnd)> Counted<B, F> {
     /// Wraps `inner`, counting into `count[which]` (`which` is 0 or 1); `on_end` may be a
     /// no-op.
-    pub fn new(
-        inner: B,
-        count: Tally,
-        which: usize,
-        on_end: Box<dyn FnOnce(BodyEnd) + Send + Sync>,
-    ) -> Self {
+    pub fn new(inner: B, count: Tally, which: usize, on_end: F) -> Self {
         Self {
             empty: inner.is_end_stream(),
             inner,
@@ -64,7 +61,7 @@ impl<B: Body> Counted<B> {
     }
 }
 
-impl<B> Counted<B> {
+impl<B, F: FnOnce(BodyEnd)> Counted<B, F> {
     fn is_end_stream_inner(&self) -> bool {
         // Without a `Body` bound here, fall back to the size hint recorded at wrap time.
         self.empty
@@ -77,7 +74,7 @@ impl<B> Counted<B> {
     }
 }
 
-impl<B> Drop for Counted<B> {
+impl<B, F: FnOnce(BodyEnd)> Drop for Counted<B, F> {
     fn drop(&mut self) {
         // `on_end` is only still set here when no end was seen while polling; an empty body
         // is never polled, so an inner body already at its end counts as complete.
@@ -92,8 +89,9 @@ impl<B> Drop for Counted<B> {
     }
 }
 
-impl<B> Body for Counted<B>
+impl<B, F> Body for Counted<B, F>
 where
+    F: FnOnce(BodyEnd) + Unpin,
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {

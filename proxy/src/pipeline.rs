@@ -497,16 +497,11 @@ async fn exchange(
         let (tx, rx) = tokio::sync::oneshot::channel::<BodyEnd>();
         (Some(tx), Some(rx))
     };
-    let body = Counted::new(
-        body,
-        tally.clone(),
-        0,
-        Box::new(move |end| {
-            if let Some(tx) = body_end_tx {
-                let _ = tx.send(end);
-            }
-        }),
-    )
+    let body = Counted::new(body, tally.clone(), 0, move |end| {
+        if let Some(tx) = body_end_tx {
+            let _ = tx.send(end);
+        }
+    })
     .boxed();
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
@@ -619,22 +614,17 @@ async fn exchange(
     }
     let sink = rt.clone();
     let counts = tally.clone();
-    let body = Counted::new(
-        body,
-        tally,
-        1,
-        Box::new(move |end| {
-            rec.bytes_in = counts[0].load(Ordering::Relaxed);
-            rec.bytes_out = counts[1].load(Ordering::Relaxed);
-            rec.outcome = match end {
-                BodyEnd::Complete => "forwarded",
-                BodyEnd::Error => "upstream_error",
-                BodyEnd::Dropped => cut_outcome(&sink, &mut rec),
-            };
-            rec.stop_clock();
-            sink.emit(rec);
-        }),
-    );
+    let body = Counted::new(body, tally, 1, move |end| {
+        rec.bytes_in = counts[0].load(Ordering::Relaxed);
+        rec.bytes_out = counts[1].load(Ordering::Relaxed);
+        rec.outcome = match end {
+            BodyEnd::Complete => "forwarded",
+            BodyEnd::Error => "upstream_error",
+            BodyEnd::Dropped => cut_outcome(&sink, &mut rec),
+        };
+        rec.stop_clock();
+        sink.emit(rec);
+    });
     Ok(Response::from_parts(parts, body.boxed()))
 }
 
