@@ -108,13 +108,7 @@ impl Active {
         let clients = match previous {
             Some(p) if p.transport == transport => p.clients.clone(),
             _ => (0..workers::count())
-                .map(|_| {
-                    upstream::build_client(
-                        &policy,
-                        tls.clone(),
-                        metrics.upstream_connections.clone(),
-                    )
-                })
+                .map(|_| upstream::build_client(&policy, tls.clone(), metrics.upstream.clone()))
                 .collect(),
         };
         let stats: Vec<Arc<SecretStats>> = policy.secrets.iter().map(|s| stats(&s.name)).collect();

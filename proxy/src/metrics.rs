@@ -80,8 +80,9 @@ pub struct Metrics {
     /// Policy reloads, `ok` or `invalid`.
     pub reloads: Family<ResultLabel, Counter>,
     /// Upstream connections opened by the pooled clients (TCP connect, TLS and HTTP/1.1
-    /// handshakes done); against `requests`, how often keep-alive saves a handshake.
-    pub upstream_connections: Counter,
+    /// handshakes done; against `requests`, how often keep-alive saves a handshake), and
+    /// requests they sent again after an upstream closed an idle connection under them.
+    pub upstream: crate::upstream::UpstreamCounters,
     /// The `requests` counters of forwarded requests without an error, by host class
     /// ([`FORWARDED_CLASSES`]), taken from the family once: a family look-up hashes its four
     /// label strings under a lock, and this is the counter nearly every request counts.
@@ -111,7 +112,7 @@ impl Default for Metrics {
             token_mints: Family::default(),
             token_expiry_seconds: Family::default(),
             reloads: Family::default(),
-            upstream_connections: Counter::default(),
+            upstream: Default::default(),
             forwarded: Default::default(),
             registry: Registry::default(),
         };
@@ -164,7 +165,12 @@ impl Default for Metrics {
         registry.register(
             "upstream_connections_opened",
             "Upstream connections opened by the pooled clients",
-            m.upstream_connections.clone(),
+            m.upstream.opened.clone(),
+        );
+        registry.register(
+            "upstream_requests_resent",
+            "Idempotent requests sent again on a new connection after the upstream closed an idle one under them",
+            m.upstream.resent.clone(),
         );
         Self { registry, ..m }
     }

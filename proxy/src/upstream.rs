@@ -199,13 +199,23 @@ impl TransportKey {
     }
 }
 
+/// What a pooled client counts (shared with the metrics registry).
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamCounters {
+    /// Connections dialed (`iron_proxy_upstream_connections_opened_total`).
+    pub opened: prometheus_client::metrics::counter::Counter,
+    /// Requests sent again on a new connection after the upstream closed an idle one under
+    /// them (`iron_proxy_upstream_requests_resent_total`, see [`UpstreamClient`]).
+    pub resent: prometheus_client::metrics::counter::Counter,
+}
+
 /// Builds the pooled client: keep-alive connections pooled per scheme and authority,
-/// TCP_NODELAY, the policy's connect and idle timeouts; `opened` counts the connections it
-/// dials (`iron_proxy_upstream_connections_opened_total`).
+/// TCP_NODELAY, the policy's connect and idle timeouts; `counters` count the connections
+/// it dials and the requests it sends again.
 pub fn build_client(
     policy: &Arc<Policy>,
     tls: ClientConfig,
-    opened: prometheus_client::metrics::counter::Counter,
+    counters: UpstreamCounters,
 ) -> UpstreamClient {
     let limits = &policy.proxy.limits;
     let mut http = HttpConnector::new_with_resolver(PolicyResolver {
@@ -235,7 +245,7 @@ pub fn build_client(
             idle: Mutex::new([HashMap::new(), HashMap::new()]),
             idle_timeout: limits.idle_timeout,
             reaper: std::sync::atomic::AtomicBool::new(false),
-            opened,
+            counters,
         }),
     }
 }
@@ -275,8 +285,8 @@ struct Pool {
     idle_timeout: std::time::Duration,
     /// Whether the task that drops expired idle connections was started.
     reaper: std::sync::atomic::AtomicBool,
-    /// Connections dialed.
-    opened: prometheus_client::metrics::counter::Counter,
+    /// Connections dialed, requests resent.
+    counters: UpstreamCounters,
 }
 
 struct Idle {
@@ -383,6 +393,7 @@ impl UpstreamClient {
                     (Some(r), _) if reused => req = r,
                     (None, Some(copy)) if closed_under_request(e.error()) => {
                         tracing::debug!(authority = %authority, error = %e.error(), "upstream closed an idle connection under the request; sending it again on a new one");
+                        self.pool.counters.resent.inc();
                         req = copy;
                         fresh_only = true;
                     }
@@ -481,7 +492,7 @@ impl Pool {
             .handshake(io)
             .await
             .map_err(|e| UpstreamError::Connect(e.into()))?;
-        self.opened.inc();
+        self.counters.opened.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -934,7 +945,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         assert_eq!(o.accepted.load(Ordering::SeqCst), 3);
-        assert_eq!(c.pool.opened.get(), 3);
+        assert_eq!(c.pool.counters.opened.get(), 3);
     }
 
     /// A connection idle past the idle timeout is closed and dropped from the pool; the
@@ -956,6 +967,7 @@ mod tests {
         let targets: Vec<&str> = heads.iter().map(|h| h.split(' ').nth(1).unwrap()).collect();
         assert_eq!(targets, ["/a", "/b", "/b"], "{heads:?}");
         assert_eq!(o.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(c.pool.counters.resent.get(), 1);
     }
 
     /// Not sent again (the client gets the error): a request with a body, a method that is
@@ -985,6 +997,7 @@ mod tests {
             );
             assert_eq!(o.heads.lock().unwrap().len(), 2, "{method}: sent once only");
             assert_eq!(o.accepted.load(Ordering::SeqCst), 1, "{method}");
+            assert_eq!(c.pool.counters.resent.get(), 0, "{method}");
         }
     }
 

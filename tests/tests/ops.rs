@@ -454,6 +454,11 @@ async fn metrics_count_every_request_and_parse() {
         body.contains("iron_proxy_upstream_connections_opened_total 2\n"),
         "{body}"
     );
+    // No upstream closed a connection under a request: nothing was sent twice.
+    assert!(
+        body.contains("iron_proxy_upstream_requests_resent_total 0\n"),
+        "{body}"
+    );
     for real in ALL_REAL {
         assert!(!body.contains(real));
     }
