@@ -69,7 +69,9 @@ def main():
         r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(args + [url], capture_output=True, text=True)
         r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        n = sum(json.loads(out.stdout).get("statusCodeDistribution", {}).values())
+        report = json.loads(out.stdout)
+        n = sum(report.get("statusCodeDistribution", {}).values())
+        p99 = (report.get("latencyPercentiles") or {}).get("p99") or 0
         if n == 0:
             print(f"no answers: {out.stderr.strip()[:300]}")
             return
@@ -80,7 +82,7 @@ def main():
         print(f"{'iron-proxy' if via_proxy else 'direct    '} {n / SECONDS:8.0f} req/s  "
               f"iron-proxy {us(bench.cpu_ticks(proxy.pid) - p0):6.1f} µs/req  "
               f"nginx {us(sum(map(bench.cpu_ticks, ng)) - n0):6.1f}  oha {1e6 * oha_s / n:6.1f}  "
-              f"parks/req {parks:.3f}", flush=True)
+              f"parks/req {parks:.3f}  p99 {p99 * 1000:.2f} ms", flush=True)
         if via_proxy and a.threads:
             print("   by thread:", {k: round((v - s0.get(k, 0)) / n, 3) for k, v in s1.items()})
 
