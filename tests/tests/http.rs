@@ -971,18 +971,41 @@ async fn the_host_header_is_never_swapped() {
     assert!(w.origin.records().is_empty());
 }
 
-/// A TLS origin for `name` that records each request head as received (raw bytes, so the
-/// header casing shows) and answers `200 ok` with a mixed-case header, one request per
-/// connection. Returns its address, its self-signed certificate (PEM) and the heads.
+/// A test world whose policy sends `name` to a loopback origin of the test's own that
+/// presents `pem` (trusted as `upstream_ca`), with `secrets` (TOML) after the `[proxy]` table.
 #[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
-async fn raw_head_origin(
+async fn world_with_origin(name: &str, pem: &str, secrets: &str) -> World {
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    std::fs::write(w.dir.path().join("own-origin.pem"), pem).unwrap();
+    std::fs::write(
+        &w.policy_path,
+        format!(
+            r#"version = 1
+
+[proxy]
+listen = "127.0.0.1:0"
+allow_cidrs = ["127.0.0.1/32"]
+upstream_ca = ["own-origin.pem"]
+resolve = {{ "{name}" = "127.0.0.1" }}
+
+{secrets}"#
+        ),
+    )
+    .unwrap();
+    w
+}
+
+/// A loopback listener with a TLS acceptor for `name` (a self-signed certificate that is
+/// its own CA): the listener, the acceptor, its address and the certificate (PEM).
+#[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
+async fn tls_listener(
     name: &str,
 ) -> (
+    tokio::net::TcpListener,
+    tokio_rustls::TlsAcceptor,
     std::net::SocketAddr,
     String,
-    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let key = rcgen::KeyPair::generate().unwrap();
@@ -997,6 +1020,22 @@ async fn raw_head_origin(
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    (listener, acceptor, addr, cert.pem())
+}
+
+/// A TLS origin for `name` that records each request head as received (raw bytes, so the
+/// header casing shows) and answers `200 ok` with a mixed-case header, one request per
+/// connection. Returns its address, its self-signed certificate (PEM) and the heads.
+#[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
+async fn raw_head_origin(
+    name: &str,
+) -> (
+    std::net::SocketAddr,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (listener, acceptor, addr, pem) = tls_listener(name).await;
     let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let recorded = heads.clone();
     tokio::spawn(async move {
@@ -1024,7 +1063,7 @@ async fn raw_head_origin(
             let _ = tls.shutdown().await;
         }
     });
-    (addr, cert.pem(), heads)
+    (addr, pem, heads)
 }
 
 /// Header names keep the client's casing on the way to the origin, swapped or not, and the
@@ -1036,21 +1075,12 @@ async fn header_casing_is_kept_both_ways() {
         return;
     }
     let (addr, pem, heads) = raw_head_origin("case.test").await;
-    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
-    std::fs::write(w.dir.path().join("case-origin.pem"), pem).unwrap();
     let port = addr.port();
-    std::fs::write(
-        &w.policy_path,
-        format!(
-            r#"version = 1
-
-[proxy]
-listen = "127.0.0.1:0"
-allow_cidrs = ["127.0.0.1/32"]
-upstream_ca = ["case-origin.pem"]
-resolve = {{ "case.test" = "127.0.0.1", "inject.test" = "127.0.0.1" }}
-
-[[secrets]]
+    let w = world_with_origin(
+        "case.test",
+        &pem,
+        &format!(
+            r#"[[secrets]]
 name = "GITHUB_TOKEN"
 type = "http"
 source = {{ env = "REAL_GITHUB_TOKEN" }}
@@ -1066,7 +1096,7 @@ hosts = ["case.test:{port}"]
 "#
         ),
     )
-    .unwrap();
+    .await;
     let p = w.proxy(standard_env()).await;
     let r = p
         .curl(&[
@@ -1094,6 +1124,123 @@ hosts = ["case.test:{port}"]
     assert!(
         head.contains(&format!("\r\nX-Inject-Key: {REAL_INJECT}\r\n")),
         "{head}"
+    );
+}
+
+/// A TLS origin for `name` whose first connection answers one request (keep-alive), then
+/// reads the next request head and drops the connection without a word (no close_notify),
+/// as when its keep-alive timer fires just as that request arrives; later connections answer
+/// every request. Returns its address, its certificate (PEM), the request targets it read
+/// and the connections it accepted.
+#[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
+async fn keepalive_dropping_origin(
+    name: &str,
+) -> (
+    std::net::SocketAddr,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (listener, acceptor, addr, pem) = tls_listener(name).await;
+    let targets = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (t, a) = (targets.clone(), accepted.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let index = a.fetch_add(1, Ordering::SeqCst);
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let t = t.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                for n in 0.. {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match tls.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    };
+                    let head: Vec<u8> = buf.drain(..end).collect();
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let target = head.split(' ').nth(1).unwrap_or("").to_string();
+                    t.lock().unwrap().push(target);
+                    if index == 0 && n == 1 {
+                        return; // dropped: no answer, no close_notify
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if tls.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, pem, targets, accepted)
+}
+
+/// An origin that drops a keep-alive connection just as a GET arrives on it (after it sat
+/// idle in the proxy's pool): the proxy sends the GET again on a new connection and the
+/// client gets the answer, not a 502; the resend is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_dropped_by_the_origin_on_an_idle_connection_is_sent_again() {
+    use std::sync::atomic::Ordering;
+    if !have("curl") {
+        return;
+    }
+    let (addr, pem, targets, accepted) = keepalive_dropping_origin("drop.test").await;
+    let port = addr.port();
+    let w = world_with_origin(
+        "drop.test",
+        &pem,
+        &format!(
+            r#"[[secrets]]
+name = "GITHUB_TOKEN"
+type = "http"
+source = {{ env = "REAL_GITHUB_TOKEN" }}
+hosts = ["drop.test:{port}"]
+"#
+        ),
+    )
+    .await;
+    let p = w.proxy(standard_env()).await;
+    let auth = "Authorization: Bearer GITHUB_TOKEN";
+    let first = p
+        .curl(&[&format!("https://drop.test:{port}/first"), "-H", auth])
+        .await;
+    assert_eq!(first.status, 200, "{first:?}");
+    // Idle in the pool long enough that a resend is allowed (250 ms).
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let second = p
+        .curl(&[&format!("https://drop.test:{port}/second"), "-H", auth])
+        .await;
+    assert_eq!(second.status, 200, "{second:?}");
+    assert_eq!(second.body, "ok");
+    assert_eq!(
+        targets.lock().unwrap().clone(),
+        ["/first", "/second", "/second"]
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    let (status, body) = iron_proxy::admin::call(
+        iron_proxy::admin::start(p.rt.clone(), "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap()
+            .0,
+        http::Method::GET,
+        "/metrics",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("iron_proxy_upstream_requests_resent_total 1\n"),
+        "{body}"
     );
 }
 
