@@ -192,6 +192,21 @@ impl Config {
                     c.id
                 )));
             }
+            for (k, v) in &c.token_endpoint_headers {
+                if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                    return Err(err(format!(
+                        "credential `{}`: token_endpoint_headers: `{k}` is not a valid header name",
+                        c.id
+                    )));
+                }
+                if http::HeaderValue::from_str(v).is_err() {
+                    // The value is a credential's: never shown.
+                    return Err(err(format!(
+                        "credential `{}`: token_endpoint_headers: the value of `{k}` is not a valid header value (control characters or non-ASCII)",
+                        c.id
+                    )));
+                }
+            }
             if c.default_lifetime_secs == Some(0) {
                 return Err(err(format!(
                     "credential `{}`: default_lifetime_secs must be at least 1",
@@ -356,9 +371,13 @@ impl TokenTransport for Transport {
                 {
                     Ok(b) => Ok(http::Response::from_parts(parts, b.to_bytes().to_vec())),
                     Err(_) if parts.status.is_success() => Ok(lost()),
-                    Err(_) => Err(TransportError(
-                        "token error response failed or too large".into(),
-                    )),
+                    // An error answer whose body broke off or is too large still has its
+                    // status, and the status decides whether the old token may be sent
+                    // again (a gateway's 502/504 may hide a rotation: never replayed).
+                    Err(e) => {
+                        tracing::warn!(status = parts.status.as_u16(), error = %e, "token endpoint error response unreadable or too large; going by its status");
+                        Ok(http::Response::from_parts(parts, Vec::new()))
+                    }
                 }
             };
             match tokio::time::timeout(timeout, exchange).await {
@@ -1221,7 +1240,11 @@ impl Broker {
                     pending,
                 )
             }
-            Err(e) if e.is_retryable() => {
+            // Only an OAuth error code from the IdP (RFC 6749 §5.2: `invalid_grant`, …) kills
+            // the credential. Anything else that is not retried either — a 4xx without an
+            // error code (a WAF's 403, a 404 during a deploy), a header the request could not
+            // carry — never reached the IdP's decision on this refresh token: keep it.
+            Err(e) if e.is_retryable() || !matches!(e, MintError::Rejected { .. }) => {
                 // The exchange finished without a new token: clear the intent, keep the
                 // token. If that write fails, the cleared record is held and written first.
                 self.metrics.attempt(id, "retryable");

@@ -63,6 +63,12 @@ pub struct RotState {
     /// Rotate the refresh token on this many next valid requests but answer `502` (a
     /// gateway whose backend committed the rotation and then failed).
     pub bad_gateway_next: AtomicU32,
+    /// The `502` answers of `bad_gateway_next` carry a 2 MiB HTML page (over the broker's
+    /// 1 MiB limit on token responses) instead of no body.
+    pub bad_gateway_big_body: std::sync::atomic::AtomicBool,
+    /// Answer this many next token requests with `403` and an HTML page, no OAuth error
+    /// code (a WAF in front of the IdP); the token state is left untouched.
+    pub forbidden_next: AtomicU32,
     /// Rotate on the next valid request, then hold the answer this many ms (longer than
     /// the caller's timeout: the answer is lost after the rotation happened). One-shot.
     pub stall_after_rotate_ms: AtomicU64,
@@ -200,6 +206,14 @@ fn reply(status: StatusCode, v: Option<serde_json::Value>) -> Response<Full<Byte
     r.body(Full::new(body)).expect("response")
 }
 
+fn html(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/html")
+        .body(Full::new(Bytes::from(body)))
+        .expect("response")
+}
+
 fn invalid_grant(description: &str) -> Response<Full<Bytes>> {
     let v = json!({"error": "invalid_grant", "error_description": description});
     reply(StatusCode::BAD_REQUEST, Some(v))
@@ -259,6 +273,16 @@ async fn handle(st: &RotState, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 .insert(http::header::RETRY_AFTER, wait.into());
         }
         return r;
+    }
+    if st
+        .forbidden_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return html(
+            StatusCode::FORBIDDEN,
+            b"<html>request blocked</html>".to_vec(),
+        );
     }
     // RFC 6749 §2.3.1: id and secret are form-encoded, joined by ':', then base64-encoded.
     let basic = req
@@ -337,6 +361,9 @@ async fn handle(st: &RotState, req: Request<Incoming>) -> Response<Full<Bytes>> 
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
+        if st.bad_gateway_big_body.load(Ordering::SeqCst) {
+            return html(StatusCode::BAD_GATEWAY, vec![b'x'; 2 << 20]);
+        }
         return reply(StatusCode::BAD_GATEWAY, None);
     }
     if st
@@ -344,13 +371,10 @@ async fn handle(st: &RotState, req: Request<Incoming>) -> Response<Full<Bytes>> 
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
     {
-        return Response::builder()
-            .status(StatusCode::OK)
-            .header(http::header::CONTENT_TYPE, "text/html")
-            .body(Full::new(Bytes::from_static(
-                b"<html>upstream proxy error</html>",
-            )))
-            .unwrap_or_default();
+        return html(
+            StatusCode::OK,
+            b"<html>upstream proxy error</html>".to_vec(),
+        );
     }
     let mut v = json!({
         "access_token": access,

@@ -956,6 +956,49 @@ async fn bad_gateway_after_rotation_is_not_replayed() {
     drop(b);
 }
 
+/// The same 502 with an error page over the broker's 1 MiB limit: the status still decides
+/// (before, the unread body made it a transport error, retried with the rotated-out token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_gateway_with_a_huge_body_after_rotation_is_not_replayed() {
+    let idp = RotatingIdp::start().await;
+    idp.state.bad_gateway_next.store(1, Ordering::SeqCst);
+    idp.state.bad_gateway_big_body.store(true, Ordering::SeqCst);
+    let (_dir, bport, config) = file_store_credential(&idp);
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["reason"], "rotation_interrupted");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(idp.state.requests.load(Ordering::SeqCst), 1, "replayed");
+    assert_eq!(idp.state.reuse_events.load(Ordering::SeqCst), 0);
+    assert_eq!(idp.state.revoked_families.load(Ordering::SeqCst), 0);
+    drop(b);
+}
+
+/// A 403 without an OAuth error code (a WAF in front of the IdP) fails that refresh but
+/// does not kill the credential: the next call refreshes with the same, still valid token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_without_an_oauth_error_keeps_the_credential() {
+    let idp = RotatingIdp::start().await;
+    idp.state.forbidden_next.store(1, Ordering::SeqCst);
+    let (_dir, bport, config) = file_store_credential(&idp);
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_ne!(status, 200, "{body}");
+    assert_ne!(status, 422, "marked dead: {body}");
+    assert_eq!(idp.state.requests.load(Ordering::SeqCst), 1);
+    let (_, list, _) = cli(&config, &["credentials", "list"], None);
+    assert!(!list.contains("dead"), "{list}");
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        idp.is_valid_access(body["access_token"].as_str().unwrap_or_default()),
+        "{body}"
+    );
+    assert_eq!(idp.state.reuse_events.load(Ordering::SeqCst), 0);
+    drop(b);
+}
+
 /// A 2xx that is not a token response after the IdP rotated: reported as
 /// `rotation_interrupted`, never retried with the old token. `revive` refuses a live
 /// credential and revives a dead one.
