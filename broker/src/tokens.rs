@@ -288,6 +288,10 @@ struct Entry {
     /// Failed mints in a row (the cool-down doubles with each, up to [`MAX_COOL_DOWN`]).
     failures: u32,
     inflight: Option<MintFuture>,
+    /// A mint for earlier inputs descending from the same configured refresh token, still
+    /// running when the inputs changed: the next mint waits for it, since it may rotate the
+    /// refresh token (presenting the old one meanwhile would be reuse, RFC 9700 §4.14.2).
+    prior: Option<MintFuture>,
     mints: u64,
 }
 
@@ -365,15 +369,20 @@ impl TokenCache {
             if entry.fingerprint != fingerprint {
                 // Inputs changed (or first use): start over, clearing any failure, but keep
                 // a rotated refresh token while the configured one it replaced is unchanged.
-                let rotated_refresh = entry
-                    .rotated_refresh
+                // A mint still running for the old inputs is waited for by the next one.
+                let same_seed = entry.refresh_seed == seed;
+                let rotated_refresh = entry.rotated_refresh.take().filter(|_| same_seed);
+                let prior = entry
+                    .inflight
                     .take()
-                    .filter(|_| entry.refresh_seed == seed);
+                    .or_else(|| entry.prior.take())
+                    .filter(|_| same_seed);
                 *entry = Entry {
                     fingerprint,
                     mints: entry.mints,
                     rotated_refresh,
                     refresh_seed: seed,
+                    prior,
                     ..Entry::default()
                 };
             }
@@ -451,9 +460,15 @@ impl TokenCache {
         entry.mints += 1;
         let this = self.clone();
         let secret = secret.clone();
-        let rotated = entry.rotated_refresh.clone();
         let seed = entry.refresh_seed;
+        let prior = entry.prior.take();
         let handle = tokio::spawn(async move {
+            // The refresh token is read when the mint starts: after a prior mint of the same
+            // grant has stored the one the IdP rotated to.
+            if let Some(prior) = prior {
+                let _ = prior.await;
+            }
+            let rotated = this.rotated_refresh(&secret.name, seed);
             let result = this.mint_with_retries(&secret, &inputs, rotated).await;
             this.store(&secret.name, fingerprint, seed, &result);
             result
@@ -466,6 +481,17 @@ impl TokenCache {
         .boxed()
         .shared();
         entry.inflight = Some(fut);
+    }
+
+    /// The refresh token the IdP last rotated `name`'s grant to, while it descends from the
+    /// configured refresh token with keyed hash `seed`.
+    fn rotated_refresh(&self, name: &str, seed: u64) -> Option<SecretValue> {
+        let entries = self.entries.lock().ok()?;
+        let entry = entries.get(name)?;
+        entry
+            .rotated_refresh
+            .clone()
+            .filter(|_| entry.refresh_seed == seed)
     }
 
     fn store(&self, name: &str, fingerprint: u64, seed: u64, result: &Result<Token, MintError>) {

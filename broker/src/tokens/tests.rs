@@ -447,6 +447,44 @@ async fn rotated_refresh_token_survives_a_change_of_other_inputs() {
     assert!(seen[1].contains("refresh_token=refresh-2"), "{seen:?}");
 }
 
+/// Inputs changed (a reload) while a refresh is in flight: the next mint waits for it and
+/// presents the refresh token it rotated to, never the one it is presenting (two refreshes
+/// with one token in flight is reuse to an IdP with reuse detection).
+#[tokio::test(start_paused = true)]
+async fn a_change_of_inputs_mid_refresh_waits_for_the_rotation() {
+    let t = scripted(
+        &[
+            (
+                200,
+                r#"{"access_token":"a1","expires_in":600,"refresh_token":"refresh-2"}"#,
+            ),
+            (200, r#"{"access_token":"a2","expires_in":600}"#),
+        ],
+        Duration::from_secs(2),
+    );
+    let (s, sources) = secret(
+        "refresh_token",
+        "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
+    );
+    let cache = TokenCache::new(t.clone(), sources, settings());
+    let first = tokio::spawn({
+        let (cache, s) = (cache.clone(), s.clone());
+        async move { cache.token(&s).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.calls.load(Ordering::SeqCst), 1);
+    let (s2, _) = secret(
+        "refresh_token",
+        "client_id = { env = \"CID\" }, client_secret = { env = \"CS\" }, refresh_token = { env = \"RT\" }",
+    );
+    assert_eq!(cache.token(&s2).await.unwrap().expose(), b"a2");
+    assert_eq!(first.await.unwrap().unwrap().expose(), b"a1");
+    let seen = t.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0].contains("refresh_token=refresh-1"), "{seen:?}");
+    assert!(seen[1].contains("refresh_token=refresh-2"), "{seen:?}");
+}
+
 /// Traffic against a failing IdP: one mint, then a cool-down that doubles (1 s, 2 s, 4 s…)
 /// during which requests are answered without calling the IdP.
 #[tokio::test(start_paused = true)]
