@@ -121,8 +121,9 @@ impl Record {
     }
 }
 
-/// Where credential state lives (from the broker config).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where credential state lives (from the broker config). `Debug` never shows the DSN (it
+/// may hold the database password).
+#[derive(Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     /// A directory of `ID.json` files.
     File(PathBuf),
@@ -134,6 +135,19 @@ pub enum StoreConfig {
         /// Extra roots besides the web PKI's.
         upstream_ca: Vec<PathBuf>,
     },
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(dir) => f.debug_tuple("File").field(dir).finish(),
+            Self::Postgres { upstream_ca, .. } => f
+                .debug_struct("Postgres")
+                .field("dsn", &"<redacted>")
+                .field("upstream_ca", upstream_ca)
+                .finish(),
+        }
+    }
 }
 
 /// Store failures. Messages name the store and the operation, never a token.
