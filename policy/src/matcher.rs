@@ -13,7 +13,8 @@ use std::fmt;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::engine::GeneralPurpose;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use smallvec::SmallVec;
 
 use crate::encoding::{decode_mapped, encode_component};
@@ -25,6 +26,9 @@ use crate::model::{HttpMode, InjectTarget, Policy, Secret};
 pub(crate) struct PlaceholderMatcher {
     ac: Option<AhoCorasick>,
     owners: Vec<usize>,
+    /// The same placeholders, ASCII case-insensitive: for header names, which reach the
+    /// origin in the client's casing while the plan sees them lower-cased.
+    names: Option<AhoCorasick>,
     /// The shortest placeholder's length in bytes: a shorter haystack holds none.
     min_len: usize,
 }
@@ -42,6 +46,11 @@ impl PlaceholderMatcher {
             .build(owners.iter().map(|&i| secrets[i].placeholder.as_bytes()))
             .ok()
             .filter(|_| !owners.is_empty());
+        let names = AhoCorasick::builder()
+            .ascii_case_insensitive(true)
+            .build(owners.iter().map(|&i| secrets[i].placeholder.as_bytes()))
+            .ok()
+            .filter(|_| !owners.is_empty());
         let min_len = owners
             .iter()
             .map(|&i| secrets[i].placeholder.len())
@@ -50,8 +59,19 @@ impl PlaceholderMatcher {
         Self {
             ac,
             owners,
+            names,
             min_len,
         }
+    }
+
+    /// The secret index of a placeholder in the header name `name`, in any ASCII casing.
+    fn find_in_name(&self, name: &[u8]) -> Option<usize> {
+        let m = self
+            .names
+            .as_ref()
+            .filter(|_| name.len() >= self.min_len)?
+            .find(name)?;
+        Some(self.owners[m.pattern().as_usize()])
     }
 
     /// Matches in `hay` as (secret index, start, end), leftmost-longest and not
@@ -211,8 +231,9 @@ pub trait SecretValues {
     fn value(&self, index: usize) -> &[u8];
 }
 
-/// The rewritten parts of a request.
-#[derive(Debug, Default)]
+/// The rewritten parts of a request. They hold real secret values: `Debug` shows which
+/// parts changed, never their bytes (DESIGN.md decision 8).
+#[derive(Default)]
 pub struct Rewritten {
     /// New values for headers, by index in [`RequestView::headers`], each exactly as long
     /// as its bytes (the first two held inline).
@@ -224,6 +245,19 @@ pub struct Rewritten {
     pub path: Option<String>,
     /// The new raw query, when it changed.
     pub query: Option<String>,
+}
+
+impl fmt::Debug for Rewritten {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let indices: SmallVec<[usize; 2]> = self.headers.iter().map(|(i, _)| *i).collect();
+        let names: Vec<&str> = self.set_headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("Rewritten")
+            .field("headers", &indices)
+            .field("set_headers", &names)
+            .field("path", &self.path.as_ref().map(|_| "<redacted>"))
+            .field("query", &self.query.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Plan {
@@ -257,9 +291,9 @@ impl Plan {
                     values,
                 )
             };
-            if basic && let Some((scheme, creds)) = split_basic(&v) {
+            if basic && let Some((scheme, creds, engine)) = split_basic(&v) {
                 let swapped = m.replace(&creds, values);
-                let encoded = STANDARD.encode(&swapped);
+                let encoded = engine.encode(&swapped);
                 let mut nv = Vec::with_capacity(scheme.len() + encoded.len());
                 nv.extend_from_slice(scheme);
                 nv.extend_from_slice(encoded.as_bytes());
@@ -336,6 +370,14 @@ impl Policy {
         let m = &self.matcher;
         let mut plan = Plan::default();
         for (i, (name, value)) in req.headers.iter().enumerate() {
+            // No secret is swapped into a header name: a placeholder there is refused
+            // (decision 3), in whatever casing the client sent it.
+            if let Some(s) = m.find_in_name(name.as_bytes()) {
+                return Err(PlanError::PlaceholderNotAllowed {
+                    secret: self.secrets[s].name.clone(),
+                    location: Location::header(name),
+                });
+            }
             let mut found = false;
             for (s, start, end) in m.find(value) {
                 self.check(req, s, Location::header(name), &mut plan)?;
@@ -344,7 +386,7 @@ impl Policy {
             }
             let mut basic = false;
             if name.eq_ignore_ascii_case("authorization")
-                && let Some((_, creds)) = split_basic(value)
+                && let Some((_, creds, _)) = split_basic(value)
             {
                 for (s, _, _) in m.find(&creds) {
                     self.check(req, s, Location::header(name), &mut plan)?;
@@ -407,7 +449,8 @@ impl Policy {
     }
 
     /// The secret whose placeholder appears in `bytes` (raw, not decoded), if any: for the
-    /// parts of a request no secret may be swapped into (method, header names).
+    /// parts of a request no secret may be swapped into (the method, a WebSocket `Upgrade`
+    /// value; header names are checked by [`Policy::plan`], in any casing).
     pub fn placeholder_in(&self, bytes: &[u8]) -> Option<&crate::Secret> {
         self.matcher
             .find(bytes)
@@ -540,19 +583,21 @@ fn decoded(raw: &str, plus_as_space: bool) -> Cow<'_, [u8]> {
     }
 }
 
-/// Splits `Basic <base64>` into the scheme prefix as sent (`Basic ` with its casing and
-/// spacing) and the decoded credentials. Padded and unpadded base64 are accepted.
-fn split_basic(value: &[u8]) -> Option<(&[u8], Vec<u8>)> {
-    if value.len() < 6 || !value[..5].eq_ignore_ascii_case(b"basic") || value[5] != b' ' {
+/// Splits `Basic <base64>` into the scheme prefix as sent (`Basic` with its casing and the
+/// spaces or tabs after it), the decoded credentials, and the base64 flavour they were in
+/// (the swap re-encodes in the same one). Standard and URL-safe alphabets (RFC 4648 §4,
+/// §5; `token68` allows both), padded or not, are accepted: an origin decoding a flavour
+/// the proxy did not would otherwise receive a placeholder neither swapped nor refused.
+fn split_basic(value: &[u8]) -> Option<(&[u8], Vec<u8>, &'static GeneralPurpose)> {
+    let is_sep = |b: &u8| *b == b' ' || *b == b'\t';
+    if value.len() < 6 || !value[..5].eq_ignore_ascii_case(b"basic") || !is_sep(&value[5]) {
         return None;
     }
-    let start = 5 + value[5..].iter().take_while(|b| **b == b' ').count();
+    let start = 5 + value[5..].iter().take_while(|b| is_sep(b)).count();
     let b64 = value[start..].trim_ascii_end();
-    let creds = STANDARD
-        .decode(b64)
-        .or_else(|_| STANDARD_NO_PAD.decode(b64))
-        .ok()?;
-    Some((&value[..start], creds))
+    [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD]
+        .into_iter()
+        .find_map(|e| Some((&value[..start], e.decode(b64).ok()?, e)))
 }
 
 /// Replaces every placeholder in the percent-decoded form of `raw`, writing each value

@@ -177,6 +177,60 @@ fn basic_auth_is_decoded_swapped_and_reencoded() {
     assert!(p.plan(&view("maps.test", "/", None, h)).is_err());
 }
 
+/// `Basic` credentials in the URL-safe alphabet, unpadded, after a tab: still found, swapped
+/// and written back in the flavour they came in; refused on another host.
+#[test]
+fn basic_auth_in_other_base64_flavours_is_swapped_in_kind_or_refused() {
+    let p = policy();
+    // "u?>:GITHUB_TOKEN": its base64 has a `/` (standard) or `_` (URL-safe).
+    let creds = b"u?>:GITHUB_TOKEN";
+    for (engine, sep) in [
+        (&URL_SAFE, " "),
+        (&URL_SAFE_NO_PAD, "\t"),
+        (&STANDARD_NO_PAD, "  "),
+    ] {
+        let value = format!("basic{sep}{}", engine.encode(creds));
+        let h: &[(&str, &[u8])] = &[("Authorization", value.as_bytes())];
+        let req = view("api.github.test", "/", None, h);
+        let plan = p.plan(&req).unwrap_or_else(|e| panic!("{value}: {e}"));
+        let out = plan.apply(&p, &req, &Values);
+        let v = &out.headers[0].1;
+        let prefix = format!("basic{sep}");
+        assert!(v.starts_with(prefix.as_bytes()), "{value}");
+        let decoded = engine.decode(&v[prefix.len()..]).unwrap_or_default();
+        assert_eq!(decoded, b"u?>:ghp_real/+=", "{value}");
+        assert!(
+            matches!(
+                p.plan(&view("maps.test", "/", None, h)),
+                Err(PlanError::PlaceholderNotAllowed { .. })
+            ),
+            "{value}"
+        );
+    }
+}
+
+/// A placeholder in a header name (never swapped) is refused in any casing, also on the
+/// secret's own host.
+#[test]
+fn placeholder_in_a_header_name_is_refused() {
+    let p = policy();
+    for name in ["github_token", "X-GITHUB_TOKEN-Leak", "x-Github_Token"] {
+        let h: &[(&str, &[u8])] = &[("Accept", b"*/*"), (name, b"1")];
+        for host in ["api.github.test", "maps.test"] {
+            match p.plan(&view(host, "/", None, h)) {
+                Err(PlanError::PlaceholderNotAllowed { secret, location }) => {
+                    assert_eq!(secret, "GITHUB_TOKEN");
+                    assert_eq!(location.to_string(), format!("header:{name}"));
+                }
+                other => panic!("{name} to {host}: {other:?}"),
+            }
+        }
+    }
+    // A header name merely like a placeholder passes.
+    let h: &[(&str, &[u8])] = &[("x-github-token", b"1")];
+    assert!(p.plan(&view("maps.test", "/", None, h)).is_ok());
+}
+
 #[test]
 fn query_and_path_edit_only_the_span() {
     let p = policy();
