@@ -136,9 +136,11 @@ fn cut_outcome(rt: &Runtime, rec: &mut AuditRecord) -> &'static str {
 /// Once the body has ended, the response headers must come within `header_timeout`.
 ///
 /// # Errors
-/// `Err(None)` on a timeout; `Err(Some(end))` when the request failed after its body ended
-/// as `end` other than complete (the client went away); a failure after a complete body is
-/// `Ok(Err(..))`, as from the client.
+/// `Err(None)` on a timeout; `Err(Some(BodyEnd::Error))` when the request failed after the
+/// client's body broke off (the client went away). A failure after a complete body, or
+/// after the upstream side dropped the body unread to its end (`BodyEnd::Dropped`: hyper's
+/// client does that when the upstream resets or closes mid-upload), is `Ok(Err(..))`, the
+/// upstream's failure (REFERENCE §4: `client_cancel` only when the client goes away first).
 async fn await_response<F, T>(
     response: F,
     body_end: tokio::sync::oneshot::Receiver<BodyEnd>,
@@ -156,10 +158,8 @@ where
         tokio::select! {
             r = &mut response => {
                 // A failure right after the client's body broke off is the client's doing.
-                if r.is_err()
-                    && let Ok(end @ (BodyEnd::Error | BodyEnd::Dropped)) = body_end.try_recv()
-                {
-                    return Err(Some(end));
+                if r.is_err() && body_end.try_recv() == Ok(BodyEnd::Error) {
+                    return Err(Some(BodyEnd::Error));
                 }
                 return Ok(r);
             }
@@ -175,7 +175,7 @@ where
     };
     match tokio::time::timeout(header_timeout, response).await {
         Err(_) => Err(None),
-        Ok(Err(_)) if end != BodyEnd::Complete => Err(Some(end)),
+        Ok(Err(_)) if end == BodyEnd::Error => Err(Some(end)),
         Ok(r) => Ok(r),
     }
 }
@@ -529,7 +529,7 @@ async fn exchange(
     let resp = match waited {
         Err(None) => return Err(ProxyError::UpstreamTimeout),
         Err(Some(BodyEnd::Error | BodyEnd::Dropped)) => {
-            // The client stopped sending the body: its cancel, not an upstream failure.
+            // The client's body broke off: its cancel, not an upstream failure.
             if let Some(mut rec) = guard.rec.take() {
                 rec.bytes_in = tally[0].load(Ordering::Relaxed);
                 rec.outcome = cut_outcome(rt, &mut rec);

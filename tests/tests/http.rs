@@ -1244,6 +1244,99 @@ hosts = ["drop.test:{port}"]
     );
 }
 
+/// The audit record of the request to `path`, waiting up to 5 s for it to be written.
+async fn audit_record(p: &InProcess, path: &str) -> iron_proxy::audit::AuditRecord {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Some(r) = p.audit.records().into_iter().find(|r| r.path == path) {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit record for {path}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// An origin that closes the connection halfway through an upload: the client still there
+/// gets 502 `upstream_error`, and the audit line says `upstream_error`, not the client's
+/// cancel (hyper's client drops the request body when the upstream fails under it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
+async fn an_origin_cutting_an_upload_is_the_upstreams_failure_not_the_clients() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = origin.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = origin.accept().await {
+            // Read the head and about 64 KiB of the body, then close with the rest unread
+            // (the kernel answers the next segments with a reset).
+            let mut got = 0;
+            let mut chunk = vec![0u8; 16 * 1024];
+            while got < 64 * 1024 {
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+            drop(tcp);
+        }
+    });
+    // The policy names an upstream CA (unused here: the origin is cleartext).
+    let (_, _, _, pem) = tls_listener("cut.test").await;
+    let w = world_with_origin(
+        "cut.test",
+        &pem,
+        &format!(
+            r#"[[secrets]]
+name = "GITHUB_TOKEN"
+type = "http"
+source = {{ env = "REAL_GITHUB_TOKEN" }}
+hosts = ["cut.test:{port}"]
+allow_plaintext = true
+"#
+        ),
+    )
+    .await;
+    let p = w.proxy(standard_env()).await;
+    let total = 8 * 1024 * 1024;
+    let tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    let (mut rd, mut wr) = tcp.into_split();
+    let head = format!(
+        "POST http://cut.test:{port}/upload HTTP/1.1\r\nHost: cut.test:{port}\r\nContent-Length: {total}\r\n\r\n"
+    );
+    let writer = tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await?;
+        let block = vec![b'u'; 64 * 1024];
+        for _ in 0..total / block.len() {
+            wr.write_all(&block).await?;
+        }
+        Ok::<_, std::io::Error>(wr)
+    });
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await;
+    writer.abort();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(answer.contains("upstream_error"), "{answer}");
+    let rec = audit_record(&p, "/upload").await;
+    assert_eq!(rec.outcome, "upstream_error", "{rec:?}");
+    assert_eq!(rec.status, 502, "{rec:?}");
+}
+
 /// The response-header timeout runs from the end of the request body: an upload that takes
 /// longer than it still completes. A body that stalls for `idle_timeout_secs` is cut (504),
 /// and a client that goes away mid-body is audited `client_cancel` with the bytes it sent,
@@ -1309,14 +1402,7 @@ async fn long_uploads_complete_and_stalled_or_abandoned_ones_are_told_apart() {
         .expect("write");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     drop(tcp);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let rec = loop {
-        if let Some(r) = p.audit.records().into_iter().find(|r| r.path == "/gone") {
-            break r;
-        }
-        assert!(std::time::Instant::now() < deadline, "no audit record");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let rec = audit_record(&p, "/gone").await;
     assert_eq!(rec.outcome, "client_cancel", "{rec:?}");
     assert_eq!(rec.bytes_in, 10, "{rec:?}");
     let stalled = p
