@@ -1,6 +1,7 @@
 //! Body plumbing: the boxed body type of proxied responses, and a pass-through wrapper
 //! that counts bytes and reports completion, used for the audit line without buffering.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,6 +123,86 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A body that fails when `inner` yields nothing for `idle` while it is being read: an
+/// upstream that sends response headers and then stalls would otherwise hold the request,
+/// its client connection and the upstream connection for as long as the client waits (many
+/// clients have no read timeout). The timer starts when a poll finds nothing and restarts
+/// after each frame; a body that is ready when polled never arms it (one allocation, on the
+/// first wait, for the rest of the body). The error is [`BodyIdle`]; the client sees the
+/// response cut short (hyper closes the connection before the declared end).
+pub struct Idle<B> {
+    inner: B,
+    idle: std::time::Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+/// The error of an [`Idle`] body: nothing arrived for this long.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent no response body bytes for {} s", .0.as_secs())]
+pub struct BodyIdle(pub std::time::Duration);
+
+impl<B> Idle<B> {
+    /// Wraps `inner`, failing after `idle` without a frame.
+    pub fn new(inner: B, idle: std::time::Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: None,
+            armed: false,
+        }
+    }
+}
+
+impl<B> Body for Idle<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(r) => {
+                this.armed = false;
+                Poll::Ready(r.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    match &mut this.timer {
+                        Some(t) => t.as_mut().reset(deadline),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                    this.armed = true;
+                }
+                let expired = this
+                    .timer
+                    .as_mut()
+                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+                if expired {
+                    Poll::Ready(Some(Err(BodyIdle(this.idle).into())))
+                } else {
+                    Poll::Pending
+                }
+            }
         }
     }
 

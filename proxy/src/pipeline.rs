@@ -614,6 +614,7 @@ async fn exchange(
     }
     let sink = rt.clone();
     let counts = tally.clone();
+    let body = crate::body::Idle::new(body, limits.idle_timeout);
     let body = Counted::new(body, tally, 1, move |end| {
         rec.bytes_in = counts[0].load(Ordering::Relaxed);
         rec.bytes_out = counts[1].load(Ordering::Relaxed);

@@ -1259,6 +1259,75 @@ async fn audit_record(p: &InProcess, path: &str) -> iron_proxy::audit::AuditReco
     }
 }
 
+/// An origin that sends the response head and 10 of 100 body bytes, then stalls: after
+/// `idle_timeout_secs` without a byte the proxy cuts the response (the client sees it end
+/// short of its Content-Length instead of waiting as long as the origin holds on) and
+/// audits `upstream_error` with the 10 bytes it passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
+async fn a_response_body_that_stalls_is_cut_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = origin.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = origin.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let (_, _, _, pem) = tls_listener("stall.test").await;
+    let w = world_with_origin(
+        "stall.test",
+        &pem,
+        &format!(
+            r#"[[secrets]]
+name = "GITHUB_TOKEN"
+type = "http"
+source = {{ env = "REAL_GITHUB_TOKEN" }}
+hosts = ["stall.test:{port}"]
+allow_plaintext = true
+
+[proxy.limits]
+idle_timeout_secs = 1
+"#
+        ),
+    )
+    .await;
+    let p = w.proxy(standard_env()).await;
+    let mut tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    tcp.write_all(
+        format!("GET http://stall.test:{port}/slow HTTP/1.1\r\nHost: stall.test:{port}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tcp.read_to_end(&mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(ended.is_ok(), "the response was not cut: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n0123456789"), "{answer}");
+    let rec = audit_record(&p, "/slow").await;
+    assert_eq!(rec.outcome, "upstream_error", "{rec:?}");
+    assert_eq!(rec.bytes_out, 10, "{rec:?}");
+}
+
 /// An origin that closes the connection halfway through an upload: the client still there
 /// gets 502 `upstream_error`, and the audit line says `upstream_error`, not the client's
 /// cancel (hyper's client drops the request body when the upstream fails under it).
