@@ -111,7 +111,8 @@ pub struct AuditRecord {
     /// the writer, off the request path.
     #[serde(rename = "ts", serialize_with = "rfc3339")]
     pub arrived: time::OffsetDateTime,
-    /// `request`, `connect` (a refused CONNECT) or `tunnel` (a passthrough tunnel).
+    /// `request`, `connect` (a refused CONNECT, or an intercepted tunnel that failed before
+    /// its first request) or `tunnel` (a passthrough tunnel).
     pub kind: &'static str,
     /// The request id also returned in error envelopes.
     #[serde(serialize_with = "request_id")]

@@ -266,7 +266,7 @@ async fn connect(
                     tokio::spawn(
                         async move {
                             let Ok(up) = on_upgrade.await else { return };
-                            intercept(rt, TokioIo::new(up), conn, host, port).await;
+                            intercept(rt, TokioIo::new(up), conn, host, port, rec).await;
                         }
                         .in_current_span(),
                     );
@@ -448,16 +448,36 @@ async fn check_connect(
     Ok((host, port, Some(tcp)))
 }
 
-/// Runs an intercepted tunnel bound to `host:port`.
-async fn intercept<T>(rt: Arc<Runtime>, mut io: T, outer: Arc<Conn>, host: String, port: u16)
-where
+/// Runs an intercepted tunnel bound to `host:port`. Its requests are audited one by one;
+/// `rec` (the CONNECT's record) is written only when the tunnel fails before its first
+/// request could be read — the client sent nothing, or its TLS handshake with the proxy's
+/// leaf failed (typically: the sandbox does not trust the proxy's CA; REFERENCE.md §5 c1),
+/// or it spoke neither TLS nor HTTP — with `outcome` `client_cancel` and the `error`
+/// `client_silent`, `client_tls_handshake_failed`, `client_tls_handshake_timeout` or
+/// `tunnel_not_tls_or_http`.
+async fn intercept<T>(
+    rt: Arc<Runtime>,
+    mut io: T,
+    outer: Arc<Conn>,
+    host: String,
+    port: u16,
+    mut rec: AuditRecord,
+) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limits = rt.policy().proxy.limits.clone();
+    let failed = |mut rec: AuditRecord, code: &'static str| {
+        rec.scheme = "https";
+        rec.status = 200;
+        rec.outcome = "client_cancel";
+        rec.error = Some(code);
+        rec.stop_clock();
+        rt.emit(rec);
+    };
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.client_header_timeout, io.read(&mut first)).await {
         Ok(Ok(1)) => {}
-        _ => return,
+        _ => return failed(rec, "client_silent"),
     }
     let io = Prefixed::new(first.to_vec(), io);
     if first[0] == 0x16 {
@@ -468,11 +488,13 @@ where
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 Metrics::count(handshakes, "error");
-                return debug!(error = %e, "client hello failed");
+                debug!(error = %e, "client hello failed");
+                return failed(rec, "client_tls_handshake_failed");
             }
             Err(_) => {
                 Metrics::count(handshakes, "timeout");
-                return debug!("client hello timed out");
+                debug!("client hello timed out");
+                return failed(rec, "client_tls_handshake_timeout");
             }
         };
         let sni = start.client_hello().server_name().and_then(normalize_host);
@@ -483,23 +505,35 @@ where
             }
             Err(e) => {
                 Metrics::count(handshakes, "error");
-                return warn!(client = %outer.client, host = %host, error = %pipeline::ErrorChain(&e), "failed to mint leaf certificate");
+                warn!(client = %outer.client, host = %host, error = %pipeline::ErrorChain(&e), "failed to mint leaf certificate");
+                rec.outcome = "refused";
+                rec.error = Some("leaf_certificate_failed");
+                rec.scheme = "https";
+                rec.status = 200;
+                rec.stop_clock();
+                return rt.emit(rec);
             }
         };
-        let tls =
-            match tokio::time::timeout(limits.tls_handshake_timeout, start.into_stream(config))
-                .await
-            {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    Metrics::count(handshakes, "error");
-                    return debug!(error = %e, "client tls handshake failed");
-                }
-                Err(_) => {
-                    Metrics::count(handshakes, "timeout");
-                    return debug!("client tls handshake timed out");
-                }
-            };
+        let tls = match tokio::time::timeout(
+            limits.tls_handshake_timeout,
+            start.into_stream(config),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                Metrics::count(handshakes, "error");
+                // Most often the client does not trust the proxy's CA: worth a warning
+                // (and the audit line), since that client's requests never arrive.
+                warn!(client = %outer.client, host = %host, error = %e, "client TLS handshake with the proxy's leaf failed");
+                return failed(rec, "client_tls_handshake_failed");
+            }
+            Err(_) => {
+                Metrics::count(handshakes, "timeout");
+                debug!("client tls handshake timed out");
+                return failed(rec, "client_tls_handshake_timeout");
+            }
+        };
         Metrics::count(handshakes, "ok");
         let dest = Dest::new(host, port, true, sni);
         serve_tunnel(rt, tls, &outer, dest).await;
@@ -508,6 +542,7 @@ where
         serve_tunnel(rt, io, &outer, dest).await;
     } else {
         debug!("tunnel carries neither TLS nor HTTP; closing");
+        failed(rec, "tunnel_not_tls_or_http");
     }
 }
 

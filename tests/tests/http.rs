@@ -1259,6 +1259,76 @@ async fn audit_record(p: &InProcess, path: &str) -> iron_proxy::audit::AuditReco
     }
 }
 
+/// A client that does not trust the proxy's CA fails its TLS handshake inside the CONNECT
+/// tunnel: none of its requests ever arrive, so the tunnel itself is audited (`connect`,
+/// `client_tls_handshake_failed`, the host) — the case REFERENCE.md §5 c1 asks to surface.
+/// A tunnel whose client sends neither TLS nor HTTP is audited too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
+async fn a_tunnel_whose_client_rejects_the_proxy_ca_is_audited() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if !have("curl") {
+        return;
+    }
+    let (w, p) = world().await;
+    let (_, _, _, other_ca) = tls_listener("other-ca.test").await;
+    let wrong = w.dir.path().join("wrong-ca.pem");
+    std::fs::write(&wrong, other_ca).unwrap();
+    let port = w.port();
+    let r = curl_via(
+        p.addr(),
+        &wrong,
+        &[&format!("https://api.github.test:{port}/user")],
+    )
+    .await;
+    assert_ne!(r.exit, 0, "{r:?}");
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(w.origin.records().is_empty());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let tunnel = loop {
+        if let Some(r) = p.audit.records().into_iter().find(|r| r.kind == "connect") {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no audit record");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(tunnel.host, "api.github.test", "{tunnel:?}");
+    assert_eq!(tunnel.port, port, "{tunnel:?}");
+    assert_eq!(tunnel.method, "CONNECT", "{tunnel:?}");
+    assert_eq!(tunnel.outcome, "client_cancel", "{tunnel:?}");
+    assert_eq!(
+        tunnel.error,
+        Some("client_tls_handshake_failed"),
+        "{tunnel:?}"
+    );
+
+    // Neither TLS nor HTTP inside the tunnel.
+    let mut tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    tcp.write_all(
+        format!("CONNECT api.github.test:{port} HTTP/1.1\r\nHost: api.github.test:{port}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    tcp.write_all(&[0u8, 1, 2, 3]).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let found = p
+            .audit
+            .records()
+            .into_iter()
+            .any(|r| r.error == Some("tunnel_not_tls_or_http"));
+        if found {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no audit record");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// An origin that sends the response head and 10 of 100 body bytes, then stalls: after
 /// `idle_timeout_secs` without a byte the proxy cuts the response (the client sees it end
 /// short of its Content-Length instead of waiting as long as the origin holds on) and
