@@ -223,7 +223,22 @@ impl Dsn {
             .remove("user")
             .filter(|u| !u.is_empty())
             .ok_or("DSN has no user")?;
+        // A server not on this machine (a host other than `localhost`, a loopback address
+        // or a Unix socket directory) is reached over verified TLS unless the DSN says
+        // `sslmode=disable`: libpq's default `prefer` (and `allow`) would fall back to
+        // cleartext when the server — or anyone on the path — declines TLS, and the relay
+        // then logs in with the real password (SCRAM without channel binding, or MD5 or the
+        // password itself when `require_auth` allows them). Decision 4: never cleartext
+        // unless the secret explicitly says so. The broker's store does the same.
+        let host = kv.get("host").map_or("localhost", String::as_str);
+        let local = host == "localhost"
+            || host.starts_with('/')
+            || host
+                .trim_matches(|c| c == '[' || c == ']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
         let sslmode = match kv.get("sslmode").map(String::as_str) {
+            None | Some("prefer" | "allow") if !local => SslMode::Require,
             None | Some("prefer" | "allow") => SslMode::Prefer,
             Some("disable") => SslMode::Disable,
             Some("require" | "verify-ca" | "verify-full") => SslMode::Require,
@@ -1023,9 +1038,6 @@ async fn handshake(
         i32::from_be_bytes([own[0] & 0x7f, own[1], own[2], own[3]]),
         i32::from_be_bytes([own[4], own[5], own[6], own[7]]),
     );
-    if let Ok(mut m) = cancels.lock() {
-        m.insert(own_keys, (addr, real_keys.0, real_keys.1));
-    }
     let mut out = BytesMut::new();
     auth_message(&mut out, 0, &[]);
     for (k, v) in &statuses {
@@ -1043,6 +1055,11 @@ async fn handshake(
     message(&mut out, b'Z', b"I");
     if client.write_all(&out).await.is_err() {
         return Ok(None);
+    }
+    // Registered once the client has its keys (it cannot cancel before): a session that ends
+    // at the write above, or is dropped there (timeout, drain), leaves no entry behind.
+    if let Ok(mut m) = cancels.lock() {
+        m.insert(own_keys, (addr, real_keys.0, real_keys.1));
     }
     rec.status = 0;
     Ok(Some((client, upstream, own_keys, rules)))
@@ -1317,6 +1334,8 @@ async fn login_upstream(
     };
     let allows = |m: &str| dsn.require_auth.iter().any(|a| a == m);
     let mut scram: Option<postgres_protocol::authentication::sasl::ScramSha256> = None;
+    // The SASL exchange ended with the server's signature verified.
+    let mut scram_done = false;
     let mut statuses = Vec::new();
     let mut keys = (0, 0);
     loop {
@@ -1329,6 +1348,17 @@ async fn login_upstream(
                 let data = &body[4..];
                 let mut out = BytesMut::new();
                 match code {
+                    // AuthenticationOk ends the login only when what was started finished: a
+                    // SASL exchange whose server signature was verified (`finish`), and with
+                    // `channel_binding=require` a SCRAM-SHA-256-PLUS one (as libpq: an
+                    // upstream, or an impostor, must not skip its half of the exchange).
+                    0 if !scram_done && (scram.is_some() || dsn.channel_binding_required) => {
+                        return Err(refuse(
+                            "08006",
+                            "pg_upstream_auth_incomplete",
+                            "the upstream reported success before authentication completed",
+                        ));
+                    }
                     0 => {}
                     3 if allows("password") => {
                         postgres_protocol::message::frontend::password_message(
@@ -1390,6 +1420,7 @@ async fn login_upstream(
                             .ok_or_else(auth_failed)?
                             .finish(data)
                             .map_err(|_| auth_failed())?;
+                        scram_done = true;
                     }
                     _ => {
                         return Err(refuse(
@@ -1537,5 +1568,34 @@ mod tests {
             .err()
             .unwrap_or_default();
         assert!(!e.is_empty() && !e.contains("s3cretpart"), "{e}");
+    }
+
+    /// Without `sslmode`, or with `prefer`/`allow`, a server not on this machine is reached
+    /// over TLS only (no cleartext fallback a man in the middle could force); a local one
+    /// keeps libpq's `prefer`; `disable` is honoured everywhere.
+    #[test]
+    fn a_remote_server_is_never_reached_in_cleartext_unless_disabled() {
+        let mode = |dsn: &str| Dsn::parse(dsn).unwrap().sslmode;
+        for remote in [
+            "postgresql://u:p@db.example.com/d",
+            "postgresql://u:p@10.1.2.3/d?sslmode=prefer",
+            "host=db.internal user=u password=p dbname=d sslmode=allow",
+            "postgresql://u:p@[2001:db8::1]/d",
+        ] {
+            assert_eq!(mode(remote), SslMode::Require, "{remote}");
+        }
+        for local in [
+            "postgresql://u:p@localhost/d",
+            "postgresql://u:p@127.0.0.1/d?sslmode=prefer",
+            "postgresql://u:p@[::1]/d",
+            "host=/run/postgresql user=u password=p dbname=d",
+            "user=u password=p dbname=d",
+        ] {
+            assert_eq!(mode(local), SslMode::Prefer, "{local}");
+        }
+        assert_eq!(
+            mode("postgresql://u:p@db.example.com/d?sslmode=disable"),
+            SslMode::Disable
+        );
     }
 }

@@ -754,3 +754,81 @@ async fn cancel_at_the_connection_cap_and_a_disabled_relay_answer_properly() {
     let (ok, _, stderr) = psql(&r.dsn, "select 1");
     assert!(!ok && stderr.contains("disabled"), "{stderr}");
 }
+
+/// A fake upstream that answers the relay's login with AuthenticationOk too early: after
+/// offering SCRAM and reading the client-first message (`skip_final`), or at once, before
+/// any authentication (`!skip_final`). Returns its port.
+async fn premature_ok_upstream(skip_final: bool) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // The startup message (no SSLRequest: the DSN says sslmode=disable).
+                let Ok(len) = tcp.read_i32().await else {
+                    return;
+                };
+                let mut body = vec![0u8; usize::try_from(len).unwrap_or(4).saturating_sub(4)];
+                if tcp.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let r = |code: i32, data: &[u8]| {
+                    let mut m = vec![b'R'];
+                    m.extend_from_slice(
+                        &(8 + i32::try_from(data.len()).unwrap_or(0)).to_be_bytes(),
+                    );
+                    m.extend_from_slice(&code.to_be_bytes());
+                    m.extend_from_slice(data);
+                    m
+                };
+                if skip_final {
+                    let _ = tcp.write_all(&r(10, b"SCRAM-SHA-256\0\0")).await;
+                    // The SASLInitialResponse.
+                    let mut tag = [0u8; 1];
+                    if tcp.read_exact(&mut tag).await.is_err() {
+                        return;
+                    }
+                    let Ok(len) = tcp.read_i32().await else {
+                        return;
+                    };
+                    let mut body = vec![0u8; usize::try_from(len).unwrap_or(4).saturating_sub(4)];
+                    let _ = tcp.read_exact(&mut body).await;
+                }
+                let mut ok = r(0, b"");
+                ok.extend_from_slice(b"K\0\0\0\x0c\0\0\0\x01\0\0\0\x02Z\0\0\0\x05I");
+                let _ = tcp.write_all(&ok).await;
+                let mut rest = Vec::new();
+                let _ = tcp.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    port
+}
+
+/// An upstream (or an impostor) that reports success before its SCRAM exchange finished,
+/// or without the channel binding the DSN requires, does not get the session: the client
+/// gets 08006 and the audit line names `pg_upstream_auth_incomplete`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_skipping_its_half_of_the_login_is_refused() {
+    for (skip_final, query) in [(true, ""), (false, "&channel_binding=require")] {
+        let port = premature_ok_upstream(skip_final).await;
+        let real =
+            format!("postgresql://app:{APP_PASSWORD}@127.0.0.1:{port}/app?sslmode=disable{query}");
+        let r = relay_with("", "", None, &real).await;
+        let err = connect(&r.dsn).await.expect_err("the session was opened");
+        assert_eq!(err.code().map(|c| c.code()), Some("08006"), "{err}");
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !r
+            .audit
+            .records()
+            .iter()
+            .any(|a| a.error == Some("pg_upstream_auth_incomplete"))
+        {
+            assert!(Instant::now() < deadline, "{:?}", r.audit.records());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
