@@ -1244,6 +1244,28 @@ hosts = ["drop.test:{port}"]
     );
 }
 
+/// A world whose policy reaches the cleartext origin `name:port` (on loopback) as the
+/// `GITHUB_TOKEN` secret's host, `extra` appended to the policy.
+async fn cleartext_origin_world(name: &str, port: u16, extra: &str) -> World {
+    // The policy names an upstream CA (unused: the origin is cleartext).
+    let (_, _, _, pem) = tls_listener(name).await;
+    world_with_origin(
+        name,
+        &pem,
+        &format!(
+            r#"[[secrets]]
+name = "GITHUB_TOKEN"
+type = "http"
+source = {{ env = "REAL_GITHUB_TOKEN" }}
+hosts = ["{name}:{port}"]
+allow_plaintext = true
+
+{extra}"#
+        ),
+    )
+    .await
+}
+
 /// The audit record of the request to `path`, waiting up to 5 s for it to be written.
 async fn audit_record(p: &InProcess, path: &str) -> iron_proxy::audit::AuditRecord {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -1357,22 +1379,10 @@ async fn a_response_body_that_stalls_is_cut_after_the_idle_timeout() {
             });
         }
     });
-    let (_, _, _, pem) = tls_listener("stall.test").await;
-    let w = world_with_origin(
+    let w = cleartext_origin_world(
         "stall.test",
-        &pem,
-        &format!(
-            r#"[[secrets]]
-name = "GITHUB_TOKEN"
-type = "http"
-source = {{ env = "REAL_GITHUB_TOKEN" }}
-hosts = ["stall.test:{port}"]
-allow_plaintext = true
-
-[proxy.limits]
-idle_timeout_secs = 1
-"#
-        ),
+        port,
+        "[proxy.limits]\nidle_timeout_secs = 1\n",
     )
     .await;
     let p = w.proxy(standard_env()).await;
@@ -1422,22 +1432,7 @@ async fn an_origin_cutting_an_upload_is_the_upstreams_failure_not_the_clients() 
             drop(tcp);
         }
     });
-    // The policy names an upstream CA (unused here: the origin is cleartext).
-    let (_, _, _, pem) = tls_listener("cut.test").await;
-    let w = world_with_origin(
-        "cut.test",
-        &pem,
-        &format!(
-            r#"[[secrets]]
-name = "GITHUB_TOKEN"
-type = "http"
-source = {{ env = "REAL_GITHUB_TOKEN" }}
-hosts = ["cut.test:{port}"]
-allow_plaintext = true
-"#
-        ),
-    )
-    .await;
+    let w = cleartext_origin_world("cut.test", port, "").await;
     let p = w.proxy(standard_env()).await;
     let total = 8 * 1024 * 1024;
     let tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
