@@ -352,8 +352,7 @@ pub fn client_side(
         dirty = true;
     }
     if spec.password.is_none() && password.is_none() {
-        let mut b = [0u8; 24];
-        let _ = crate::crypto_provider().secure_random.fill(&mut b);
+        let b: [u8; 24] = random_bytes();
         password = Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b));
         dirty = true;
     }
@@ -641,10 +640,22 @@ fn unreachable_hmac() -> HmacSha256 {
     <HmacSha256 as KeyInit>::new_from_slice(b"k").unwrap_or_else(|_| std::process::abort())
 }
 
+/// `N` bytes from the OS random source (through the crypto provider): the sandbox's
+/// placeholder password, SCRAM salts and nonces, cancel keys. When the source fails there is
+/// no safe way to make these — zeros would be a guessable password stored for good, and
+/// guessable keys — so the process stops (like an allocation failure) instead.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    if crate::crypto_provider().secure_random.fill(&mut b).is_err() {
+        eprintln!("iron-proxy: the OS random number generator failed; stopping");
+        std::process::abort();
+    }
+    b
+}
+
 impl Verifier {
     fn new(password: &[u8]) -> Self {
-        let mut salt = [0u8; 16];
-        let _ = crate::crypto_provider().secure_random.fill(&mut salt);
+        let salt: [u8; 16] = random_bytes();
         // PBKDF2-HMAC-SHA256, one block (RFC 8018 §5.2).
         let mut block = salt.to_vec();
         block.extend_from_slice(&1u32.to_be_bytes());
@@ -1032,8 +1043,7 @@ async fn handshake(
     let rules =
         pinned.then(|| crate::pgfilter::Rules::new(spec.settings.iter().map(|(k, _)| k.as_str())));
     // Tell the client it is in.
-    let mut own = [0u8; 8];
-    let _ = crate::crypto_provider().secure_random.fill(&mut own);
+    let own: [u8; 8] = random_bytes();
     let own_keys = (
         i32::from_be_bytes([own[0] & 0x7f, own[1], own[2], own[3]]),
         i32::from_be_bytes([own[4], own[5], own[6], own[7]]),
@@ -1173,8 +1183,7 @@ async fn scram_server(client: &mut Box<dyn Stream>, v: &Verifier) -> Result<(), 
         .split(',')
         .find_map(|a| a.strip_prefix("r="))
         .ok_or_else(proto)?;
-    let mut sn = [0u8; 18];
-    let _ = crate::crypto_provider().secure_random.fill(&mut sn);
+    let sn: [u8; 18] = random_bytes();
     let nonce = format!("{cnonce}{}", B64.encode(sn));
     let server_first = format!("r={nonce},s={},i={SCRAM_ITERATIONS}", B64.encode(v.salt));
     let mut out = BytesMut::new();
