@@ -461,19 +461,20 @@ async fn intercept<T>(
     outer: Arc<Conn>,
     host: String,
     port: u16,
-    mut rec: AuditRecord,
+    rec: AuditRecord,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limits = rt.policy().proxy.limits.clone();
-    let failed = |mut rec: AuditRecord, code: &'static str| {
+    let ended = |mut rec: AuditRecord, outcome: &'static str, code: &'static str| {
         rec.scheme = "https";
         rec.status = 200;
-        rec.outcome = "client_cancel";
+        rec.outcome = outcome;
         rec.error = Some(code);
         rec.stop_clock();
         rt.emit(rec);
     };
+    let failed = |rec, code| ended(rec, "client_cancel", code);
     let mut first = [0u8; 1];
     match tokio::time::timeout(limits.client_header_timeout, io.read(&mut first)).await {
         Ok(Ok(1)) => {}
@@ -506,12 +507,7 @@ async fn intercept<T>(
             Err(e) => {
                 Metrics::count(handshakes, "error");
                 warn!(client = %outer.client, host = %host, error = %pipeline::ErrorChain(&e), "failed to mint leaf certificate");
-                rec.outcome = "refused";
-                rec.error = Some("leaf_certificate_failed");
-                rec.scheme = "https";
-                rec.status = 200;
-                rec.stop_clock();
-                return rt.emit(rec);
+                return ended(rec, "refused", "leaf_certificate_failed");
             }
         };
         let tls = match tokio::time::timeout(

@@ -1268,15 +1268,20 @@ allow_plaintext = true
 
 /// The audit record of the request to `path`, waiting up to 5 s for it to be written.
 async fn audit_record(p: &InProcess, path: &str) -> iron_proxy::audit::AuditRecord {
+    audit_record_where(p, |r| r.path == path).await
+}
+
+/// The first audit record `pick` accepts, waiting up to 5 s for it to be written.
+async fn audit_record_where(
+    p: &InProcess,
+    pick: impl Fn(&iron_proxy::audit::AuditRecord) -> bool,
+) -> iron_proxy::audit::AuditRecord {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        if let Some(r) = p.audit.records().into_iter().find(|r| r.path == path) {
+        if let Some(r) = p.audit.records().into_iter().find(|r| pick(r)) {
             return r;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no audit record for {path}"
-        );
+        assert!(std::time::Instant::now() < deadline, "no such audit record");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
@@ -1306,14 +1311,7 @@ async fn a_tunnel_whose_client_rejects_the_proxy_ca_is_audited() {
     assert_ne!(r.exit, 0, "{r:?}");
     assert_eq!(r.status, 0, "{r:?}");
     assert!(w.origin.records().is_empty());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let tunnel = loop {
-        if let Some(r) = p.audit.records().into_iter().find(|r| r.kind == "connect") {
-            break r;
-        }
-        assert!(std::time::Instant::now() < deadline, "no audit record");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let tunnel = audit_record_where(&p, |r| r.kind == "connect").await;
     assert_eq!(tunnel.host, "api.github.test", "{tunnel:?}");
     assert_eq!(tunnel.port, port, "{tunnel:?}");
     assert_eq!(tunnel.method, "CONNECT", "{tunnel:?}");
@@ -1336,19 +1334,7 @@ async fn a_tunnel_whose_client_rejects_the_proxy_ca_is_audited() {
     tcp.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 200");
     tcp.write_all(&[0u8, 1, 2, 3]).await.unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let found = p
-            .audit
-            .records()
-            .into_iter()
-            .any(|r| r.error == Some("tunnel_not_tls_or_http"));
-        if found {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no audit record");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    audit_record_where(&p, |r| r.error == Some("tunnel_not_tls_or_http")).await;
 }
 
 /// An origin that sends the response head and 10 of 100 body bytes, then stalls: after
