@@ -75,7 +75,7 @@ pub enum SslMode {
 /// A parsed upstream DSN. `Debug` never shows the password.
 #[derive(Clone)]
 pub struct Dsn {
-    /// Host name or IP.
+    /// Host name or IP, or a Unix socket directory (an absolute path; see [`Dsn::socket_path`]).
     pub host: String,
     /// Port (default 5432).
     pub port: u16,
@@ -107,6 +107,17 @@ impl std::fmt::Debug for Dsn {
 }
 
 impl Dsn {
+    /// The Unix socket of a DSN whose host is a socket directory (an absolute path, libpq's
+    /// form): `HOST/.s.PGSQL.PORT`. `None` for a host name or address. libpq does not
+    /// negotiate TLS over a Unix socket whatever `sslmode` says, and neither does the relay:
+    /// the socket's file permissions are its protection (and SCRAM channel binding, which
+    /// needs TLS, cannot be required there).
+    pub fn socket_path(&self) -> Option<std::path::PathBuf> {
+        self.host
+            .starts_with('/')
+            .then(|| Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port)))
+    }
+
     /// Parses `postgres[ql]://user:pass@host:port/db?k=v` or `key=value …` (libpq forms).
     ///
     /// # Errors
@@ -419,7 +430,7 @@ pub fn sandbox_dsn(side: &ClientSide, spec: &PgSpec) -> String {
 }
 
 /// Upstream cancel targets by the relay's own (pid, key).
-type CancelMap = Arc<Mutex<HashMap<(i32, i32), (SocketAddr, i32, i32)>>>;
+type CancelMap = Arc<Mutex<HashMap<(i32, i32), (UpstreamAddr, i32, i32)>>>;
 
 /// A running relay. Dropping it stops accepting (open sessions go on);
 /// [`Relay::drain`] also ends the sessions.
@@ -864,7 +875,7 @@ async fn handshake(
                 let target = cancels
                     .lock()
                     .ok()
-                    .and_then(|m| m.get(&(pid, key)).copied());
+                    .and_then(|m| m.get(&(pid, key)).cloned());
                 rec.method = "CANCEL".into();
                 rec.outcome = "refused";
                 rec.error = Some("pg_cancel_unknown_key");
@@ -872,7 +883,7 @@ async fn handshake(
                     rec.error = Some("pg_cancel_upstream_failed");
                 }
                 if let Some((addr, rpid, rkey)) = target
-                    && let Ok(mut up) = TcpStream::connect(addr).await
+                    && let Ok(mut up) = addr.connect().await
                 {
                     let mut buf = BytesMut::new();
                     postgres_protocol::message::frontend::cancel_request(rpid, rkey, &mut buf);
@@ -1234,8 +1245,26 @@ type Upstream = (
     Box<dyn Stream>,
     Vec<(String, String)>,
     (i32, i32),
-    SocketAddr,
+    UpstreamAddr,
 );
+
+/// Where a session's upstream was reached: the address dialled, or the Unix socket of a
+/// DSN whose host is a socket directory. A CancelRequest goes to the same place.
+#[derive(Debug, Clone)]
+enum UpstreamAddr {
+    Tcp(SocketAddr),
+    Unix(Arc<Path>),
+}
+
+impl UpstreamAddr {
+    /// A new connection to the same place (for a CancelRequest).
+    async fn connect(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(match self {
+            Self::Tcp(a) => Box::new(TcpStream::connect(a).await?),
+            Self::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+        })
+    }
+}
 
 /// Logs in to the upstream with the real DSN; returns the stream after `ReadyForQuery`,
 /// the server's ParameterStatus values, its BackendKeyData and the address dialled.
@@ -1246,76 +1275,23 @@ async fn login_upstream(
     spec: &PgSpec,
 ) -> Result<Upstream, Refusal> {
     let unreachable = |m: String| refuse("08006", "pg_upstream_unreachable", m);
-    let policy = rt.policy();
-    let host = iron_policy::normalize_host(&dsn.host)
-        .ok_or_else(|| unreachable("invalid upstream host".into()))?;
-    let addrs = crate::upstream::resolve_checked(&policy, &host, dsn.port)
-        .await
-        .map_err(|e| match e {
-            crate::upstream::DialError::Denied { .. } => refuse(
-                "08006",
-                "destination_address_denied",
-                "the upstream address is in a denied range",
-            ),
-            crate::upstream::DialError::Resolve { .. } => {
-                unreachable("the upstream host does not resolve".into())
-            }
-        })?;
-    let timeout = policy.proxy.limits.upstream_connect_timeout;
-    let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(&addrs[..]))
-        .await
-        .map_err(|_| unreachable("connecting to the upstream timed out".into()))?
-        .map_err(|_| unreachable("could not connect to the upstream".into()))?;
-    let addr = tcp
-        .peer_addr()
-        .map_err(|_| unreachable("upstream connection failed".into()))?;
-    let _ = tcp.set_nodelay(true);
-    let mut tls_cert_hash: Option<Vec<u8>> = None;
-    let mut stream: Box<dyn Stream> = if dsn.sslmode == SslMode::Disable {
-        Box::new(tcp)
-    } else {
-        let mut buf = BytesMut::new();
-        postgres_protocol::message::frontend::ssl_request(&mut buf);
-        tcp.write_all(&buf)
-            .await
-            .map_err(|_| unreachable("upstream connection failed".into()))?;
-        let answer = tcp
-            .read_u8()
-            .await
-            .map_err(|_| unreachable("upstream connection failed".into()))?;
-        match (answer, dsn.sslmode) {
-            (b'S', _) => {
-                let config = crate::upstream::client_tls_config(&policy, crate::crypto_provider())
-                    .map_err(unreachable)?;
-                let name = rustls_pki_types::ServerName::try_from(host.clone())
-                    .map_err(|_| unreachable("invalid upstream host".into()))?;
-                let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|_| {
-                        refuse(
-                            "08006",
-                            "upstream_tls_error",
-                            "upstream TLS verification failed",
-                        )
-                    })?;
-                tls_cert_hash = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| iron_broker::tls::server_end_point_hash(c.as_ref()));
-                Box::new(tls)
-            }
-            (_, SslMode::Prefer) => Box::new(tcp),
-            _ => {
-                return Err(refuse(
-                    "08006",
-                    "upstream_tls_error",
-                    "the upstream does not offer TLS but the DSN requires it",
-                ));
-            }
+    let (mut stream, addr, tls_cert_hash) = match dsn.socket_path() {
+        Some(path) => {
+            let timeout = rt.policy().proxy.limits.upstream_connect_timeout;
+            let unix = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(&path))
+                .await
+                .map_err(|_| unreachable("connecting to the upstream socket timed out".into()))?
+                .map_err(|e| {
+                    tracing::warn!(socket = %path.display(), error = %e, "cannot reach the upstream's Unix socket");
+                    unreachable(format!(
+                        "could not connect to the upstream's Unix socket ({})",
+                        e.kind()
+                    ))
+                })?;
+            let stream: Box<dyn Stream> = Box::new(unix);
+            (stream, UpstreamAddr::Unix(path.into()), None)
         }
+        None => dial_tcp(rt, dsn).await?,
     };
     let mut startup: Vec<(&str, &str)> = vec![("user", &dsn.user), ("database", &dsn.dbname)];
     for (k, v) in params {
@@ -1505,6 +1481,89 @@ async fn login_upstream(
         }
     }
     Ok((stream, statuses, keys, addr))
+}
+
+/// Dials the DSN's host over TCP (resolved and checked against the deny CIDRs like proxied
+/// traffic) and negotiates TLS per `sslmode`; returns the stream, the address dialled and,
+/// over TLS, the hash of the server's certificate for channel binding (RFC 5929
+/// `tls-server-end-point`).
+async fn dial_tcp(
+    rt: &Arc<Runtime>,
+    dsn: &Dsn,
+) -> Result<(Box<dyn Stream>, UpstreamAddr, Option<Vec<u8>>), Refusal> {
+    let unreachable = |m: String| refuse("08006", "pg_upstream_unreachable", m);
+    let policy = rt.policy();
+    let host = iron_policy::normalize_host(&dsn.host)
+        .ok_or_else(|| unreachable("invalid upstream host".into()))?;
+    let addrs = crate::upstream::resolve_checked(&policy, &host, dsn.port)
+        .await
+        .map_err(|e| match e {
+            crate::upstream::DialError::Denied { .. } => refuse(
+                "08006",
+                "destination_address_denied",
+                "the upstream address is in a denied range",
+            ),
+            crate::upstream::DialError::Resolve { .. } => {
+                unreachable("the upstream host does not resolve".into())
+            }
+        })?;
+    let timeout = policy.proxy.limits.upstream_connect_timeout;
+    let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(&addrs[..]))
+        .await
+        .map_err(|_| unreachable("connecting to the upstream timed out".into()))?
+        .map_err(|_| unreachable("could not connect to the upstream".into()))?;
+    let addr = tcp
+        .peer_addr()
+        .map_err(|_| unreachable("upstream connection failed".into()))?;
+    let _ = tcp.set_nodelay(true);
+    let mut tls_cert_hash: Option<Vec<u8>> = None;
+    let stream: Box<dyn Stream> = if dsn.sslmode == SslMode::Disable {
+        Box::new(tcp)
+    } else {
+        let mut buf = BytesMut::new();
+        postgres_protocol::message::frontend::ssl_request(&mut buf);
+        tcp.write_all(&buf)
+            .await
+            .map_err(|_| unreachable("upstream connection failed".into()))?;
+        let answer = tcp
+            .read_u8()
+            .await
+            .map_err(|_| unreachable("upstream connection failed".into()))?;
+        match (answer, dsn.sslmode) {
+            (b'S', _) => {
+                let config = crate::upstream::client_tls_config(&policy, crate::crypto_provider())
+                    .map_err(unreachable)?;
+                let name = rustls_pki_types::ServerName::try_from(host.clone())
+                    .map_err(|_| unreachable("invalid upstream host".into()))?;
+                let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|_| {
+                        refuse(
+                            "08006",
+                            "upstream_tls_error",
+                            "upstream TLS verification failed",
+                        )
+                    })?;
+                tls_cert_hash = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| iron_broker::tls::server_end_point_hash(c.as_ref()));
+                Box::new(tls)
+            }
+            (_, SslMode::Prefer) => Box::new(tcp),
+            _ => {
+                return Err(refuse(
+                    "08006",
+                    "upstream_tls_error",
+                    "the upstream does not offer TLS but the DSN requires it",
+                ));
+            }
+        }
+    };
+    Ok((stream, UpstreamAddr::Tcp(addr), tls_cert_hash))
 }
 
 /// The (name, value) of a ParameterStatus ('S') message body.

@@ -106,6 +106,29 @@ async fn connect(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Er
     Ok(client)
 }
 
+/// Runs `select pg_sleep(60)` on `client`, cancels it with the client's cancel token
+/// 300 ms later, and returns the SQLSTATE the query ended with and how long after the
+/// cancel it ended (panics when it has not within 5 s).
+async fn cancel_a_sleeping_query(client: tokio_postgres::Client) -> (Option<String>, Duration) {
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel");
+    let res = tokio::time::timeout(Duration::from_secs(5), sleeper)
+        .await
+        .expect("the query did not end after the cancel")
+        .expect("join");
+    let sqlstate = res.err().map(|e| {
+        e.code()
+            .map_or_else(|| e.to_string(), |c| c.code().to_string())
+    });
+    (sqlstate, started.elapsed())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_and_tokio_postgres_through_the_relay() {
     let Some(c) = cluster() else {
@@ -264,24 +287,9 @@ async fn wrong_credentials_cancel_upstream_down_and_concurrency() {
 
     // Cancel of pg_sleep returns within a second.
     let client = connect(&r.dsn).await.expect("connect");
-    let token = client.cancel_token();
-    let sleeper = tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let started = Instant::now();
-    token
-        .cancel_query(tokio_postgres::NoTls)
-        .await
-        .expect("cancel");
-    let res = tokio::time::timeout(Duration::from_secs(5), sleeper)
-        .await
-        .expect("returned")
-        .expect("join");
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "cancel took {:?}",
-        started.elapsed()
-    );
-    assert_eq!(res.err().map(code).as_deref(), Some("57014"));
+    let (sqlstate, took) = cancel_a_sleeping_query(client).await;
+    assert!(took < Duration::from_secs(1), "cancel took {took:?}");
+    assert_eq!(sqlstate.as_deref(), Some("57014"));
     // The cancel is audited (the CancelRequest arrives on its own connection).
     let deadline = Instant::now() + Duration::from_secs(2);
     while !r
@@ -831,4 +839,66 @@ async fn an_upstream_skipping_its_half_of_the_login_is_refused() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A DSN whose host is a Unix socket directory (libpq's form, key-value and URI with `%2F`)
+/// is reached over that socket: the session works, the server sees no client address (it
+/// was not TCP), a cancel reaches the same socket, and a missing socket is a clean 08006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unix_socket_upstream_works_like_tcp() {
+    let Some(c) = cluster() else {
+        return eprintln!("postgres not installed; skipped");
+    };
+    let dir = c.dir();
+    let kv = format!(
+        "host={} port={} user=app password={APP_PASSWORD} dbname=app",
+        dir.display(),
+        c.port
+    );
+    let uri = format!(
+        "postgresql://app:{APP_PASSWORD}@{}:{}/app",
+        dir.display().to_string().replace('/', "%2F"),
+        c.port
+    );
+    for real in [kv, uri] {
+        let r = relay_with("", "", None, &real).await;
+        let client = connect(&r.dsn).await.expect("connect over the socket");
+        let row = client
+            .query_one(
+                "select current_user::text, inet_server_addr() is null, $1::int + 1",
+                &[&41i32],
+            )
+            .await
+            .expect("query");
+        assert_eq!(row.get::<_, String>(0), "app");
+        assert!(
+            row.get::<_, bool>(1),
+            "the upstream leg is not a Unix socket"
+        );
+        assert_eq!(row.get::<_, i32>(2), 42);
+
+        let (sqlstate, _) = cancel_a_sleeping_query(client).await;
+        assert_eq!(
+            sqlstate.as_deref(),
+            Some("57014"),
+            "the cancel reached the server"
+        );
+    }
+
+    let missing = format!(
+        "host={}/nowhere port={} user=app password={APP_PASSWORD} dbname=app",
+        dir.display(),
+        c.port
+    );
+    let r = relay_with("", "", None, &missing).await;
+    let Err(err) = connect(&r.dsn).await else {
+        panic!("connected through a relay whose upstream socket does not exist");
+    };
+    let db = err.as_db_error().expect("an error from the relay");
+    assert_eq!(db.code().code(), "08006");
+    assert!(
+        db.message().contains("Unix socket") && !db.message().contains("nowhere"),
+        "{}",
+        db.message()
+    );
 }
