@@ -633,6 +633,17 @@ impl Runtime {
             ));
             return refuse(diags, &self.metrics);
         }
+        // The admin listener keeps its boot address until a restart, but reads the token
+        // from the current policy: a reload may not leave a non-loopback listener open.
+        if let Some(a) = boot.admin_listen.filter(|a| !a.ip().is_loopback())
+            && policy.proxy.admin_token.is_none()
+        {
+            diags.push(at1(
+                iron_policy::Severity::Error,
+                format!("[proxy] admin_token removed: the running admin API listens on {a} (not loopback) until a restart, so it must keep requiring a token"),
+            ));
+            return refuse(diags, &self.metrics);
+        }
         for (changed, key) in [
             (policy.proxy.listen != boot.listen, "listen"),
             (

@@ -611,6 +611,15 @@ async fn disabled_secret_is_listed_and_refused() {
     assert!(w.origin.records().is_empty());
 }
 
+/// Reloads, expecting a refusal; returns its diagnostics, one per line.
+async fn refused_reload(p: &InProcess) -> String {
+    let errs = p.rt.reload().await.expect_err("reload accepted");
+    errs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A reload that would make a working secret's source absent (a typo in the variable
 /// name) is refused with a positioned error, and the running policy stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -624,12 +633,7 @@ async fn reload_refuses_to_break_a_working_secret() {
         text.replace("env = \"REAL_GITHUB_TOKEN\"", "env = \"REAL_GITHUB_TOKN\""),
     )
     .expect("write");
-    let errs = p.rt.reload().await.expect_err("reload accepted");
-    let joined = errs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let joined = refused_reload(&p).await;
     assert!(
         joined.contains("REAL_GITHUB_TOKN") && joined.contains("refused"),
         "{joined}"
@@ -724,6 +728,41 @@ async fn a_listen_change_is_reported_on_every_reload_until_a_restart() {
             summary.warnings
         );
     }
+}
+
+/// The admin listener keeps its boot address until a restart: a reload that drops
+/// `admin_token` while it listens beyond loopback is refused (it would serve reload,
+/// secrets and probes unauthenticated); keeping the token, or a loopback listener, reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_cannot_drop_the_admin_token_of_a_public_admin_listener() {
+    let with_token = STANDARD_POLICY.replacen(
+        "listen = \"127.0.0.1:0\"",
+        "listen = \"127.0.0.1:0\"\nadmin_listen = \"0.0.0.0:0\"\nadmin_token = { env = \"ADMIN_BEARER\" }",
+        1,
+    );
+    assert_ne!(with_token, STANDARD_POLICY);
+    let w = World::new(&with_token, OriginOptions::default()).await;
+    let mut env = standard_env();
+    env.insert("ADMIN_BEARER".into(), "admin-bearer-1234".into());
+    let p = w.proxy(env).await;
+    let text = std::fs::read_to_string(&w.policy_path).expect("policy");
+    // Token dropped, listener moved to loopback in the file: the running one is not.
+    let dropped = text
+        .replace("admin_token = { env = \"ADMIN_BEARER\" }\n", "")
+        .replace(
+            "admin_listen = \"0.0.0.0:0\"",
+            "admin_listen = \"127.0.0.1:0\"",
+        );
+    assert!(!dropped.contains("admin_token"));
+    std::fs::write(&w.policy_path, &dropped).expect("write");
+    let joined = refused_reload(&p).await;
+    assert!(joined.contains("admin_token removed"), "{joined}");
+    assert!(
+        p.rt.policy().proxy.admin_token.is_some(),
+        "the old policy was replaced"
+    );
+    std::fs::write(&w.policy_path, &text).expect("write");
+    p.rt.reload().await.expect("the token kept");
 }
 
 /// At `max_connections` a new connection waits in the listen backlog (it is served once a
