@@ -576,6 +576,13 @@ impl TokenEndpoint {
     }
 }
 
+/// The authority of a URL's text after `scheme://`: up to the first `/`, `?`, `#` or `\`
+/// (where an HTTP client ends it).
+fn url_authority(rest: &str) -> &str {
+    rest.find(['/', '?', '#', '\\'])
+        .map_or(rest, |i| &rest[..i])
+}
+
 /// `type = "oauth_token"` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuthSpec {
@@ -948,7 +955,7 @@ impl Policy {
             if let SecretKind::Brokered(b) = &secret.kind
                 && let Some(rest) = b.url.strip_prefix("http://")
             {
-                let authority = rest.split('/').next().unwrap_or_default();
+                let authority = url_authority(rest);
                 let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
                 if let Some(ip) = proxy.resolve.get(&host.to_ascii_lowercase())
                     && !ip.is_loopback()
@@ -2062,8 +2069,21 @@ impl Cx<'_> {
         };
         let b = b.get_ref();
         let url = b.url.get_ref().trim_end_matches('/').to_string();
+        let authority = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"))
+            .map(url_authority);
+        // `http://localhost:80@evil.example` names the host after the `@`: the loopback
+        // check below would read `localhost` while the dial goes to `evil.example`.
+        if authority.is_some_and(|a| a.contains('@')) {
+            self.error(
+                b.url.span().start,
+                format!("secret `{name}`: broker url must not contain userinfo (`user@`)"),
+            );
+            return None;
+        }
         let loopback_http = url.strip_prefix("http://").is_some_and(|rest| {
-            let authority = rest.split('/').next().unwrap_or_default();
+            let authority = url_authority(rest);
             let host = authority
                 .rsplit_once(':')
                 .map_or(authority, |(h, _)| h)

@@ -519,6 +519,18 @@ fn broker_http_must_stay_loopback_and_shared_token_endpoints_warn() {
     assert!(parse(&broker("\"localhost\" = \"127.0.0.2\"")).is_ok());
     let e = errors(&broker("\"localhost\" = \"192.0.2.2\""));
     assert!(e.iter().any(|m| m.contains("cleartext")), "{e:?}");
+    // Userinfo would make the loopback check read one host while the dial goes to another.
+    for url in [
+        "http://localhost:80@evil.example",
+        "http://localhost@evil.example/v1",
+        "https://user:pw@broker.example",
+    ] {
+        let text = broker("").replace("http://localhost:8181", url);
+        let e = errors(&text);
+        assert!(e.iter().any(|m| m.contains("userinfo")), "{url}: {e:?}");
+    }
+    // `?` and `#` end the authority: the host is still localhost.
+    assert!(parse(&broker("").replace(":8181", ":8181?x=@evil.example")).is_ok());
     let two = "version = 1\n[[secrets]]\nname = \"TOKEN_ONE\"\ntype = \"oauth_token\"\ngrant = \"client_credentials\"\ntoken_endpoint = \"https://id.test/token\"\nfields = { client_id = { env = \"A\" }, client_secret = { env = \"B\" } }\nhosts = [\"a.test\"]\n[[secrets]]\nname = \"TOKEN_TWO\"\ntype = \"oauth_token\"\ngrant = \"client_credentials\"\ntoken_endpoint = \"https://id.test/token\"\nfields = { client_id = { env = \"C\" }, client_secret = { env = \"D\" } }\nhosts = [\"b.test\"]\n";
     let p = parse(two).unwrap_or_else(|e| panic!("{e}"));
     let w: Vec<String> = p.warnings.iter().map(ToString::to_string).collect();
