@@ -413,16 +413,19 @@ impl UpstreamClient {
 /// connections a few milliseconds idle) no request pays for the copy.
 const RESEND_AFTER_IDLE: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// A copy of `req` to send again, when that is safe: an idempotent method (RFC 9110
-/// §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and no body (a streamed body cannot be
-/// replayed). `None` otherwise.
+/// A copy of `req` to send again, when that is safe: a safe method (RFC 9110 §9.2.1: GET,
+/// HEAD, OPTIONS, TRACE) or a request carrying `Idempotency-Key` / `X-Idempotency-Key`, and
+/// no body (a streamed body cannot be replayed). `None` otherwise. PUT and DELETE are
+/// idempotent by RFC 9110 §9.2.2 but not in every API (`DELETE /queue/next`), so they are
+/// not replayed on their own; Go's `net/http` transport draws the same line.
 fn replay_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
     use http::Method;
-    let idempotent = matches!(
+    let replayable = matches!(
         *req.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
-    if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    ) || req.headers().contains_key("idempotency-key")
+        || req.headers().contains_key("x-idempotency-key");
+    if !replayable || !http_body::Body::is_end_stream(req.body()) {
         return None;
     }
     let mut copy = Request::new(crate::body::full(bytes::Bytes::new()));
@@ -971,13 +974,14 @@ mod tests {
     }
 
     /// Not sent again (the client gets the error): a request with a body, a method that is
-    /// not idempotent, and a GET on a connection in use a moment ago.
+    /// not safe (a bodiless POST or DELETE), and a GET on a connection in use a moment ago.
     #[tokio::test]
     async fn what_cannot_be_safely_resent_is_not() {
         let wait = RESEND_AFTER_IDLE + std::time::Duration::from_millis(100);
         for (method, body, idle) in [
             (Method::PUT, "x", wait),
             (Method::POST, "", wait),
+            (Method::DELETE, "", wait),
             (Method::GET, "", std::time::Duration::ZERO),
         ] {
             let o = origin_with(|_| OK, 1, true);
