@@ -121,8 +121,9 @@ impl CertificateAuthority {
         Ok((ca, key_pem))
     }
 
-    /// Loads a CA from PEM text. The certificate must be a CA (basicConstraints CA) and the
-    /// key (PKCS#8, SEC1 or PKCS#1 PEM) must match its public key.
+    /// Loads a CA from PEM text. The certificate must be a CA (basicConstraints CA) whose
+    /// keyUsage includes keyCertSign, within its validity period, and the key (PKCS#8, SEC1
+    /// or PKCS#1 PEM) must match its public key.
     ///
     /// # Errors
     /// [`CertError::InvalidCa`] naming what is wrong.
@@ -141,6 +142,38 @@ impl CertificateAuthority {
             return Err(invalid(
                 "the certificate is not a CA (basicConstraints CA is not set)",
             ));
+        }
+        // As the reference (REFERENCE.md §2.4): a CA must be allowed to sign certificates;
+        // RFC 5280 §4.2.1.3 has a CA certificate carry keyUsage with keyCertSign.
+        match x509.key_usage() {
+            Ok(Some(ku)) if ku.value.key_cert_sign() => {}
+            Ok(Some(_)) => {
+                return Err(invalid(
+                    "the certificate's keyUsage does not include keyCertSign (it may not sign certificates)",
+                ));
+            }
+            Ok(None) => {
+                return Err(invalid(
+                    "the certificate has no keyUsage extension (a CA needs keyUsage keyCertSign)",
+                ));
+            }
+            Err(_) => return Err(invalid("the certificate's keyUsage extension is malformed")),
+        }
+        // Every leaf chained to a CA outside its validity period fails verification.
+        let validity = x509.validity();
+        let now = x509_parser::time::ASN1Time::now();
+        if now > validity.not_after {
+            return Err(CertError::InvalidCa {
+                reason: format!("the certificate expired on {}", validity.not_after),
+            });
+        }
+        if now < validity.not_before {
+            return Err(CertError::InvalidCa {
+                reason: format!(
+                    "the certificate is not valid before {} (check the clock)",
+                    validity.not_before
+                ),
+            });
         }
         if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(invalid("the key does not belong to the certificate"));
@@ -425,6 +458,47 @@ mod tests {
             .unwrap();
         let err = CertificateAuthority::from_pem(&leaf.pem(), &key.serialize_pem()).unwrap_err();
         assert!(err.to_string().contains("not a CA"), "{err}");
+    }
+
+    /// A CA certificate that may not sign certificates, has no keyUsage, or is outside its
+    /// validity period is refused with the reason (REFERENCE.md §4: no start without
+    /// CertSign); the generated CA loads.
+    #[test]
+    fn rejects_a_ca_without_cert_sign_or_out_of_its_validity() {
+        let ca = |usages: Vec<KeyUsagePurpose>, from: i64, to: i64| {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = usages;
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now + time::Duration::days(from);
+            params.not_after = now + time::Duration::days(to);
+            let cert = params.self_signed(&key).unwrap();
+            CertificateAuthority::from_pem(&cert.pem(), &key.serialize_pem())
+        };
+        let sign = || {
+            vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::DigitalSignature,
+            ]
+        };
+        assert!(ca(sign(), -1, 30).is_ok());
+        for (usages, from, to, expect) in [
+            (
+                vec![KeyUsagePurpose::DigitalSignature],
+                -1,
+                30,
+                "keyCertSign",
+            ),
+            (vec![], -1, 30, "no keyUsage"),
+            (sign(), -30, -1, "expired"),
+            (sign(), 2, 30, "not valid before"),
+        ] {
+            let err = ca(usages, from, to).expect_err(expect).to_string();
+            assert!(err.contains(expect), "{expect}: {err}");
+        }
+        let (generated, key) = CertificateAuthority::generate("g").unwrap();
+        CertificateAuthority::from_pem(generated.cert_pem(), &key).unwrap();
     }
 
     #[test]
