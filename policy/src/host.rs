@@ -61,8 +61,8 @@ impl HostPattern {
                 ));
             }
             HostKind::Suffix(format!(".{suffix}"))
-        } else if host.parse::<IpAddr>().is_ok() {
-            HostKind::Exact(host)
+        } else if let Ok(ip) = host.parse::<IpAddr>() {
+            HostKind::Exact(ip.to_string())
         } else {
             check_name(&host, text)?;
             HostKind::Exact(host)
@@ -144,8 +144,10 @@ pub fn normalize_host(host: &str) -> Option<String> {
     if h.is_empty() {
         return None;
     }
-    if h.parse::<IpAddr>().is_ok() {
-        return Some(h.to_ascii_lowercase());
+    // An address literal in its canonical text (RFC 5952 for IPv6: `2001:0DB8::0:1` and
+    // `2001:db8::1` are one host), so patterns, CONNECT authorities and `Host` compare equal.
+    if let Ok(ip) = h.parse::<IpAddr>() {
+        return Some(ip.to_string());
     }
     if h.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
@@ -263,6 +265,16 @@ mod tests {
     fn normalize() {
         assert_eq!(normalize_host("API.x.COM.").as_deref(), Some("api.x.com"));
         assert_eq!(normalize_host("[::1]").as_deref(), Some("::1"));
+        // One IPv6 address, one text (RFC 5952), in patterns and in requests alike.
+        assert_eq!(
+            normalize_host("[2001:0DB8:0:0::1]").as_deref(),
+            Some("2001:db8::1")
+        );
+        assert!(p("[2001:db8:0:0:0:0:0:1]").matches(
+            &normalize_host("[2001:0db8::1]").unwrap_or_default(),
+            443,
+            true
+        ));
         assert_eq!(normalize_host("a/b"), None);
         assert_eq!(normalize_host(""), None);
     }
