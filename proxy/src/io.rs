@@ -3,6 +3,7 @@
 //! and then hand the whole stream on), and [`relay`], the two-way copy of passthrough
 //! tunnels, upgraded connections and the Postgres relay.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -204,10 +205,120 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<'_, T> {
     }
 }
 
+/// A client-side stream whose writes fail with `TimedOut` once one has made no progress
+/// for `limit` (a `poll_write`, `poll_flush` or `poll_shutdown` pending that long): a client
+/// that stops reading cannot hold its connection slot, its request and the upstream
+/// connection behind it forever. hyper stops polling a response body while it cannot flush
+/// (so the body's own idle cut, `crate::body::Idle`, never runs then), and its header
+/// timeout covers only reads. The timer is armed only while a write is pending: a write that
+/// completes costs one branch.
+#[derive(Debug)]
+pub struct WriteStall<T> {
+    inner: T,
+    limit: std::time::Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteStall<T> {
+    /// Wraps `inner`; `limit` is the longest a write may stay pending.
+    pub fn new(inner: T, limit: std::time::Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Passes `r` on; a `Pending` arms the timer (once per stall) and turns into `TimedOut`
+    /// when it has run out.
+    fn bound<R>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteStall<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStall<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bound(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.bound(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.bound(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.bound(cx, r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt as _;
+
+    /// A write the peer does not read fails with `TimedOut` after the limit; one the peer
+    /// reads goes through, however long the stream lives.
+    #[tokio::test]
+    async fn a_write_pending_past_the_limit_times_out() {
+        use tokio::io::AsyncWriteExt as _;
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut s = WriteStall::new(near, std::time::Duration::from_millis(200));
+        s.write_all(&[1; 64]).await.unwrap();
+        let mut buf = [0u8; 64];
+        far.read_exact(&mut buf).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        s.write_all(&[2; 64]).await.unwrap();
+        let started = std::time::Instant::now();
+        let err = s.write_all(&[3; 1]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+        far.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, [2; 64]);
+    }
 
     #[tokio::test]
     async fn relay_copies_both_ways_and_stops_when_idle() {

@@ -22,7 +22,7 @@ use tracing::{Instrument as _, debug, debug_span, warn};
 use crate::audit::AuditRecord;
 use crate::body::{ProxyBody, full};
 use crate::error::ProxyError;
-use crate::io::{Prefixed, relay};
+use crate::io::{Prefixed, WriteStall, relay};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Conn, Dest};
 use crate::upstream::{DialError, resolve_checked};
@@ -186,8 +186,11 @@ async fn serve_proxy_connection(
             })
         }
     });
+    // A write pending past the idle timeout ends the connection (a client that stopped
+    // reading); below the tunnels' TLS, so it bounds every request and upgrade on it.
+    let io = WriteStall::new(tcp, limits.idle_timeout);
     let served = http1_builder(&limits)
-        .serve_connection(TokioIo::new(tcp), svc)
+        .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     if let Err(e) = graceful(served, shutdown).await {
         debug!(error = %e, "client connection ended with an error");
@@ -416,7 +419,12 @@ async fn check_connect(
     rec.host.clone_from(&host);
     rec.port = port;
     rec.host_class = policy.host_class(&host, port, true);
-    if !policy.allows_destination(&host, port, true) {
+    // What the tunnel carries (TLS or cleartext HTTP) is known only after it opens; each
+    // request in it is checked again with the real answer. A host pattern without a port
+    // means 443 for TLS and 80 for cleartext, so `CONNECT pypi.org:80` (curl -p, undici)
+    // passes here when cleartext to it is allowed.
+    if !(policy.allows_destination(&host, port, true) || policy.allows_forward(&host, port, false))
+    {
         return Err(ProxyError::DestinationNotAllowed { host, port });
     }
     if policy.is_stub_host(&host, port) {
@@ -424,16 +432,22 @@ async fn check_connect(
         // (and if) a request is forwarded.
         return Ok((host, port, None));
     }
-    let addrs = resolve_checked(&policy, &host, port)
-        .await
-        .map_err(|e| match e {
-            DialError::Denied { host } => ProxyError::DestinationAddressDenied { host },
-            DialError::Resolve { .. } => ProxyError::UpstreamUnreachable,
-        })?;
+    let limits = &policy.proxy.limits;
+    // The look-up is bounded like a dial: a name server that drops queries would otherwise
+    // hold the CONNECT for the system resolver's whole retry cycle.
+    let addrs = tokio::time::timeout(
+        limits.upstream_connect_timeout,
+        resolve_checked(&policy, &host, port),
+    )
+    .await
+    .map_err(|_| ProxyError::UpstreamTimeout)?
+    .map_err(|e| match e {
+        DialError::Denied { host } => ProxyError::DestinationAddressDenied { host },
+        DialError::Resolve { .. } => ProxyError::UpstreamUnreachable,
+    })?;
     if !policy.is_passthrough(&host, port) {
         return Ok((host, port, None));
     }
-    let limits = &policy.proxy.limits;
     let tcp = tokio::time::timeout(
         limits.upstream_connect_timeout,
         TcpStream::connect(&addrs[..]),
@@ -452,9 +466,10 @@ async fn check_connect(
 /// `rec` (the CONNECT's record) is written only when the tunnel fails before its first
 /// request could be read — the client sent nothing, or its TLS handshake with the proxy's
 /// leaf failed (typically: the sandbox does not trust the proxy's CA; REFERENCE.md §5 c1),
-/// or it spoke neither TLS nor HTTP — with `outcome` `client_cancel` and the `error`
-/// `client_silent`, `client_tls_handshake_failed`, `client_tls_handshake_timeout` or
-/// `tunnel_not_tls_or_http`.
+/// or it spoke neither TLS nor HTTP, or no request reached the pipeline (see
+/// [`serve_tunnel`]) — with `outcome` `client_cancel` and the `error` `client_silent`,
+/// `client_tls_handshake_failed`, `client_tls_handshake_timeout`, `tunnel_not_tls_or_http`,
+/// `no_request`, `request_head_too_large` or `request_head_invalid`.
 async fn intercept<T>(
     rt: Arc<Runtime>,
     mut io: T,
@@ -532,17 +547,27 @@ async fn intercept<T>(
         };
         Metrics::count(handshakes, "ok");
         let dest = Dest::new(host, port, true, sni);
-        serve_tunnel(rt, tls, &outer, dest).await;
+        if let Some(code) = serve_tunnel(rt.clone(), tls, &outer, dest).await {
+            failed(rec, code);
+        }
     } else if first[0].is_ascii_alphabetic() {
         let dest = Dest::new(host, port, false, None);
-        serve_tunnel(rt, io, &outer, dest).await;
+        if let Some(code) = serve_tunnel(rt.clone(), io, &outer, dest).await {
+            failed(rec, code);
+        }
     } else {
         debug!("tunnel carries neither TLS nor HTTP; closing");
         failed(rec, "tunnel_not_tls_or_http");
     }
 }
 
-async fn serve_tunnel<T>(rt: Arc<Runtime>, io: T, outer: &Conn, dest: Dest)
+/// Serves the requests of an intercepted tunnel until it closes. Each request writes its
+/// own audit line; when none reached the pipeline, returns the error code for the tunnel's
+/// CONNECT line: `client_silent` (no request head within `client_header_timeout`),
+/// `request_head_too_large` / `request_head_invalid` (hyper answered 431 / 400), or
+/// `no_request` (the client closed without asking anything, e.g. a pinning client after
+/// the handshake).
+async fn serve_tunnel<T>(rt: Arc<Runtime>, io: T, outer: &Conn, dest: Dest) -> Option<&'static str>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -554,17 +579,30 @@ where
         shutdown: outer.shutdown.clone(),
     });
     let shutdown = outer.shutdown.clone();
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = asked.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let rt = rt.clone();
         let conn = conn.clone();
+        seen.store(true, std::sync::atomic::Ordering::Relaxed);
         async move { Ok::<_, Infallible>(pipeline::handle(rt, conn, req).await) }
     });
     let served = http1_builder(&limits)
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
-    if let Err(e) = graceful(served, shutdown).await {
+    let ended = graceful(served, shutdown).await;
+    if let Err(e) = &ended {
         debug!(error = %e, "tunnel connection ended with an error");
     }
+    if asked.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    Some(match ended {
+        Err(e) if e.is_timeout() => "client_silent",
+        Err(e) if e.is_parse_too_large() => "request_head_too_large",
+        Err(e) if e.is_parse() => "request_head_invalid",
+        _ => "no_request",
+    })
 }
 
 #[cfg(test)]

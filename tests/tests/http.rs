@@ -1034,7 +1034,7 @@ async fn raw_head_origin(
     String,
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let (listener, acceptor, addr, pem) = tls_listener(name).await;
     let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let recorded = heads.clone();
@@ -1043,14 +1043,7 @@ async fn raw_head_origin(
             let Ok(mut tls) = acceptor.accept(tcp).await else {
                 continue;
             };
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match tls.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
+            let head = read_request_head(&mut tls).await.unwrap_or_default();
             recorded
                 .lock()
                 .unwrap()
@@ -1266,6 +1259,21 @@ allow_plaintext = true
     .await
 }
 
+/// Reads a request head, through its blank line, from `io` (a test origin's side): the
+/// bytes read, or `None` when the stream ends or fails first.
+async fn read_request_head<S: tokio::io::AsyncRead + Unpin>(io: &mut S) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match io.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(head)
+}
+
 /// The audit record of the request to `path`, waiting up to 5 s for it to be written.
 async fn audit_record(p: &InProcess, path: &str) -> iron_proxy::audit::AuditRecord {
     audit_record_where(p, |r| r.path == path).await
@@ -1335,6 +1343,34 @@ async fn a_tunnel_whose_client_rejects_the_proxy_ca_is_audited() {
     assert_eq!(&head, b"HTTP/1.1 200");
     tcp.write_all(&[0u8, 1, 2, 3]).await.unwrap();
     audit_record_where(&p, |r| r.error == Some("tunnel_not_tls_or_http")).await;
+
+    // Cleartext HTTP inside the tunnel whose first head hyper refuses (400), and one the
+    // client abandons half-written: no request reaches the pipeline, the tunnel is audited.
+    for (sent, code) in [
+        (&b"GARBAGE\r\n\r\n"[..], "request_head_invalid"),
+        (&b"GET / HT"[..], "no_request"),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+        tcp.write_all(
+            format!(
+                "CONNECT api.github.test:{port} HTTP/1.1\r\nHost: api.github.test:{port}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut head = [0u8; 12];
+        tcp.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        tcp.write_all(sent).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let rec = audit_record_where(&p, |r| r.error == Some(code)).await;
+        assert_eq!(
+            (rec.kind, rec.outcome, rec.host.as_str()),
+            ("connect", "client_cancel", "api.github.test"),
+            "{rec:?}"
+        );
+    }
 }
 
 /// An origin that sends the response head and 10 of 100 body bytes, then stalls: after
@@ -1350,13 +1386,8 @@ async fn a_response_body_that_stalls_is_cut_after_the_idle_timeout() {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = origin.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
+                if read_request_head(&mut tcp).await.is_none() {
+                    return;
                 }
                 let _ = tcp
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
@@ -1392,6 +1423,65 @@ async fn a_response_body_that_stalls_is_cut_after_the_idle_timeout() {
     let rec = audit_record(&p, "/slow").await;
     assert_eq!(rec.outcome, "upstream_error", "{rec:?}");
     assert_eq!(rec.bytes_out, 10, "{rec:?}");
+}
+
+/// A client that asks for a large body and stops reading: once the proxy's write to it has
+/// been stuck for `idle_timeout_secs`, the connection is closed and the request audited
+/// (hyper stops polling the body while it cannot flush, so only a write timeout can end it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
+async fn a_client_that_stops_reading_is_cut_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BODY: usize = 256 * 1024 * 1024;
+    let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = origin.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = origin.accept().await {
+            tokio::spawn(async move {
+                if read_request_head(&mut tcp).await.is_none() {
+                    return;
+                }
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n");
+                if tcp.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let block = vec![b'x'; 64 * 1024];
+                for _ in 0..BODY / block.len() {
+                    if tcp.write_all(&block).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let w =
+        cleartext_origin_world("deaf.test", port, "[proxy.limits]\nidle_timeout_secs = 1\n").await;
+    let p = w.proxy(standard_env()).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(p.addr()).await.unwrap();
+    tcp.write_all(
+        format!("GET http://deaf.test:{port}/big HTTP/1.1\r\nHost: deaf.test:{port}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Never read: the proxy's writes stall once the socket buffers are full.
+    let rec = audit_record_where(&p, |r| r.path == "/big").await;
+    assert_eq!(rec.outcome, "client_cancel", "{rec:?}");
+    assert!(
+        rec.bytes_out < BODY as u64,
+        "the whole body went out: {rec:?}"
+    );
+    // The connection is closed: draining what was buffered ends, short of the body.
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tcp.read_to_end(&mut got),
+    )
+    .await;
+    assert!(ended.is_ok(), "the connection was left open");
+    assert!(got.len() < BODY, "{}", got.len());
 }
 
 /// An origin that closes the connection halfway through an upload: the client still there
