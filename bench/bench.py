@@ -330,6 +330,7 @@ def pg_bench(a):
     sh(*as_postgres(f"{PG_BIN}/initdb", "-D", f"{d}/data", "-U", "app", "--auth=scram-sha-256",
                     f"--pwfile={d}/pw", "--no-sync"))
     pg_port, relay_port, proxy_port, bouncer_port = free_port(), free_port(), free_port(), free_port()
+    relay_sock_port = free_port()
     pg = subprocess.Popen(as_postgres(f"{PG_BIN}/postgres", "-D", f"{d}/data", "-p", str(pg_port), "-k", d,
                                       "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=100"),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -352,19 +353,32 @@ type = "pg_dsn"
 database = "app"
 listen = "127.0.0.1:{relay_port}"
 source = {{ env = "BENCH_REAL_DSN" }}
+
+[[secrets]]
+name = "DATABASE_URL_SOCKET"
+type = "pg_dsn"
+database = "app"
+listen = "127.0.0.1:{relay_sock_port}"
+source = {{ env = "BENCH_REAL_DSN_SOCKET" }}
 """
         with open(f"{d}/policy.toml", "w") as f:
             f.write(policy)
-        env = dict(os.environ, BENCH_REAL_DSN=direct, IRON_PROXY_HOME=f"{d}/state", IRON_PROXY_LOG="warn")
+        # The same server over its Unix socket (libpq's host=DIRECTORY form): the upstream leg
+        # of a relay or pooler running on the database's host.
+        socket_dsn = f"host={d} port={pg_port} user=app password={PG_PASSWORD} dbname=app"
+        env = dict(os.environ, BENCH_REAL_DSN=direct, BENCH_REAL_DSN_SOCKET=socket_dsn,
+                   IRON_PROXY_HOME=f"{d}/state", IRON_PROXY_LOG="warn")
         log = open(f"{d}/proxy.log", "w")
         proxy = subprocess.Popen([PROXY_BIN, "serve", "--policy", f"{d}/policy.toml"], env=env,
                                  stdout=subprocess.DEVNULL, stderr=log)
         procs.append(proxy)
         wait_port(relay_port, "iron-proxy relay", f"{d}/proxy.log")
-        relay_dsn = sh(PROXY_BIN, "env", "--policy", f"{d}/policy.toml", env=env).stdout
-        relay_dsn = next(l.split("=", 1)[1].strip("'") for l in relay_dsn.splitlines()
-                         if l.startswith("export DATABASE_URL="))
-        targets = {"direct": direct + "", "iron-proxy relay": relay_dsn + "?sslmode=disable"}
+        exports = sh(PROXY_BIN, "env", "--policy", f"{d}/policy.toml", env=env).stdout.splitlines()
+        relay_dsn, relay_sock_dsn = (next(l.split("=", 1)[1].strip("'") for l in exports
+                                          if l.startswith(f"export {name}="))
+                                     for name in ("DATABASE_URL", "DATABASE_URL_SOCKET"))
+        targets = {"direct": direct + "", "iron-proxy relay": relay_dsn + "?sslmode=disable",
+                   "iron-proxy relay, socket upstream": relay_sock_dsn + "?sslmode=disable"}
         if shutil.which("pgbouncer") or os.path.exists("/usr/sbin/pgbouncer"):
             bouncer = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
             with open(f"{d}/userlist.txt", "w") as f:
@@ -372,6 +386,7 @@ source = {{ env = "BENCH_REAL_DSN" }}
             with open(f"{d}/pgbouncer.ini", "w") as f:
                 f.write(f"""[databases]
 app = host=127.0.0.1 port={pg_port} dbname=app
+app_socket = host={d} port={pg_port} dbname=app
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {bouncer_port}
@@ -389,6 +404,7 @@ pidfile = {d}/pgbouncer.pid
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             wait_port(bouncer_port, "pgbouncer", f"{d}/pgbouncer.log")
             targets["pgbouncer (session pool)"] = f"postgresql://app:{PG_PASSWORD}@127.0.0.1:{bouncer_port}/app?sslmode=disable"
+            targets["pgbouncer, socket upstream"] = f"postgresql://app:{PG_PASSWORD}@127.0.0.1:{bouncer_port}/app_socket?sslmode=disable"
         clients = 8
         rows = []
         for mode in ("-S", "-N"):  # select-only; simple-update (TPC-B without branch/teller updates)
@@ -632,7 +648,9 @@ def main():
     md += goal_lines(results, out["proxy_peak_rss_mib"])
     if pg:
         md += ["", f"Postgres relay: `pgbench -n -S|-N -c {pg['clients']} -j 2 -T {pg['duration_s']}` (scale {pg['scale']}), "
-                   f"{a.reps} run(s) per target, interleaved; TLS off on every leg.", "",
+                   f"{a.reps} run(s) per target, interleaved; TLS off on every leg. Clients always reach the relay "
+                   "and pgbouncer over TCP; their upstream leg is TCP, or the server's Unix socket in the "
+                   "`socket upstream` rows (a relay or pooler on the database's host).", "",
                "| mode | target | median TPS | × direct | median latency ms | failed transactions | errors |",
                "|---|---|---|---|---|---|---|"]
         for r in pg["rows"]:
