@@ -998,8 +998,8 @@ impl Policy {
                 }
             }
         }
-        // Passthrough traffic is never intercepted: a secret cannot be swapped there, and
-        // its placeholder would reach the host as the sandbox wrote it.
+        // A secret's host under a passthrough pattern is intercepted anyway
+        // (`Policy::is_passthrough`); say so, since clients there may pin certificates.
         for secret in &secrets {
             for h in &secret.hosts {
                 if let Some(p) = proxy.passthrough.iter().find(|p| p.overlaps(h)) {
@@ -1009,7 +1009,7 @@ impl Policy {
                         col: secret.pos.col,
                         severity: Severity::Warning,
                         message: format!(
-                            "secret `{}`: host `{h}` is also covered by passthrough `{p}`, which is tunnelled without interception: the secret is never swapped there",
+                            "secret `{}`: host `{h}` is also covered by passthrough `{p}`: it is intercepted all the same (a secret's host is never passed through, or its placeholder would reach the host unswapped), so a client there that pins certificates fails",
                             secret.name
                         ),
                     });
@@ -1093,12 +1093,16 @@ impl Policy {
         })
     }
 
-    /// True when `host:port` is tunnelled without interception.
+    /// True when `host:port` is tunnelled without interception: a `passthrough` pattern
+    /// covers it and no secret is bound to it. A secret's host is always intercepted, also
+    /// under a wider passthrough pattern: passed through, the sandbox's placeholder would
+    /// reach the host unswapped and unseen (REFERENCE.md §5 c1).
     pub fn is_passthrough(&self, host: &str, port: u16) -> bool {
         self.proxy
             .passthrough
             .iter()
             .any(|p| p.matches(host, port, true))
+            && !self.secrets.iter().any(|s| s.allows_host(host, port, true))
     }
 
     /// The egress decision for a CONNECT (DESIGN.md decision 5): true when a tunnel to

@@ -467,6 +467,11 @@ hosts = ["api.example.com", "pinned.test:443", "other.test"]
                 .contains("host `api.example.com` is also covered by passthrough `*.example.com`")),
         "{w:?}"
     );
+    // The secret's host is intercepted; the rest of the pattern passes through.
+    assert!(!p.is_passthrough("api.example.com", 443));
+    assert!(p.is_passthrough("www.example.com", 443));
+    assert!(p.is_passthrough("pinned.test", 8443));
+    assert!(!p.is_passthrough("pinned.test", 443));
     // Another port, and another host: no overlap.
     assert!(
         !w.iter()
