@@ -553,21 +553,29 @@ const METHOD_OVERRIDES: [&str; 3] = [
 ];
 
 /// True when `secret`'s capabilities allow `req`: its method and path, and the method any
-/// method-override header names (upper-cased), since an origin that honours the header runs
-/// that method instead.
+/// method-override header or `_method` query parameter (Rails, Laravel, Symfony, Express
+/// `methodOverride('_method')`) names (decoded, upper-cased), since an origin that honours
+/// it runs that method instead. A `_method` in a form body is not seen (bodies are not read).
 fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
     if secret.capabilities.is_empty() {
         return true;
     }
+    let allows = |m: &[u8]| {
+        std::str::from_utf8(m)
+            .is_ok_and(|m| secret.allows_request(&m.trim().to_ascii_uppercase(), req.path))
+    };
     secret.allows_request(req.method, req.path)
         && req
             .headers
             .iter()
             .filter(|(n, _)| METHOD_OVERRIDES.iter().any(|o| n.eq_ignore_ascii_case(o)))
-            .all(|(_, v)| {
-                std::str::from_utf8(v)
-                    .is_ok_and(|m| secret.allows_request(&m.trim().to_ascii_uppercase(), req.path))
-            })
+            .all(|(_, v)| allows(v))
+        && req.query.is_none_or(|q| {
+            q.split('&')
+                .filter_map(|pair| pair.split_once('='))
+                .filter(|(k, _)| decoded(k, true).as_ref() == b"_method")
+                .all(|(_, v)| allows(&decoded(v, true)))
+        })
 }
 
 fn capability_not_allowed(secret: &crate::Secret, req: &RequestView<'_>) -> PlanError {

@@ -477,6 +477,28 @@ fn capabilities_gate_swaps_and_injections_by_method_and_path() {
         ..view("api.stripe.test", "/v1/charges", None, get_override)
     };
     assert!(p.plan(&r).is_ok());
+    // So does a `_method` query parameter (any case, percent-encoded or not).
+    let bearer: &[(&str, &[u8])] = &[("authorization", b"Bearer STRIPE_KEY")];
+    for query in ["_method=DELETE", "a=1&_method=delete", "%5Fmethod=del%45te"] {
+        let r = RequestView {
+            method: "GET",
+            ..view("api.stripe.test", "/v1/charges", Some(query), bearer)
+        };
+        assert!(
+            matches!(p.plan(&r), Err(PlanError::CapabilityNotAllowed { .. })),
+            "{query}"
+        );
+    }
+    let r = RequestView {
+        method: "GET",
+        ..view(
+            "api.stripe.test",
+            "/v1/charges",
+            Some("_method=get&x=_method"),
+            bearer,
+        )
+    };
+    assert!(p.plan(&r).is_ok());
     // Without the placeholder the capability-restricted swap secret is not involved.
     let plain = RequestView {
         method: "DELETE",
