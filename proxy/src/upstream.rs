@@ -242,7 +242,7 @@ pub fn build_client(
         pool: Arc::new(Pool {
             connector,
             h1,
-            idle: Mutex::new([HashMap::new(), HashMap::new()]),
+            idle: Mutex::new(IdleSet::default()),
             idle_timeout: limits.idle_timeout,
             reaper: std::sync::atomic::AtomicBool::new(false),
             counters,
@@ -252,6 +252,12 @@ pub fn build_client(
 
 /// Most idle connections kept per scheme and authority (in each event loop's pool).
 const MAX_IDLE_PER_HOST: usize = 64;
+
+/// Most idle connections kept in all (in each event loop's pool): when the pool is full, the
+/// connection idle longest is closed for a new one. Without it a sandbox requesting many
+/// hosts (`egress = "open"`, a wildcard over wildcard DNS) would hold a descriptor per host
+/// until the idle timeout.
+const MAX_IDLE_TOTAL: usize = 128;
 
 /// The pooled upstream client: HTTP/1.1 over verified TLS (or plain TCP for `http`), with
 /// idle keep-alive connections kept per scheme and authority. Each event loop has its own
@@ -266,7 +272,7 @@ const MAX_IDLE_PER_HOST: usize = 64;
 /// again on the next idle connection or a new one. Once any of it was written it is resent
 /// only when all of these hold (RFC 9110 §9.2.2, as Go's transport does): the connection had
 /// sat idle for 250 ms or more (`RESEND_AFTER_IDLE`), the upstream closed it before any response
-/// came, the method is idempotent and there is no body; the resend goes on a new
+/// came, the method is safe (or the request has an `Idempotency-Key`) and there is no body; the resend goes on a new
 /// connection, once. Kept from hyper-util's legacy client, which this replaced: the resend
 /// of a refused request, `Host` from the URI, origin form, the idle timeout; dropped: its
 /// per-byte hashing of the pool key, boxed futures and a task per request
@@ -281,12 +287,59 @@ struct Pool {
     h1: hyper::client::conn::http1::Builder,
     /// Idle connections by authority (`host:port` as in the URI), `[http, https]`; the
     /// newest at the end of each list.
-    idle: Mutex<[HashMap<Box<str>, Vec<Idle>>; 2]>,
+    idle: Mutex<IdleSet>,
     idle_timeout: std::time::Duration,
     /// Whether the task that drops expired idle connections was started.
     reaper: std::sync::atomic::AtomicBool,
     /// Connections dialed, requests resent.
     counters: UpstreamCounters,
+}
+
+/// The idle connections of a pool, and how many there are (at most [`MAX_IDLE_TOTAL`]).
+#[derive(Default)]
+struct IdleSet {
+    maps: [HashMap<Box<str>, Vec<Idle>>; 2],
+    count: usize,
+}
+
+impl IdleSet {
+    /// Drops what checkout would not hand out (closed, or idle past `timeout`) and the lists
+    /// left empty.
+    fn reap(&mut self, now: std::time::Instant, timeout: std::time::Duration) {
+        for map in &mut self.maps {
+            map.retain(|_, list| {
+                list.retain(|i| i.usable(now, timeout));
+                !list.is_empty()
+            });
+        }
+        self.count = self
+            .maps
+            .iter()
+            .flat_map(|m| m.values())
+            .map(Vec::len)
+            .sum();
+    }
+
+    /// Makes room for one more: reaps, then drops the longest-idle connection if the set
+    /// is still full. Runs only when the set is full (one pass over it).
+    fn make_room(&mut self, now: std::time::Instant, timeout: std::time::Duration) {
+        self.reap(now, timeout);
+        if self.count < MAX_IDLE_TOTAL {
+            return;
+        }
+        // Each list is oldest first: the oldest overall is the first of some list.
+        let oldest = self
+            .maps
+            .iter_mut()
+            .flat_map(|m| m.iter_mut())
+            .min_by_key(|(_, list)| list.first().map(|i| i.since));
+        if let Some((_, list)) = oldest
+            && !list.is_empty()
+        {
+            list.remove(0);
+            self.count -= 1;
+        }
+    }
 }
 
 struct Idle {
@@ -472,9 +525,11 @@ impl Pool {
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = idle[usize::from(tls)].get_mut(authority)?;
+        let idle = &mut *idle;
+        let list = idle.maps[usize::from(tls)].get_mut(authority)?;
         let now = std::time::Instant::now();
         while let Some(i) = list.pop() {
+            idle.count -= 1;
             if i.usable(now, self.idle_timeout) {
                 return Some((i.sender, now.saturating_duration_since(i.since)));
             }
@@ -539,14 +594,22 @@ impl Pool {
                 .idle
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let map = &mut idle[usize::from(tls)];
-            match map.get_mut(authority) {
-                Some(list) if list.len() >= MAX_IDLE_PER_HOST => {}
-                Some(list) => list.push(entry),
+            if idle.count >= MAX_IDLE_TOTAL {
+                idle.make_room(entry.since, self.idle_timeout);
+            }
+            let map = &mut idle.maps[usize::from(tls)];
+            let pushed = match map.get_mut(authority) {
+                Some(list) if list.len() >= MAX_IDLE_PER_HOST => false,
+                Some(list) => {
+                    list.push(entry);
+                    true
+                }
                 None => {
                     map.insert(authority.into(), vec![entry]);
+                    true
                 }
-            }
+            };
+            idle.count += usize::from(pushed);
         }
         // The reaper runs on the loop that first pools a connection (the pool is that
         // loop's); outside a runtime (a body dropped at shutdown) there is none to start.
@@ -569,17 +632,10 @@ impl Pool {
     /// Drops idle connections checkout would not hand out (closed or past the idle
     /// timeout), and the lists left empty.
     fn reap(&self) {
-        let now = std::time::Instant::now();
-        let mut idle = self
-            .idle
+        self.idle
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for map in idle.iter_mut() {
-            map.retain(|_, list| {
-                list.retain(|i| i.usable(now, self.idle_timeout));
-                !list.is_empty()
-            });
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reap(std::time::Instant::now(), self.idle_timeout);
     }
 
     #[cfg(test)]
@@ -588,7 +644,14 @@ impl Pool {
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        idle.iter().flat_map(|m| m.values()).map(Vec::len).sum()
+        let n = idle
+            .maps
+            .iter()
+            .flat_map(|m| m.values())
+            .map(Vec::len)
+            .sum();
+        assert_eq!(n, idle.count, "the idle count is off");
+        n
     }
 }
 
@@ -899,6 +962,31 @@ mod tests {
 
     const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     const EMPTY: &str = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+    /// Idle connections to many hosts stop at [`MAX_IDLE_TOTAL`]: the one idle longest is
+    /// closed for each newcomer, the newest stay pooled.
+    #[tokio::test]
+    async fn the_pool_keeps_at_most_max_idle_total_connections() {
+        let origins: Vec<Origin> = (0..MAX_IDLE_TOTAL + 8)
+            .map(|_| origin(|_| OK, usize::MAX))
+            .collect();
+        let c = client(std::time::Duration::from_secs(60));
+        for o in &origins {
+            let resp = c.request(get(o.port, "/")).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+        }
+        assert_eq!(c.pool.idle_count(), MAX_IDLE_TOTAL);
+        for (i, o) in [
+            (0, &origins[0]),
+            (MAX_IDLE_TOTAL + 7, &origins[MAX_IDLE_TOTAL + 7]),
+        ] {
+            let resp = c.request(get(o.port, "/")).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            let dialed = o.accepted.load(Ordering::SeqCst);
+            assert_eq!(dialed, if i == 0 { 2 } else { 1 }, "origin {i}");
+        }
+        assert_eq!(c.pool.idle_count(), MAX_IDLE_TOTAL);
+    }
 
     /// Requests one after the other share one upstream connection, whether their body
     /// was read to the end or there was none to read; each goes out in origin form with a
