@@ -1259,6 +1259,23 @@ allow_plaintext = true
     .await
 }
 
+/// A raw TCP connection to the proxy with a CONNECT tunnel to `host:port` opened on it (the
+/// proxy's `200` read), for tests that speak inside the tunnel byte by byte.
+#[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
+async fn open_tunnel(p: &InProcess, host: &str, port: u16) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    tcp.write_all(
+        format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    tcp
+}
+
 /// Reads a request head, through its blank line, from `io` (a test origin's side): the
 /// bytes read, or `None` when the stream ends or fails first.
 async fn read_request_head<S: tokio::io::AsyncRead + Unpin>(io: &mut S) -> Option<Vec<u8>> {
@@ -1301,7 +1318,7 @@ async fn audit_record_where(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
 async fn a_tunnel_whose_client_rejects_the_proxy_ca_is_audited() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     if !have("curl") {
         return;
     }
@@ -1331,16 +1348,7 @@ async fn a_tunnel_whose_client_rejects_the_proxy_ca_is_audited() {
     );
 
     // Neither TLS nor HTTP inside the tunnel.
-    let mut tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
-    tcp.write_all(
-        format!("CONNECT api.github.test:{port} HTTP/1.1\r\nHost: api.github.test:{port}\r\n\r\n")
-            .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut head = [0u8; 12];
-    tcp.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head, b"HTTP/1.1 200");
+    let mut tcp = open_tunnel(&p, "api.github.test", port).await;
     tcp.write_all(&[0u8, 1, 2, 3]).await.unwrap();
     audit_record_where(&p, |r| r.error == Some("tunnel_not_tls_or_http")).await;
 
@@ -1350,18 +1358,7 @@ async fn a_tunnel_whose_client_rejects_the_proxy_ca_is_audited() {
         (&b"GARBAGE\r\n\r\n"[..], "request_head_invalid"),
         (&b"GET / HT"[..], "no_request"),
     ] {
-        let mut tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
-        tcp.write_all(
-            format!(
-                "CONNECT api.github.test:{port} HTTP/1.1\r\nHost: api.github.test:{port}\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut head = [0u8; 12];
-        tcp.read_exact(&mut head).await.unwrap();
-        assert_eq!(&head, b"HTTP/1.1 200");
+        let mut tcp = open_tunnel(&p, "api.github.test", port).await;
         tcp.write_all(sent).await.unwrap();
         tcp.shutdown().await.unwrap();
         let rec = audit_record_where(&p, |r| r.error == Some(code)).await;
