@@ -554,7 +554,8 @@ const METHOD_OVERRIDES: [&str; 3] = [
 
 /// True when `secret`'s capabilities allow `req`: its method and path, and the method any
 /// method-override header or `_method` query parameter (Rails, Laravel, Symfony, Express
-/// `methodOverride('_method')`) names (decoded, upper-cased), since an origin that honours
+/// `methodOverride('_method')`; PHP's spellings of it, [`names_method_override`]) names
+/// (decoded, upper-cased), since an origin that honours
 /// it runs that method instead. A `_method` in a form body is not seen (bodies are not read).
 fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
     if secret.capabilities.is_empty() {
@@ -573,9 +574,43 @@ fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
         && req.query.is_none_or(|q| {
             q.split('&')
                 .filter_map(|pair| pair.split_once('='))
-                .filter(|(k, _)| decoded(k, true).as_ref() == b"_method")
+                .filter(|(k, _)| names_method_override(&decoded(k, true)))
                 .all(|(_, v)| allows(&decoded(v, true)))
         })
+}
+
+/// True when a decoded query key is read as `_method` by a framework: exactly, or after
+/// PHP's register-variable mangling (`$_GET`, which Laravel and Symfony read), which drops
+/// the name at a NUL byte, trims leading spaces, turns ` ` and `.` into `_`, ends the name
+/// at a `[` that a `]` closes (`_method[]` is an array named `_method`) turns an
+/// unclosed `[` into `_` and ignores a name that starts with `[`. Without it `.method=DELETE` or ` _method=DELETE` would run
+/// `DELETE` on a PHP origin past a capability that allows only `GET`.
+fn names_method_override(key: &[u8]) -> bool {
+    const NAME: &[u8] = b"_method";
+    if key == NAME {
+        return true;
+    }
+    let key = key.split(|&b| b == 0).next().unwrap_or_default();
+    let key = &key[key.iter().take_while(|&&b| b == b' ').count()..];
+    let mut name = Vec::with_capacity(key.len());
+    for (i, &b) in key.iter().enumerate() {
+        match b {
+            b' ' | b'.' => name.push(b'_'),
+            // PHP ignores a variable whose name before the `[` is empty.
+            b'[' if i == 0 => return false,
+            b'[' if key[i + 1..].contains(&b']') => break,
+            b'[' => {
+                name.push(b'_');
+                name.extend_from_slice(&key[i + 1..]);
+                break;
+            }
+            _ => name.push(b),
+        }
+        if name.len() > NAME.len() {
+            return false;
+        }
+    }
+    name == NAME
 }
 
 fn capability_not_allowed(secret: &crate::Secret, req: &RequestView<'_>) -> PlanError {

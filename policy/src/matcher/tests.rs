@@ -479,7 +479,19 @@ fn capabilities_gate_swaps_and_injections_by_method_and_path() {
     assert!(p.plan(&r).is_ok());
     // So does a `_method` query parameter (any case, percent-encoded or not).
     let bearer: &[(&str, &[u8])] = &[("authorization", b"Bearer STRIPE_KEY")];
-    for query in ["_method=DELETE", "a=1&_method=delete", "%5Fmethod=del%45te"] {
+    // PHP (Laravel, Symfony) reads `$_GET`, whose names it mangles: these all reach it
+    // as `_method`.
+    for query in [
+        "_method=DELETE",
+        "a=1&_method=delete",
+        "%5Fmethod=del%45te",
+        ".method=DELETE",
+        "+_method=DELETE",
+        "%20%20_method=DELETE",
+        "_method%00x=DELETE",
+        "_method[]=DELETE",
+        "_method[0]=DELETE",
+    ] {
         let r = RequestView {
             method: "GET",
             ..view("api.stripe.test", "/v1/charges", Some(query), bearer)
@@ -494,7 +506,9 @@ fn capabilities_gate_swaps_and_injections_by_method_and_path() {
         ..view(
             "api.stripe.test",
             "/v1/charges",
-            Some("_method=get&x=_method"),
+            Some(
+                "_method=get&x=_method&_methods=DELETE&x_method=DELETE&_meth.od=DELETE&[method=DELETE&_method[=DELETE",
+            ),
             bearer,
         )
     };
