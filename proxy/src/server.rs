@@ -476,13 +476,13 @@ async fn intercept<T>(
     outer: Arc<Conn>,
     host: String,
     port: u16,
-    rec: AuditRecord,
+    mut rec: AuditRecord,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limits = rt.policy().proxy.limits.clone();
+    // The record keeps scheme `tunnel` until the first byte tells what the tunnel carries.
     let ended = |mut rec: AuditRecord, outcome: &'static str, code: &'static str| {
-        rec.scheme = "https";
         rec.status = 200;
         rec.outcome = outcome;
         rec.error = Some(code);
@@ -497,6 +497,7 @@ async fn intercept<T>(
     }
     let io = Prefixed::new(first.to_vec(), io);
     if first[0] == 0x16 {
+        rec.scheme = "https";
         let handshakes = &rt.metrics.tls_handshakes;
         let acceptor =
             tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
@@ -551,6 +552,9 @@ async fn intercept<T>(
             failed(rec, code);
         }
     } else if first[0].is_ascii_alphabetic() {
+        // CONNECT checked the host as TLS; cleartext HTTP in the tunnel is classed as such.
+        rec.scheme = "http";
+        rec.host_class = rt.policy().host_class(&host, port, false);
         let dest = Dest::new(host, port, false, None);
         if let Some(code) = serve_tunnel(rt.clone(), io, &outer, dest).await {
             failed(rec, code);

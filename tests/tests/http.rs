@@ -1346,11 +1346,13 @@ async fn a_tunnel_whose_client_rejects_the_proxy_ca_is_audited() {
         Some("client_tls_handshake_failed"),
         "{tunnel:?}"
     );
+    assert_eq!(tunnel.scheme, "https", "{tunnel:?}");
 
-    // Neither TLS nor HTTP inside the tunnel.
+    // Neither TLS nor HTTP inside the tunnel: the record says only `tunnel`.
     let mut tcp = open_tunnel(&p, "api.github.test", port).await;
     tcp.write_all(&[0u8, 1, 2, 3]).await.unwrap();
-    audit_record_where(&p, |r| r.error == Some("tunnel_not_tls_or_http")).await;
+    let rec = audit_record_where(&p, |r| r.error == Some("tunnel_not_tls_or_http")).await;
+    assert_eq!(rec.scheme, "tunnel", "{rec:?}");
 
     // Cleartext HTTP inside the tunnel whose first head hyper refuses (400), and one the
     // client abandons half-written: no request reaches the pipeline, the tunnel is audited.
@@ -1363,8 +1365,8 @@ async fn a_tunnel_whose_client_rejects_the_proxy_ca_is_audited() {
         tcp.shutdown().await.unwrap();
         let rec = audit_record_where(&p, |r| r.error == Some(code)).await;
         assert_eq!(
-            (rec.kind, rec.outcome, rec.host.as_str()),
-            ("connect", "client_cancel", "api.github.test"),
+            (rec.kind, rec.outcome, rec.host.as_str(), rec.scheme),
+            ("connect", "client_cancel", "api.github.test", "http"),
             "{rec:?}"
         );
     }
