@@ -2086,6 +2086,17 @@ impl Cx<'_> {
             );
             return None;
         }
+        // The credential path is appended to the url: after a `?` or `#` it would be a
+        // query or fragment, and every token request would miss the broker's route.
+        if url.contains(['?', '#', '\\']) {
+            self.error(
+                b.url.span().start,
+                format!(
+                    "secret `{name}`: broker url must be scheme://host[:port][/path], without `?`, `#` or `\\` (the proxy appends /v1/credentials/…)"
+                ),
+            );
+            return None;
+        }
         let loopback_http = url.strip_prefix("http://").is_some_and(|rest| {
             let authority = url_authority(rest);
             let host = authority

@@ -534,8 +534,15 @@ fn broker_http_must_stay_loopback_and_shared_token_endpoints_warn() {
         let e = errors(&text);
         assert!(e.iter().any(|m| m.contains("userinfo")), "{url}: {e:?}");
     }
-    // `?` and `#` end the authority: the host is still localhost.
-    assert!(parse(&broker("").replace(":8181", ":8181?x=@evil.example")).is_ok());
+    // The credential path is appended to the url, so a query or fragment is refused.
+    for tail in ["?x=@evil.example", "/#frag", "\\\\v1"] {
+        let e = errors(&broker("").replace(":8181", &format!(":8181{tail}")));
+        assert!(
+            e.iter().any(|m| m.contains("without `?`, `#`")),
+            "{tail}: {e:?}"
+        );
+    }
+    assert!(parse(&broker("").replace(":8181", ":8181/broker/")).is_ok());
     let two = "version = 1\n[[secrets]]\nname = \"TOKEN_ONE\"\ntype = \"oauth_token\"\ngrant = \"client_credentials\"\ntoken_endpoint = \"https://id.test/token\"\nfields = { client_id = { env = \"A\" }, client_secret = { env = \"B\" } }\nhosts = [\"a.test\"]\n[[secrets]]\nname = \"TOKEN_TWO\"\ntype = \"oauth_token\"\ngrant = \"client_credentials\"\ntoken_endpoint = \"https://id.test/token\"\nfields = { client_id = { env = \"C\" }, client_secret = { env = \"D\" } }\nhosts = [\"b.test\"]\n";
     let p = parse(two).unwrap_or_else(|e| panic!("{e}"));
     let w: Vec<String> = p.warnings.iter().map(ToString::to_string).collect();
