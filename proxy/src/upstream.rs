@@ -583,7 +583,9 @@ impl Pool {
         resp.map(|body| PooledBody { body, back })
     }
 
-    /// Adds an idle connection (dropped, which closes it, when the list is full).
+    /// Adds an idle connection. When its host already has [`MAX_IDLE_PER_HOST`], the host's
+    /// longest-idle one is closed for it; else, when the pool has [`MAX_IDLE_TOTAL`], the
+    /// pool's longest-idle one is.
     fn put(self: &Arc<Self>, tls: bool, authority: &str, sender: http1::SendRequest<ProxyBody>) {
         let entry = Idle {
             sender,
@@ -594,22 +596,27 @@ impl Pool {
                 .idle
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if idle.count >= MAX_IDLE_TOTAL {
-                idle.make_room(entry.since, self.idle_timeout);
+            let t = usize::from(tls);
+            if let Some(list) = idle.maps[t].get_mut(authority)
+                && list.len() >= MAX_IDLE_PER_HOST
+            {
+                // The host's list is full: the newcomer replaces its longest-idle one (the
+                // nearest to the origin's own keep-alive timeout); other hosts keep theirs.
+                list.remove(0);
+                list.push(entry);
+            } else {
+                if idle.count >= MAX_IDLE_TOTAL {
+                    idle.make_room(entry.since, self.idle_timeout);
+                }
+                let map = &mut idle.maps[t];
+                match map.get_mut(authority) {
+                    Some(list) => list.push(entry),
+                    None => {
+                        map.insert(authority.into(), vec![entry]);
+                    }
+                }
+                idle.count += 1;
             }
-            let map = &mut idle.maps[usize::from(tls)];
-            let pushed = match map.get_mut(authority) {
-                Some(list) if list.len() >= MAX_IDLE_PER_HOST => false,
-                Some(list) => {
-                    list.push(entry);
-                    true
-                }
-                None => {
-                    map.insert(authority.into(), vec![entry]);
-                    true
-                }
-            };
-            idle.count += usize::from(pushed);
         }
         // The reaper runs on the loop that first pools a connection (the pool is that
         // loop's); outside a runtime (a body dropped at shutdown) there is none to start.
@@ -986,6 +993,36 @@ mod tests {
             assert_eq!(dialed, if i == 0 { 2 } else { 1 }, "origin {i}");
         }
         assert_eq!(c.pool.idle_count(), MAX_IDLE_TOTAL);
+    }
+
+    /// A host whose idle list is full trades its own longest-idle connection for the one
+    /// coming back: the other hosts' connections stay pooled.
+    #[tokio::test]
+    async fn a_host_at_its_idle_limit_does_not_evict_other_hosts() {
+        let others: Vec<Origin> = (0..MAX_IDLE_TOTAL - MAX_IDLE_PER_HOST)
+            .map(|_| origin(|_| OK, usize::MAX))
+            .collect();
+        let busy = origin(|_| OK, usize::MAX);
+        let c = client(std::time::Duration::from_secs(60));
+        for o in &others {
+            let resp = c.request(get(o.port, "/")).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+        }
+        // One more than the per-host limit at once: each needs its own connection.
+        let held = futures_util::future::join_all(
+            (0..=MAX_IDLE_PER_HOST).map(|_| c.request(get(busy.port, "/"))),
+        )
+        .await;
+        assert_eq!(busy.accepted.load(Ordering::SeqCst), MAX_IDLE_PER_HOST + 1);
+        for resp in held {
+            resp.unwrap().into_body().collect().await.unwrap();
+        }
+        assert_eq!(c.pool.idle_count(), MAX_IDLE_TOTAL);
+        for o in &others {
+            let resp = c.request(get(o.port, "/")).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+        }
     }
 
     /// Requests one after the other share one upstream connection, whether their body
