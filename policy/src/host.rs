@@ -111,6 +111,17 @@ impl HostPattern {
                 || other.matches_host(&some_host(&self.kind)))
     }
 
+    /// How specific the pattern is, compared between patterns that match one host: an
+    /// exact name or IP literal beats any `*.suffix`, a longer suffix beats a shorter one,
+    /// and a port (default or named) beats `:*`. Chooses among secrets that inject the same
+    /// header or query parameter on a host (`api.github.com`'s over `*.github.com`'s).
+    pub fn specificity(&self) -> (bool, usize, bool) {
+        match &self.kind {
+            HostKind::Exact(h) => (true, h.len(), self.port != PortSpec::Any),
+            HostKind::Suffix(s) => (false, s.len(), self.port != PortSpec::Any),
+        }
+    }
+
     /// The port part of the pattern.
     pub fn port(&self) -> PortSpec {
         self.port

@@ -425,7 +425,10 @@ impl Policy {
             let HttpMode::Inject { target, .. } = &secret.mode else {
                 continue;
             };
-            if !secret.allows_host(req.host, req.port, req.tls) {
+            let Some(mine) = secret.host_specificity(req.host, req.port, req.tls) else {
+                continue;
+            };
+            if self.outranked(s, target, mine, req) {
                 continue;
             }
             if !capability_allows(secret, req) {
@@ -451,6 +454,26 @@ impl Policy {
             }
         }
         Ok(plan)
+    }
+
+    /// True when another secret injects the same `target` on `req`'s host with a more
+    /// specific host pattern ([`HostPattern::specificity`](crate::HostPattern::specificity)),
+    /// or an equally specific one declared before secret `s` (the load warns about those):
+    /// one request gets one credential per header or query parameter, the most specific.
+    fn outranked(
+        &self,
+        s: usize,
+        target: &InjectTarget,
+        mine: (bool, usize, bool),
+        req: &RequestView<'_>,
+    ) -> bool {
+        self.secrets.iter().enumerate().any(|(o, other)| {
+            o != s
+                && other.inject_target().is_some_and(|t| t.same(target))
+                && other
+                    .host_specificity(req.host, req.port, req.tls)
+                    .is_some_and(|theirs| theirs > mine || (theirs == mine && o < s))
+        })
     }
 
     /// The secret whose placeholder appears in `bytes` (raw, not decoded), if any: for the

@@ -298,6 +298,18 @@ pub enum InjectTarget {
     Query(String),
 }
 
+impl InjectTarget {
+    /// True when both set the same thing: header names compared case-insensitively
+    /// (RFC 9110 §5.1), query parameter names exactly.
+    pub fn same(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Header(a), Self::Header(b)) => a.eq_ignore_ascii_case(b),
+            (Self::Query(a), Self::Query(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
 /// An `inject_formatter`: text with the value spliced in.
 ///
 /// Forms accepted: `{value}` (alias `{token}`), Go-template `{{.Value}}`, and
@@ -769,6 +781,29 @@ impl Secret {
         self.hosts.iter().any(|h| h.matches(host, port, tls))
     }
 
+    /// The [`HostPattern::specificity`] of the most specific of this secret's `hosts` that
+    /// matches `host:port`, or `None` when none does.
+    pub fn host_specificity(
+        &self,
+        host: &str,
+        port: u16,
+        tls: bool,
+    ) -> Option<(bool, usize, bool)> {
+        self.hosts
+            .iter()
+            .filter(|h| h.matches(host, port, tls))
+            .map(HostPattern::specificity)
+            .max()
+    }
+
+    /// The header or query parameter this secret injects, when it injects one.
+    pub fn inject_target(&self) -> Option<&InjectTarget> {
+        match &self.mode {
+            HttpMode::Inject { target, .. } => Some(target),
+            HttpMode::Replace { .. } => None,
+        }
+    }
+
     /// True when the secret may be applied to a request with `method` and raw `path`: it
     /// has no capabilities, or one of them matches ([`Capability::matches`]).
     pub fn allows_request(&self, method: &str, path: &str) -> bool {
@@ -971,6 +1006,42 @@ impl Policy {
                         ),
                     });
                 }
+            }
+        }
+        // Two secrets injecting one header or query parameter on hosts both match, equally
+        // specific: a request there gets the first one's credential only.
+        for (j, later) in secrets.iter().enumerate() {
+            let Some(target) = later.inject_target() else {
+                continue;
+            };
+            let tie = secrets[..j].iter().find_map(|first| {
+                let t = first.inject_target()?;
+                if !t.same(target) {
+                    return None;
+                }
+                let p = later.hosts.iter().find(|p| {
+                    first
+                        .hosts
+                        .iter()
+                        .any(|q| q.overlaps(p) && q.specificity() == p.specificity())
+                })?;
+                Some((first, p))
+            });
+            if let Some((first, pattern)) = tie {
+                let what = match target {
+                    InjectTarget::Header(h) => format!("header `{h}`"),
+                    InjectTarget::Query(q) => format!("query parameter `{q}`"),
+                };
+                diags.push(Diagnostic {
+                    file: later.file.clone(),
+                    line: later.pos.line,
+                    col: later.pos.col,
+                    severity: Severity::Warning,
+                    message: format!(
+                        "secret `{}` injects {what} on `{pattern}` as secret `{}` does, with a host pattern as specific: requests there get `{}`'s credential only (name a more specific host to choose)",
+                        later.name, first.name, first.name
+                    ),
+                });
             }
         }
         // Two token secrets with one token endpoint: its stub answers with the first one's

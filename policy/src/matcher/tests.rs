@@ -607,3 +607,88 @@ proptest! {
         prop_assert_eq!(found, plain);
     }
 }
+
+/// Two secrets injecting one header on hosts both match: the most specific host pattern
+/// wins (exact over `*.suffix`, longer suffix over shorter, a port over `:*`), whatever
+/// their order; the loser's capabilities do not refuse the request. Equally specific
+/// patterns are warned about at load, and the first declared is used.
+#[test]
+fn the_most_specific_host_wins_a_shared_injection_target() {
+    let secret = |name: &str, hosts: &str, extra: &str| {
+        format!(
+            "[[secrets]]\nname = \"{name}\"\ntype = \"http\"\nmode = \"inject\"\nsource = {{ env = \"{name}\" }}\ninject_header = \"Authorization\"\nhosts = [{hosts}]\n{extra}\n"
+        )
+    };
+    let wide = secret("ORG_TOKEN", "\"*.github.test\"", "");
+    let deep = secret("DEEP_TOKEN", "\"*.eu.github.test\"", "");
+    let api = secret(
+        "API_TOKEN",
+        "\"api.github.test\", \"api.github.test:*\"",
+        "capabilities = [{ method = \"GET\", path = \"/\" }]",
+    );
+    let any_port = secret("PORTS_TOKEN", "\"raw.github.test:*\"", "");
+    let raw = secret("RAW_TOKEN", "\"raw.github.test\"", "");
+    let winner = |text: &str, host: &str, port: u16, method: &'static str| {
+        let p = Policy::parse(text, Path::new("p.toml")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        let req = RequestView {
+            port,
+            method,
+            ..view(host, "/", None, &[])
+        };
+        p.plan(&req).map(|plan| {
+            assert_eq!(plan.applied.len(), 1, "{host}");
+            p.secrets[plan.secrets[0]].name.clone()
+        })
+    };
+    for text in [
+        format!("version = 1\n{wide}{deep}{api}{any_port}{raw}"),
+        format!("version = 1\n{raw}{any_port}{api}{deep}{wide}"),
+    ] {
+        assert_eq!(
+            winner(&text, "api.github.test", 443, "GET").unwrap(),
+            "API_TOKEN"
+        );
+        assert_eq!(
+            winner(&text, "x.eu.github.test", 443, "GET").unwrap(),
+            "DEEP_TOKEN"
+        );
+        assert_eq!(
+            winner(&text, "gist.github.test", 443, "POST").unwrap(),
+            "ORG_TOKEN"
+        );
+        assert_eq!(
+            winner(&text, "raw.github.test", 443, "GET").unwrap(),
+            "RAW_TOKEN"
+        );
+        assert_eq!(
+            winner(&text, "raw.github.test", 8443, "GET").unwrap(),
+            "PORTS_TOKEN"
+        );
+        // The winner's capabilities apply, not the loser's.
+        assert!(matches!(
+            winner(&text, "api.github.test", 443, "POST"),
+            Err(PlanError::CapabilityNotAllowed { secret, .. }) if secret == "API_TOKEN"
+        ));
+    }
+    // Equally specific: warned, and the first declared is used.
+    let again = secret("OTHER_ORG_TOKEN", "\"*.github.test\"", "");
+    let p = Policy::parse(&format!("version = 1\n{wide}{again}"), Path::new("p.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let w: Vec<String> = p.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        w.iter().any(|m| m.contains(
+            "secret `OTHER_ORG_TOKEN` injects header `Authorization` on `*.github.test` as secret `ORG_TOKEN` does"
+        )),
+        "{w:?}"
+    );
+    let plan = p.plan(&view("gist.github.test", "/", None, &[])).unwrap();
+    assert_eq!(plan.secrets.as_slice(), [0]);
+    // A different header is not a conflict: both are injected.
+    let key = secret("X_KEY_TOKEN", "\"*.github.test\"", "").replace("\"Authorization\"", "\"X-Key\"");
+    let p = Policy::parse(&format!("version = 1\n{wide}{key}"), Path::new("p.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    let plan = p.plan(&view("gist.github.test", "/", None, &[])).unwrap();
+    assert_eq!(plan.secrets.as_slice(), [0, 1]);
+}
