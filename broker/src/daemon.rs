@@ -308,7 +308,7 @@ struct Transport {
 impl Transport {
     fn new(upstream_ca: &[PathBuf], timeout: Duration) -> Result<Self, String> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = crate::tls::client_config(upstream_ca, provider)?;
+        let tls = crate::tls::client_config_all_hosts(upstream_ca, provider)?;
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeout / 3));

@@ -534,7 +534,7 @@ struct StoreTls {
 impl StoreTls {
     fn new(upstream_ca: &[PathBuf]) -> Result<Self, StoreError> {
         let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = crate::tls::client_config(upstream_ca, provider)
+        let config = crate::tls::client_config_all_hosts(upstream_ca, provider)
             .map_err(|e| StoreError::Io(format!("postgres: {e}")))?;
         Ok(Self {
             config: std::sync::Arc::new(config),

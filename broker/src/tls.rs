@@ -1,41 +1,17 @@
 //! Upstream TLS clients, one definition for all of them: the proxy's upstream client (and
 //! its Postgres relay's upstream leg), the broker daemon's token-endpoint client and its
-//! Postgres store. Roots are the web PKI's plus operator-supplied `upstream_ca` files;
+//! Postgres store. Roots are the web PKI's plus operator-supplied `upstream_ca` files (each
+//! trusted for every host or for some);
 //! verification is [`UpstreamVerifier`]; channel binding data is
 //! [`server_end_point_hash`].
 
-use std::path::PathBuf;
 use std::sync::Arc;
+
+use iron_policy::{HostPattern, UpstreamCa};
 
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
-
-/// The web PKI roots (`webpki-roots`) plus every certificate in the PEM files `extra`
-/// (`upstream_ca`), and those certificates themselves (each file read once).
-///
-/// # Errors
-/// A message naming the file when one cannot be read, holds no certificate, or holds an
-/// unusable one.
-fn roots_and_pins(
-    extra: &[PathBuf],
-) -> Result<(RootCertStore, Vec<CertificateDer<'static>>), String> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let mut pins = Vec::new();
-    for path in extra {
-        for c in read_certs(path)? {
-            roots.add(c.clone()).map_err(|e| {
-                format!(
-                    "unusable certificate in upstream_ca {}: {e}",
-                    path.display()
-                )
-            })?;
-            pins.push(c);
-        }
-    }
-    Ok((roots, pins))
-}
 
 /// The certificates of one `upstream_ca` PEM file, in file order.
 ///
@@ -78,54 +54,114 @@ pub fn server_end_point_hash(cert_der: &[u8]) -> Vec<u8> {
 
 /// The rustls client configuration for upstreams (proxied origins, token endpoints, the
 /// Postgres relay's upstream leg, the broker's store): TLS 1.2+ with `provider`, verified by
-/// [`UpstreamVerifier`] over the web PKI roots plus the PEM files `upstream_ca`. ALPN is
-/// left to the caller.
+/// [`UpstreamVerifier`] over the web PKI roots plus the `upstream_ca` entries (each file
+/// read once). ALPN is left to the caller.
 ///
 /// # Errors
-/// A message naming the `upstream_ca` file that cannot be read or holds no certificate, or
-/// the provider's refusal.
+/// A message naming the `upstream_ca` file that cannot be read, holds no certificate or an
+/// unusable one, or the provider's refusal.
 pub fn client_config(
-    upstream_ca: &[PathBuf],
+    upstream_ca: &[UpstreamCa],
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<rustls::ClientConfig, String> {
-    let (roots, pinned) = roots_and_pins(upstream_ca)?;
-    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
+    let scope = |roots: RootCertStore, pinned| {
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| format!("tls configuration failed: {e}"))?;
+        Ok::<_, String>(Scope { webpki, pinned })
+    };
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let mut pinned = Vec::new();
+    let mut scoped = Vec::new();
+    for ca in upstream_ca {
+        let certs = read_certs(&ca.file)?;
+        let mut own = RootCertStore::empty();
+        let store = if ca.hosts.is_empty() {
+            &mut roots
+        } else {
+            &mut own
+        };
+        for c in &certs {
+            store.add(c.clone()).map_err(|e| {
+                format!(
+                    "unusable certificate in upstream_ca {}: {e}",
+                    ca.file.display()
+                )
+            })?;
+        }
+        if ca.hosts.is_empty() {
+            pinned.extend(certs);
+        } else {
+            scoped.push((ca.hosts.clone(), scope(own, certs)?));
+        }
+    }
+    let everywhere = scope(roots, pinned)?;
+    Ok(
+        rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("tls configuration failed: {e}"))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(UpstreamVerifier { everywhere, scoped }))
+            .with_no_client_auth(),
     )
-    .build()
-    .map_err(|e| format!("tls configuration failed: {e}"))?;
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("tls configuration failed: {e}"))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(UpstreamVerifier { webpki, pinned }))
-        .with_no_client_auth())
 }
 
-/// Upstream certificate verification: webpki path validation to the web PKI roots and the
-/// `upstream_ca` certificates (RFC 5280 via rustls-webpki), plus one case it refuses that
-/// operators rely on: a server presenting a self-signed certificate that is itself listed
-/// in `upstream_ca`. Such certificates usually carry `CA:TRUE` (`openssl req -x509`'s
-/// default), which webpki rejects as an end-entity (`CaUsedAsEndEntity`). A presented
-/// certificate byte-identical to an `upstream_ca` one is accepted when it names the server
-/// (subjectAltName) and `now` is within its validity period; the handshake signature is
-/// still checked against its key. Anything else gets webpki's verdict.
+/// [`client_config`] with every file of `upstream_ca` trusted for every host (the broker
+/// daemon's `upstream_ca`, which lists its own token endpoints and store).
+///
+/// # Errors
+/// As [`client_config`].
+pub fn client_config_all_hosts(
+    upstream_ca: &[std::path::PathBuf],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<rustls::ClientConfig, String> {
+    let cas: Vec<UpstreamCa> = upstream_ca
+        .iter()
+        .cloned()
+        .map(UpstreamCa::everywhere)
+        .collect();
+    client_config(&cas, provider)
+}
+
+/// Upstream certificate verification: webpki path validation (RFC 5280 via rustls-webpki)
+/// to the web PKI roots and the `upstream_ca` files trusted for every host; failing that,
+/// to each file scoped (`{ file, hosts }`) to a pattern the server name matches — a scoped
+/// CA never vouches for any other host. Plus one case webpki refuses that operators rely
+/// on: a server presenting a self-signed certificate that is itself listed in an
+/// `upstream_ca` file trusted for it. Such certificates usually carry `CA:TRUE`
+/// (`openssl req -x509`'s default), which webpki rejects as an end-entity
+/// (`CaUsedAsEndEntity`). A presented certificate byte-identical to such a one is accepted
+/// when it names the server (subjectAltName) and `now` is within its validity period; the
+/// handshake signature is still checked against its key. Anything else gets webpki's
+/// verdict for the roots trusted for every host.
 #[derive(Debug)]
 pub struct UpstreamVerifier {
-    webpki: Arc<rustls::client::WebPkiServerVerifier>,
-    pinned: Vec<rustls_pki_types::CertificateDer<'static>>,
+    everywhere: Scope,
+    scoped: Vec<(Vec<HostPattern>, Scope)>,
 }
 
-impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
-    fn verify_server_cert(
+/// Roots a server certificate may chain to, and the self-signed certificates accepted as
+/// they are.
+#[derive(Debug)]
+struct Scope {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<CertificateDer<'static>>,
+}
+
+impl Scope {
+    fn verify(
         &self,
-        end_entity: &rustls_pki_types::CertificateDer<'_>,
-        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         server_name: &rustls_pki_types::ServerName<'_>,
         ocsp_response: &[u8],
         now: rustls_pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::client::danger::ServerCertVerifier as _;
         let verdict = self.webpki.verify_server_cert(
             end_entity,
             intermediates,
@@ -153,6 +189,39 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
             other => other,
         }
     }
+}
+
+impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verdict =
+            self.everywhere
+                .verify(end_entity, intermediates, server_name, ocsp_response, now);
+        if verdict.is_ok() || self.scoped.is_empty() {
+            return verdict;
+        }
+        let host = match server_name {
+            rustls_pki_types::ServerName::DnsName(n) => n.as_ref().to_ascii_lowercase(),
+            rustls_pki_types::ServerName::IpAddress(ip) => std::net::IpAddr::from(*ip).to_string(),
+            _ => return verdict,
+        };
+        let host = host.strip_suffix('.').unwrap_or(&host);
+        self.scoped
+            .iter()
+            .filter(|(hosts, _)| hosts.iter().any(|h| h.matches_host(host)))
+            .find_map(|(_, scope)| {
+                scope
+                    .verify(end_entity, intermediates, server_name, ocsp_response, now)
+                    .ok()
+            })
+            .map_or(verdict, Ok)
+    }
 
     fn verify_tls12_signature(
         &self,
@@ -160,7 +229,9 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
         cert: &rustls_pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        self.everywhere
+            .webpki
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -169,11 +240,13 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
         cert: &rustls_pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        self.everywhere
+            .webpki
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.everywhere.webpki.supported_verify_schemes()
     }
 }
 

@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use crate::capability::{Capability, PathPattern, RateLimit};
 use crate::error::{Diagnostic, PolicyErrors, Severity, line_col};
-use crate::host::HostPattern;
+use crate::host::{HostPattern, PortSpec};
 use crate::matcher::PlaceholderMatcher;
 use crate::raw::{
     RawCapability, RawFragment, RawLimits, RawPolicy, RawProxy, RawRateLimit, RawSecret, RawSource,
@@ -117,8 +117,9 @@ pub struct ProxySettings {
     pub passthrough: Vec<HostPattern>,
     /// Exceptions to the built-in deny CIDRs.
     pub allow_cidrs: Vec<IpNet>,
-    /// Extra PEM roots for verifying upstreams.
-    pub upstream_ca: Vec<PathBuf>,
+    /// Extra PEM roots for verifying upstreams, each trusted for every host or only for
+    /// some.
+    pub upstream_ca: Vec<UpstreamCa>,
     /// Static name → address overrides (like `curl --resolve`), names normalized.
     pub resolve: HashMap<String, IpAddr>,
     /// Limits and timeouts.
@@ -593,6 +594,36 @@ impl TokenEndpoint {
 fn url_authority(rest: &str) -> &str {
     rest.find(['/', '?', '#', '\\'])
         .map_or(rest, |i| &rest[..i])
+}
+
+/// One `upstream_ca` entry: a PEM file of extra roots (or self-signed server
+/// certificates) for verifying upstream TLS servers, and the hosts it is trusted for.
+/// Written as a path (`"corp-ca.pem"`: every host) or as a table
+/// (`{ file = "corp-ca.pem", hosts = ["*.corp.internal"] }`: only servers whose name matches
+/// one of `hosts`, so the CA's key cannot impersonate a secret's public API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamCa {
+    /// The PEM file, resolved against the policy's directory.
+    pub file: PathBuf,
+    /// The server names it is trusted for (host patterns without a port); empty: every
+    /// host.
+    pub hosts: Vec<HostPattern>,
+}
+
+impl UpstreamCa {
+    /// An entry trusted for every host (the path form; the broker's `upstream_ca`).
+    pub fn everywhere(file: PathBuf) -> Self {
+        Self {
+            file,
+            hosts: Vec::new(),
+        }
+    }
+
+    /// True when the entry is trusted for a server named `host` (normalized, as
+    /// [`crate::normalize_host`] gives it).
+    pub fn trusted_for(&self, host: &str) -> bool {
+        self.hosts.is_empty() || self.hosts.iter().any(|h| h.matches_host(host))
+    }
 }
 
 /// `type = "oauth_token"` settings.
@@ -1363,6 +1394,64 @@ impl Cx<'_> {
         out
     }
 
+    /// One `upstream_ca` entry: `"file.pem"` or `{ file = "file.pem", hosts = [...] }`.
+    fn upstream_ca(&mut self, v: &Spanned<toml::Value>) -> Option<UpstreamCa> {
+        let at = v.span().start;
+        const SHAPE: &str = "`upstream_ca` entries are a PEM path or { file = \"ca.pem\", hosts = [\"*.corp.internal\"] }";
+        let table = match v.get_ref() {
+            toml::Value::String(path) => return Some(UpstreamCa::everywhere(self.path(path))),
+            toml::Value::Table(t) => t,
+            _ => {
+                self.error(at, SHAPE.to_string());
+                return None;
+            }
+        };
+        if let Some(k) = table
+            .keys()
+            .find(|k| !["file", "hosts"].contains(&k.as_str()))
+        {
+            self.error(at, format!("`upstream_ca`: unknown key `{k}`; {SHAPE}"));
+            return None;
+        }
+        let file = table.get("file").and_then(toml::Value::as_str);
+        let hosts = table.get("hosts").and_then(toml::Value::as_array);
+        let (Some(file), Some(hosts)) = (file, hosts) else {
+            self.error(at, format!("`upstream_ca`: {SHAPE}"));
+            return None;
+        };
+        if hosts.is_empty() {
+            self.error(
+                at,
+                format!("`upstream_ca` {file}: `hosts` is empty (write the path alone to trust it for every host)"),
+            );
+            return None;
+        }
+        let mut patterns = Vec::new();
+        for h in hosts {
+            let parsed = h
+                .as_str()
+                .ok_or_else(|| "hosts are strings".to_string())
+                .and_then(HostPattern::parse)
+                .and_then(|p| match p.port() {
+                    PortSpec::Default => Ok(p),
+                    _ => Err(format!(
+                        "`{p}`: a CA is trusted for host names, without a port"
+                    )),
+                });
+            match parsed {
+                Ok(p) => patterns.push(p),
+                Err(e) => {
+                    self.error(at, format!("`upstream_ca` {file}: `hosts`: {e}"));
+                    return None;
+                }
+            }
+        }
+        Some(UpstreamCa {
+            file: self.path(file),
+            hosts: patterns,
+        })
+    }
+
     fn proxy(&mut self, raw: &RawProxy) -> ProxySettings {
         let default_listen = SocketAddr::from(([127, 0, 0, 1], 8080));
         let listen = raw
@@ -1437,7 +1526,7 @@ impl Cx<'_> {
         let upstream_ca = raw
             .upstream_ca
             .iter()
-            .map(|p| self.path(p.get_ref()))
+            .filter_map(|v| self.upstream_ca(v))
             .collect();
         let mut resolve = HashMap::new();
         for (name, ip) in &raw.resolve {

@@ -43,7 +43,7 @@ pub(crate) struct RawProxy {
     #[serde(default)]
     pub allow_cidrs: Vec<Spanned<String>>,
     #[serde(default)]
-    pub upstream_ca: Vec<Spanned<String>>,
+    pub upstream_ca: Vec<Spanned<toml::Value>>,
     #[serde(default)]
     pub resolve: BTreeMap<String, Spanned<String>>,
     #[serde(default)]

@@ -172,7 +172,7 @@ pub struct TransportKey {
     resolve: Vec<(String, std::net::IpAddr)>,
     allow_cidrs: Vec<ipnet::IpNet>,
     limits: iron_policy::Limits,
-    upstream_ca: Vec<(std::path::PathBuf, Option<Vec<u8>>)>,
+    upstream_ca: Vec<(iron_policy::UpstreamCa, Option<Vec<u8>>)>,
 }
 
 impl TransportKey {
@@ -193,7 +193,7 @@ impl TransportKey {
                 .proxy
                 .upstream_ca
                 .iter()
-                .map(|p| (p.clone(), std::fs::read(p).ok()))
+                .map(|ca| (ca.clone(), std::fs::read(&ca.file).ok()))
                 .collect(),
         }
     }

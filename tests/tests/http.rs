@@ -307,6 +307,41 @@ async fn denied_address_and_untrusted_origin() {
     assert!(w2.origin.records().is_empty());
 }
 
+/// An `upstream_ca` scoped to some hosts vouches only for them: the origin its CA signed
+/// is reached as `other.test`, but as the secret's host `api.github.test` the same origin
+/// is refused (502 `upstream_tls_error`) and nothing, least of all the real token, is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_upstream_ca_vouches_only_for_its_hosts() {
+    if !have("curl") {
+        return;
+    }
+    let w = World::new(
+        &STANDARD_POLICY.replace(
+            "upstream_ca = [\"origin-ca.pem\"]",
+            "upstream_ca = [{ file = \"origin-ca.pem\", hosts = [\"other.test\", \"*.corp.test\"] }]",
+        ),
+        OriginOptions::default(),
+    )
+    .await;
+    let p = w.proxy(standard_env()).await;
+    let other = p
+        .curl(&[&format!("https://other.test:{}/scoped", w.port())])
+        .await;
+    assert_eq!(other.status, 200, "{other:?}");
+    let secret = p
+        .curl(&[
+            &format!("https://api.github.test:{}/user", w.port()),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ])
+        .await;
+    assert_eq!(secret.status, 502, "{secret:?}");
+    let recs = w.origin.records();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let rec = audit_record(&p, "/user").await;
+    assert_eq!(rec.error, Some("upstream_tls_error"), "{rec:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleartext_http_is_proxied_but_never_injected() {
     if !have("curl") {

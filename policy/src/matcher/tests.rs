@@ -685,7 +685,8 @@ fn the_most_specific_host_wins_a_shared_injection_target() {
     let plan = p.plan(&view("gist.github.test", "/", None, &[])).unwrap();
     assert_eq!(plan.secrets.as_slice(), [0]);
     // A different header is not a conflict: both are injected.
-    let key = secret("X_KEY_TOKEN", "\"*.github.test\"", "").replace("\"Authorization\"", "\"X-Key\"");
+    let key =
+        secret("X_KEY_TOKEN", "\"*.github.test\"", "").replace("\"Authorization\"", "\"X-Key\"");
     let p = Policy::parse(&format!("version = 1\n{wide}{key}"), Path::new("p.toml"))
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);

@@ -57,7 +57,9 @@ fn parses_a_full_policy() {
     );
     assert_eq!(
         p.proxy.upstream_ca,
-        vec![PathBuf::from("/etc/iron/origin-ca.pem")]
+        vec![UpstreamCa::everywhere(PathBuf::from(
+            "/etc/iron/origin-ca.pem"
+        ))]
     );
     assert_eq!(p.proxy.limits.idle_timeout, Duration::from_secs(30));
     assert_eq!(p.proxy.limits.max_headers, 128);
@@ -551,4 +553,41 @@ fn broker_http_must_stay_loopback_and_shared_token_endpoints_warn() {
             .any(|m| m.contains("secret `TOKEN_TWO` has the token endpoint of secret `TOKEN_ONE`")),
         "{w:?}"
     );
+}
+
+/// `upstream_ca` entries: a path (every host) or `{ file, hosts }` (only those server
+/// names); a malformed entry is an error naming what is wrong.
+#[test]
+fn upstream_ca_entries_are_paths_or_scoped_tables() {
+    let with = |entries: &str| format!("version = 1\n[proxy]\nupstream_ca = [{entries}]\n");
+    let p = parse(&with(
+        "\"all.pem\", { file = \"corp.pem\", hosts = [\"*.corp.test\", \"db.test\"] }",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let cas = &p.proxy.upstream_ca;
+    assert_eq!(cas.len(), 2);
+    assert!(cas[0].file.ends_with("all.pem") && cas[0].trusted_for("api.stripe.test"));
+    assert!(cas[1].file.ends_with("corp.pem"));
+    assert!(cas[1].trusted_for("git.corp.test") && cas[1].trusted_for("db.test"));
+    assert!(!cas[1].trusted_for("corp.test") && !cas[1].trusted_for("api.stripe.test"));
+    for (entry, says) in [
+        ("{ file = \"c.pem\", hosts = [] }", "`hosts` is empty"),
+        (
+            "{ file = \"c.pem\", hosts = [\"db.test:5432\"] }",
+            "without a port",
+        ),
+        (
+            "{ file = \"c.pem\", hosts = [\"*\"] }",
+            "matches every host",
+        ),
+        (
+            "{ file = \"c.pem\", host = [\"db.test\"] }",
+            "unknown key `host`",
+        ),
+        ("{ hosts = [\"db.test\"] }", "PEM path or"),
+        ("42", "PEM path or"),
+    ] {
+        let e = errors(&with(entry));
+        assert!(e.iter().any(|m| m.contains(says)), "{entry}: {e:?}");
+    }
 }
