@@ -1076,26 +1076,38 @@ mod tests {
         assert_eq!(c.pool.counters.opened.get(), 3);
     }
 
-    /// A connection idle past the idle timeout is closed and dropped from the pool; the
-    /// next request dials a new one.
     /// An origin that closes a long-idle connection just as a GET goes out on it: the GET is
-    /// sent again on a new connection and answered; the client never sees the close.
+    /// sent again on a new connection and answered; the client never sees the close. So is
+    /// a bodiless POST or DELETE that carries an `Idempotency-Key` (or `X-Idempotency-Key`):
+    /// the client declared it safe to repeat.
     #[tokio::test]
     async fn a_get_the_origin_dropped_on_a_long_idle_connection_is_sent_again() {
-        let o = origin_with(|_| OK, 1, true);
-        let c = client(std::time::Duration::from_secs(60));
-        let resp = c.request(get(o.port, "/a")).await.unwrap();
-        resp.into_body().collect().await.unwrap();
-        tokio::time::sleep(RESEND_AFTER_IDLE + std::time::Duration::from_millis(100)).await;
-        let resp = c.request(get(o.port, "/b")).await.unwrap();
-        assert_eq!(resp.status(), 200);
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&body[..], b"ok");
-        let heads = o.heads.lock().unwrap().clone();
-        let targets: Vec<&str> = heads.iter().map(|h| h.split(' ').nth(1).unwrap()).collect();
-        assert_eq!(targets, ["/a", "/b", "/b"], "{heads:?}");
-        assert_eq!(o.accepted.load(Ordering::SeqCst), 2);
-        assert_eq!(c.pool.counters.resent.get(), 1);
+        for (method, key) in [
+            (Method::GET, None),
+            (Method::POST, Some("idempotency-key")),
+            (Method::DELETE, Some("x-idempotency-key")),
+        ] {
+            let o = origin_with(|_| OK, 1, true);
+            let c = client(std::time::Duration::from_secs(60));
+            let resp = c.request(get(o.port, "/a")).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            tokio::time::sleep(RESEND_AFTER_IDLE + std::time::Duration::from_millis(100)).await;
+            let mut req = get(o.port, "/b");
+            *req.method_mut() = method.clone();
+            if let Some(k) = key {
+                req.headers_mut()
+                    .insert(k, http::HeaderValue::from_static("4f1c-retry-safe"));
+            }
+            let resp = c.request(req).await.unwrap();
+            assert_eq!(resp.status(), 200, "{method}");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+            let heads = o.heads.lock().unwrap().clone();
+            let targets: Vec<&str> = heads.iter().map(|h| h.split(' ').nth(1).unwrap()).collect();
+            assert_eq!(targets, ["/a", "/b", "/b"], "{method}: {heads:?}");
+            assert_eq!(o.accepted.load(Ordering::SeqCst), 2, "{method}");
+            assert_eq!(c.pool.counters.resent.get(), 1, "{method}");
+        }
     }
 
     /// Not sent again (the client gets the error): a request with a body, a method that is
@@ -1130,6 +1142,8 @@ mod tests {
         }
     }
 
+    /// A connection idle past the idle timeout is closed and dropped from the pool; the
+    /// next request dials a new one.
     #[tokio::test]
     async fn idle_connections_expire() {
         let o = origin(|_| OK, usize::MAX);
