@@ -763,6 +763,25 @@ async fn a_reload_cannot_drop_the_admin_token_of_a_public_admin_listener() {
     );
     std::fs::write(&w.policy_path, &text).expect("write");
     p.rt.reload().await.expect("the token kept");
+
+    // Booted on loopback, the admin listener may drop its token: only local processes
+    // reach it, as with no token at boot.
+    let local = with_token.replace(
+        "admin_listen = \"0.0.0.0:0\"",
+        "admin_listen = \"127.0.0.1:0\"",
+    );
+    let w = World::new(&local, OriginOptions::default()).await;
+    let mut env = standard_env();
+    env.insert("ADMIN_BEARER".into(), "admin-bearer-1234".into());
+    let p = w.proxy(env).await;
+    let text = std::fs::read_to_string(&w.policy_path).expect("policy");
+    let dropped = text.replace("admin_token = { env = \"ADMIN_BEARER\" }\n", "");
+    assert!(!dropped.contains("admin_token"));
+    std::fs::write(&w.policy_path, &dropped).expect("write");
+    p.rt.reload()
+        .await
+        .expect("a loopback admin listener may drop its token");
+    assert!(p.rt.policy().proxy.admin_token.is_none());
 }
 
 /// At `max_connections` a new connection waits in the listen backlog (it is served once a
