@@ -20,6 +20,16 @@ pub enum PortSpec {
     Any,
 }
 
+/// The section of the public suffix list a suffix is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublicSuffix {
+    /// Registry-operated (`co.uk`, `com.au`): anyone may register a name under it.
+    Icann,
+    /// Submitted by a company whose customers get names under it (`github.io`,
+    /// `herokuapp.com`): each name there belongs to a different customer.
+    Private,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum HostKind {
     Exact(String),
@@ -119,6 +129,25 @@ impl HostPattern {
         match &self.kind {
             HostKind::Exact(h) => (true, h.len(), self.port != PortSpec::Any),
             HostKind::Suffix(s) => (false, s.len(), self.port != PortSpec::Any),
+        }
+    }
+
+    /// The public suffix a `*.suffix` pattern covers whole, when `suffix` is itself on
+    /// Mozilla's public suffix list (`*.co.uk`, `*.github.io`): the pattern then matches
+    /// sites of unrelated owners. `None` for exact patterns and for suffixes under a
+    /// registrable domain (`*.example.co.uk`) or not on the list (`*.corp.internal`).
+    pub fn covered_public_suffix(&self) -> Option<PublicSuffix> {
+        let HostKind::Suffix(s) = &self.kind else {
+            return None;
+        };
+        let bare = &s[1..];
+        let found = psl::suffix(bare.as_bytes())?;
+        if found.as_bytes() != bare.as_bytes() {
+            return None;
+        }
+        match found.typ()? {
+            psl::Type::Icann => Some(PublicSuffix::Icann),
+            psl::Type::Private => Some(PublicSuffix::Private),
         }
     }
 

@@ -24,7 +24,7 @@ mod raw;
 
 pub use capability::{Capability, PathPattern, RateLimit};
 pub use error::{Diagnostic, PolicyErrors, Severity};
-pub use host::{HostPattern, PortSpec, normalize_host};
+pub use host::{HostPattern, PortSpec, PublicSuffix, normalize_host};
 pub use matcher::{
     Applied, COMMON_HEADERS, Location, Plan, PlanError, RequestView, Rewritten, SecretValues,
 };

@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use crate::capability::{Capability, PathPattern, RateLimit};
 use crate::error::{Diagnostic, PolicyErrors, Severity, line_col};
-use crate::host::{HostPattern, PortSpec};
+use crate::host::{HostPattern, PortSpec, PublicSuffix};
 use crate::matcher::PlaceholderMatcher;
 use crate::raw::{
     RawCapability, RawFragment, RawLimits, RawPolicy, RawProxy, RawRateLimit, RawSecret, RawSource,
@@ -1387,7 +1387,24 @@ impl Cx<'_> {
         let mut out = Vec::new();
         for v in list {
             match HostPattern::parse(v.get_ref()) {
-                Ok(p) => out.push(p),
+                Ok(p) => {
+                    if let Some(section) = p.covered_public_suffix() {
+                        let (what, section) = match section {
+                            PublicSuffix::Icann => ("names anyone may register", "ICANN"),
+                            PublicSuffix::Private => ("sites of different owners", "private"),
+                        };
+                        let message = format!(
+                            "`{key}`: `{p}` covers a whole public suffix ({section} section of the public suffix list): it matches {what}"
+                        );
+                        // A secret sent to anyone's registrable name is a leak by design.
+                        if key == "hosts" && section == "ICANN" {
+                            self.error(v.span().start, message);
+                        } else {
+                            self.warn(v.span().start, message);
+                        }
+                    }
+                    out.push(p);
+                }
                 Err(e) => self.error(v.span().start, format!("`{key}`: {e}")),
             }
         }

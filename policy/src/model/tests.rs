@@ -591,3 +591,47 @@ fn upstream_ca_entries_are_paths_or_scoped_tables() {
         assert!(e.iter().any(|m| m.contains(says)), "{entry}: {e:?}");
     }
 }
+
+/// A `*.suffix` pattern over a whole public suffix matches names of unrelated owners: on a
+/// secret's `hosts` an ICANN suffix (`*.co.uk`) is refused and a private one
+/// (`*.github.io`) warned about; on `allow` both are warned about. Suffixes under a
+/// registrable domain, or not on the list (`*.corp.internal`), pass quietly.
+#[test]
+fn host_patterns_over_a_public_suffix_are_refused_or_warned() {
+    let secret = |hosts: &str| {
+        format!(
+            "version = 1\n[[secrets]]\nname = \"API_TOKEN\"\ntype = \"http\"\nsource = {{ env = \"T\" }}\nhosts = [{hosts}]\n"
+        )
+    };
+    let e = errors(&secret("\"*.co.uk\""));
+    assert!(
+        e.iter().any(|m| m.contains(
+            "`hosts`: `*.co.uk` covers a whole public suffix (ICANN section of the public suffix list)"
+        )),
+        "{e:?}"
+    );
+    let warned = |text: &str| -> Vec<String> {
+        let p = parse(text).unwrap_or_else(|e| panic!("{e}"));
+        p.warnings.iter().map(ToString::to_string).collect()
+    };
+    let w = warned(&secret("\"*.github.io\""));
+    assert!(
+        w.iter()
+            .any(|m| m.contains("`*.github.io` covers a whole public suffix (private")),
+        "{w:?}"
+    );
+    let w = warned("version = 1\n[proxy]\nallow = [\"*.co.uk\", \"*.github.io\"]\n");
+    assert_eq!(w.len(), 2, "{w:?}");
+    for quiet in [
+        "\"*.example.co.uk\"",
+        "\"*.corp.internal\"",
+        "\"*.octo.github.io\"",
+        "\"co.uk\"",
+    ] {
+        let w = warned(&secret(quiet));
+        assert!(
+            !w.iter().any(|m| m.contains("public suffix")),
+            "{quiet}: {w:?}"
+        );
+    }
+}
