@@ -135,6 +135,56 @@ where
     }
 }
 
+/// A request body whose trailer fields are checked before they go on: `check` gets the
+/// trailers frame and, when it refuses them (a placeholder in a trailer), the body fails
+/// with its error instead of yielding them, so the upstream never receives a complete
+/// request. Data frames pass through unchanged.
+pub struct CheckedTrailers<B, F> {
+    inner: B,
+    check: F,
+}
+
+impl<B, F> CheckedTrailers<B, F> {
+    /// Wraps `inner`; `check` runs once per trailers frame.
+    pub fn new(inner: B, check: F) -> Self {
+        Self { inner, check }
+    }
+}
+
+impl<B, F> Body for CheckedTrailers<B, F>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    F: FnMut(&http::HeaderMap) -> Result<(), BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.trailers_ref().map(&mut this.check) {
+                Some(Err(e)) => Poll::Ready(Some(Err(e))),
+                _ => Poll::Ready(Some(Ok(frame))),
+            },
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A body that fails when `inner` yields nothing for `idle` while it is being read: an
 /// upstream that sends response headers and then stalls would otherwise hold the request,
 /// its client connection and the upstream connection for as long as the client waits (many

@@ -69,14 +69,15 @@ pub struct Conn {
 }
 
 /// Headers never forwarded (RFC 9110 §7.6.1), plus `Proxy-Authorization`.
-static HOP_BY_HOP: [HeaderName; 9] = [
+/// `Trailer` is not one (RFC 9110 §6.6.2, unlike RFC 2616 §13.5.1): it names the trailer
+/// fields, and hyper forwards only the fields it names.
+static HOP_BY_HOP: [HeaderName; 8] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     http::header::PROXY_AUTHORIZATION,
     http::header::PROXY_AUTHENTICATE,
     http::header::TE,
-    http::header::TRAILER,
     http::header::TRANSFER_ENCODING,
     UPGRADE,
 ];
@@ -358,7 +359,24 @@ async fn exchange(
             });
         }
     }
+    // `TE: trailers` (the client takes trailer fields) goes on: without it an origin may
+    // leave its trailers out, and they pass through here like the body.
+    let takes_trailers = req.headers().get_all(http::header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    });
     strip_hop_by_hop(req.headers_mut(), false);
+    if takes_trailers {
+        req.headers_mut()
+            .insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
     // On the stack for up to 16 headers (a typical API request has fewer).
     let view_headers: smallvec::SmallVec<[(&str, &[u8]); 16]> = req
         .headers()
@@ -497,12 +515,34 @@ async fn exchange(
         let (tx, rx) = tokio::sync::oneshot::channel::<BodyEnd>();
         (Some(tx), Some(rx))
     };
-    let body = Counted::new(body, tally.clone(), 0, move |end| {
+    let on_end = move |end| {
         if let Some(tx) = body_end_tx {
             let _ = tx.send(end);
         }
-    })
-    .boxed();
+    };
+    // Declared trailer fields (`Trailer`; hyper's client forwards only those) are checked
+    // like headers, but nothing is swapped into them: a placeholder there fails the body,
+    // the upstream never gets the request whole, and the client gets the refusal.
+    let trailer_refusal: Arc<std::sync::OnceLock<(String, String)>> = Arc::default();
+    let body = if parts.headers.contains_key(http::header::TRAILER) {
+        let (policy, refusal) = (Arc::clone(policy), Arc::clone(&trailer_refusal));
+        let check = move |trailers: &http::HeaderMap| {
+            for (name, value) in trailers {
+                let found = policy
+                    .placeholder_in(name.as_str().as_bytes())
+                    .or_else(|| policy.placeholder_in(value.as_bytes()));
+                if let Some(secret) = found {
+                    let _ = refusal.set((secret.name.clone(), format!("trailer:{name}")));
+                    return Err("placeholder in a request trailer".into());
+                }
+            }
+            Ok(())
+        };
+        let checked = crate::body::CheckedTrailers::new(body, check);
+        Counted::new(checked, tally.clone(), 0, on_end).boxed()
+    } else {
+        Counted::new(body, tally.clone(), 0, on_end).boxed()
+    };
     parts.uri = uri;
     parts.version = http::Version::HTTP_11;
     // The extensions are kept: they hold the header casing hyper recorded (its type is
@@ -528,6 +568,10 @@ async fn exchange(
     };
     let resp = match waited {
         Err(None) => return Err(ProxyError::UpstreamTimeout),
+        Err(Some(BodyEnd::Error)) if trailer_refusal.get().is_some() => {
+            let (secret, location) = trailer_refusal.get().cloned().unwrap_or_default();
+            return Err(ProxyError::PlaceholderNotAllowed { secret, location });
+        }
         Err(Some(BodyEnd::Error | BodyEnd::Dropped)) => {
             // The client's body broke off: its cancel, not an upstream failure.
             if let Some(mut rec) = guard.rec.take() {
@@ -795,9 +839,8 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         "proxy-authorization" => Some(3),
         "proxy-authenticate" => Some(4),
         "te" => Some(5),
-        "trailer" => Some(6),
-        "transfer-encoding" => Some(7),
-        "upgrade" => Some(8),
+        "transfer-encoding" => Some(6),
+        "upgrade" => Some(7),
         _ => None,
     }
 }

@@ -1689,3 +1689,126 @@ async fn stalled_upstream_handshake_times_out() {
     );
     drop(silent);
 }
+
+/// Reads from `io` until `done` holds for what was read, the stream ends, or 10 s pass.
+async fn read_until<S: tokio::io::AsyncRead + Unpin>(
+    io: &mut S,
+    done: impl Fn(&[u8]) -> bool,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done(&got) {
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    got
+}
+
+/// True when `bytes` holds a whole chunked message: a head, a last chunk and the trailer
+/// section (possibly empty) closed by its blank line.
+fn chunked_message_complete(bytes: &[u8]) -> bool {
+    let Some(head) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let body = &bytes[head + 2..];
+    body.windows(5)
+        .position(|w| w == b"\r\n0\r\n")
+        .is_some_and(|i| {
+            let rest = &body[i + 5..];
+            rest.starts_with(b"\r\n") || rest.windows(4).any(|w| w == b"\r\n\r\n")
+        })
+}
+
+/// Trailer fields pass both ways: a chunked upload's declared trailer reaches the origin,
+/// with `TE: trailers`, and the origin's response trailer reaches the client that asked
+/// for trailers. A placeholder in a request trailer is refused (403
+/// `placeholder_not_allowed`, naming the trailer) and the origin never gets that request
+/// whole: nothing is swapped into a trailer, and nothing is sent unswapped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test
+async fn trailer_fields_pass_both_ways_and_a_placeholder_in_one_is_refused() {
+    use tokio::io::AsyncWriteExt as _;
+    let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = origin.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let recorded = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = origin.accept().await {
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                loop {
+                    let req = read_until(&mut tcp, chunked_message_complete).await;
+                    if !chunked_message_complete(&req) {
+                        return;
+                    }
+                    recorded
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&req).to_ascii_lowercase());
+                    let answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n2\r\nok\r\n0\r\nX-Checksum: abc\r\n\r\n";
+                    if tcp.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let w = cleartext_origin_world("trail.test", port, "").await;
+    let p = w.proxy(standard_env()).await;
+    let upload = |trailer: &str| {
+        format!(
+            "POST http://trail.test:{port}/up HTTP/1.1\r\nHost: trail.test:{port}\r\nTE: trailers\r\nTrailer: X-Digest\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-Digest: {trailer}\r\n\r\n"
+        )
+    };
+
+    let mut tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    tcp.write_all(upload("sha=1").as_bytes()).await.unwrap();
+    let answer = read_until(&mut tcp, chunked_message_complete).await;
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n0\r\nx-checksum: abc\r\n\r\n"),
+        "{answer}"
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        for part in [
+            "\r\nte: trailers\r\n",
+            "\r\ntrailer: x-digest\r\n",
+            "hello",
+            "\r\n0\r\nx-digest: sha=1\r\n\r\n",
+        ] {
+            assert!(seen[0].contains(part), "{part:?} not in {}", seen[0]);
+        }
+    }
+
+    let mut tcp = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
+    tcp.write_all(upload("GITHUB_TOKEN").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_until(&mut tcp, |b| {
+        String::from_utf8_lossy(b).contains("placeholder_not_allowed\"")
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("trailer:x-digest"), "{answer}");
+    let rec = audit_record_where(&p, |r| r.error == Some("placeholder_not_allowed")).await;
+    assert_eq!((rec.status, rec.path.as_str()), (403, "/up"), "{rec:?}");
+    let seen = seen.lock().unwrap();
+    assert_eq!(
+        seen.len(),
+        1,
+        "the origin got the refused request whole: {seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.contains("github_token") || s.contains(&REAL_GITHUB.to_ascii_lowercase()))
+    );
+}
