@@ -1321,11 +1321,13 @@ impl Broker {
             });
             match r {
                 Err(MintError::Malformed) => return Err(MintError::Malformed),
-                // A gateway's 502/504 says the IdP behind it failed or did not answer in
-                // time: it may have rotated the token, so this is an answer lost after the
-                // request was sent, never replayed (500, 503 and 429 come from the IdP
-                // itself, before or instead of a rotation, and are retried).
-                Err(MintError::Status(s @ (502 | 504))) => {
+                // A gateway's 502/504 (Cloudflare's 520 and 524 too: the origin's answer
+                // was unusable, or it took the request and timed out) says the IdP behind
+                // it failed or did not answer in time: it may have rotated the token, so
+                // this is an answer lost after the request was sent, never replayed. 500,
+                // 503 and 429 come from the IdP itself, before or instead of a rotation,
+                // and are retried; so are Cloudflare's 521-523 (the origin was not reached).
+                Err(MintError::Status(s @ (502 | 504 | 520 | 524))) => {
                     tracing::warn!(credential = %spec.id, status = s, "token endpoint gateway error after the request was sent");
                     return Err(MintError::Malformed);
                 }

@@ -66,6 +66,9 @@ pub struct RotState {
     /// The `502` answers of `bad_gateway_next` carry a 2 MiB HTML page (over the broker's
     /// 1 MiB limit on token responses) instead of no body.
     pub bad_gateway_big_body: std::sync::atomic::AtomicBool,
+    /// The status of `bad_gateway_next`'s answers when not 0 (Cloudflare's 520 or 524, say),
+    /// else `502`.
+    pub bad_gateway_status: std::sync::atomic::AtomicU16,
     /// Answer this many next token requests with `403` and an HTML page, no OAuth error
     /// code (a WAF in front of the IdP); the token state is left untouched.
     pub forbidden_next: AtomicU32,
@@ -364,7 +367,9 @@ async fn handle(st: &RotState, req: Request<Incoming>) -> Response<Full<Bytes>> 
         if st.bad_gateway_big_body.load(Ordering::SeqCst) {
             return html(StatusCode::BAD_GATEWAY, vec![b'x'; 2 << 20]);
         }
-        return reply(StatusCode::BAD_GATEWAY, None);
+        let status = StatusCode::from_u16(st.bad_gateway_status.load(Ordering::SeqCst))
+            .unwrap_or(StatusCode::BAD_GATEWAY);
+        return reply(status, None);
     }
     if st
         .malformed_next

@@ -940,20 +940,39 @@ async fn idp_retry_after_is_honoured() {
 
 /// A gateway's 502 after the IdP behind it rotated the token: an answer lost after the
 /// request was sent, so it is reported, never retried with the old token (which the IdP's
-/// reuse detection would punish by revoking the whole grant).
+/// reuse detection would punish by revoking the whole grant). So are 504 and Cloudflare's
+/// 520 (the origin's answer was unusable) and 524 (the origin took the request and timed
+/// out): `auth.openai.com` sits behind Cloudflare.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_gateway_after_rotation_is_not_replayed() {
-    let idp = RotatingIdp::start().await;
-    idp.state.bad_gateway_next.store(1, Ordering::SeqCst);
-    let (_dir, bport, config) = file_store_credential(&idp);
-    let b = Broker::start(&config, bport, &[]);
-    let (status, body) = access_token(bport).await;
-    assert_eq!(status, 422, "{body}");
-    assert_eq!(body["reason"], "rotation_interrupted");
-    assert_eq!(idp.state.requests.load(Ordering::SeqCst), 1, "replayed");
-    assert_eq!(idp.state.reuse_events.load(Ordering::SeqCst), 0);
-    assert_eq!(idp.state.revoked_families.load(Ordering::SeqCst), 0);
-    drop(b);
+    for gateway in [502u16, 504, 520, 524] {
+        let idp = RotatingIdp::start().await;
+        idp.state.bad_gateway_next.store(1, Ordering::SeqCst);
+        idp.state
+            .bad_gateway_status
+            .store(gateway, Ordering::SeqCst);
+        let (_dir, bport, config) = file_store_credential(&idp);
+        let b = Broker::start(&config, bport, &[]);
+        let (status, body) = access_token(bport).await;
+        assert_eq!(status, 422, "{gateway}: {body}");
+        assert_eq!(body["reason"], "rotation_interrupted", "{gateway}");
+        assert_eq!(
+            idp.state.requests.load(Ordering::SeqCst),
+            1,
+            "{gateway}: replayed"
+        );
+        assert_eq!(
+            idp.state.reuse_events.load(Ordering::SeqCst),
+            0,
+            "{gateway}"
+        );
+        assert_eq!(
+            idp.state.revoked_families.load(Ordering::SeqCst),
+            0,
+            "{gateway}"
+        );
+        drop(b);
+    }
 }
 
 /// The same 502 with an error page over the broker's 1 MiB limit: the status still decides
