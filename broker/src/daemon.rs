@@ -1221,6 +1221,28 @@ impl Broker {
                 tracing::info!(credential = %id, generation = done.generation, expires_in_ms = lifetime_ms, "refreshed");
                 (Ok(()), None)
             }
+            Err(MintError::RotatedWithoutAccess(rt)) => {
+                // The IdP rotated the refresh token and sent no usable access token: the new
+                // refresh token is the credential now. Kept durably (the old one would be
+                // reuse); this call fails and the next refresh uses the new one.
+                crate::store::crash_point("after_idp");
+                let rt = String::from_utf8_lossy(rt.expose()).into_owned();
+                done.refresh_token = rt;
+                done.generation += 1;
+                self.metrics.attempt(id, "retryable");
+                tracing::warn!(credential = %id, "the token endpoint rotated the refresh token but sent no usable access token; keeping the new refresh token, will refresh again");
+                let pending = self
+                    .write_retrying(id, lease, &done)
+                    .await
+                    .err()
+                    .map(|_| done);
+                (
+                    Err(ServeError::Idp(
+                        MintError::RotatedWithoutAccess(SecretValue::new(Vec::new())).to_string(),
+                    )),
+                    pending,
+                )
+            }
             Err(MintError::Malformed) => {
                 // A success status with a body that is not a token response: the IdP may
                 // have rotated the refresh token, so replaying the old one could trigger
@@ -1320,7 +1342,10 @@ impl Broker {
                 t
             });
             match r {
-                Err(MintError::Malformed) => return Err(MintError::Malformed),
+                // Never retried: the retry would send the rotated-out token.
+                Err(e @ (MintError::Malformed | MintError::RotatedWithoutAccess(_))) => {
+                    return Err(e);
+                }
                 // A gateway's 502/504 (Cloudflare's 520 and 524 too: the origin's answer
                 // was unusable, or it took the request and timed out) says the IdP behind
                 // it failed or did not answer in time: it may have rotated the token, so

@@ -52,6 +52,8 @@ impl PartialEq for SecretValue {
     }
 }
 
+impl Eq for SecretValue {}
+
 /// Why a source could not give a value. Names the variable, file or key, never a value.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {

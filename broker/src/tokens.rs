@@ -61,7 +61,9 @@ pub trait TokenTransport: Send + Sync {
 #[error("{0}")]
 pub struct TransportError(pub String);
 
-/// Why a mint failed. Never carries a token, secret or response body.
+/// Why a mint failed. Never carries a token, secret or response body, but for the new
+/// refresh token of [`MintError::RotatedWithoutAccess`], which must not be lost (its
+/// `Debug` is redacted and `Display` never shows it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MintError {
     /// The IdP answered with an OAuth error code (RFC 6749 §5.2).
@@ -88,6 +90,11 @@ pub enum MintError {
     /// A success response that is not a usable token response.
     #[error("token endpoint sent an invalid token response")]
     Malformed,
+    /// A success response with a new refresh token but no usable access token: the IdP
+    /// rotated the refresh token (RFC 6749 §6), so the old one must not be sent again and
+    /// this one must be kept; the next refresh uses it.
+    #[error("token endpoint rotated the refresh token but sent no usable access token")]
+    RotatedWithoutAccess(SecretValue),
     /// A credential input could not be read.
     #[error("{0}")]
     Source(String),
@@ -113,7 +120,10 @@ impl MintError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Status(s) => *s >= 500 || *s == 429 || *s == 408,
-            Self::Transport(_) | Self::Malformed | Self::Throttled { .. } => true,
+            Self::Transport(_)
+            | Self::Malformed
+            | Self::RotatedWithoutAccess(_)
+            | Self::Throttled { .. } => true,
             Self::Rejected { code } => {
                 matches!(
                     code.as_str(),
@@ -502,7 +512,7 @@ impl TokenCache {
                 Err(MintError::Status(_)) => "status",
                 Err(MintError::Throttled { .. }) => "throttled",
                 Err(MintError::Transport(_)) => "transport",
-                Err(MintError::Malformed) => "malformed",
+                Err(MintError::Malformed | MintError::RotatedWithoutAccess(_)) => "malformed",
                 Err(MintError::Source(_)) => "source",
                 Err(MintError::Key(_)) => "key",
                 Err(MintError::Broker(_)) => "broker",
@@ -1027,7 +1037,9 @@ pub(crate) async fn post_form(
 ///
 /// # Errors
 /// [`MintError::Rejected`] for an OAuth error body, [`MintError::Status`] for another HTTP
-/// error, [`MintError::Malformed`] for a 2xx that is not a token response.
+/// error, [`MintError::Malformed`] for a 2xx that is not a token response,
+/// [`MintError::RotatedWithoutAccess`] for one with a new refresh token but no usable
+/// access token.
 pub fn parse_token_response(status: u16, body: &[u8]) -> Result<Token, MintError> {
     #[derive(serde::Deserialize)]
     struct Resp {
@@ -1050,10 +1062,13 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<Token, MintError
         };
     }
     let r = parsed.ok_or(MintError::Malformed)?;
-    let token = r
-        .access_token
-        .filter(|t| usable_token(t))
-        .ok_or(MintError::Malformed)?;
+    let refresh_token = r
+        .refresh_token
+        .filter(|t| !t.is_empty())
+        .map(|t| SecretValue::new(t.into_bytes()));
+    let Some(token) = r.access_token.filter(|t| usable_token(t)) else {
+        return Err(refresh_token.map_or(MintError::Malformed, MintError::RotatedWithoutAccess));
+    };
     let given = r
         .expires_in
         .as_ref()
@@ -1067,7 +1082,7 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<Token, MintError
         expires_at: Instant::now() + lifetime,
         lifetime,
         lifetime_given: given.is_some(),
-        refresh_token: r.refresh_token.map(|t| SecretValue::new(t.into_bytes())),
+        refresh_token,
     })
 }
 

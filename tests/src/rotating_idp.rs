@@ -60,6 +60,9 @@ pub struct RotState {
     /// Rotate the refresh token on this many next valid requests but answer `200` with a
     /// body that is not a token response (a lost or garbled answer).
     pub malformed_next: AtomicU32,
+    /// Rotate the refresh token on this many next valid requests and answer `200` with the
+    /// new refresh token but an empty `access_token`.
+    pub empty_access_next: AtomicU32,
     /// Rotate the refresh token on this many next valid requests but answer `502` (a
     /// gateway whose backend committed the rotation and then failed).
     pub bad_gateway_next: AtomicU32,
@@ -381,8 +384,12 @@ async fn handle(st: &RotState, req: Request<Incoming>) -> Response<Full<Bytes>> 
             b"<html>upstream proxy error</html>".to_vec(),
         );
     }
+    let empty_access = st
+        .empty_access_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok();
     let mut v = json!({
-        "access_token": access,
+        "access_token": if empty_access { String::new() } else { access },
         "token_type": "Bearer",
         "expires_in": lifetime,
         "refresh_token": refresh,

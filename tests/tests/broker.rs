@@ -1018,6 +1018,36 @@ async fn forbidden_without_an_oauth_error_keeps_the_credential() {
     drop(b);
 }
 
+/// A 2xx that rotates the refresh token but carries no usable access token: the new
+/// refresh token is kept (durably) and that call fails; the next call refreshes with the
+/// new token and succeeds. Before, the new token was dropped and the credential marked
+/// `rotation_interrupted`, though it was in hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_without_an_access_token_keeps_the_new_refresh_token() {
+    let idp = RotatingIdp::start().await;
+    idp.state.empty_access_next.store(1, Ordering::SeqCst);
+    let (_dir, bport, config) = file_store_credential(&idp);
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_ne!(status, 200, "{body}");
+    assert_ne!(body["reason"], "rotation_interrupted", "{body}");
+    assert_eq!(
+        idp.state.requests.load(Ordering::SeqCst),
+        1,
+        "retried at once"
+    );
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        idp.is_valid_access(body["access_token"].as_str().unwrap_or_default()),
+        "{body}"
+    );
+    assert_eq!(idp.state.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(idp.state.reuse_events.load(Ordering::SeqCst), 0);
+    assert_eq!(idp.state.revoked_families.load(Ordering::SeqCst), 0);
+    drop(b);
+}
+
 /// A 2xx that is not a token response after the IdP rotated: reported as
 /// `rotation_interrupted`, never retried with the old token. `revive` refuses a live
 /// credential and revives a dead one.

@@ -628,3 +628,22 @@ fn retry_after_header_forms() {
     );
     assert_eq!(retry_after(429, &http::HeaderMap::new()), None);
 }
+
+/// A 2xx with a new refresh token and no usable access token keeps the refresh token (in
+/// the error, for the broker to store); without one it is plain `Malformed`.
+#[test]
+fn a_rotated_refresh_token_without_an_access_token_is_kept() {
+    for access in [r#""""#, r#""a\nb""#, "null"] {
+        let body = format!(r#"{{"access_token":{access},"refresh_token":"rt2"}}"#);
+        match parse_token_response(200, body.as_bytes()) {
+            Err(MintError::RotatedWithoutAccess(rt)) => assert_eq!(rt.expose(), b"rt2"),
+            other => panic!("{access}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        parse_token_response(200, br#"{"access_token":"","refresh_token":""}"#).unwrap_err(),
+        MintError::Malformed
+    );
+    let e = MintError::RotatedWithoutAccess(SecretValue::new(b"rt2".to_vec()));
+    assert!(!format!("{e} {e:?}").contains("rt2"));
+}
