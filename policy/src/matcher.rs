@@ -34,34 +34,44 @@ pub(crate) struct PlaceholderMatcher {
 }
 
 impl PlaceholderMatcher {
-    pub(crate) fn new(secrets: &[Secret]) -> Self {
+    /// Builds the automata over every placeholder but `pg_dsn`'s.
+    ///
+    /// # Errors
+    /// The automaton builder's message when it cannot build one (limits of the
+    /// `aho-corasick` crate): a policy whose placeholders could not be searched for would let
+    /// every placeholder pass unrefused, so it does not load.
+    pub(crate) fn new(secrets: &[Secret]) -> Result<Self, String> {
         let owners: Vec<usize> = secrets
             .iter()
             .enumerate()
             .filter(|(_, s)| !matches!(s.kind, crate::model::SecretKind::Pg(_)))
             .map(|(i, _)| i)
             .collect();
+        let failed = |e: aho_corasick::BuildError| format!("placeholder search: {e}");
         let ac = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
             .build(owners.iter().map(|&i| secrets[i].placeholder.as_bytes()))
-            .ok()
-            .filter(|_| !owners.is_empty());
+            .map_err(failed)?;
         let names = AhoCorasick::builder()
             .ascii_case_insensitive(true)
             .build(owners.iter().map(|&i| secrets[i].placeholder.as_bytes()))
-            .ok()
-            .filter(|_| !owners.is_empty());
+            .map_err(failed)?;
+        let (ac, names) = if owners.is_empty() {
+            (None, None)
+        } else {
+            (Some(ac), Some(names))
+        };
         let min_len = owners
             .iter()
             .map(|&i| secrets[i].placeholder.len())
             .min()
             .unwrap_or(0);
-        Self {
+        Ok(Self {
             ac,
             owners,
             names,
             min_len,
-        }
+        })
     }
 
     /// The first header (index in `headers`) whose name holds a placeholder in any ASCII

@@ -1123,7 +1123,15 @@ impl Policy {
         if diags.iter().any(|d| d.severity == Severity::Error) {
             return Err(PolicyErrors { diagnostics: diags });
         }
-        let matcher = PlaceholderMatcher::new(&secrets);
+        let matcher = PlaceholderMatcher::new(&secrets).map_err(|message| PolicyErrors {
+            diagnostics: vec![Diagnostic {
+                file: path.to_path_buf(),
+                line: 1,
+                col: 1,
+                severity: Severity::Error,
+                message,
+            }],
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             proxy,
