@@ -590,7 +590,20 @@ const METHOD_OVERRIDES: [&str; 3] = [
 /// `methodOverride('_method')`; PHP's spellings of it, [`names_method_override`]) names
 /// (decoded, upper-cased), since an origin that honours
 /// it runs that method instead. A `_method` in a form body is not seen (bodies are not read).
+///
+/// `TRACE` never carries a credential, whatever the capabilities: the origin echoes the
+/// request back, credential included (RFC 9110 §9.3.8 forbids sensitive fields in it).
 fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
+    let is_trace = |m: &str| m.trim().eq_ignore_ascii_case("TRACE");
+    let overrides = || {
+        req.headers
+            .iter()
+            .filter(|(n, _)| METHOD_OVERRIDES.iter().any(|o| n.eq_ignore_ascii_case(o)))
+    };
+    if is_trace(req.method) || overrides().any(|(_, v)| std::str::from_utf8(v).is_ok_and(is_trace))
+    {
+        return false;
+    }
     if secret.capabilities.is_empty() {
         return true;
     }
@@ -599,11 +612,7 @@ fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
             .is_ok_and(|m| secret.allows_request(&m.trim().to_ascii_uppercase(), req.path))
     };
     secret.allows_request(req.method, req.path)
-        && req
-            .headers
-            .iter()
-            .filter(|(n, _)| METHOD_OVERRIDES.iter().any(|o| n.eq_ignore_ascii_case(o)))
-            .all(|(_, v)| allows(v))
+        && overrides().all(|(_, v)| allows(v))
         && req.query.is_none_or(|q| {
             q.split('&')
                 .filter_map(|pair| pair.split_once('='))

@@ -693,3 +693,32 @@ fn the_most_specific_host_wins_a_shared_injection_target() {
     let plan = p.plan(&view("gist.github.test", "/", None, &[])).unwrap();
     assert_eq!(plan.secrets.as_slice(), [0, 1]);
 }
+
+/// `TRACE` never carries a credential (the origin echoes the request back, RFC 9110
+/// §9.3.8): neither a swap nor an injection, nor a method override naming it; a TRACE with
+/// no credential involved goes on.
+#[test]
+fn trace_never_carries_a_credential() {
+    let p = policy();
+    let trace = |host, headers| RequestView {
+        method: "TRACE",
+        ..view(host, "/", None, headers)
+    };
+    let bearer: &[(&str, &[u8])] = &[("authorization", b"Bearer GITHUB_TOKEN")];
+    let refused = |r: Result<Plan, PlanError>| matches!(r, Err(PlanError::CapabilityNotAllowed { method, .. }) if method == "TRACE");
+    assert!(refused(p.plan(&trace("api.github.test", bearer))));
+    assert!(refused(p.plan(&trace("inject.test", &[]))));
+    assert!(p.plan(&trace("api.github.test", &[])).unwrap().is_empty());
+    let overridden: &[(&str, &[u8])] = &[
+        ("authorization", b"Bearer GITHUB_TOKEN"),
+        ("X-HTTP-Method-Override", b" trace"),
+    ];
+    let post = RequestView {
+        method: "POST",
+        ..view("api.github.test", "/", None, overridden)
+    };
+    assert!(matches!(
+        p.plan(&post),
+        Err(PlanError::CapabilityNotAllowed { .. })
+    ));
+}
