@@ -281,6 +281,11 @@ async fn route(
         push(&shared, rec);
         return git(&shared, req).await;
     }
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_default();
     let mut body = req.into_body();
     while let Some(frame) = body.frame().await {
         match frame {
@@ -293,6 +298,24 @@ async fn route(
         }
     }
     push(&shared, rec);
+    if path.starts_with("/redirect") {
+        // A redirect that echoes the request's path and query, as canonical-host and
+        // trailing-slash redirects do, with a `Link` to the same target.
+        let mut resp = Response::new(full(Bytes::new()));
+        *resp.status_mut() = StatusCode::MOVED_PERMANENTLY;
+        for (name, value) in [
+            (
+                http::header::LOCATION,
+                format!("https://www.elsewhere.test{target}"),
+            ),
+            (http::header::LINK, format!("<{target}>; rel=\"canonical\"")),
+        ] {
+            if let Ok(v) = http::HeaderValue::from_str(&value) {
+                resp.headers_mut().insert(name, v);
+            }
+        }
+        return resp;
+    }
     if path == "/sse" {
         let events = shared.events.clone();
         let stream = futures_util::stream::unfold(0u32, move |n| {

@@ -209,6 +209,101 @@ impl SecretValues for Values<'_> {
     }
 }
 
+/// Response headers that carry a URL, where an origin echoes the request's own path and
+/// query (a redirect to the canonical host or with a trailing slash, `Content-Location`,
+/// `Refresh: 0; url=…`, a `Link` to the next page).
+const URL_HEADERS: [HeaderName; 4] = [
+    http::header::LOCATION,
+    http::header::CONTENT_LOCATION,
+    http::header::REFRESH,
+    http::header::LINK,
+];
+
+/// The real values a request carried in its path or query (swapped or injected), as the
+/// origin may echo them in [`URL_HEADERS`]: raw, percent-encoded as the proxy sent them,
+/// and with `+` for a space (form encoding). Each is put back to its placeholder in the
+/// response, so a redirect never hands the sandbox the real value (which it would then
+/// follow, and send on, unguarded). Empty, and free, when no secret went into the URL.
+#[derive(Default)]
+struct UrlEchoes {
+    needles: Vec<(Vec<u8>, String)>,
+}
+
+impl UrlEchoes {
+    fn of(policy: &iron_policy::Policy, plan: &iron_policy::Plan, values: &Values<'_>) -> Self {
+        let mut needles = Vec::new();
+        for a in &plan.applied {
+            if !matches!(
+                a.location,
+                iron_policy::Location::Path | iron_policy::Location::Query(_)
+            ) {
+                continue;
+            }
+            let value = values.value(a.secret);
+            if value.is_empty() || needles.iter().any(|(n, _): &(Vec<u8>, String)| n == value) {
+                continue;
+            }
+            let placeholder = &policy.secrets[a.secret].placeholder;
+            let encoded = iron_policy::encoding::encode_component(value);
+            let form = encoded.replace("%20", "+");
+            for n in [value.to_vec(), encoded.into_bytes(), form.into_bytes()] {
+                if !needles.iter().any(|(m, _)| *m == n) {
+                    needles.push((n, placeholder.clone()));
+                }
+            }
+        }
+        Self { needles }
+    }
+
+    /// Puts placeholders back in place of the values in `headers`' URL fields.
+    fn mask(&self, headers: &mut HeaderMap) {
+        if self.needles.is_empty() {
+            return;
+        }
+        for name in &URL_HEADERS {
+            if let http::header::Entry::Occupied(mut e) = headers.entry(name) {
+                for v in e.iter_mut() {
+                    let mut bytes = v.as_bytes().to_vec();
+                    let mut changed = false;
+                    for (needle, placeholder) in &self.needles {
+                        if let Some(masked) = replace_all(&bytes, needle, placeholder.as_bytes()) {
+                            bytes = masked;
+                            changed = true;
+                        }
+                    }
+                    if changed && let Ok(masked) = HeaderValue::from_bytes(&bytes) {
+                        *v = masked;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `hay` with every non-overlapping `needle` (left to right) replaced by `with`, or `None`
+/// when it holds none.
+fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return None;
+    }
+    let mut out = Vec::new();
+    let (mut i, mut last) = (0, 0);
+    while i + needle.len() <= hay.len() {
+        if &hay[i..i + needle.len()] == needle {
+            out.extend_from_slice(&hay[last..i]);
+            out.extend_from_slice(with);
+            i += needle.len();
+            last = i;
+        } else {
+            i += 1;
+        }
+    }
+    (last > 0).then(|| {
+        out.extend_from_slice(&hay[last..]);
+        out
+    })
+}
+
 /// Handles one request from a client connection: refuses it with the error envelope or
 /// forwards it. Never fails: every error becomes a response.
 pub async fn handle(
@@ -490,6 +585,7 @@ async fn exchange(
         out.path,
         out.query,
     )?;
+    let echoes = UrlEchoes::of(policy, &plan, &values);
     guard.rec().secrets = std::mem::take(&mut plan.applied)
         .into_iter()
         .map(|a| AppliedSecret {
@@ -607,6 +703,7 @@ async fn exchange(
     let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, switching);
+    echoes.mask(&mut parts.headers);
     let mut rec = guard.rec.take().unwrap_or_else(|| {
         AuditRecord::new("request", crate::RequestId::default(), conn.client, "")
     });
@@ -1015,6 +1112,15 @@ mod tests {
         }
         assert_eq!(hop_by_hop_index(&http::header::HOST), None);
         assert_eq!(hop_by_hop_index(&HeaderName::from_static("x-te")), None);
+    }
+
+    #[test]
+    fn replace_all_replaces_each_occurrence_once_left_to_right() {
+        assert_eq!(replace_all(b"a-abc-abcabc", b"abc", b"X").unwrap(), b"a-X-XX");
+        // A replacement that holds the needle is not searched again.
+        assert_eq!(replace_all(b"abc", b"abc", b"xabcx").unwrap(), b"xabcx");
+        assert_eq!(replace_all(b"ab", b"abc", b"X"), None);
+        assert_eq!(replace_all(b"xyz", b"", b"X"), None);
     }
 
     #[test]

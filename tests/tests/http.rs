@@ -136,6 +136,47 @@ async fn query_path_and_raw_bytes() {
     assert_eq!(w.origin.records().len(), 1);
 }
 
+/// An origin that redirects to its canonical host, echoing the path and query it got: the
+/// real key swapped into them is put back to its placeholder in `Location` and `Link`, so
+/// the sandbox never holds it (and following the redirect sends the placeholder, which the
+/// proxy refuses off the secret's hosts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_echoing_the_url_hands_back_the_placeholder() {
+    if !have("curl") {
+        return;
+    }
+    let (w, p) = world().await;
+    let port = w.port();
+    let r = p
+        .curl(&[
+            "-i",
+            &format!("https://maps.test:{port}/redirect/MAPS_KEY?key=MAPS_KEY&q=1"),
+        ])
+        .await;
+    assert_eq!(r.status, 301, "{r:?}");
+    let recs = w.origin.records();
+    assert_eq!(
+        recs[0].target, "/redirect/maps%20real%2Fkey%2B1?key=maps%20real%2Fkey%2B1&q=1",
+        "the origin got the real key"
+    );
+    let head = r.body.to_ascii_lowercase();
+    assert!(
+        head.contains(
+            "\r\nlocation: https://www.elsewhere.test/redirect/maps_key?key=maps_key&q=1\r\n"
+        ),
+        "{}",
+        r.body
+    );
+    assert!(
+        head.contains("\r\nlink: </redirect/maps_key?key=maps_key&q=1>; rel=\"canonical\"\r\n"),
+        "{}",
+        r.body
+    );
+    for real in [REAL_MAPS, "maps%20real%2Fkey%2B1", "maps+real%2Fkey%2B1"] {
+        assert!(!r.body.contains(real), "{real} in {}", r.body);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_and_inject_modes() {
     if !have("curl") {
