@@ -400,35 +400,67 @@ impl Policy {
                 found = true;
             }
             let mut basic = false;
-            if name.eq_ignore_ascii_case("authorization")
-                && let Some((_, creds, _)) = split_basic(value)
-            {
-                for (s, _, _) in m.find(&creds) {
-                    self.check(req, s, Location::header(name), &mut plan)?;
-                    basic = true;
+            let hidden = |s: usize| PlanError::PlaceholderNotAllowed {
+                secret: self.secrets[s].name.clone(),
+                location: Location::header(name),
+            };
+            if name.eq_ignore_ascii_case("authorization") {
+                if let Some((_, creds, _)) = split_basic(value) {
+                    for (s, _, _) in m.find(&creds) {
+                        self.check(req, s, Location::header(name), &mut plan)?;
+                        basic = true;
+                    }
+                } else if let Some(creds) = lenient_basic(value)
+                    && let Some((s, _, _)) = m.find(&creds).next()
+                {
+                    // Base64 only a lenient decoder reads (non-zero trailing bits, stray
+                    // characters): not re-encoded, so refused wherever it goes.
+                    return Err(hidden(s));
                 }
+            }
+            if let Some(s) = self.encoded_placeholder(value) {
+                return Err(hidden(s));
             }
             if found || basic {
                 plan.header_edits.push((i, basic));
             }
         }
-        for (s, _, _) in m.find(&decoded(req.path, false)) {
+        let path = decoded(req.path, false);
+        for (s, _, _) in m.find(&path) {
             self.check(req, s, Location::Path, &mut plan)?;
             plan.path_edit = true;
+        }
+        if let Some(s) = self.encoded_placeholder(&path) {
+            return Err(PlanError::PlaceholderNotAllowed {
+                secret: self.secrets[s].name.clone(),
+                location: Location::Path,
+            });
         }
         for param in req.query.into_iter().flat_map(|q| q.split('&')) {
             let (k, v) = param.split_once('=').unwrap_or((param, ""));
             let key = decoded(k, true);
             let key_s = || String::from_utf8_lossy(&key).into_owned();
-            if let Some((s, _, _)) = m.find(&key).next() {
+            let in_key = m
+                .find(&key)
+                .next()
+                .map(|(s, _, _)| s)
+                .or_else(|| self.encoded_placeholder(&key));
+            if let Some(s) = in_key {
                 return Err(PlanError::PlaceholderNotAllowed {
                     secret: self.secrets[s].name.clone(),
                     location: Location::Query(key_s()),
                 });
             }
-            for (s, _, _) in m.find(&decoded(v, true)) {
+            let value = decoded(v, true);
+            for (s, _, _) in m.find(&value) {
                 self.check(req, s, Location::Query(key_s()), &mut plan)?;
                 plan.query_edit = true;
+            }
+            if let Some(s) = self.encoded_placeholder(&value) {
+                return Err(PlanError::PlaceholderNotAllowed {
+                    secret: self.secrets[s].name.clone(),
+                    location: Location::Query(key_s()),
+                });
             }
         }
         for (s, secret) in self.secrets.iter().enumerate() {
@@ -484,6 +516,33 @@ impl Policy {
                     .host_specificity(req.host, req.port, req.tls)
                     .is_some_and(|theirs| theirs > mine || (theirs == mine && o < s))
         })
+    }
+
+    /// A placeholder hidden under percent-encoding in `bytes` (`GITHUB%5FTOKEN` in a
+    /// cookie, `%255F` in an already decoded path), as an origin or framework that decodes
+    /// once or more would see it: the secret of one that appears in a decoding of `bytes`
+    /// (up to three rounds) beyond those in plain sight, or `None`. Such an occurrence is not
+    /// swapped (the proxy does not re-encode), so it is refused wherever it goes. Free when
+    /// `bytes` holds no `%`; placeholders themselves never contain `%` or `+`.
+    fn encoded_placeholder(&self, bytes: &[u8]) -> Option<usize> {
+        if !bytes.contains(&b'%') {
+            return None;
+        }
+        let m = &self.matcher;
+        let plain = m.find(bytes).count();
+        let mut current = bytes.to_vec();
+        for _ in 0..3 {
+            if !current.contains(&b'%') {
+                break;
+            }
+            current = percent_encoding::percent_decode(&current).collect();
+            let mut found = m.find(&current).peekable();
+            let first = found.peek().map(|(s, _, _)| *s);
+            if found.count() > plain {
+                return first;
+            }
+        }
+        None
     }
 
     /// The secret whose placeholder appears in `bytes` (raw, not decoded), if any: for the
@@ -671,6 +730,37 @@ fn decoded(raw: &str, plus_as_space: bool) -> Cow<'_, [u8]> {
     } else {
         Cow::Borrowed(b)
     }
+}
+
+/// The credentials of `Basic <base64>` as a lenient decoder reads them (Python's
+/// `b64decode` without `validate`, Go's and Java's decoders with their lenient options):
+/// characters outside both base64 alphabets dropped, URL-safe ones mapped to standard,
+/// padding ignored, non-zero trailing bits accepted. `None` when the value is not Basic or
+/// still does not decode. Used only to find placeholders [`split_basic`] cannot see.
+fn lenient_basic(value: &[u8]) -> Option<Vec<u8>> {
+    use base64::engine::{DecodePaddingMode, GeneralPurposeConfig};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new()
+            .with_decode_allow_trailing_bits(true)
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    if value.len() < 6 || !value[..5].eq_ignore_ascii_case(b"basic") {
+        return None;
+    }
+    let mut b64: Vec<u8> = value[5..]
+        .iter()
+        .filter_map(|&b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'+' | b'/' => Some(b),
+            b'-' => Some(b'+'),
+            b'_' => Some(b'/'),
+            _ => None,
+        })
+        .collect();
+    if b64.len() % 4 == 1 {
+        b64.pop();
+    }
+    LENIENT.decode(&b64).ok()
 }
 
 /// Splits `Basic <base64>` into the scheme prefix as sent (`Basic` with its casing and the

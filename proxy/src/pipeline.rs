@@ -1116,7 +1116,10 @@ mod tests {
 
     #[test]
     fn replace_all_replaces_each_occurrence_once_left_to_right() {
-        assert_eq!(replace_all(b"a-abc-abcabc", b"abc", b"X").unwrap(), b"a-X-XX");
+        assert_eq!(
+            replace_all(b"a-abc-abcabc", b"abc", b"X").unwrap(),
+            b"a-X-XX"
+        );
         // A replacement that holds the needle is not searched again.
         assert_eq!(replace_all(b"abc", b"abc", b"xabcx").unwrap(), b"xabcx");
         assert_eq!(replace_all(b"ab", b"abc", b"X"), None);

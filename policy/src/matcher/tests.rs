@@ -722,3 +722,66 @@ fn trace_never_carries_a_credential() {
         Err(PlanError::CapabilityNotAllowed { .. })
     ));
 }
+
+/// Placeholders hidden where the swap does not reach — percent-encoded in a header value,
+/// encoded twice in the path or query, in base64 only a lenient decoder reads — are
+/// refused, on the secret's host too (an origin or framework decoding them would see the
+/// placeholder, never the real value). Plain `%` escapes beside a placeholder are fine.
+#[test]
+fn placeholders_hidden_under_an_encoding_are_refused() {
+    let p = policy();
+    let refused = |host: &str, path: &str, query: Option<&str>, headers: &[(&str, &[u8])]| {
+        matches!(
+            p.plan(&view(host, path, query, headers)),
+            Err(PlanError::PlaceholderNotAllowed { .. })
+        )
+    };
+    for host in ["api.github.test", "maps.test"] {
+        assert!(refused(host, "/", None, &[("cookie", b"t=GITHUB%5FTOKEN")]));
+        assert!(refused(
+            host,
+            "/",
+            None,
+            &[("authorization", b"Bearer GITHUB%5fTOKEN")]
+        ));
+        // Non-zero trailing bits, and a stray character: Python's b64decode reads both.
+        assert!(refused(
+            host,
+            "/",
+            None,
+            &[("authorization", b"Basic dTpHSVRIVUJfVE9LRU5=")]
+        ));
+        assert!(refused(
+            host,
+            "/",
+            None,
+            &[("authorization", b"Basic dTpH!SVRIVUJfVE9LRU4=")]
+        ));
+        assert!(refused(host, "/x/GITHUB%255FTOKEN", None, &[]));
+        assert!(refused(host, "/x/GITHUB%25255FTOKEN", None, &[]));
+        assert!(refused(host, "/", Some("q=GITHUB%255FTOKEN"), &[]));
+        assert!(refused(host, "/", Some("GITHUB%255FTOKEN=1"), &[]));
+    }
+    let fine: &[(&str, &[u8])] = &[
+        ("authorization", b"Bearer GITHUB_TOKEN"),
+        ("cookie", b"a=%20x; b=100%25"),
+    ];
+    let plan = p
+        .plan(&view(
+            "api.github.test",
+            "/files/100%25",
+            Some("q=%2541"),
+            fine,
+        ))
+        .unwrap();
+    assert_eq!(plan.secrets.as_slice(), [0]);
+    // The canonical Basic form is swapped as before.
+    let basic: &[(&str, &[u8])] = &[("authorization", b"Basic dTpHSVRIVUJfVE9LRU4=")];
+    assert_eq!(
+        p.plan(&view("api.github.test", "/", None, basic))
+            .unwrap()
+            .secrets
+            .as_slice(),
+        [0]
+    );
+}
