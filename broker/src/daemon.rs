@@ -1037,11 +1037,14 @@ impl Broker {
             .filter(|c| rec.in_flight.is_none() && cred.servable(c, now_ms())))
     }
 
-    /// How long a refresh lease lasts: longer than the worst case of one cycle (intent
-    /// write, the IdP calls within `refresh_timeout` plus one request's timeout, five
-    /// store-write attempts), each store call bounded by [`crate::store::PG_TIMEOUT`].
+    /// How long a refresh lease lasts: longer than the worst case of one cycle, so another
+    /// broker never takes it over (and marks the credential `rotation_interrupted`) while
+    /// this one still holds a rotated token to write: the intent write, the IdP calls within
+    /// `refresh_timeout` plus one request's timeout, five store-write attempts and their
+    /// pauses (3.1 s), each store call at its worst ([`crate::store::PG_CALL_WORST`]: a
+    /// reconnect, the statement and its cancel), with one call to spare.
     fn lease_ttl(&self) -> Duration {
-        self.refresh_timeout * 2 + crate::store::PG_TIMEOUT * 7
+        lease_ttl_for(self.refresh_timeout)
     }
 
     /// One pass of the rotation protocol (module docs). `Busy` when another broker holds
@@ -1805,4 +1808,25 @@ pub async fn open_store(config_path: &Path) -> Result<(Config, Store), String> {
         .await
         .map_err(|e| e.to_string())?;
     Ok((cfg, store))
+}
+
+/// [`Broker::lease_ttl`] for a `refresh_timeout`.
+fn lease_ttl_for(refresh_timeout: Duration) -> Duration {
+    refresh_timeout * 2 + crate::store::PG_CALL_WORST * 7 + Duration::from_secs(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cycle whose every store call hits its bounds (a 10 s reconnect, a 10 s statement,
+    /// a 2 s cancel) — the intent write and five write attempts with their 3.1 s of pauses —
+    /// after the IdP's whole budget still ends inside its lease.
+    #[test]
+    fn the_lease_outlasts_a_cycle_whose_store_calls_all_hit_their_bounds() {
+        for refresh in [Duration::from_secs(5), Duration::from_secs(30)] {
+            let worst = Duration::from_secs(6 * 22) + Duration::from_millis(3100) + refresh * 2;
+            assert!(lease_ttl_for(refresh) > worst, "{refresh:?}");
+        }
+    }
 }

@@ -652,6 +652,14 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWr
 /// Bound on one Postgres connect or statement of the credential store.
 pub const PG_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bound on cancelling a statement that overran [`PG_TIMEOUT`].
+pub const PG_CANCEL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The longest one store call can take: a new connection, its statement, and the cancel
+/// of that statement, each at its bound.
+pub const PG_CALL_WORST: Duration =
+    Duration::from_secs(PG_TIMEOUT.as_secs() * 2 + PG_CANCEL_TIMEOUT.as_secs());
+
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS iron_broker_credentials (
     id text PRIMARY KEY,
     record text NOT NULL,
@@ -752,7 +760,7 @@ impl PgStore {
                         None => cancel.cancel_query(tokio_postgres::NoTls).await,
                     }
                 };
-                let _ = tokio::time::timeout(Duration::from_secs(2), cancelled).await;
+                let _ = tokio::time::timeout(PG_CANCEL_TIMEOUT, cancelled).await;
                 let mut slot = self.client.lock().await;
                 if slot
                     .as_ref()
