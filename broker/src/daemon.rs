@@ -722,6 +722,12 @@ impl Broker {
         let store = Store::open(&cfg.store_config(&sources)?)
             .await
             .map_err(|e| e.to_string())?;
+        match store.durability().await {
+            Ok(d) => tracing::info!(durability = %d, "credential store open"),
+            Err(e) => {
+                tracing::warn!(error = %e, "credential store open; its durability setting could not be read")
+            }
+        }
         let refresh_timeout = Duration::from_secs(cfg.refresh_timeout_secs.unwrap_or(30).max(1));
         let transport: Arc<dyn TokenTransport> = Arc::new(Transport::new(
             &cfg.upstream_ca,

@@ -215,6 +215,22 @@ impl Store {
         }
     }
 
+    /// How the store makes a write durable, for the start-up log: `fsync` (file), or the
+    /// store session's `synchronous_commit` (postgres, e.g. `synchronous_commit=on`; a role
+    /// or database set to `off` is overridden to `on` on each connection).
+    ///
+    /// # Errors
+    /// As [`Store::load`].
+    pub async fn durability(&self) -> Result<String, StoreError> {
+        match self {
+            Self::File(_) => Ok("fsync".to_string()),
+            Self::Postgres(p) => p
+                .synchronous_commit()
+                .await
+                .map(|v| format!("synchronous_commit={v}")),
+        }
+    }
+
     /// Every record, by id.
     ///
     /// # Errors
@@ -738,8 +754,29 @@ impl PgStore {
             }
         };
         let client = std::sync::Arc::new(client);
+        // A commit the server has not flushed is lost in its crash: with the intent or a
+        // rotated refresh token, that means replaying a rotated-out token. A role or
+        // database set to `off` is overridden for this session (stronger settings kept).
+        let setting = self
+            .timed(&client, client.query_one("SHOW synchronous_commit", &[]))
+            .await?;
+        if setting.get::<_, String>(0) == "off" {
+            tracing::warn!(
+                "the credential store's role or database has synchronous_commit=off; the broker's session sets it on"
+            );
+            self.timed(&client, client.batch_execute("SET synchronous_commit = on"))
+                .await?;
+        }
         *guard = Some(client.clone());
         Ok(client)
+    }
+
+    async fn synchronous_commit(&self) -> Result<String, StoreError> {
+        let c = self.client().await?;
+        let row = self
+            .timed(&c, c.query_one("SHOW synchronous_commit", &[]))
+            .await?;
+        Ok(row.get(0))
     }
 
     /// Runs one statement of `c` under [`PG_TIMEOUT`]. On a timeout the statement is

@@ -1203,11 +1203,26 @@ async fn postgres_store_connects_over_verified_tls() {
     );
     let store = Store::open(&StoreConfig::Postgres {
         dsn: dsn.clone(),
-        upstream_ca: vec![ca],
+        upstream_ca: vec![ca.clone()],
     })
     .await
     .unwrap_or_else(|e| panic!("store over TLS: {e}"));
     assert!(store.load("never-bootstrapped").await.unwrap().is_none());
+    // A database whose commits are not flushed before they are acknowledged: the store's
+    // session turns that back on (a lost commit would replay a rotated-out token).
+    pg.psql("alter database broker set synchronous_commit = off")
+        .unwrap();
+    let unflushed = Store::open(&StoreConfig::Postgres {
+        dsn: dsn.clone(),
+        upstream_ca: vec![ca.clone()],
+    })
+    .await
+    .unwrap_or_else(|e| panic!("store over TLS: {e}"));
+    assert_eq!(
+        unflushed.durability().await.unwrap(),
+        "synchronous_commit=on"
+    );
+    drop(unflushed);
     let encrypted = pg
         .psql(
             "select count(*) from pg_stat_ssl s join pg_stat_activity a using (pid) \
