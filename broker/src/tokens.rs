@@ -529,8 +529,12 @@ impl TokenCache {
             // Inputs changed while minting: the token belongs to old inputs, but a refresh
             // token the IdP rotated meanwhile replaces the configured one if that is the
             // same (the old one may be rotated out).
-            if let Ok(t) = result
-                && let Some(rt) = &t.refresh_token
+            let rotated = match result {
+                Ok(t) => t.refresh_token.as_ref(),
+                Err(MintError::RotatedWithoutAccess(rt)) => Some(rt),
+                Err(_) => None,
+            };
+            if let Some(rt) = rotated
                 && entry.refresh_seed == seed
             {
                 entry.rotated_refresh = Some(rt.clone());
@@ -550,6 +554,10 @@ impl TokenCache {
             }
             Err(e) => {
                 tracing::warn!(secret = %name, error = %e, "token mint failed");
+                if let MintError::RotatedWithoutAccess(rt) = e {
+                    // The IdP rotated the refresh token: the next mint uses the new one.
+                    entry.rotated_refresh = Some(rt.clone());
+                }
                 entry.last_error = Some(e.to_string());
                 if e.is_final() {
                     entry.failed = Some(e.to_string());
@@ -582,6 +590,9 @@ impl TokenCache {
             .await
             .unwrap_or_else(|_| Err(MintError::Transport("token request timed out".into())));
             match r {
+                // Retrying would send the refresh token the IdP just rotated out; the cache
+                // keeps the new one for the next mint.
+                Err(e @ MintError::RotatedWithoutAccess(_)) => return Err(e),
                 // A `Retry-After` of a few seconds is waited within the mint (a broker's
                 // `Retry-After: 1`, a rate limiter's short pause); a longer one ends it, and
                 // the cool-down after it keeps every caller away for that long.
@@ -969,7 +980,11 @@ async fn oauth2_grant(
                 .unwrap_or(DEFAULT_LIFETIME)
                 .clamp(MIN_LIFETIME, MAX_LIFETIME);
             if !usable_token(tok.access_token().secret()) {
-                return Err(MintError::Malformed);
+                return Err(tok.refresh_token().map_or(MintError::Malformed, |r| {
+                    MintError::RotatedWithoutAccess(SecretValue::new(
+                        r.secret().as_bytes().to_vec(),
+                    ))
+                }));
             }
             Ok(Token {
                 value: SecretValue::new(tok.access_token().secret().as_bytes().to_vec()),

@@ -647,3 +647,39 @@ fn a_rotated_refresh_token_without_an_access_token_is_kept() {
     let e = MintError::RotatedWithoutAccess(SecretValue::new(b"rt2".to_vec()));
     assert!(!format!("{e} {e:?}").contains("rt2"));
 }
+
+/// The proxy's own refresh_token grant: an answer that rotates the refresh token but has no
+/// usable access token is not retried with the old token; the next mint uses the new one.
+#[tokio::test(start_paused = true)]
+async fn a_rotation_without_an_access_token_is_used_next_not_retried() {
+    let t = scripted(
+        &[
+            (
+                200,
+                r#"{"access_token":"","token_type":"bearer","expires_in":10,"refresh_token":"refresh-2"}"#,
+            ),
+            (
+                200,
+                r#"{"access_token":"a2","token_type":"bearer","expires_in":10}"#,
+            ),
+        ],
+        Duration::ZERO,
+    );
+    let (s, sources) = secret(
+        "refresh_token",
+        "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
+    );
+    let cache = TokenCache::new(t.clone(), sources, settings());
+    assert!(cache.token(&s).await.is_err());
+    assert_eq!(
+        t.seen.lock().unwrap().len(),
+        1,
+        "retried with the old token"
+    );
+    tokio::time::advance(Duration::from_secs(120)).await;
+    assert_eq!(cache.token(&s).await.unwrap().expose(), b"a2");
+    let seen = t.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0].contains("refresh_token=refresh-1"), "{seen:?}");
+    assert!(seen[1].contains("refresh_token=refresh-2"), "{seen:?}");
+}
