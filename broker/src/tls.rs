@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use iron_policy::{HostPattern, UpstreamCa};
+use iron_policy::UpstreamCa;
 
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
@@ -96,7 +96,7 @@ pub fn client_config(
         if ca.hosts.is_empty() {
             pinned.extend(certs);
         } else {
-            scoped.push((ca.hosts.clone(), scope(own, certs)?));
+            scoped.push((ca.clone(), scope(own, certs)?));
         }
     }
     let everywhere = scope(roots, pinned)?;
@@ -141,7 +141,7 @@ pub fn client_config_all_hosts(
 #[derive(Debug)]
 pub struct UpstreamVerifier {
     everywhere: Scope,
-    scoped: Vec<(Vec<HostPattern>, Scope)>,
+    scoped: Vec<(UpstreamCa, Scope)>,
 }
 
 /// Roots a server certificate may chain to, and the self-signed certificates accepted as
@@ -214,7 +214,7 @@ impl rustls::client::danger::ServerCertVerifier for UpstreamVerifier {
         let host = host.strip_suffix('.').unwrap_or(&host);
         self.scoped
             .iter()
-            .filter(|(hosts, _)| hosts.iter().any(|h| h.matches_host(host)))
+            .filter(|(ca, _)| ca.trusted_for(host))
             .find_map(|(_, scope)| {
                 scope
                     .verify(end_entity, intermediates, server_name, ocsp_response, now)
