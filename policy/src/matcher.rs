@@ -525,10 +525,11 @@ impl Policy {
     /// swapped (the proxy does not re-encode), so it is refused wherever it goes. Free when
     /// `bytes` holds no `%`; placeholders themselves never contain `%` or `+`.
     fn encoded_placeholder(&self, bytes: &[u8]) -> Option<usize> {
-        if !bytes.contains(&b'%') {
+        let m = &self.matcher;
+        // An escape makes a placeholder longer: a shorter value holds no encoded one.
+        if bytes.len() < m.min_len + 2 || !bytes.contains(&b'%') {
             return None;
         }
-        let m = &self.matcher;
         let plain = m.find(bytes).count();
         let mut current = bytes.to_vec();
         for _ in 0..3 {
@@ -659,7 +660,11 @@ fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
             .iter()
             .filter(|(n, _)| METHOD_OVERRIDES.iter().any(|o| n.eq_ignore_ascii_case(o)))
     };
-    if is_trace(req.method) || overrides().any(|(_, v)| std::str::from_utf8(v).is_ok_and(is_trace))
+    // Frameworks honour a method override on POST only (Rails, Laravel, Symfony, Express
+    // `methodOverride`, ASP.NET): other methods skip the walk over the header names.
+    if is_trace(req.method)
+        || (req.method == "POST"
+            && overrides().any(|(_, v)| std::str::from_utf8(v).is_ok_and(is_trace)))
     {
         return false;
     }
