@@ -17,8 +17,9 @@
 //!    stored token.
 //!
 //! A record whose write failed (the rotated token, the cleared intent, a dead mark) is held
-//! in memory with its lease and written before anything else; the IdP is not called for
-//! that credential meanwhile. A 2xx answer without a usable token is treated like a crash
+//! in memory with its lease, and in the spill directory when one is configured
+//! (`store::SpillDir`), and written before anything else; the IdP is not called for that
+//! credential meanwhile. A broker that finds a spilled record at start writes it first. A 2xx answer without a usable token is treated like a crash
 //! after the IdP call (`rotation_interrupted`), never retried with the old token. SIGTERM
 //! waits for refreshes in flight and writes held records before exit.
 //!
@@ -46,7 +47,9 @@ use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use std::sync::atomic::AtomicU64;
 
-use crate::store::{CredState, InFlight, Lease, Record, Store, StoreConfig, StoreError, now_ms};
+use crate::store::{
+    CredState, InFlight, Lease, Record, SpillDir, Spilled, Store, StoreConfig, StoreError, now_ms,
+};
 use crate::tokens::{MintError, TokenTransport, TransportError, TransportFuture};
 use crate::{SecretValue, SourceResolver};
 
@@ -149,6 +152,11 @@ pub struct Config {
     pub upstream_ca: Vec<PathBuf>,
     /// Where credential state lives.
     pub store: StoreSpec,
+    /// A local directory (relative to the config file) where a record the store could not
+    /// take is kept until it can (`store::SpillDir`): without it, a rotated refresh token
+    /// that arrives while the store is down lives only in memory until the store is back.
+    /// One broker per directory.
+    pub spill_dir: Option<PathBuf>,
     /// Seconds one token-endpoint exchange may take, retries included (default 30).
     pub refresh_timeout_secs: Option<u64>,
     /// The credentials.
@@ -229,6 +237,17 @@ impl Config {
             )));
         }
         cfg.upstream_ca = cfg.upstream_ca.iter().map(|p| cfg.base.join(p)).collect();
+        if let Some(dir) = &cfg.spill_dir {
+            let dir = cfg.base.join(dir);
+            if let StoreSpec::File(store) = &cfg.store
+                && cfg.base.join(store) == dir
+            {
+                return Err(err(
+                    "spill_dir must not be the file store's directory".to_string()
+                ));
+            }
+            cfg.spill_dir = Some(dir);
+        }
         Ok(cfg)
     }
 
@@ -551,6 +570,25 @@ struct Cached {
     issued_at_ms: u64,
 }
 
+/// A record the store has not taken yet (module docs).
+struct Held {
+    /// The lease it was made under; `None` when it was read back from the spill directory
+    /// at start (its lease died with the process that made it).
+    lease: Option<Lease>,
+    /// What must still be true of the stored record for it to apply: the refresh token the
+    /// refresh started from, and the intent it settles.
+    spilled: Spilled,
+    /// The generation to write under `lease` when it was taken over (above the store's);
+    /// `None`: the record's own.
+    write_generation: Option<u64>,
+}
+
+impl Held {
+    fn rec(&self) -> &Record {
+        &self.spilled.record
+    }
+}
+
 /// One credential's runtime: cache, single-flight, and the rotation protocol.
 pub struct Credential {
     spec: CredentialSpec,
@@ -558,9 +596,9 @@ pub struct Credential {
     cached: Mutex<Option<Cached>>,
     /// In-process single flight: one refresh cycle at a time.
     flight: tokio::sync::Mutex<()>,
-    /// A refreshed record whose durable write failed, with its lease: written before
-    /// anything else, never replaced by another IdP call.
-    unsaved: tokio::sync::Mutex<Option<(Lease, Record)>>,
+    /// A refreshed record whose durable write failed: written before anything else, never
+    /// replaced by another IdP call.
+    unsaved: tokio::sync::Mutex<Option<Held>>,
     /// `started_at_ms` of an intent of ours whose write reported an error (a timeout may
     /// still have committed it): the IdP was not called for it, so finding it later is not
     /// an interrupted rotation.
@@ -700,6 +738,8 @@ pub struct Broker {
     owner: String,
     metrics: Metrics,
     refresh_timeout: Duration,
+    /// Where held records are kept on disk (config `spill_dir`).
+    spill: Option<SpillDir>,
     /// Set on SIGTERM: no new refresh cycle starts.
     stopping: std::sync::atomic::AtomicBool,
 }
@@ -733,8 +773,34 @@ impl Broker {
             &cfg.upstream_ca,
             Duration::from_secs(15).min(refresh_timeout),
         )?);
+        let spill = match &cfg.spill_dir {
+            Some(dir) => Some(SpillDir::open(dir).map_err(|e| e.to_string())?),
+            None => {
+                if matches!(cfg.store, StoreSpec::Postgres { .. }) {
+                    tracing::warn!(
+                        "no spill_dir: a rotated refresh token that arrives while the store is down is held in memory only, and lost if the broker is killed before the store is back"
+                    );
+                }
+                None
+            }
+        };
         let mut creds = HashMap::new();
         for spec in &cfg.credentials {
+            // A record an earlier run could not write: written before anything else.
+            let held = match &spill {
+                Some(dir) => dir
+                    .load(&spec.id)
+                    .map_err(|e| format!("spill_dir: {e}"))?
+                    .map(|spilled| {
+                        tracing::warn!(credential = %spec.id, "found a record an earlier run could not store; writing it before any refresh");
+                        Held {
+                            lease: None,
+                            spilled,
+                            write_generation: None,
+                        }
+                    }),
+                None => None,
+            };
             let client_secret = spec
                 .client_secret
                 .as_ref()
@@ -752,12 +818,17 @@ impl Broker {
                     client_secret,
                     cached: Mutex::new(None),
                     flight: tokio::sync::Mutex::new(()),
-                    unsaved: tokio::sync::Mutex::new(None),
+                    unsaved: tokio::sync::Mutex::new(held),
                     abandoned_intent: Mutex::new(None),
                     last_failure: Mutex::new(None),
                     idp_wait_until: Mutex::new(None),
                 }),
             );
+        }
+        if let Some(dir) = &spill {
+            for id in dir.ids().into_iter().filter(|id| !creds.contains_key(id)) {
+                tracing::error!(credential = %id, "the spill directory holds a record for a credential this config does not define; left in place (add the credential back to have it written)");
+            }
         }
         let owner = format!(
             "{}:{}:{:x}",
@@ -776,6 +847,7 @@ impl Broker {
             owner,
             metrics: Metrics::new(),
             refresh_timeout,
+            spill,
             stopping: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -961,73 +1033,148 @@ impl Broker {
         Err(last.unwrap_or_else(|| StoreError::Io("write failed".into())))
     }
 
-    /// Writes the record held in memory after an earlier failed write (module docs), before
-    /// anything else may call the IdP. `Ok(Some)`: written, and its token is servable;
-    /// `Ok(None)`: nothing pending, or written but its token is too old, or dropped because
-    /// the store moved on; go on with a normal cycle.
+    /// Writes the record held after an earlier failed write (module docs), before anything
+    /// else may call the IdP. `Ok(Some)`: written, and its token is servable; `Ok(None)`:
+    /// nothing pending, or written but its token is too old, or dropped because the store
+    /// moved on; go on with a normal cycle. The spill file goes when the record is written
+    /// or dropped.
     async fn flush_unsaved(&self, cred: &Credential) -> Result<Option<Cached>, ServeError> {
         let id = cred.spec.id.as_str();
         let store_err = |e: StoreError| ServeError::Store(e.to_string());
         let mut unsaved = cred.unsaved.lock().await;
-        let Some((lease, rec)) = unsaved.take() else {
+        let Some(mut held) = unsaved.take() else {
             return Ok(None);
         };
-        match self.store.write(&lease, &rec).await {
-            Ok(()) => self.store.release(lease).await,
-            Err(StoreError::Fenced(_)) => {
-                // Our lease ran out and someone else (another broker, an admin write) took
-                // the record. The stored record is still the one our refresh started from if
-                // it holds the same refresh token (a broker that found our intent marks it
-                // dead with rotation_interrupted, `revive` bumps the generation: neither
-                // changes the token). Then a held *rotation* is the only valid token and
-                // wins over any state; a held non-rotation (cleared intent, dead mark) is
-                // stale news if another broker has since started its own refresh.
-                let taken = self.store.acquire(id, &self.owner, self.lease_ttl()).await;
-                let new = match taken {
-                    Ok(Some(new)) => new,
-                    Ok(None) => {
-                        *unsaved = Some((lease, rec));
-                        return Err(ServeError::Busy);
-                    }
-                    Err(e) => {
-                        *unsaved = Some((lease, rec));
-                        self.metrics.attempt(id, "store_error");
-                        return Err(store_err(e));
-                    }
-                };
-                let same_token = new.record.refresh_token == lease.record.refresh_token;
-                let rotation = rec.refresh_token != lease.record.refresh_token;
-                let foreign_intent = new
-                    .record
-                    .in_flight
-                    .as_ref()
-                    .is_some_and(|f| f.owner != self.owner);
-                if !same_token || (!rotation && foreign_intent) {
-                    self.store.release(new).await;
-                    tracing::error!(credential = %id, "the stored credential moved on (a new bootstrap, another rotation or another broker's refresh) while this broker held an unwritten record; dropping the held record");
-                    self.metrics.attempt(id, "fenced_dropped");
-                    return Ok(None);
+        if let Some(lease) = held.lease.take() {
+            let mut rec = held.rec().clone();
+            if let Some(g) = held.write_generation {
+                rec.generation = g;
+            }
+            match self.store.write(&lease, &rec).await {
+                Ok(()) => {
+                    self.store.release(lease).await;
+                    self.unspill(id);
+                    tracing::info!(credential = %id, "stored the held record after earlier write failures");
+                    return self.after_flush(cred, rec);
                 }
-                let mut rec = rec;
-                rec.generation = rec.generation.max(new.record.generation + 1);
-                if let Err(e) = self.store.write(&new, &rec).await {
-                    *unsaved = Some((new, rec));
+                // Our lease ran out and someone else (another broker, an admin write) took
+                // the record: try again under a new lease, below.
+                Err(StoreError::Fenced(_)) => {}
+                Err(e) => {
+                    tracing::error!(credential = %id, error = %e, "a record is still not durable; holding it");
+                    held.lease = Some(lease);
+                    *unsaved = Some(held);
                     self.metrics.attempt(id, "store_error");
                     return Err(store_err(e));
                 }
-                self.store.release(new).await;
-                tracing::warn!(credential = %id, "stored the held record under a new lease after the first one ran out");
-                return self.after_flush(cred, rec);
+            }
+        }
+        // The stored record is still the one the held record's refresh started from if it
+        // holds the same refresh token (a broker that found the intent marks it dead with
+        // rotation_interrupted, `revive` bumps the generation: neither changes the token).
+        // Then a held *rotation* is the only valid token and wins over any state; a held
+        // non-rotation (cleared intent, dead mark) is stale news if another refresh has
+        // since started.
+        // The broker that spilled it is gone (we hold its spill directory): its lease, if
+        // still in the store, is dead too.
+        let taken = if held.spilled.holder == self.owner {
+            self.store.acquire(id, &self.owner, self.lease_ttl()).await
+        } else {
+            self.store
+                .acquire_from_dead(id, &self.owner, self.lease_ttl(), &held.spilled.holder)
+                .await
+        };
+        let new = match taken {
+            Ok(Some(new)) => new,
+            Ok(None) => {
+                *unsaved = Some(held);
+                return Err(ServeError::Busy);
             }
             Err(e) => {
-                tracing::error!(credential = %id, error = %e, "a record is still not durable; holding it in memory");
-                *unsaved = Some((lease, rec));
+                *unsaved = Some(held);
                 self.metrics.attempt(id, "store_error");
                 return Err(store_err(e));
             }
+        };
+        let base = &held.spilled.base_sha256;
+        let stored = crate::store::token_digest(&new.record.refresh_token);
+        let held_token = crate::store::token_digest(&held.rec().refresh_token);
+        let rotation = held_token != *base;
+        if rotation && stored == held_token {
+            // Already written (the process that held it died after the write, before it
+            // removed the spill file).
+            self.store.release(new).await;
+            self.unspill(id);
+            tracing::info!(credential = %id, "the held record was already stored");
+            return Ok(None);
         }
-        tracing::info!(credential = %id, "stored the held record after earlier write failures");
+        let same_token = stored == *base;
+        let foreign_intent = new
+            .record
+            .in_flight
+            .as_ref()
+            .is_some_and(|f| Some(f) != held.spilled.settles.as_ref());
+        // A non-rotation keeps the generation it started from; an admin write since
+        // (`revive`, `set`) bumped the stored one, and must not be undone by stale news.
+        let admin_since = new.record.generation != held.rec().generation;
+        if !same_token || (!rotation && (foreign_intent || admin_since)) {
+            self.store.release(new).await;
+            self.unspill(id);
+            tracing::error!(credential = %id, "the stored credential moved on (a new bootstrap, another rotation or another broker's refresh) while this broker held an unwritten record; dropping the held record");
+            self.metrics.attempt(id, "fenced_dropped");
+            return Ok(None);
+        }
+        let mut rec = held.spilled.record.clone();
+        rec.generation = rec.generation.max(new.record.generation + 1);
+        if let Err(e) = self.store.write(&new, &rec).await {
+            // Held under our lease now: say so in the spill file, so that the next run may
+            // take that lease over. The record keeps the generation it was made with (the
+            // checks above compare it with the store's).
+            held.spilled.holder.clone_from(&self.owner);
+            self.spill_save(id, &held.spilled);
+            held.write_generation = Some(rec.generation);
+            held.lease = Some(new);
+            *unsaved = Some(held);
+            self.metrics.attempt(id, "store_error");
+            return Err(store_err(e));
+        }
+        self.store.release(new).await;
+        self.unspill(id);
+        tracing::warn!(credential = %id, "stored the held record under a new lease (the first one ran out, or the record was held by an earlier run)");
         self.after_flush(cred, rec)
+    }
+
+    /// Holds `spilled` (made under `lease`) in memory and, when a spill directory is
+    /// configured, on disk, so a kill before the store is back loses nothing.
+    async fn hold(&self, cred: &Credential, lease: Lease, spilled: Spilled) {
+        self.spill_save(&cred.spec.id, &spilled);
+        *cred.unsaved.lock().await = Some(Held {
+            lease: Some(lease),
+            spilled,
+            write_generation: None,
+        });
+    }
+
+    fn spill_save(&self, id: &str, spilled: &Spilled) {
+        if let Some(dir) = &self.spill {
+            match dir.save(spilled) {
+                Ok(()) => {
+                    tracing::warn!(credential = %id, "the held record is in the spill directory until the store takes it");
+                }
+                Err(e) => {
+                    tracing::error!(credential = %id, error = %e, "cannot write the held record to the spill directory; it is in memory only");
+                }
+            }
+        }
+    }
+
+    /// Removes `id`'s spill file, if any (its record was written or superseded).
+    fn unspill(&self, id: &str) {
+        if let Some(dir) = &self.spill
+            && let Err(e) = dir.remove(id)
+        {
+            tracing::error!(credential = %id, error = %e, "cannot remove a spill file whose record is settled; it will be checked again at the next start");
+        }
     }
 
     /// What a written held record means for the caller: dead, a servable token, or `None`
@@ -1103,10 +1250,16 @@ impl Broker {
             return Err(ServeError::Busy);
         };
         let (result, pending) = self.refresh_under_lease(cred, &lease, scheduled).await;
-        if let Some(rec) = pending {
+        if let Some((record, settles)) = pending {
             // Not durable: keep the lease and the record; never call the IdP again with
             // an older token before this is written.
-            *cred.unsaved.lock().await = Some((lease, rec));
+            let spilled = Spilled {
+                base_sha256: crate::store::token_digest(&lease.record.refresh_token),
+                settles: Some(settles),
+                holder: self.owner.clone(),
+                record,
+            };
+            self.hold(cred, lease, spilled).await;
             return Err(result.err().unwrap_or_else(|| {
                 ServeError::Store("the rotated refresh token could not be stored yet".into())
             }));
@@ -1119,13 +1272,13 @@ impl Broker {
 
     /// Steps 2–5 under the lease. The result is `Ok` when the cache holds a fresh token;
     /// the second value is a record that must be written before anything else (its write
-    /// failed): the caller keeps it with the lease.
+    /// failed), with the intent it settles: the caller keeps it with the lease.
     async fn refresh_under_lease(
         &self,
         cred: &Credential,
         lease: &Lease,
         scheduled: bool,
-    ) -> (Result<(), ServeError>, Option<Record>) {
+    ) -> (Result<(), ServeError>, Option<(Record, InFlight)>) {
         let id = cred.spec.id.as_str();
         let store_err = |e: StoreError| ServeError::Store(e.to_string());
         let mut rec = lease.record.clone();
@@ -1182,10 +1335,11 @@ impl Broker {
         };
         // Intent, durable before the IdP is called.
         let started_at_ms = now_ms();
-        rec.in_flight = Some(InFlight {
+        let intent = InFlight {
             owner: self.owner.clone(),
             started_at_ms,
-        });
+        };
+        rec.in_flight = Some(intent.clone());
         rec.updated_at_ms = now_ms();
         if let Err(e) = self.store.write(lease, &rec).await {
             if let Ok(mut a) = cred.abandoned_intent.lock() {
@@ -1222,7 +1376,7 @@ impl Broker {
                 if let Err(e) = self.write_retrying(id, lease, &done).await {
                     tracing::error!(credential = %id, error = %e, "the rotated refresh token is not durable yet; holding it in memory and not serving it");
                     self.metrics.attempt(id, "store_error");
-                    return (Err(store_err(e)), Some(done));
+                    return (Err(store_err(e)), Some((done, intent)));
                 }
                 crate::store::crash_point("after_commit");
                 self.metrics.attempt(id, "ok");
@@ -1244,7 +1398,7 @@ impl Broker {
                     .write_retrying(id, lease, &done)
                     .await
                     .err()
-                    .map(|_| done);
+                    .map(|_| (done, intent));
                 (
                     Err(ServeError::Idp(
                         MintError::RotatedWithoutAccess(SecretValue::new(Vec::new())).to_string(),
@@ -1265,7 +1419,7 @@ impl Broker {
                     .write_retrying(id, lease, &done)
                     .await
                     .err()
-                    .map(|_| done);
+                    .map(|_| (done, intent));
                 (
                     Err(ServeError::Dead("rotation_interrupted".into())),
                     pending,
@@ -1284,7 +1438,7 @@ impl Broker {
                     .write_retrying(id, lease, &done)
                     .await
                     .err()
-                    .map(|_| done);
+                    .map(|_| (done, intent));
                 (Err(ServeError::Idp(e.to_string())), pending)
             }
             Err(e) => {
@@ -1301,7 +1455,7 @@ impl Broker {
                     .write_retrying(id, lease, &done)
                     .await
                     .err()
-                    .map(|_| done);
+                    .map(|_| (done, intent));
                 (Err(ServeError::Dead(reason)), pending)
             }
         }
@@ -1413,7 +1567,11 @@ impl Broker {
                         match self.flush_unsaved(cred).await {
                             Ok(_) | Err(ServeError::Dead(_)) => break,
                             Err(e) if tokio::time::Instant::now() >= deadline => {
-                                tracing::error!(credential = %cred.spec.id, error = %e, "stopping with a record that could not be written");
+                                if self.spill.is_some() {
+                                    tracing::error!(credential = %cred.spec.id, error = %e, "stopping with a record the store has not taken; it stays in the spill directory for the next start");
+                                } else {
+                                    tracing::error!(credential = %cred.spec.id, error = %e, "stopping with a record that could not be written; it is lost (no spill_dir)");
+                                }
                                 break;
                             }
                             Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
@@ -1834,5 +1992,31 @@ mod tests {
             let worst = Duration::from_secs(6 * 22) + Duration::from_millis(3100) + refresh * 2;
             assert!(lease_ttl_for(refresh) > worst, "{refresh:?}");
         }
+    }
+
+    /// `spill_dir` is resolved against the config's directory, and may not be the file
+    /// store's own directory (its `ID.spill.json` would read as a credential `ID.spill`).
+    #[test]
+    fn spill_dir_is_relative_to_the_config_and_apart_from_the_file_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        let write = |extra: &str| {
+            std::fs::write(
+                &path,
+                format!("version = 1\nstore = {{ file = \"creds\" }}\n{extra}"),
+            )
+            .unwrap();
+        };
+        write("spill_dir = \"spill\"\n");
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.spill_dir, Some(dir.path().join("spill")));
+        write("spill_dir = \"creds\"\n");
+        let err = Config::load(&path).unwrap_err();
+        assert!(
+            err.contains("spill_dir must not be the file store"),
+            "{err}"
+        );
+        write("");
+        assert_eq!(Config::load(&path).unwrap().spill_dir, None);
     }
 }

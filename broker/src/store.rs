@@ -273,7 +273,27 @@ impl Store {
     ) -> Result<Option<Lease>, StoreError> {
         match self {
             Self::File(f) => f.acquire(id),
-            Self::Postgres(p) => p.acquire(id, owner, ttl).await,
+            Self::Postgres(p) => p.acquire(id, owner, ttl, None).await,
+        }
+    }
+
+    /// [`Store::acquire`], also taking a lease still held by `dead_owner`, a broker the
+    /// caller knows is gone (it held the spill directory the caller now holds: see
+    /// [`Spilled::holder`]). A file store's lease is a `flock`, which the kernel already
+    /// dropped with that broker.
+    ///
+    /// # Errors
+    /// As [`Store::load`].
+    pub async fn acquire_from_dead(
+        &self,
+        id: &str,
+        owner: &str,
+        ttl: Duration,
+        dead_owner: &str,
+    ) -> Result<Option<Lease>, StoreError> {
+        match self {
+            Self::File(f) => f.acquire(id),
+            Self::Postgres(p) => p.acquire(id, owner, ttl, Some(dead_owner)).await,
         }
     }
 
@@ -442,62 +462,248 @@ impl FileStore {
 
     /// Temp file (0600) + fsync + rename + fsync of the directory.
     fn write(&self, rec: &Record) -> Result<(), StoreError> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
         let path = self.path(&rec.id)?;
-        let io =
-            |what: &str, e: std::io::Error| StoreError::Io(format!("{what} for {}: {e}", rec.id));
         let body = serde_json::to_vec_pretty(rec).map_err(|e| StoreError::Io(e.to_string()))?;
-        // Temp files of this id left by a crash hold a token: remove them. The caller holds
-        // the id's lock, so no live writer owns one.
-        let prefix = format!(".{}.json.tmp-", rec.id);
-        let ours = |name: &str| {
-            // Exactly `.ID.json.tmp-PID-MS`: another id may itself contain `.json.tmp-`.
-            name.strip_prefix(&prefix)
-                .and_then(|rest| rest.split_once('-'))
-                .is_some_and(|(pid, ms)| {
-                    !pid.is_empty()
-                        && !ms.is_empty()
-                        && pid.bytes().all(|b| b.is_ascii_digit())
-                        && ms.bytes().all(|b| b.is_ascii_digit())
-                })
-        };
-        if let Ok(entries) = std::fs::read_dir(&self.dir) {
-            for e in entries.filter_map(Result::ok) {
-                if e.file_name().to_str().is_some_and(ours) {
-                    let _ = std::fs::remove_file(e.path());
-                }
+        write_atomic(&path, &rec.id, &body)
+    }
+}
+
+/// Writes `body` (and a newline) to `path` so that a crash at any point leaves either the
+/// old file or the new one: a temp file `.NAME.tmp-PID-MS` (mode 0600) in the same
+/// directory, fsync, rename over `path`, fsync of the directory. Temp files of the same
+/// name left by a crash are removed first (they may hold a token); the caller holds
+/// whatever lock makes it the only writer of `path`.
+///
+/// # Errors
+/// [`StoreError::Io`] naming the step and `id`.
+fn write_atomic(path: &Path, id: &str, body: &[u8]) -> Result<(), StoreError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |what: &str, e: std::io::Error| StoreError::Io(format!("{what} for {id}: {e}"));
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| StoreError::Io(format!("invalid file name for {id}")))?;
+    let prefix = format!(".{name}.tmp-");
+    let ours = |n: &str| {
+        // Exactly `.NAME.tmp-PID-MS`: another id may itself contain `.json.tmp-`.
+        n.strip_prefix(&prefix)
+            .and_then(|rest| rest.split_once('-'))
+            .is_some_and(|(pid, ms)| {
+                !pid.is_empty()
+                    && !ms.is_empty()
+                    && pid.bytes().all(|b| b.is_ascii_digit())
+                    && ms.bytes().all(|b| b.is_ascii_digit())
+            })
+    };
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            if e.file_name().to_str().is_some_and(ours) {
+                let _ = std::fs::remove_file(e.path());
             }
         }
-        let tmp = self.dir.join(format!(
-            ".{}.json.tmp-{}-{}",
-            rec.id,
-            std::process::id(),
-            now_ms()
-        ));
-        let mut f = std::fs::OpenOptions::new()
-            .create_new(true)
+    }
+    let tmp = dir.join(format!("{prefix}{}-{}", std::process::id(), now_ms()));
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| io("cannot create temp file", e))?;
+    let written = f
+        .write_all(body)
+        .and_then(|()| f.write_all(b"\n"))
+        .and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("cannot write temp file", e));
+    }
+    drop(f);
+    crash_point("after_tmp_write");
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io("cannot rename temp file", e));
+    }
+    sync_dir(dir).map_err(|e| io("cannot fsync the directory", e))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// Hex SHA-256 of a refresh token: how a spill file names the token its refresh started
+/// from without holding it.
+pub fn token_digest(token: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A record the store could not take, kept on local disk until it can
+/// (`spill_dir/ID.spill.json`, mode 0600). It may hold the only copy of a rotated refresh
+/// token (the IdP answered while the store was down), so a broker killed before the store
+/// came back finds it at its next start instead of marking the credential
+/// `rotation_interrupted`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spilled {
+    /// [`token_digest`] of the refresh token stored when the refresh began: the held record
+    /// applies only while the store still holds that token.
+    pub base_sha256: String,
+    /// The intent (`in_flight`) the held record settles, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settles: Option<InFlight>,
+    /// The broker (its lease owner name) that wrote this file. A broker that holds the
+    /// spill directory after it knows that one is gone, and may take its store lease.
+    pub holder: String,
+    /// The record to write.
+    pub record: Record,
+}
+
+impl std::fmt::Debug for Spilled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spilled")
+            .field("settles", &self.settles)
+            .field("record", &self.record)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The broker's spill directory (config `spill_dir`): one [`Spilled`] file per credential
+/// whose record is waiting for the store. One broker per directory: it holds an exclusive
+/// `flock` on `DIR/.lock` while it runs.
+pub struct SpillDir {
+    dir: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl SpillDir {
+    /// Creates the directory (0700) if missing and locks it.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] when it cannot be created or another broker holds it.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        let io = |what: &str, e: std::io::Error| {
+            StoreError::Io(format!("spill_dir {}: {what}: {e}", dir.display()))
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| io("cannot create", e))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
             .write(true)
             .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io("cannot create temp file", e))?;
-        let written = f
-            .write_all(&body)
-            .and_then(|()| f.write_all(b"\n"))
-            .and_then(|()| f.sync_all());
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io("cannot write temp file", e));
+            .open(dir.join(".lock"))
+            .map_err(|e| io("cannot open .lock", e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Io(format!(
+                    "spill_dir {} is in use by another broker; give each broker its own",
+                    dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock", e)),
         }
-        drop(f);
-        crash_point("after_tmp_write");
-        if let Err(e) = std::fs::rename(&tmp, &path) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(io("cannot rename temp file", e));
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    fn path(&self, id: &str) -> Result<PathBuf, StoreError> {
+        if !valid_id(id) {
+            return Err(StoreError::Io(format!("invalid credential id {id:?}")));
         }
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io("cannot fsync the store directory", e))
+        Ok(self.dir.join(format!("{id}.spill.json")))
+    }
+
+    /// Durably writes `s` (replacing an earlier spill of the same credential).
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn save(&self, s: &Spilled) -> Result<(), StoreError> {
+        let path = self.path(&s.record.id)?;
+        let body = serde_json::to_vec_pretty(s).map_err(|e| StoreError::Io(e.to_string()))?;
+        write_atomic(&path, &s.record.id, &body)
+    }
+
+    /// The spilled record of `id`, if any.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`]; [`StoreError::Corrupt`] when the file does not parse (it is left
+    /// in place for a human).
+    pub fn load(&self, id: &str) -> Result<Option<Spilled>, StoreError> {
+        let path = self.path(id)?;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(StoreError::Io(format!(
+                    "cannot read {}: {e}",
+                    path.display()
+                )));
+            }
+        };
+        let s: Spilled = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            id: id.to_string(),
+            reason: format!(
+                "{}: line {} column {}",
+                path.display(),
+                e.line(),
+                e.column()
+            ),
+        })?;
+        if s.record.id != id {
+            return Err(StoreError::Corrupt {
+                id: id.to_string(),
+                reason: format!("{} holds credential {:?}", path.display(), s.record.id),
+            });
+        }
+        Ok(Some(s))
+    }
+
+    /// Removes the spill of `id` (written to the store, or superseded there); no error
+    /// when there is none.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn remove(&self, id: &str) -> Result<(), StoreError> {
+        let path = self.path(id)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.dir)
+                .map_err(|e| StoreError::Io(format!("cannot fsync {}: {e}", self.dir.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Io(format!(
+                "cannot remove {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Ids with a spill file, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".spill.json"))
+                    .filter(|id| valid_id(id))
+                    .map(str::to_string)
+            })
+            .collect();
+        ids.sort();
+        ids
     }
 }
 
@@ -862,6 +1068,7 @@ impl PgStore {
         id: &str,
         owner: &str,
         ttl: Duration,
+        dead_owner: Option<&str>,
     ) -> Result<Option<Lease>, StoreError> {
         let c = self.client().await?;
         let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
@@ -872,9 +1079,10 @@ impl PgStore {
                     "UPDATE iron_broker_credentials
                  SET fence = fence + 1, lease_owner = $2,
                      lease_until = now() + $3::bigint * interval '1 millisecond'
-                 WHERE id = $1 AND (lease_until IS NULL OR lease_until < now())
+                 WHERE id = $1
+                   AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $4)
                  RETURNING fence, record",
-                    &[&id, &owner, &ms],
+                    &[&id, &owner, &ms, &dead_owner],
                 ),
             )
             .await?;
@@ -1027,5 +1235,48 @@ mod tests {
         std::fs::write(dir.path().join("creds/.a.json.tmp-1-1"), b"{garbage").unwrap();
         assert_eq!(store.list().await.unwrap().len(), 1);
         assert!(store.load("../x").await.is_err());
+    }
+
+    #[test]
+    fn spill_dir_round_trip_lock_and_leftovers() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("spill");
+        let spill = SpillDir::open(&dir).unwrap();
+        // One broker per directory.
+        let Err(StoreError::Io(msg)) = SpillDir::open(&dir) else {
+            panic!("a second broker opened the same spill_dir");
+        };
+        assert!(msg.contains("in use by another broker"), "{msg}");
+        assert!(spill.load("a").unwrap().is_none());
+        let s = Spilled {
+            base_sha256: token_digest("rt_old"),
+            settles: Some(InFlight {
+                owner: "h:1:2".into(),
+                started_at_ms: 5,
+            }),
+            holder: "h:1:2".into(),
+            record: Record::bootstrap("a", "rt_rotated_secret".into(), 2),
+        };
+        // A temp file left by a crash mid-save holds a token: the next save removes it.
+        let leftover = dir.join(".a.spill.json.tmp-1-1");
+        std::fs::write(&leftover, b"{rt_partial").unwrap();
+        spill.save(&s).unwrap();
+        assert!(!leftover.exists());
+        assert_eq!(spill.load("a").unwrap(), Some(s.clone()));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join("a.spill.json")), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(spill.ids(), vec!["a".to_string()]);
+        assert!(!format!("{s:?}").contains("rt_rotated_secret"));
+        // A file naming another credential is not taken for this one.
+        std::fs::copy(dir.join("a.spill.json"), dir.join("b.spill.json")).unwrap();
+        assert!(matches!(spill.load("b"), Err(StoreError::Corrupt { .. })));
+        spill.remove("a").unwrap();
+        spill.remove("a").unwrap();
+        assert!(spill.load("a").unwrap().is_none());
+        drop(spill);
+        // The lock goes with the broker.
+        assert!(SpillDir::open(&dir).is_ok());
     }
 }

@@ -669,57 +669,78 @@ async fn two_brokers_on_postgres_refresh_once_per_expiry() {
     drop((a, b));
 }
 
+/// A broker config whose Postgres store logs in as a role with only some privileges.
+struct PgRole {
+    /// A config for the superuser (admin commands).
+    admin: PathBuf,
+    /// A config for the limited role, listening on `port`.
+    config: PathBuf,
+    port: u16,
+    /// Runs SQL as the superuser in database `broker`; panics on failure.
+    admin_sql: Box<dyn Fn(&str)>,
+}
+
+/// Database `broker` in `pg` with credential `codex` bootstrapped by the superuser, and a
+/// login role `role` (password `ROLE_pw_1`) granted `grants` on the credentials table.
+fn pg_store_with_role(
+    pg: &PgCluster,
+    idp: &RotatingIdp,
+    dir: &Path,
+    role: &str,
+    grants: &str,
+) -> PgRole {
+    pg.psql("create database broker").unwrap();
+    let dsn =
+        |user: &str, pw: &str| format!("postgresql://{user}:{pw}@127.0.0.1:{}/broker", pg.port);
+    let admin_dsn = dsn("postgres", iron_tests::pgcluster::SUPER_PASSWORD);
+    std::fs::write(dir.join("admin-dsn"), &admin_dsn).unwrap();
+    let admin = write_config(
+        dir,
+        idp,
+        1,
+        "{ postgres = { dsn = { file = \"admin-dsn\" } } }",
+    );
+    bootstrap(&admin);
+    let admin_sql = Box::new(move |sql: &str| {
+        let out = Command::new("psql")
+            .arg(&admin_dsn)
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    let pw = format!("{role}_pw_1");
+    admin_sql(&format!(
+        "create role {role} login password '{pw}'; grant {grants} on iron_broker_credentials to {role}"
+    ));
+    std::fs::write(dir.join(format!("{role}-dsn")), dsn(role, &pw)).unwrap();
+    let port = free_port();
+    let config = write_config(
+        dir,
+        idp,
+        port,
+        &format!("{{ postgres = {{ dsn = {{ file = \"{role}-dsn\" }} }} }}"),
+    );
+    PgRole {
+        admin,
+        config,
+        port,
+        admin_sql,
+    }
+}
+
 /// A store the broker cannot write: the IdP is not called, the error is reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unwritable_store_means_no_refresh_attempt() {
     let Some(pg) = PgCluster::start() else { return };
-    pg.psql("create database broker").unwrap();
     let idp = RotatingIdp::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let admin_dsn = format!(
-        "postgresql://postgres:{}@127.0.0.1:{}/broker",
-        iron_tests::pgcluster::SUPER_PASSWORD,
-        pg.port
-    );
-    std::fs::write(dir.path().join("admin-dsn"), &admin_dsn).unwrap();
-    let admin = write_config(
-        dir.path(),
-        &idp,
-        1,
-        "{ postgres = { dsn = { file = \"admin-dsn\" } } }",
-    );
-    let (ok, _, err) = cli(
-        &admin,
-        &["credentials", "set", "--id", "codex"],
-        Some(rotating_idp::SEED_REFRESH),
-    );
-    assert!(ok, "{err}");
-    // A broker role that may read but not write the table.
-    let out = Command::new("psql")
-        .arg(&admin_dsn)
-        .args(["-X", "-q", "-c", "create role reader login password 'reader_pw_1'; grant select on iron_broker_credentials to reader"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(
-        dir.path().join("reader-dsn"),
-        format!(
-            "postgresql://reader:reader_pw_1@127.0.0.1:{}/broker",
-            pg.port
-        ),
-    )
-    .unwrap();
-    let bport = free_port();
-    let config = write_config(
-        dir.path(),
-        &idp,
-        bport,
-        "{ postgres = { dsn = { file = \"reader-dsn\" } } }",
-    );
+    let role = pg_store_with_role(&pg, &idp, dir.path(), "reader", "select");
+    let (config, bport) = (role.config, role.port);
     let b = Broker::start(&config, bport, &[]);
     let (status, body) = access_token(bport).await;
     assert_eq!(status, 503, "{body}");
@@ -731,6 +752,79 @@ async fn unwritable_store_means_no_refresh_attempt() {
     );
     let log = b.kill();
     assert!(log.contains("credential store"), "{log}");
+}
+
+/// The store goes away while the IdP is rotating the refresh token, and the broker is then
+/// killed: the rotated token survives in the spill directory (mode 0600), the next broker
+/// writes it to the store before anything else and serves from it, and the IdP never sees
+/// the old token again. Without `spill_dir` the next broker would find the intent and mark
+/// the credential `rotation_interrupted`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_the_store_missed_survives_a_kill_in_the_spill_dir() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(pg) = PgCluster::start() else { return };
+    let idp = RotatingIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let role = pg_store_with_role(&pg, &idp, dir.path(), "writer", "select, update");
+    let (admin, config, bport) = (role.admin, role.config, role.port);
+    let admin_sql = role.admin_sql;
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "refresh_timeout_secs = 5\n",
+        "refresh_timeout_secs = 5\nspill_dir = \"spill\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let spill = dir.path().join("spill").join("codex.spill.json");
+
+    // The first broker refreshes at start; the IdP takes 2 s to answer, and meanwhile the
+    // store stops taking writes. Its tokens live 1 s.
+    idp.state.lifetime_secs.store(1, Ordering::SeqCst);
+    idp.state.delay_ms.store(2000, Ordering::SeqCst);
+    let first = Broker::start(&config, bport, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while idp.state.requests.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the broker did not refresh");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admin_sql("revoke update on iron_broker_credentials from writer");
+    while !spill.exists() {
+        assert!(Instant::now() < deadline, "nothing was spilled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(idp.state.refreshes.load(Ordering::SeqCst), 1);
+    let log = first.kill();
+    assert!(log.contains("spill directory"), "{log}");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&spill), 0o600);
+    assert_eq!(mode(spill.parent().unwrap()), 0o700);
+    let text = std::fs::read_to_string(&spill).unwrap();
+    assert!(
+        !text.contains(rotating_idp::SEED_REFRESH),
+        "the spill file holds the old refresh token"
+    );
+
+    // The store is back; a new broker writes the held record first and serves its token.
+    admin_sql("grant update on iron_broker_credentials to writer");
+    idp.state.delay_ms.store(0, Ordering::SeqCst);
+    let second = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        idp.is_valid_access(body["access_token"].as_str().unwrap()),
+        "{body}"
+    );
+    assert_eq!(
+        idp.state.reuse_events.load(Ordering::SeqCst),
+        0,
+        "the old refresh token was replayed"
+    );
+    assert!(!spill.exists(), "the spill file outlived its record");
+    // The held access token had expired (1 s tokens), so that token came from a refresh
+    // with the rotated refresh token the spill kept.
+    assert!(idp.state.refreshes.load(Ordering::SeqCst) >= 2);
+    let (_, list, _) = cli(&admin, &["credentials", "list"], None);
+    assert!(list.contains(" ok "), "{list}");
+    let log = second.kill();
+    assert!(log.contains("stored the held record"), "{log}");
 }
 
 /// Bootstraps credential `codex` in a fresh file store with the IdP's seed token.
