@@ -1509,14 +1509,11 @@ impl Broker {
                 Err(e @ (MintError::Malformed | MintError::RotatedWithoutAccess(_))) => {
                     return Err(e);
                 }
-                // A gateway's 502/504 (Cloudflare's 520 and 524 too: the origin's answer
-                // was unusable, or it took the request and timed out) says the IdP behind
-                // it failed or did not answer in time: it may have rotated the token, so
-                // this is an answer lost after the request was sent, never replayed. 500,
-                // 503 and 429 come from the IdP itself, before or instead of a rotation,
-                // and are retried; so are Cloudflare's 521-523 (the origin was not reached).
-                Err(MintError::Status(s @ (502 | 504 | 520 | 524))) => {
-                    tracing::warn!(credential = %spec.id, status = s, "token endpoint gateway error after the request was sent");
+                // A gateway's 502/504 (or 520/524) is an answer lost after the request was
+                // sent (`MintError::answer_may_be_lost`): it may hide a rotation, never
+                // replayed. 500, 503 and 429 are retried.
+                Err(e @ MintError::Status(_)) if e.answer_may_be_lost() => {
+                    tracing::warn!(credential = %spec.id, error = %e, "token endpoint gateway error after the request was sent");
                     return Err(MintError::Malformed);
                 }
                 // The IdP's Retry-After, when longer, replaces our pause; when it reaches past

@@ -51,7 +51,11 @@ pub type TransportFuture =
 
 /// Sends one token-endpoint request. Implemented by the proxy over its upstream client.
 pub trait TokenTransport: Send + Sync {
-    /// Sends `req` (an absolute `https` URI) and returns the whole response.
+    /// Sends `req` (an absolute `https` URI) and returns the whole response. Only a failure
+    /// before the request could reach the endpoint (resolution, connect, TLS handshake,
+    /// denied address) is an error; a request that may have been processed and got no
+    /// usable answer (a reset or timeout after it was sent, a `2xx` whose body broke off)
+    /// is reported as an empty `200`, which parses as [`MintError::Malformed`].
     fn send(&self, req: http::Request<Vec<u8>>) -> TransportFuture;
 }
 
@@ -101,6 +105,14 @@ pub enum MintError {
     /// A key or key file is unusable.
     #[error("{0}")]
     Key(String),
+    /// A refresh with a refresh token the IdP is known to rotate got no usable answer after
+    /// the request was sent ([`MintError::answer_may_be_lost`]): the IdP may have rotated
+    /// it, and sending it again could trip reuse detection (RFC 9700 §4.14.2), which
+    /// revokes the whole grant. Final until the configured refresh token changes.
+    #[error(
+        "the token endpoint's answer to a refresh was lost after the request was sent, and this IdP rotates refresh tokens: the token may have been rotated, so it is not sent again (rotation_interrupted); put a current refresh token in the source, or let iron-token-broker hold this grant"
+    )]
+    RotationInterrupted,
     /// The token broker answered with a definite refusal (401, 404, 422: wrong token,
     /// unknown or dead credential). Not retried within a mint, since asking again at once
     /// gets the same answer, and not kept either: the broker's operator may revive the
@@ -130,8 +142,19 @@ impl MintError {
                     "temporarily_unavailable" | "server_error" | "slow_down"
                 )
             }
-            Self::Source(_) | Self::Key(_) | Self::Broker(_) => false,
+            Self::Source(_) | Self::Key(_) | Self::Broker(_) | Self::RotationInterrupted => false,
         }
+    }
+
+    /// True when the request reached the token endpoint and its answer is unusable, so the
+    /// IdP may have acted on it (rotated a refresh token): a `2xx` that is not a token
+    /// response (a [`TokenTransport`] also reports an answer lost after the request was
+    /// sent as an empty `200`), or a gateway's 502 or 504 (Cloudflare's 520 and 524 too:
+    /// the origin took the request and its answer was unusable or late). 500, 503 and 429
+    /// come from the IdP itself, before or instead of a rotation; Cloudflare's 521–523 say
+    /// the origin was not reached.
+    pub fn answer_may_be_lost(&self) -> bool {
+        matches!(self, Self::Malformed | Self::Status(502 | 504 | 520 | 524))
     }
 
     /// How long the endpoint asked us to wait before the next request, when it said so.
@@ -513,6 +536,7 @@ impl TokenCache {
                 Err(MintError::Throttled { .. }) => "throttled",
                 Err(MintError::Transport(_)) => "transport",
                 Err(MintError::Malformed | MintError::RotatedWithoutAccess(_)) => "malformed",
+                Err(MintError::RotationInterrupted) => "interrupted",
                 Err(MintError::Source(_)) => "source",
                 Err(MintError::Key(_)) => "key",
                 Err(MintError::Broker(_)) => "broker",
@@ -582,13 +606,33 @@ impl TokenCache {
     ) -> Result<Token, MintError> {
         let mut delay = self.settings.backoff;
         let mut attempt = 1;
+        // A refresh_token grant whose IdP has rotated the token once (it sent back one that
+        // differs from the configured one) rotates: an answer lost after the request was
+        // sent is never replayed with the same token (the broker does the same).
+        let rotating = matches!(&secret.kind, SecretKind::OAuth(o) if o.grant == Grant::RefreshToken)
+            && rotated.as_ref().is_some_and(|r| {
+                inputs
+                    .fields
+                    .get("refresh_token")
+                    .is_none_or(|c| c.expose() != r.expose())
+            });
         loop {
             let r = tokio::time::timeout(
                 self.settings.request_timeout,
                 mint(&self.transport, secret, inputs, rotated.as_ref()),
             )
             .await
-            .unwrap_or_else(|_| Err(MintError::Transport("token request timed out".into())));
+            .map_or(Err(None), |r| r.map_err(Some))
+            .map_err(|e| match e {
+                // Our own deadline: the request may have been sent and answered.
+                None if rotating => MintError::RotationInterrupted,
+                None => MintError::Transport("token request timed out".into()),
+                Some(e) if rotating && e.answer_may_be_lost() => {
+                    tracing::error!(secret = %secret.name, error = %e, "the token endpoint's answer was lost after a rotating refresh token was sent; not sending it again");
+                    MintError::RotationInterrupted
+                }
+                Some(e) => e,
+            });
             match r {
                 // Retrying would send the refresh token the IdP just rotated out; the cache
                 // keeps the new one for the next mint.

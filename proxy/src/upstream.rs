@@ -798,26 +798,47 @@ impl iron_broker::tokens::TokenTransport for ClientTransport {
             let timeout = active.policy.proxy.limits.upstream_response_header_timeout;
             let (parts, body) = req.into_parts();
             let req = http::Request::from_parts(parts, crate::body::full(bytes::Bytes::from(body)));
+            // Once the request may have reached the endpoint, a failure is an answer lost
+            // (the `TokenTransport` contract): an empty `200`, never an error the cache
+            // would retry with the same, possibly rotated-out, refresh token.
+            let lost = || {
+                http::Response::builder()
+                    .status(200)
+                    .body(Vec::new())
+                    .unwrap_or_default()
+            };
             // Headers and body under one deadline: a token endpoint that stalls mid-body is
             // cut off like one that never answers.
             let exchange = async {
-                let resp = active
-                    .client()
-                    .request(req)
-                    .await
-                    .map_err(|e| err(classify(&e).code().to_string()))?;
+                let resp = match active.client().request(req).await {
+                    Ok(r) => r,
+                    Err(e) if e.is_connect() => return Err(err(classify(&e).code().to_string())),
+                    Err(e) => {
+                        tracing::warn!(error = %classify(&e).code(), "token endpoint request failed after it was sent");
+                        return Ok(lost());
+                    }
+                };
                 let (parts, body) = resp.into_parts();
-                let bytes =
-                    http_body_util::Limited::new(body, iron_broker::tokens::MAX_TOKEN_RESPONSE)
-                        .collect()
-                        .await
-                        .map_err(|_| err("response body failed or too large".into()))?
-                        .to_bytes();
-                Ok(http::Response::from_parts(parts, bytes.to_vec()))
+                match http_body_util::Limited::new(body, iron_broker::tokens::MAX_TOKEN_RESPONSE)
+                    .collect()
+                    .await
+                {
+                    Ok(b) => Ok(http::Response::from_parts(parts, b.to_bytes().to_vec())),
+                    Err(_) if parts.status.is_success() => {
+                        tracing::warn!("token endpoint response body failed or too large");
+                        Ok(lost())
+                    }
+                    // An error answer keeps its status, which decides what comes next.
+                    Err(_) => Ok(http::Response::from_parts(parts, Vec::new())),
+                }
             };
-            tokio::time::timeout(timeout, exchange)
-                .await
-                .map_err(|_| err("no response in time".into()))?
+            match tokio::time::timeout(timeout, exchange).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("token endpoint did not answer in time");
+                    Ok(lost())
+                }
+            }
         })
     }
 }

@@ -45,6 +45,9 @@ pub struct IdpState {
     pub invalid_grant: AtomicBool,
     /// Rotate refresh tokens (and refuse reuse of an old one).
     pub rotate: AtomicBool,
+    /// Process this many next requests (rotating the refresh token) and answer them with a
+    /// gateway's 504, as a proxy in front of the IdP that gave up waiting would.
+    pub gateway_timeout_next: AtomicU32,
     /// Delay before answering, in ms.
     pub delay_ms: AtomicU64,
     /// `expires_in` of issued tokens (0: omit it). Default 3600.
@@ -292,6 +295,13 @@ async fn token(
     }
     if let Some(r) = new_refresh {
         resp["refresh_token"] = r.into();
+    }
+    if st
+        .gateway_timeout_next
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        return json(504, serde_json::json!({"message": "gateway timeout"}));
     }
     json(200, resp)
 }

@@ -283,6 +283,66 @@ async fn refresh_token_rotation_is_followed() {
     );
 }
 
+/// The proxy's own refresh_token grant against an IdP that rotates: when the IdP rotates
+/// the token and a gateway in front of it answers 504, the proxy does not send the
+/// rotated-out token again (the IdP would see reuse and revoke the grant). The credential
+/// is unavailable (its admin status says `rotation_interrupted`) until a human puts a
+/// current refresh token in the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_after_a_rotation_is_not_replayed() {
+    if !have("curl") {
+        return;
+    }
+    let s = setup().await;
+    s.idp.state.rotate.store(true, Ordering::SeqCst);
+    s.idp.state.expires_in.store(1, Ordering::SeqCst);
+    let p = s.w.proxy(token_env()).await;
+    let port = s.w.port();
+    let url = format!("https://rt.test:{port}/x");
+    let r = p.curl(&[&url]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The IdP rotates once more, and the 504 loses its answer.
+    s.idp.state.gateway_timeout_next.store(1, Ordering::SeqCst);
+    let r = p.curl(&[&url]).await;
+    assert_eq!(
+        r.error_code().as_deref(),
+        Some("credential_unavailable"),
+        "{r:?}"
+    );
+    assert_eq!(s.idp.state.calls.load(Ordering::SeqCst), 2, "replayed");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = p.curl(&[&url]).await;
+    assert_eq!(r.error_code().as_deref(), Some("credential_unavailable"));
+    // The reason is for the operator (admin status, log), not the sandbox.
+    let failed = p.rt.tokens.status("RT_TOKEN").and_then(|t| t.failed);
+    assert!(
+        failed
+            .as_deref()
+            .is_some_and(|f| f.contains("rotation_interrupted")),
+        "{failed:?}"
+    );
+    assert_eq!(
+        s.idp.state.calls.load(Ordering::SeqCst),
+        2,
+        "called again after the interruption"
+    );
+    assert_eq!(
+        s.w.origin.records().len(),
+        1,
+        "forwarded without a credential"
+    );
+    // A human re-consents: a new refresh token in the source brings it back.
+    s.idp.set_refresh_token("rt_REALreconsented_2");
+    std::fs::write(
+        s.w.dir.path().join("refresh.json"),
+        "{\"refresh_token\": \"rt_REALreconsented_2\"}",
+    )
+    .expect("write");
+    let r = p.curl(&[&url]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandbox_sdk_token_dance_is_stubbed() {
     let has_requests = std::process::Command::new("python3")

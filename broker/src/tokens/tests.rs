@@ -3,6 +3,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::*;
 
 /// A scripted token endpoint: answers from a queue of (status, body), counting calls.
+/// Status 0 is a connection refused; status 1 an endpoint that takes the request and never
+/// answers.
 struct Scripted {
     calls: AtomicUsize,
     replies: Mutex<Vec<(u16, String)>>,
@@ -33,6 +35,9 @@ impl TokenTransport for Scripted {
             tokio::time::sleep(delay).await;
             if status == 0 {
                 return Err(TransportError("connection refused".into()));
+            }
+            if status == 1 {
+                std::future::pending::<()>().await;
             }
             let mut resp = http::Response::builder().status(status);
             if let Some(v) = retry_after {
@@ -682,4 +687,76 @@ async fn a_rotation_without_an_access_token_is_used_next_not_retried() {
     assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(seen[0].contains("refresh_token=refresh-1"), "{seen:?}");
     assert!(seen[1].contains("refresh_token=refresh-2"), "{seen:?}");
+}
+
+/// The proxy's own refresh_token grant, once the IdP has rotated the token: an answer lost
+/// after the request was sent (a gateway's 504, an empty 200 — how a transport reports a
+/// reset or timeout after sending — or our own deadline on an endpoint that never answers) is not replayed with the same
+/// token; the secret fails as `rotation_interrupted` and the IdP is not called again.
+#[tokio::test(start_paused = true)]
+async fn a_lost_answer_to_a_rotating_refresh_is_not_replayed() {
+    const ROTATE: &str = r#"{"access_token":"a1","token_type":"bearer","expires_in":10,"refresh_token":"refresh-2"}"#;
+    for lost in [(504, ""), (200, ""), (1, "")] {
+        let t = scripted(&[(200, ROTATE), lost, (200, ROTATE)], Duration::ZERO);
+        let (s, sources) = secret(
+            "refresh_token",
+            "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
+        );
+        let cache = TokenCache::new(t.clone(), sources, settings());
+        assert_eq!(cache.token(&s).await.unwrap().expose(), b"a1");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let e = cache.token(&s).await.unwrap_err();
+        assert!(
+            e.to_string().contains("rotation_interrupted"),
+            "{lost:?}: {e}"
+        );
+        assert_eq!(t.seen.lock().unwrap().len(), 2, "{lost:?}: replayed");
+        tokio::time::advance(Duration::from_secs(120)).await;
+        assert!(cache.token(&s).await.is_err());
+        assert_eq!(
+            t.seen.lock().unwrap().len(),
+            2,
+            "{lost:?}: called again after the interruption"
+        );
+        let status = cache.status("API_TOKEN").unwrap();
+        assert!(
+            status
+                .failed
+                .is_some_and(|f| f.contains("rotation_interrupted"))
+        );
+    }
+}
+
+/// An IdP that does not rotate (it sends no refresh token back, or the same one): a lost
+/// answer is retried as before, since the token it holds is still the only one.
+#[tokio::test(start_paused = true)]
+async fn a_lost_answer_to_a_non_rotating_refresh_is_retried() {
+    for first in [
+        r#"{"access_token":"a1","token_type":"bearer","expires_in":10}"#,
+        r#"{"access_token":"a1","token_type":"bearer","expires_in":10,"refresh_token":"refresh-1"}"#,
+    ] {
+        let t = scripted(
+            &[
+                (200, first),
+                (504, ""),
+                (200, ""),
+                (
+                    200,
+                    r#"{"access_token":"a2","token_type":"bearer","expires_in":10}"#,
+                ),
+            ],
+            Duration::ZERO,
+        );
+        let (s, sources) = secret(
+            "refresh_token",
+            "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
+        );
+        let cache = TokenCache::new(t.clone(), sources, settings());
+        assert_eq!(cache.token(&s).await.unwrap().expose(), b"a1");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(cache.token(&s).await.unwrap().expose(), b"a2");
+        let seen = t.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert!(seen.iter().all(|b| b.contains("refresh_token=refresh-1")));
+    }
 }
