@@ -152,6 +152,12 @@ async fn credentials(cmd: CredCommand) -> anyhow::Result<ExitCode> {
                 .put(&Record::bootstrap(&id, token, generation), WAIT)
                 .await?;
             println!("credential {id}: refresh token stored (generation {generation})");
+            if let Some(path) = spilled(&cfg, &id) {
+                eprintln!(
+                    "warning: {} holds a record of {id} the store had not taken; the broker will drop it (a rotated token in it is kept aside as {id}.spill.dropped-*)",
+                    path.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         CredCommand::List { config } => {
@@ -194,7 +200,13 @@ async fn credentials(cmd: CredCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         CredCommand::Revive { config, id } => {
-            let (_, store) = open(&config).await?;
+            let (cfg, store) = open(&config).await?;
+            if let Some(path) = spilled(&cfg, &id) {
+                anyhow::bail!(
+                    "a broker holds a record for {id} that the store has not taken yet ({}); start the broker with this spill_dir so it writes it first: reviving now could replay a rotated-out refresh token",
+                    path.display()
+                );
+            }
             // Read, check and write under the refresh lease, so a broker's refresh cannot
             // run in between and a stale read never puts back an older refresh token.
             let owner = format!("credentials-revive:{}", std::process::id());
@@ -233,6 +245,14 @@ async fn credentials(cmd: CredCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The spill file of `id` in the config's `spill_dir`, when there is one.
+fn spilled(cfg: &crate::daemon::Config, id: &str) -> Option<std::path::PathBuf> {
+    cfg.spill_dir
+        .as_ref()
+        .map(|d| d.join(format!("{id}.spill.json")))
+        .filter(|p| p.exists())
 }
 
 async fn open(config: &Path) -> anyhow::Result<(crate::daemon::Config, crate::store::Store)> {

@@ -240,7 +240,7 @@ impl Config {
         if let Some(dir) = &cfg.spill_dir {
             let dir = cfg.base.join(dir);
             if let StoreSpec::File(store) = &cfg.store
-                && cfg.base.join(store) == dir
+                && cfg.base.join(store).components().eq(dir.components())
             {
                 return Err(err(
                     "spill_dir must not be the file store's directory".to_string()
@@ -1075,14 +1075,16 @@ impl Broker {
         // Then a held *rotation* is the only valid token and wins over any state; a held
         // non-rotation (cleared intent, dead mark) is stale news if another refresh has
         // since started.
-        // The broker that spilled it is gone (we hold its spill directory): its lease, if
-        // still in the store, is dead too.
-        let taken = if held.spilled.holder == self.owner {
-            self.store.acquire(id, &self.owner, self.lease_ttl()).await
-        } else {
+        // The broker that spilled it is gone (we hold its spill directory's lock) or is us
+        // (holding the single flight, so no other lease of ours on this credential is
+        // live): a lease of its still in the store is dead. Only for a holder on this host:
+        // a lock on a network file system proves less.
+        let taken = if owner_host(&held.spilled.holder) == owner_host(&self.owner) {
             self.store
                 .acquire_from_dead(id, &self.owner, self.lease_ttl(), &held.spilled.holder)
                 .await
+        } else {
+            self.store.acquire(id, &self.owner, self.lease_ttl()).await
         };
         let new = match taken {
             Ok(Some(new)) => new,
@@ -1114,12 +1116,19 @@ impl Broker {
             .in_flight
             .as_ref()
             .is_some_and(|f| Some(f) != held.spilled.settles.as_ref());
-        // A non-rotation keeps the generation it started from; an admin write since
-        // (`revive`, `set`) bumped the stored one, and must not be undone by stale news.
-        let admin_since = new.record.generation != held.rec().generation;
+        // An admin write since the refresh began (`revive`, `set`) bumped the stored
+        // generation, and must not be undone by a held non-rotation (stale news).
+        let admin_since = new.record.generation != held.spilled.base_generation;
         if !same_token || (!rotation && (foreign_intent || admin_since)) {
             self.store.release(new).await;
-            self.unspill(id);
+            if rotation {
+                // The store holds neither the token the refresh started from nor the one it
+                // rotated to (a new bootstrap, or a store restored from an older backup):
+                // the rotated token may still be the only valid one. Kept for a human.
+                self.set_aside(id);
+            } else {
+                self.unspill(id);
+            }
             tracing::error!(credential = %id, "the stored credential moved on (a new bootstrap, another rotation or another broker's refresh) while this broker held an unwritten record; dropping the held record");
             self.metrics.attempt(id, "fenced_dropped");
             return Ok(None);
@@ -1144,10 +1153,47 @@ impl Broker {
         self.after_flush(cred, rec)
     }
 
-    /// Holds `spilled` (made under `lease`) in memory and, when a spill directory is
-    /// configured, on disk, so a kill before the store is back loses nothing.
+    /// Writes `done`, the record that settles `intent` (made under `lease`), to the store
+    /// ([`Broker::write_retrying`]); first to the spill directory when there is one, so a
+    /// kill during the store's retries (up to two minutes) loses nothing. The spill file
+    /// goes once the store has the record.
+    ///
+    /// # Errors
+    /// The store's last error, with the record to hold.
+    async fn settle(
+        &self,
+        id: &str,
+        lease: &Lease,
+        intent: &InFlight,
+        done: &Record,
+    ) -> Result<(), (StoreError, Spilled)> {
+        let spilled = Spilled {
+            base_sha256: crate::store::token_digest(&lease.record.refresh_token),
+            base_generation: lease.record.generation,
+            settles: Some(intent.clone()),
+            holder: self.owner.clone(),
+            record: done.clone(),
+        };
+        let on_disk = self.spill_save(id, &spilled);
+        match self.write_retrying(id, lease, done).await {
+            Ok(()) => {
+                if on_disk {
+                    self.unspill(id);
+                }
+                Ok(())
+            }
+            Err(e) => Err((e, spilled)),
+        }
+    }
+
+    /// Holds `spilled` (made under `lease`, already in the spill directory when there is
+    /// one) until the store takes it.
     async fn hold(&self, cred: &Credential, lease: Lease, spilled: Spilled) {
-        self.spill_save(&cred.spec.id, &spilled);
+        if self.spill.is_some() {
+            tracing::warn!(credential = %cred.spec.id, "the held record stays in the spill directory until the store takes it");
+        } else {
+            tracing::warn!(credential = %cred.spec.id, "the held record is in memory only (no spill_dir) until the store takes it");
+        }
         *cred.unsaved.lock().await = Some(Held {
             lease: Some(lease),
             spilled,
@@ -1155,14 +1201,30 @@ impl Broker {
         });
     }
 
-    fn spill_save(&self, id: &str, spilled: &Spilled) {
+    /// Writes `spilled` to the spill directory; `true` when it is there.
+    fn spill_save(&self, id: &str, spilled: &Spilled) -> bool {
+        let Some(dir) = &self.spill else {
+            return false;
+        };
+        match dir.save(spilled) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(credential = %id, error = %e, "cannot write the record to the spill directory; until the store takes it, it is in memory only");
+                false
+            }
+        }
+    }
+
+    /// Renames `id`'s spill file aside (`ID.spill.dropped-MS`), logging where it went.
+    fn set_aside(&self, id: &str) {
         if let Some(dir) = &self.spill {
-            match dir.save(spilled) {
-                Ok(()) => {
-                    tracing::warn!(credential = %id, "the held record is in the spill directory until the store takes it");
+            match dir.set_aside(id) {
+                Ok(Some(path)) => {
+                    tracing::error!(credential = %id, path = %path.display(), "the dropped record held a rotated refresh token, kept in this file (mode 0600) in case the store was rolled back");
                 }
+                Ok(None) => {}
                 Err(e) => {
-                    tracing::error!(credential = %id, error = %e, "cannot write the held record to the spill directory; it is in memory only");
+                    tracing::error!(credential = %id, error = %e, "cannot set aside a dropped spill file");
                 }
             }
         }
@@ -1250,15 +1312,9 @@ impl Broker {
             return Err(ServeError::Busy);
         };
         let (result, pending) = self.refresh_under_lease(cred, &lease, scheduled).await;
-        if let Some((record, settles)) = pending {
-            // Not durable: keep the lease and the record; never call the IdP again with
-            // an older token before this is written.
-            let spilled = Spilled {
-                base_sha256: crate::store::token_digest(&lease.record.refresh_token),
-                settles: Some(settles),
-                holder: self.owner.clone(),
-                record,
-            };
+        if let Some(spilled) = pending {
+            // Not in the store: keep the lease and the record; never call the IdP again
+            // with an older token before this is written.
             self.hold(cred, lease, spilled).await;
             return Err(result.err().unwrap_or_else(|| {
                 ServeError::Store("the rotated refresh token could not be stored yet".into())
@@ -1278,7 +1334,7 @@ impl Broker {
         cred: &Credential,
         lease: &Lease,
         scheduled: bool,
-    ) -> (Result<(), ServeError>, Option<(Record, InFlight)>) {
+    ) -> (Result<(), ServeError>, Option<Spilled>) {
         let id = cred.spec.id.as_str();
         let store_err = |e: StoreError| ServeError::Store(e.to_string());
         let mut rec = lease.record.clone();
@@ -1373,10 +1429,10 @@ impl Broker {
                 done.last_refresh_ms = Some(now);
                 done.generation += 1;
                 // Durable before served.
-                if let Err(e) = self.write_retrying(id, lease, &done).await {
-                    tracing::error!(credential = %id, error = %e, "the rotated refresh token is not durable yet; holding it in memory and not serving it");
+                if let Err((e, held)) = self.settle(id, lease, &intent, &done).await {
+                    tracing::error!(credential = %id, error = %e, "the refreshed record is not in the store yet; holding it and not serving it");
                     self.metrics.attempt(id, "store_error");
-                    return (Err(store_err(e)), Some((done, intent)));
+                    return (Err(store_err(e)), Some(held));
                 }
                 crate::store::crash_point("after_commit");
                 self.metrics.attempt(id, "ok");
@@ -1395,10 +1451,10 @@ impl Broker {
                 self.metrics.attempt(id, "retryable");
                 tracing::warn!(credential = %id, "the token endpoint rotated the refresh token but sent no usable access token; keeping the new refresh token, will refresh again");
                 let pending = self
-                    .write_retrying(id, lease, &done)
+                    .settle(id, lease, &intent, &done)
                     .await
                     .err()
-                    .map(|_| (done, intent));
+                    .map(|(_, held)| held);
                 (
                     Err(ServeError::Idp(
                         MintError::RotatedWithoutAccess(SecretValue::new(Vec::new())).to_string(),
@@ -1416,10 +1472,10 @@ impl Broker {
                 self.metrics.attempt(id, "interrupted");
                 self.mark_dead_metric(id, "rotation_interrupted");
                 let pending = self
-                    .write_retrying(id, lease, &done)
+                    .settle(id, lease, &intent, &done)
                     .await
                     .err()
-                    .map(|_| (done, intent));
+                    .map(|(_, held)| held);
                 (
                     Err(ServeError::Dead("rotation_interrupted".into())),
                     pending,
@@ -1435,10 +1491,10 @@ impl Broker {
                 self.metrics.attempt(id, "retryable");
                 tracing::warn!(credential = %id, error = %e, "refresh failed; will retry");
                 let pending = self
-                    .write_retrying(id, lease, &done)
+                    .settle(id, lease, &intent, &done)
                     .await
                     .err()
-                    .map(|_| (done, intent));
+                    .map(|(_, held)| held);
                 (Err(ServeError::Idp(e.to_string())), pending)
             }
             Err(e) => {
@@ -1452,10 +1508,10 @@ impl Broker {
                 self.mark_dead_metric(id, &reason);
                 tracing::error!(credential = %id, reason = %reason, error = %e, "the IdP refused the refresh token; the credential is dead until re-bootstrapped");
                 let pending = self
-                    .write_retrying(id, lease, &done)
+                    .settle(id, lease, &intent, &done)
                     .await
                     .err()
-                    .map(|_| (done, intent));
+                    .map(|(_, held)| held);
                 (Err(ServeError::Dead(reason)), pending)
             }
         }
@@ -1971,6 +2027,14 @@ pub async fn open_store(config_path: &Path) -> Result<(Config, Store), String> {
     Ok((cfg, store))
 }
 
+/// The host part of a lease owner name (`host:pid:ms`).
+fn owner_host(owner: &str) -> &str {
+    owner
+        .rsplit_once(':')
+        .and_then(|(rest, _)| rest.rsplit_once(':'))
+        .map_or(owner, |(host, _)| host)
+}
+
 /// [`Broker::lease_ttl`] for a `refresh_timeout`.
 fn lease_ttl_for(refresh_timeout: Duration) -> Duration {
     refresh_timeout * 2 + crate::store::PG_CALL_WORST * 7 + Duration::from_secs(4)
@@ -2007,12 +2071,14 @@ mod tests {
         write("spill_dir = \"spill\"\n");
         let cfg = Config::load(&path).unwrap();
         assert_eq!(cfg.spill_dir, Some(dir.path().join("spill")));
-        write("spill_dir = \"creds\"\n");
-        let err = Config::load(&path).unwrap_err();
-        assert!(
-            err.contains("spill_dir must not be the file store"),
-            "{err}"
-        );
+        for same in ["creds", "./creds/"] {
+            write(&format!("spill_dir = \"{same}\"\n"));
+            let err = Config::load(&path).unwrap_err();
+            assert!(
+                err.contains("spill_dir must not be the file store"),
+                "{err}"
+            );
+        }
         write("");
         assert_eq!(Config::load(&path).unwrap().spill_dir, None);
     }

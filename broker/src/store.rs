@@ -553,6 +553,9 @@ pub struct Spilled {
     /// [`token_digest`] of the refresh token stored when the refresh began: the held record
     /// applies only while the store still holds that token.
     pub base_sha256: String,
+    /// The stored generation when the refresh began: a higher one in the store means an
+    /// admin write (`revive`, `set`) since, which a held non-rotation must not undo.
+    pub base_generation: u64,
     /// The intent (`in_flight`) the held record settles, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settles: Option<InFlight>,
@@ -590,11 +593,15 @@ impl SpillDir {
         let io = |what: &str, e: std::io::Error| {
             StoreError::Io(format!("spill_dir {}: {what}: {e}", dir.display()))
         };
+        use std::os::unix::fs::PermissionsExt as _;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|e| io("cannot create", e))?;
+        // Its files hold refresh tokens: an existing directory is narrowed to its owner.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io("cannot set mode 0700", e))?;
         let lock = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -612,10 +619,42 @@ impl SpillDir {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io("cannot lock", e)),
         }
+        // Temp files left by a save cut short hold a token; no live writer owns one now.
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with('.') && n.contains(".spill.json.tmp-"))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             _lock: lock,
         })
+    }
+
+    /// Renames the spill of `id` to `ID.spill.dropped-MS` (kept for a human, read by
+    /// nothing); `None` when there is none.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn set_aside(&self, id: &str) -> Result<Option<PathBuf>, StoreError> {
+        let path = self.path(id)?;
+        let aside = self.dir.join(format!("{id}.spill.dropped-{}", now_ms()));
+        match std::fs::rename(&path, &aside) {
+            Ok(()) => {
+                sync_dir(&self.dir).map_err(|e| {
+                    StoreError::Io(format!("cannot fsync {}: {e}", self.dir.display()))
+                })?;
+                Ok(Some(aside))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Io(format!(
+                "cannot rename {}: {e}",
+                path.display()
+            ))),
+        }
     }
 
     fn path(&self, id: &str) -> Result<PathBuf, StoreError> {
@@ -1251,6 +1290,7 @@ mod tests {
         assert!(spill.load("a").unwrap().is_none());
         let s = Spilled {
             base_sha256: token_digest("rt_old"),
+            base_generation: 1,
             settles: Some(InFlight {
                 owner: "h:1:2".into(),
                 started_at_ms: 5,
@@ -1275,8 +1315,19 @@ mod tests {
         spill.remove("a").unwrap();
         spill.remove("a").unwrap();
         assert!(spill.load("a").unwrap().is_none());
+        // A dropped rotation is set aside for a human, out of the way of `load` and `ids`.
+        spill.save(&s).unwrap();
+        let aside = spill.set_aside("a").unwrap().unwrap();
+        assert!(aside.exists() && spill.load("a").unwrap().is_none());
+        assert_eq!(spill.set_aside("a").unwrap(), None);
+        assert_eq!(spill.ids(), vec!["b".to_string()]);
         drop(spill);
-        // The lock goes with the broker.
+        // The lock goes with the broker; a reopened directory is narrowed to 0700 and
+        // loses temp files a cut-short save left.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(&leftover, b"{rt_partial").unwrap();
         assert!(SpillDir::open(&dir).is_ok());
+        assert_eq!(mode(&dir), 0o700);
+        assert!(!leftover.exists());
     }
 }

@@ -791,8 +791,10 @@ async fn a_rotation_the_store_missed_survives_a_kill_in_the_spill_dir() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(idp.state.refreshes.load(Ordering::SeqCst), 1);
-    let log = first.kill();
-    assert!(log.contains("spill directory"), "{log}");
+    // Killed while the store write is still being retried: the spill file was written
+    // before the first store attempt. The access token in it expires meanwhile.
+    drop(first.kill());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&spill), 0o600);
     assert_eq!(mode(spill.parent().unwrap()), 0o700);
@@ -801,6 +803,10 @@ async fn a_rotation_the_store_missed_survives_a_kill_in_the_spill_dir() {
         !text.contains(rotating_idp::SEED_REFRESH),
         "the spill file holds the old refresh token"
     );
+
+    // `revive` would replay the rotated-out token while the spill holds the rotated one.
+    let (ok, _, err) = cli(&config, &["credentials", "revive", "--id", "codex"], None);
+    assert!(!ok && err.contains("has not taken yet"), "{err}");
 
     // The store is back; a new broker writes the held record first and serves its token.
     admin_sql("grant update on iron_broker_credentials to writer");
