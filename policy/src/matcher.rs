@@ -91,17 +91,23 @@ impl PlaceholderMatcher {
 
     /// Matches in `hay` as (secret index, start, end), leftmost-longest and not
     /// overlapping. The common case, a value with no placeholder, is one search and no
-    /// iterator (a value shorter than every placeholder is not searched at all); only
-    /// after a first match does the iteration go on from it.
+    /// iterator (a value shorter than every placeholder is not searched at all); after a
+    /// first match the search goes on from its end, and only when what is left could hold
+    /// another placeholder (`Bearer TOKEN` is searched once).
     fn find<'h>(&'h self, hay: &'h [u8]) -> impl Iterator<Item = (usize, usize, usize)> + 'h {
         let first = self
             .ac
             .as_ref()
             .filter(|_| hay.len() >= self.min_len)
             .and_then(|ac| Some((ac, ac.find(hay)?)));
+        let rest = first
+            .as_ref()
+            .filter(|(_, m)| hay.len() - m.end() >= self.min_len)
+            .map(|(ac, m)| ac.find_iter(aho_corasick::Input::new(hay).range(m.end()..)));
         first
+            .map(|(_, m)| m)
             .into_iter()
-            .flat_map(move |(ac, m)| ac.find_iter(aho_corasick::Input::new(hay).range(m.start()..)))
+            .chain(rest.into_iter().flatten())
             .map(|m| (self.owners[m.pattern().as_usize()], m.start(), m.end()))
     }
 
@@ -654,6 +660,7 @@ const METHOD_OVERRIDES: [&str; 3] = [
 /// `TRACE` never carries a credential, whatever the capabilities: the origin echoes the
 /// request back, credential included (RFC 9110 §9.3.8 forbids sensitive fields in it).
 fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
+    // The request method is a token (no spaces); override values may be padded.
     let is_trace = |m: &str| m.trim().eq_ignore_ascii_case("TRACE");
     let overrides = || {
         req.headers
@@ -662,7 +669,7 @@ fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
     };
     // Frameworks honour a method override on POST only (Rails, Laravel, Symfony, Express
     // `methodOverride`, ASP.NET): other methods skip the walk over the header names.
-    if is_trace(req.method)
+    if req.method.eq_ignore_ascii_case("TRACE")
         || (req.method == "POST"
             && overrides().any(|(_, v)| std::str::from_utf8(v).is_ok_and(is_trace)))
     {
