@@ -757,6 +757,11 @@ pub struct Secret {
     pub enabled: bool,
     /// The value may be sent over cleartext HTTP (DESIGN.md decision 4). Default false.
     pub allow_plaintext: bool,
+    /// Response bodies of requests that carried the value are scanned, and each echo of it
+    /// put back to the placeholder (REFERENCE.md D18). Default true; `false` for a host whose
+    /// responses are large downloads that never reflect a credential (response headers are
+    /// scrubbed either way).
+    pub scrub_response_body: bool,
     /// How the value is applied to requests. Token types always inject.
     pub mode: HttpMode,
     /// Method and path prefixes the secret may be applied to; empty: every request to its
@@ -1785,6 +1790,7 @@ impl Cx<'_> {
             optional: raw.optional.unwrap_or(false),
             enabled: raw.enabled.unwrap_or(true),
             allow_plaintext: raw.allow_plaintext.unwrap_or(false),
+            scrub_response_body: raw.scrub_response_body.unwrap_or(true),
             mode: mode?,
             capabilities,
             rate_limit,

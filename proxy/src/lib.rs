@@ -29,6 +29,7 @@ pub mod body;
 pub mod cli;
 pub mod client;
 pub mod demo;
+pub mod echo;
 pub mod error;
 pub mod io;
 pub mod loader;

@@ -297,6 +297,7 @@ async fn route(
             Err(_) => break,
         }
     }
+    let echoed = rec.headers.clone();
     push(&shared, rec);
     if path.starts_with("/redirect") {
         // A redirect that echoes the request's path and query, as canonical-host and
@@ -313,6 +314,39 @@ async fn route(
             if let Ok(v) = http::HeaderValue::from_str(&value) {
                 resp.headers_mut().insert(name, v);
             }
+        }
+        return resp;
+    }
+    if path.starts_with("/echo") {
+        // A debugging endpoint that reflects the request: its headers and target in the
+        // body, sent in 5-byte chunks (so a reflected value spans chunks), the
+        // Authorization header in `X-Echo-Authorization`, with a `Content-Length` unless
+        // the target says `chunked`.
+        let mut text = format!("{target}\n");
+        for (n, v) in &echoed {
+            text.push_str(&format!("{n}: {}\n", String::from_utf8_lossy(v)));
+        }
+        let len = text.len();
+        let chunks: Vec<Result<Frame<Bytes>, BoxError>> = text
+            .into_bytes()
+            .chunks(5)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        let mut resp = Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed());
+        let h = resp.headers_mut();
+        if !target.contains("chunked") {
+            h.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+        }
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain"),
+        );
+        if let Some(v) = echoed
+            .iter()
+            .find(|(n, _)| n == "authorization")
+            .and_then(|(_, v)| http::HeaderValue::from_bytes(v).ok())
+        {
+            h.insert("x-echo-authorization", v);
         }
         return resp;
     }

@@ -199,6 +199,17 @@ impl<'a> Values<'a> {
     }
 }
 
+impl Values<'_> {
+    /// The value of secret `index`, shared (not copied).
+    fn shared(&self, index: usize) -> Option<&SecretValue> {
+        self.first
+            .iter()
+            .chain(&self.rest)
+            .find(|(i, _)| *i == index)
+            .map(|(_, v)| &**v)
+    }
+}
+
 impl SecretValues for Values<'_> {
     fn value(&self, index: usize) -> &[u8] {
         self.first
@@ -209,99 +220,81 @@ impl SecretValues for Values<'_> {
     }
 }
 
-/// Response headers that carry a URL, where an origin echoes the request's own path and
-/// query (a redirect to the canonical host or with a trailing slash, `Content-Location`,
-/// `Refresh: 0; url=…`, a `Link` to the next page).
-const URL_HEADERS: [HeaderName; 4] = [
-    http::header::LOCATION,
-    http::header::CONTENT_LOCATION,
-    http::header::REFRESH,
-    http::header::LINK,
-];
-
-/// The real values a request carried in its path or query (swapped or injected), as the
-/// origin may echo them in [`URL_HEADERS`]: raw, percent-encoded as the proxy sent them,
-/// and with `+` for a space (form encoding). Each is put back to its placeholder in the
-/// response, so a redirect never hands the sandbox the real value (which it would then
-/// follow, and send on, unguarded). Empty, and free, when no secret went into the URL.
-#[derive(Default)]
-struct UrlEchoes {
-    needles: Vec<(Vec<u8>, String)>,
-}
-
-impl UrlEchoes {
-    fn of(policy: &iron_policy::Policy, plan: &iron_policy::Plan, values: &Values<'_>) -> Self {
-        let mut needles = Vec::new();
-        for a in &plan.applied {
-            if !matches!(
-                a.location,
-                iron_policy::Location::Path | iron_policy::Location::Query(_)
-            ) {
-                continue;
-            }
-            let value = values.value(a.secret);
-            if value.is_empty() || needles.iter().any(|(n, _): &(Vec<u8>, String)| n == value) {
-                continue;
-            }
-            let placeholder = &policy.secrets[a.secret].placeholder;
-            let encoded = iron_policy::encoding::encode_component(value);
-            let form = encoded.replace("%20", "+");
-            for n in [value.to_vec(), encoded.into_bytes(), form.into_bytes()] {
-                if !needles.iter().any(|(m, _)| *m == n) {
-                    needles.push((n, placeholder.clone()));
-                }
-            }
-        }
-        Self { needles }
+/// The real values `plan` put into the request, in the forms an origin may echo them in
+/// ([`crate::echo`]): each applied secret's value (its body scrubbing as the secret says);
+/// for a header whose `Basic` credentials were re-encoded around a swapped value, the new
+/// blob put back to the client's own; for an injected header (a formatter may encode the
+/// value, `Basic` base64), the whole value and its credentials put back to the
+/// placeholder. Empty, and free, when no secret was applied.
+fn echoes_of(
+    policy: &iron_policy::Policy,
+    plan: &iron_policy::Plan,
+    values: &Values<'_>,
+    sent: &[(&str, &[u8])],
+    out: &iron_policy::Rewritten,
+) -> crate::echo::Echoes {
+    let mut echoes = crate::echo::Echoes::new();
+    if plan.applied.is_empty() {
+        return echoes;
     }
-
-    /// Puts placeholders back in place of the values in `headers`' URL fields.
-    fn mask(&self, headers: &mut HeaderMap) {
-        if self.needles.is_empty() {
-            return;
+    let mut body = false;
+    for a in &plan.applied {
+        let secret = &policy.secrets[a.secret];
+        body |= secret.scrub_response_body;
+        if let Some(v) = values.shared(a.secret) {
+            echoes.add_value(v, &secret.placeholder, secret.scrub_response_body);
         }
-        for name in &URL_HEADERS {
-            if let http::header::Entry::Occupied(mut e) = headers.entry(name) {
-                for v in e.iter_mut() {
-                    let mut bytes = v.as_bytes().to_vec();
-                    let mut changed = false;
-                    for (needle, placeholder) in &self.needles {
-                        if let Some(masked) = replace_all(&bytes, needle, placeholder.as_bytes()) {
-                            bytes = masked;
-                            changed = true;
-                        }
-                    }
-                    if changed && let Ok(masked) = HeaderValue::from_bytes(&bytes) {
-                        *v = masked;
-                    }
-                }
+    }
+    fn basic(v: &[u8]) -> Option<&[u8]> {
+        v.get(..6)
+            .is_some_and(|p| p.eq_ignore_ascii_case(b"basic "))
+            .then(|| v[6..].trim_ascii())
+    }
+    for (i, new) in &out.headers {
+        if let Some((_, old)) = sent.get(*i)
+            && let (Some(old), Some(new)) = (basic(old), basic(new))
+        {
+            echoes.add_exact(new, old, body);
+        }
+    }
+    for (name, value) in &out.set_headers {
+        let injected = plan.applied.iter().find(|a| {
+            matches!(&a.location, iron_policy::Location::Header(h) if h.eq_ignore_ascii_case(name))
+                && matches!(
+                    policy.secrets[a.secret].mode,
+                    iron_policy::HttpMode::Inject { .. }
+                )
+        });
+        if let Some(a) = injected {
+            let secret = &policy.secrets[a.secret];
+            let placeholder = secret.placeholder.as_bytes();
+            echoes.add_exact(value, placeholder, secret.scrub_response_body);
+            if let Some(creds) = basic(value) {
+                echoes.add_exact(creds, placeholder, secret.scrub_response_body);
             }
         }
     }
+    echoes
 }
 
-/// `hay` with every non-overlapping `needle` (left to right) replaced by `with`, or `None`
-/// when it holds none.
-fn replace_all(hay: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
-    if needle.is_empty() || hay.len() < needle.len() {
+/// Whether a response body is scrubbed as it streams, and then whether its length must
+/// stand (it has a `Content-Length`): `Some` for a body that is there (not a `HEAD`, 1xx,
+/// 204 or 304), whole (not a 206 range, whose `Content-Range` counts the origin's bytes)
+/// and not content-encoded (a compressed body is relayed as it is; the request asked for
+/// `identity`).
+fn body_scrubbable(parts: &http::response::Parts, is_head: bool) -> Option<bool> {
+    let status = parts.status.as_u16();
+    if is_head || matches!(status, 100..=199 | 204 | 206 | 304) {
         return None;
     }
-    let mut out = Vec::new();
-    let (mut i, mut last) = (0, 0);
-    while i + needle.len() <= hay.len() {
-        if &hay[i..i + needle.len()] == needle {
-            out.extend_from_slice(&hay[last..i]);
-            out.extend_from_slice(with);
-            i += needle.len();
-            last = i;
-        } else {
-            i += 1;
+    let mut sized = false;
+    for (n, v) in &parts.headers {
+        if n == http::header::CONTENT_ENCODING && !v.as_bytes().eq_ignore_ascii_case(b"identity") {
+            return None;
         }
+        sized |= n == http::header::CONTENT_LENGTH;
     }
-    (last > 0).then(|| {
-        out.extend_from_slice(&hay[last..]);
-        out
-    })
+    Some(sized)
 }
 
 /// Handles one request from a client connection: refuses it with the error envelope or
@@ -548,6 +541,7 @@ async fn exchange(
 
     // rewrite, in place: only swapped values and injected headers change
     let mut out = plan.apply(policy, &view, &values);
+    let echoes = echoes_of(policy, &plan, &values, &view_headers, &out);
     drop(view_headers);
     let first_secret = || ProxyError::CredentialUnavailable {
         secret: plan
@@ -575,6 +569,14 @@ async fn exchange(
         v.set_sensitive(true);
         headers.insert(name, v);
     }
+    if echoes.scrubs_body() {
+        // A compressed response body cannot be scrubbed as it streams: ask for none.
+        for (name, value) in headers.iter_mut() {
+            if name == http::header::ACCEPT_ENCODING {
+                *value = HeaderValue::from_static("identity");
+            }
+        }
+    }
     if let Some(u) = upgrade {
         headers.insert(UPGRADE, u);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -588,7 +590,6 @@ async fn exchange(
         out.path,
         out.query,
     )?;
-    let echoes = UrlEchoes::of(policy, &plan, &values);
     guard.rec().secrets = std::mem::take(&mut plan.applied)
         .into_iter()
         .map(|a| AppliedSecret {
@@ -602,6 +603,7 @@ async fn exchange(
 
     // forward
     let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
+    let is_head = req.method() == http::Method::HEAD;
     let tally: Tally = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
     guard.tally = Some(tally.clone());
     let (mut parts, body) = req.into_parts();
@@ -706,7 +708,12 @@ async fn exchange(
     let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, switching);
-    echoes.mask(&mut parts.headers);
+    echoes.mask_headers(&mut parts.headers);
+    let scrub_body = if echoes.scrubs_body() {
+        body_scrubbable(&parts, is_head)
+    } else {
+        None
+    };
     let mut rec = guard.rec.take().unwrap_or_else(|| {
         AuditRecord::new("request", crate::RequestId::default(), conn.client, "")
     });
@@ -759,6 +766,11 @@ async fn exchange(
     let sink = rt.clone();
     let counts = tally.clone();
     let body = crate::body::Idle::new(body, limits.idle_timeout);
+    let body = crate::echo::Scrubbed::new(
+        body,
+        scrub_body.is_some().then_some(echoes),
+        scrub_body.unwrap_or(false),
+    );
     let body = Counted::new(body, tally, 1, move |end| {
         rec.bytes_in = counts[0].load(Ordering::Relaxed);
         rec.bytes_out = counts[1].load(Ordering::Relaxed);
@@ -1115,18 +1127,6 @@ mod tests {
         }
         assert_eq!(hop_by_hop_index(&http::header::HOST), None);
         assert_eq!(hop_by_hop_index(&HeaderName::from_static("x-te")), None);
-    }
-
-    #[test]
-    fn replace_all_replaces_each_occurrence_once_left_to_right() {
-        assert_eq!(
-            replace_all(b"a-abc-abcabc", b"abc", b"X").unwrap(),
-            b"a-X-XX"
-        );
-        // A replacement that holds the needle is not searched again.
-        assert_eq!(replace_all(b"abc", b"abc", b"xabcx").unwrap(), b"xabcx");
-        assert_eq!(replace_all(b"ab", b"abc", b"X"), None);
-        assert_eq!(replace_all(b"xyz", b"", b"X"), None);
     }
 
     #[test]

@@ -177,6 +177,103 @@ async fn a_redirect_echoing_the_url_hands_back_the_placeholder() {
     }
 }
 
+/// An origin that reflects the request (a debugging endpoint: headers and target in the
+/// body, in 5-byte chunks so every value spans chunks, `Authorization` in a response
+/// header) never hands the sandbox a real value: swapped in a header or inside `Basic`
+/// credentials, injected by a formatter (`Token {value}`, `Basic` base64), or put into the
+/// path and query. The sandbox gets its placeholders back (for an injected header the
+/// secret's placeholder): exactly in headers and in a chunked body, fitted with `*` to the
+/// value's length in a body with a `Content-Length` (which must stand). A compressed answer
+/// is not asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_echoes_the_request_hands_back_placeholders() {
+    if !have("curl") {
+        return;
+    }
+    let (w, p) = world().await;
+    let port = w.port();
+    let cases: [(String, Vec<&str>, Vec<&str>); 5] = [
+        (
+            format!("https://api.github.test:{port}/echo"),
+            vec![
+                "-H",
+                "Authorization: Bearer GITHUB_TOKEN",
+                "-H",
+                "Accept-Encoding: gzip, br",
+            ],
+            vec![
+                "authorization: Bearer GITHUB_TOKEN******************\n",
+                "x-echo-authorization: Bearer GITHUB_TOKEN\r\n",
+                "accept-encoding: identity",
+                "content-length: ",
+            ],
+        ),
+        (
+            format!("https://api.github.test:{port}/echo"),
+            vec!["-u", "x-access-token:GITHUB_TOKEN"],
+            vec!["authorization: Basic eC1hY2Nlc3MtdG9rZW46R0lUSFVCX1RPS0VO"],
+        ),
+        (
+            format!("https://maps.test:{port}/echo/MAPS_KEY?key=MAPS_KEY&chunked"),
+            vec![],
+            vec![
+                "/echo/MAPS_KEY?key=MAPS_KEY&chunked\n",
+                "transfer-encoding: chunked",
+            ],
+        ),
+        (
+            format!("https://inject.test:{port}/echo"),
+            vec![],
+            vec!["x-api-key: INJECT_KEY"],
+        ),
+        (
+            format!("https://basic.test:{port}/echo"),
+            vec![],
+            vec!["authorization: BASIC_PW", "x-echo-authorization: BASIC_PW"],
+        ),
+    ];
+    for (url, extra, want) in &cases {
+        let mut args = vec!["-i", "-sS", url.as_str()];
+        args.extend(extra.iter().copied());
+        let r = p.curl(&args).await;
+        assert_eq!(r.status, 200, "{url}: {r:?}");
+        let text = r.body.to_ascii_lowercase();
+        for w in want {
+            assert!(
+                text.contains(&w.to_ascii_lowercase()),
+                "{url}: no {w:?} in {}",
+                r.body
+            );
+        }
+        for real in ALL_REAL {
+            assert!(
+                !r.body.contains(real),
+                "{url}: {real} reached the sandbox: {}",
+                r.body
+            );
+        }
+        for encoded in [
+            "maps%20real%2Fkey%2B1",
+            "maps+real%2Fkey%2B1",
+            // base64 of x-access-token:<real> and robot:<real>
+            "eC1hY2Nlc3MtdG9rZW46Z2hwX1JFQUxnaXRodWJTRUNSRVQwMTIzNDU2Nzg5",
+            "cm9ib3Q6cHdfUkVBTGJhc2ljU0VDUkVUNzc=",
+        ] {
+            assert!(!r.body.contains(encoded), "{url}: {}", r.body);
+        }
+    }
+    // The origin did get the real values (the echo is of what it received).
+    let recs = w.origin.records();
+    assert_eq!(
+        recs[0].header("authorization").as_deref(),
+        Some(format!("Bearer {REAL_GITHUB}").as_str())
+    );
+    assert_eq!(
+        recs[0].header("accept-encoding").as_deref(),
+        Some("identity")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_and_inject_modes() {
     if !have("curl") {

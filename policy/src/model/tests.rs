@@ -42,6 +42,7 @@ inject_header = "Authorization"
 inject_formatter = 'Basic {{base64 "user:" .Value}}'
 hosts = ["maps.test"]
 optional = true
+scrub_response_body = false
 "#;
 
 #[test]
@@ -70,6 +71,9 @@ fn parses_a_full_policy() {
         SourceKind::File(PathBuf::from("/etc/iron/keys.json"))
     );
     assert!(p.secrets[1].optional);
+    // Echoes are scrubbed from response bodies unless a secret opts out.
+    assert!(p.secrets[0].scrub_response_body);
+    assert!(!p.secrets[1].scrub_response_body);
     assert!(p.allows_destination("api.github.test", 443, true));
     assert!(p.allows_destination("github.test", 8443, true));
     assert!(!p.allows_destination("github.test", 443, true));
