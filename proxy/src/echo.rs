@@ -48,12 +48,47 @@ const CLASS: [u8; 256] = {
     t
 };
 
+/// Response headers that carry a URL, where an origin echoes the request's own path and
+/// query (a redirect to the canonical host or with a trailing slash, `Content-Location`,
+/// `Refresh: 0; url=…`, a `Link` to the next page): values shorter than [`MIN_VALUE_LEN`]
+/// are looked for there too.
+const URL_HEADERS: [http::HeaderName; 4] = [
+    http::header::LOCATION,
+    http::header::CONTENT_LOCATION,
+    http::header::REFRESH,
+    http::header::LINK,
+];
+
+/// Where [`Echoes::scrub`] looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// A response body: the forms of secrets that scrub bodies, at least
+    /// [`MIN_VALUE_LEN`] long.
+    Body,
+    /// A header or trailer value, or the status text: every form at least
+    /// [`MIN_VALUE_LEN`] long.
+    Header,
+    /// A URL header ([`URL_HEADERS`]): every form.
+    UrlHeader,
+}
+
 /// One form of a real value, and what it is put back to.
 struct Needle {
     value: SecretValue,
     with: Bytes,
     /// Looked for in the body too (the secret's `scrub_response_body`).
     body: bool,
+}
+
+impl Needle {
+    fn applies(&self, scope: Scope) -> bool {
+        let long = self.value.expose().len() >= MIN_VALUE_LEN;
+        match scope {
+            Scope::Body => self.body && long,
+            Scope::Header => long,
+            Scope::UrlHeader => true,
+        }
+    }
 }
 
 /// The real values one request carried, in the forms an origin may echo them in. Empty
@@ -72,54 +107,69 @@ impl Echoes {
     }
 
     /// Adds `value` (a real value that went out) in its echoable forms, each put back to
-    /// `placeholder`; `body`: looked for in the response body too. Values shorter than
-    /// [`MIN_VALUE_LEN`] are ignored.
+    /// `placeholder`; `body`: looked for in the response body too. A value shorter than
+    /// [`MIN_VALUE_LEN`] is looked for in URL headers only.
     pub fn add_value(&mut self, value: &SecretValue, placeholder: &str, body: bool) {
+        let with = Bytes::copy_from_slice(placeholder.as_bytes());
+        self.add_forms(value, &with, body);
+    }
+
+    /// Adds `value` put back to `with` exactly (a re-encoded `Basic` blob, put back to the
+    /// client's own; an injected header's value, put back to the placeholder), in the same
+    /// forms as [`Echoes::add_value`].
+    pub fn add_exact(&mut self, value: &[u8], with: &[u8], body: bool) {
+        self.add_forms(
+            &SecretValue::new(value.to_vec()),
+            &Bytes::copy_from_slice(with),
+            body,
+        );
+    }
+
+    /// `value` raw, and the forms that differ from it: percent-encoded (upper- and
+    /// lower-case hex), with `+` for a space, JSON-escaped (also `\/`, and Go's `\u0026`
+    /// for `&<>`).
+    fn add_forms(&mut self, value: &SecretValue, with: &Bytes, body: bool) {
         let raw = value.expose();
-        if raw.len() < MIN_VALUE_LEN {
+        if raw.is_empty() {
             return;
         }
-        let with = Bytes::copy_from_slice(placeholder.as_bytes());
         // One pass over the value says which other forms differ from it.
         let class = raw.iter().fold(0, |c, &b| c | CLASS[usize::from(b)]);
         // Not only unreserved bytes (RFC 3986 §2.3): the URL forms differ.
         if class & URL != 0 {
-            let encoded = iron_policy::encoding::encode_component(raw);
-            let form = encoded.replace("%20", "+");
-            self.add(SecretValue::new(encoded.into_bytes()), with.clone(), body);
-            self.add(SecretValue::new(form.into_bytes()), with.clone(), body);
+            let encoded = zeroize::Zeroizing::new(iron_policy::encoding::encode_component(raw));
+            let lower = lower_hex(&encoded);
+            let form = encoded.replace("%20", "+").into_bytes();
+            self.add(SecretValue::new(form), with.clone(), body);
+            if lower != *encoded.as_bytes() {
+                self.add(SecretValue::new(lower), with.clone(), body);
+            }
+            self.add(
+                SecretValue::new(encoded.as_bytes().to_vec()),
+                with.clone(),
+                body,
+            );
         }
-        // JSON escapes `"`, `\` and control characters; some encoders (PHP's json_encode)
-        // `/` too.
+        // JSON escapes `"`, `\` and control characters; PHP's json_encode `/` too; Go's
+        // encoding/json `&`, `<` and `>`.
         if class & JSON != 0
             && let Ok(text) = std::str::from_utf8(raw)
-            && let Ok(json) = serde_json::to_string(text)
+            && let Ok(json) = serde_json::to_string(text).map(zeroize::Zeroizing::new)
         {
             let json = &json[1..json.len() - 1];
-            self.add(
-                SecretValue::new(json.replace('/', "\\/").into_bytes()),
-                with.clone(),
-                body,
-            );
-            self.add(
-                SecretValue::new(json.as_bytes().to_vec()),
-                with.clone(),
-                body,
-            );
+            for v in [
+                json.replace('/', "\\/"),
+                json.replace('&', "\\u0026")
+                    .replace('<', "\\u003c")
+                    .replace('>', "\\u003e"),
+                json.to_string(),
+            ] {
+                if v.as_bytes() != raw {
+                    self.add(SecretValue::new(v.into_bytes()), with.clone(), body);
+                }
+            }
         }
-        self.add(value.clone(), with, body);
-    }
-
-    /// Adds an exact form: `value` put back to `with` (a re-encoded `Basic` blob, put back
-    /// to the client's own).
-    pub fn add_exact(&mut self, value: &[u8], with: &[u8], body: bool) {
-        if value.len() >= MIN_VALUE_LEN {
-            self.add(
-                SecretValue::new(value.to_vec()),
-                Bytes::copy_from_slice(with),
-                body,
-            );
-        }
+        self.add(value.clone(), with.clone(), body);
     }
 
     fn add(&mut self, value: SecretValue, with: Bytes, body: bool) {
@@ -142,63 +192,73 @@ impl Echoes {
 
     /// True when the response body is to be scrubbed.
     pub fn scrubs_body(&self) -> bool {
-        self.needles.iter().any(|n| n.body)
+        self.needles.iter().any(|n| n.applies(Scope::Body))
     }
 
-    /// Scrubs every value of `headers` (all forms).
+    /// Scrubs every value of `headers` (trailers too). A value that would not be a valid
+    /// header value once scrubbed is emptied rather than left as it was.
     pub fn mask_headers(&self, headers: &mut HeaderMap) {
         if self.needles.is_empty() {
             return;
         }
-        for v in headers.values_mut() {
+        for (name, v) in headers.iter_mut() {
             if v.len() < self.min_len {
                 continue;
             }
-            if let Some(masked) = self.scrub(v.as_bytes(), false, false)
-                && let Ok(masked) = HeaderValue::from_bytes(&masked)
-            {
-                *v = masked;
+            // Only a value shorter than MIN_VALUE_LEN tells URL headers apart.
+            let scope = if self.min_len < MIN_VALUE_LEN && URL_HEADERS.contains(name) {
+                Scope::UrlHeader
+            } else {
+                Scope::Header
+            };
+            if let Some(masked) = self.scrub(v.as_bytes(), scope, false) {
+                *v = HeaderValue::from_bytes(&masked).unwrap_or(HeaderValue::from_static(""));
             }
         }
     }
 
-    /// The earliest match at or after `from` (the longest form on a tie): (start, needle).
-    fn next_match(&self, hay: &[u8], from: usize, body: bool) -> Option<(usize, usize)> {
-        let mut best: Option<(usize, usize)> = None;
-        for (i, n) in self.needles.iter().enumerate() {
-            if body && !n.body {
-                continue;
-            }
-            let Some(p) = find_from(hay, from, n.value.expose()) else {
-                continue;
-            };
-            let better = match best {
-                None => true,
-                Some((bp, bi)) => {
-                    p < bp
-                        || (p == bp
-                            && n.value.expose().len() > self.needles[bi].value.expose().len())
-                }
-            };
-            if better {
-                best = Some((p, i));
-            }
-        }
-        best
-    }
-
-    /// `hay` with every form put back (left to right, not overlapping), or `None` when it
-    /// holds none. `body`: only the forms looked for in bodies. `fit`: each put-back is cut
-    /// or padded with `*` to the length of what it replaces (a body whose `Content-Length`
-    /// must stand).
-    pub fn scrub(&self, hay: &[u8], body: bool, fit: bool) -> Option<Vec<u8>> {
+    /// `hay` with every form that applies to `scope` put back (left to right, not
+    /// overlapping; the longest form where several start at one place), or `None` when it
+    /// holds none. `fit`: each put-back is cut or padded with `*` to the length of what it
+    /// replaces (a body whose `Content-Length` must stand). Each form's next occurrence is
+    /// searched for once per position it passes, so the cost is linear in `hay` whatever
+    /// the number of echoes.
+    pub fn scrub(&self, hay: &[u8], scope: Scope, fit: bool) -> Option<Vec<u8>> {
+        const UNKNOWN: usize = usize::MAX - 1;
+        const NONE: usize = usize::MAX;
         if hay.len() < self.min_len {
             return None;
         }
+        let mut next: SmallVec<[usize; 4]> = self
+            .needles
+            .iter()
+            .map(|n| if n.applies(scope) { UNKNOWN } else { NONE })
+            .collect();
         let mut out = Vec::new();
         let mut last = 0;
-        while let Some((p, i)) = self.next_match(hay, last, body) {
-            let n = &self.needles[i];
+        loop {
+            let mut best: Option<usize> = None;
+            for (i, n) in self.needles.iter().enumerate() {
+                if next[i] == NONE {
+                    continue;
+                }
+                if next[i] == UNKNOWN || next[i] < last {
+                    next[i] = find_from(hay, last, n.value.expose()).unwrap_or(NONE);
+                    if next[i] == NONE {
+                        continue;
+                    }
+                }
+                let better = best.is_none_or(|b| {
+                    next[i] < next[b]
+                        || (next[i] == next[b]
+                            && n.value.expose().len() > self.needles[b].value.expose().len())
+                });
+                if better {
+                    best = Some(i);
+                }
+            }
+            let Some(i) = best else { break };
+            let (p, n) = (next[i], &self.needles[i]);
             let len = n.value.expose().len();
             out.extend_from_slice(&hay[last..p]);
             if fit {
@@ -220,7 +280,7 @@ impl Echoes {
     /// they are held back until the next chunk shows whether the form goes on.
     fn held_suffix(&self, hay: &[u8]) -> usize {
         let mut hold = 0;
-        for n in self.needles.iter().filter(|n| n.body) {
+        for n in self.needles.iter().filter(|n| n.applies(Scope::Body)) {
             let value = n.value.expose();
             let longest = (value.len() - 1).min(hay.len());
             if longest <= hold {
@@ -241,6 +301,23 @@ impl Echoes {
     }
 }
 
+/// `encoded` with the hex digits of its `%XX` escapes in lower case (.NET's
+/// `HttpUtility.UrlEncode` writes `%2f`).
+fn lower_hex(encoded: &str) -> Vec<u8> {
+    let mut out = encoded.as_bytes().to_vec();
+    let mut i = 0;
+    while i + 2 < out.len() {
+        if out[i] == b'%' {
+            out[i + 1] = out[i + 1].to_ascii_lowercase();
+            out[i + 2] = out[i + 2].to_ascii_lowercase();
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
 /// The first occurrence of `needle` in `hay` at or after `from`.
 fn find_from(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
     let last = hay.len().checked_sub(needle.len())?;
@@ -258,28 +335,37 @@ fn find_from(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
 /// A response body with the [`Echoes`] put back as it streams. Bytes at the end of a chunk
 /// that could begin a real value are held until the next chunk (at most the longest form
 /// less one byte), and sent when the body ends; when the body fails they are dropped with
-/// it. Trailer values are scrubbed too. With no echoes it passes frames through untouched.
+/// it. Trailer values are scrubbed whether the data is or not. With no echoes it passes
+/// frames through untouched.
 pub struct Scrubbed<B> {
     inner: B,
     echoes: Option<Echoes>,
+    /// The data is scanned (else only trailers are scrubbed).
+    scan: bool,
     /// The body has a `Content-Length`: each echo is replaced by its placeholder cut or
     /// padded to the echo's length ([`Echoes::scrub`]), so the length stands.
     fit: bool,
-    carry: Vec<u8>,
+    carry: zeroize::Zeroizing<Vec<u8>>,
     /// A trailers frame that waits for the held bytes to go first.
     pending: Option<Frame<Bytes>>,
+    /// The inner body ended (it is not polled again).
+    done: bool,
 }
 
 impl<B> Scrubbed<B> {
-    /// Wraps `inner`; `echoes`: `None` (or none for bodies) passes it through. `fit`: the
-    /// body's length must not change (it has a `Content-Length`).
-    pub fn new(inner: B, echoes: Option<Echoes>, fit: bool) -> Self {
+    /// Wraps `inner`; `echoes`: `None` (or empty) passes it through. `scan`: the data is
+    /// scrubbed (when a form applies to bodies), else only trailers. `fit`: the body's
+    /// length must not change (it has a `Content-Length`).
+    pub fn new(inner: B, echoes: Option<Echoes>, scan: bool, fit: bool) -> Self {
+        let echoes = echoes.filter(|e| !e.is_empty());
         Self {
             inner,
-            echoes: echoes.filter(Echoes::scrubs_body),
+            scan: scan && echoes.as_ref().is_some_and(Echoes::scrubs_body),
+            echoes,
             fit,
-            carry: Vec::new(),
+            carry: zeroize::Zeroizing::new(Vec::new()),
             pending: None,
+            done: false,
         }
     }
 }
@@ -302,18 +388,24 @@ where
         if let Some(f) = this.pending.take() {
             return Poll::Ready(Some(Ok(f)));
         }
+        if this.done {
+            return Poll::Ready(None);
+        }
         loop {
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !this.scan => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(data) => {
                         let buf = if this.carry.is_empty() {
                             data
                         } else {
-                            let mut joined = std::mem::take(&mut this.carry);
+                            let mut joined = std::mem::take(&mut *this.carry);
                             joined.extend_from_slice(&data);
                             Bytes::from(joined)
                         };
-                        let buf = echoes.scrub(&buf, true, this.fit).map_or(buf, Bytes::from);
+                        let buf = echoes
+                            .scrub(&buf, Scope::Body, this.fit)
+                            .map_or(buf, Bytes::from);
                         let hold = echoes.held_suffix(&buf);
                         if hold > 0 {
                             this.carry.extend_from_slice(&buf[buf.len() - hold..]);
@@ -328,24 +420,27 @@ where
                         if let Some(t) = frame.trailers_mut() {
                             echoes.mask_headers(t);
                         }
+                        this.done = true;
                         if this.carry.is_empty() {
                             return Poll::Ready(Some(Ok(frame)));
                         }
                         this.pending = Some(frame);
-                        let held = std::mem::take(&mut this.carry);
+                        let held = std::mem::take(&mut *this.carry);
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(held)))));
                     }
                 },
                 Some(Err(e)) => {
                     this.carry.clear();
+                    this.done = true;
                     return Poll::Ready(Some(Err(e)));
                 }
                 None => {
+                    this.done = true;
                     if this.carry.is_empty() {
                         return Poll::Ready(None);
                     }
                     // A proper prefix of a form at the very end: no form in it.
-                    let held = std::mem::take(&mut this.carry);
+                    let held = std::mem::take(&mut *this.carry);
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from(held)))));
                 }
             }
@@ -353,14 +448,25 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream() && self.carry.is_empty() && self.pending.is_none()
+        self.pending.is_none() && self.carry.is_empty() && (self.done || self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.echoes.is_some() && !self.fit {
-            SizeHint::default()
-        } else {
-            self.inner.size_hint()
+        if self.scan && !self.fit {
+            return SizeHint::default();
+        }
+        let inner = self.inner.size_hint();
+        let extra = self.carry.len() as u64;
+        match inner.exact() {
+            Some(n) => SizeHint::with_exact(n + extra),
+            None => {
+                let mut h = SizeHint::new();
+                if let Some(u) = inner.upper() {
+                    h.set_upper(u + extra);
+                }
+                h.set_lower(inner.lower() + extra);
+                h
+            }
         }
     }
 }
@@ -393,13 +499,14 @@ mod tests {
                 "GITHUB_TOKENGITHUB_TOKEN",
             ),
         ] {
-            let got = e.scrub(hay.as_bytes(), true, false).expect(hay);
+            let got = e.scrub(hay.as_bytes(), Scope::Body, false).expect(hay);
             assert_eq!(String::from_utf8(got).unwrap(), want);
         }
-        assert_eq!(e.scrub(b"nothing here at all", true, false), None);
+        assert_eq!(e.scrub(b"nothing here at all", Scope::Body, false), None);
         // Fitted to the echo's length: padded (19-byte value, 12-byte placeholder) or cut.
         assert_eq!(
-            e.scrub(b"<ghp_REALvalue/123 x>", true, true).unwrap(),
+            e.scrub(b"<ghp_REALvalue/123 x>", Scope::Body, true)
+                .unwrap(),
             b"<GITHUB_TOKEN*******>"
         );
         let mut long = Echoes::new();
@@ -409,19 +516,56 @@ mod tests {
             true,
         );
         assert_eq!(
-            long.scrub(b"k=sk-12345;", true, true).unwrap(),
+            long.scrub(b"k=sk-12345;", Scope::Body, true).unwrap(),
             b"k=OPENAI_A;"
         );
         // A form put back to text that holds it is not searched again.
         let mut loops = Echoes::new();
         loops.add_exact(b"abcdefgh", b"xabcdefghx", true);
         assert_eq!(
-            loops.scrub(b"abcdefgh", true, false).unwrap(),
+            loops.scrub(b"abcdefgh", Scope::Body, false).unwrap(),
             b"xabcdefghx"
         );
         let mut short = Echoes::new();
-        short.add_value(&SecretValue::new(b"abc".to_vec()), "P", true);
-        assert!(short.is_empty(), "a 3-byte value would match ordinary text");
+        short.add_value(&SecretValue::new(b"k3y".to_vec()), "SHORT_KEY", true);
+        // A 3-byte value would match ordinary text: looked for in URL headers only.
+        assert!(!short.scrubs_body());
+        assert_eq!(short.scrub(b"monkey k3y", Scope::Header, false), None);
+        let mut h = HeaderMap::new();
+        h.insert("location", HeaderValue::from_static("/a?key=k3y"));
+        h.insert("x-note", HeaderValue::from_static("k3y"));
+        short.mask_headers(&mut h);
+        assert_eq!(h["location"], "/a?key=SHORT_KEY");
+        assert_eq!(h["x-note"], "k3y");
+    }
+
+    /// Other encoders' forms: lower-case percent hex (.NET), Go's `\u0026` for `&`, and an
+    /// exact blob's `/` escaped by PHP.
+    #[test]
+    fn other_encoders_forms_are_put_back() {
+        let mut e = Echoes::new();
+        e.add_value(&SecretValue::new(b"tok/en&more<x>".to_vec()), "T_KEY", true);
+        e.add_exact(b"YmxvYi9ibG9iK2Jsb2I=/x", b"ORIGINAL_BLOB", true);
+        for (hay, want) in [
+            ("a=tok%2fen%26more%3cx%3e", "a=T_KEY"),
+            ("a=tok%2Fen%26more%3Cx%3E", "a=T_KEY"),
+            (r#""tok\/en&more<x>""#, r#""T_KEY""#),
+            (r#""tok/en\u0026more\u003cx\u003e""#, r#""T_KEY""#),
+            (r#""YmxvYi9ibG9iK2Jsb2I=\/x""#, r#""ORIGINAL_BLOB""#),
+        ] {
+            let got = e.scrub(hay.as_bytes(), Scope::Body, false).expect(hay);
+            assert_eq!(String::from_utf8(got).unwrap(), want);
+        }
+    }
+
+    /// Thousands of echoes in one chunk are all put back (each form is searched for once
+    /// per position, not once per echo).
+    #[test]
+    fn many_echoes_in_one_chunk() {
+        let e = echoes();
+        let hay = "ghp_REALvalue/123 x,".repeat(5000);
+        let got = e.scrub(hay.as_bytes(), Scope::Body, false).unwrap();
+        assert_eq!(got, "GITHUB_TOKEN,".repeat(5000).into_bytes());
     }
 
     #[test]
@@ -454,13 +598,40 @@ mod tests {
                 Ok(Frame::data(Bytes::copy_from_slice(&text[cut..]))),
             ];
             let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
-            let out = Scrubbed::new(body, Some(echoes()), false)
+            let out = Scrubbed::new(body, Some(echoes()), true, false)
                 .collect()
                 .await
                 .unwrap()
                 .to_bytes();
             assert_eq!(&out[..], b"before GITHUB_TOKEN after ghp_", "cut at {cut}");
         }
+    }
+
+    /// A body that is not scanned (its secret opted out, or it is compressed) still has its
+    /// trailers scrubbed.
+    #[tokio::test]
+    async fn trailers_are_scrubbed_when_the_data_is_not() {
+        let mut t = HeaderMap::new();
+        t.insert(
+            "grpc-message",
+            HeaderValue::from_static("bad ghp_REALvalue/123 x"),
+        );
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(
+                b"\x1f\x8b ghp_REALvalue/123 x",
+            ))),
+            Ok(Frame::trailers(t)),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let collected = Scrubbed::new(body, Some(echoes()), false, false)
+            .collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            collected.trailers().unwrap()["grpc-message"],
+            "bad GITHUB_TOKEN"
+        );
+        assert_eq!(&collected.to_bytes()[..], b"\x1f\x8b ghp_REALvalue/123 x");
     }
 
     /// Trailers are scrubbed, and bytes held back go before them.
@@ -473,7 +644,7 @@ mod tests {
             Ok(Frame::trailers(t)),
         ];
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let collected = Scrubbed::new(body, Some(echoes()), false)
+        let collected = Scrubbed::new(body, Some(echoes()), true, false)
             .collect()
             .await
             .unwrap();

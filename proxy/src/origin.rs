@@ -320,8 +320,9 @@ async fn route(
     if path.starts_with("/echo") {
         // A debugging endpoint that reflects the request: its headers and target in the
         // body, sent in 5-byte chunks (so a reflected value spans chunks), the
-        // Authorization header in `X-Echo-Authorization`, with a `Content-Length` unless
-        // the target says `chunked`.
+        // Authorization header in `X-Echo-Authorization` and the status text, with a
+        // `Content-Length` unless the target says `chunked`; a `Range` request gets the
+        // whole body as a 206.
         let mut text = format!("{target}\n");
         for (n, v) in &echoed {
             text.push_str(&format!("{n}: {}\n", String::from_utf8_lossy(v)));
@@ -341,12 +342,23 @@ async fn route(
             http::header::CONTENT_TYPE,
             http::HeaderValue::from_static("text/plain"),
         );
-        if let Some(v) = echoed
-            .iter()
-            .find(|(n, _)| n == "authorization")
-            .and_then(|(_, v)| http::HeaderValue::from_bytes(v).ok())
-        {
-            h.insert("x-echo-authorization", v);
+        if echoed.iter().any(|(n, _)| n == "range") {
+            h.insert(
+                http::header::CONTENT_RANGE,
+                http::HeaderValue::from_str(&format!("bytes 0-{}/{len}", len.saturating_sub(1)))
+                    .unwrap_or(http::HeaderValue::from_static("*")),
+            );
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        }
+        if let Some((_, auth)) = echoed.iter().find(|(n, _)| n == "authorization") {
+            if let Ok(v) = http::HeaderValue::from_bytes(auth) {
+                resp.headers_mut().insert("x-echo-authorization", v);
+            }
+            let mut reason = b"OK for ".to_vec();
+            reason.extend_from_slice(auth);
+            if let Ok(r) = hyper::ext::ReasonPhrase::try_from(reason) {
+                resp.extensions_mut().insert(r);
+            }
         }
         return resp;
     }

@@ -278,16 +278,16 @@ fn echoes_of(
 }
 
 /// Whether a response body is scrubbed as it streams, and then whether its length must
-/// stand (it has a `Content-Length`): `Some` for a body that is there (not a `HEAD`, 1xx,
-/// 204 or 304), whole (not a 206 range, whose `Content-Range` counts the origin's bytes)
-/// and not content-encoded (a compressed body is relayed as it is; the request asked for
+/// stand (it has a `Content-Length`, or is a 206 range whose `Content-Range` counts the
+/// origin's bytes): `Some` for a body that is there (not a `HEAD`, 1xx, 204 or 304) and not
+/// content-encoded (a compressed body is relayed as it is; the request asked for
 /// `identity`).
 fn body_scrubbable(parts: &http::response::Parts, is_head: bool) -> Option<bool> {
     let status = parts.status.as_u16();
-    if is_head || matches!(status, 100..=199 | 204 | 206 | 304) {
+    if is_head || matches!(status, 100..=199 | 204 | 304) {
         return None;
     }
-    let mut sized = false;
+    let mut sized = status == 206;
     for (n, v) in &parts.headers {
         if n == http::header::CONTENT_ENCODING && !v.as_bytes().eq_ignore_ascii_case(b"identity") {
             return None;
@@ -570,12 +570,12 @@ async fn exchange(
         headers.insert(name, v);
     }
     if echoes.scrubs_body() {
-        // A compressed response body cannot be scrubbed as it streams: ask for none.
-        for (name, value) in headers.iter_mut() {
-            if name == http::header::ACCEPT_ENCODING {
-                *value = HeaderValue::from_static("identity");
-            }
-        }
+        // A compressed response body cannot be scrubbed as it streams: ask for none (no
+        // `Accept-Encoding` would let the origin pick any).
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
     }
     if let Some(u) = upgrade {
         headers.insert(UPGRADE, u);
@@ -709,6 +709,20 @@ async fn exchange(
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, switching);
     echoes.mask_headers(&mut parts.headers);
+    if !echoes.is_empty()
+        && let Some(reason) = parts.extensions.get::<hyper::ext::ReasonPhrase>()
+        && let Some(masked) = echoes.scrub(reason.as_bytes(), crate::echo::Scope::Header, false)
+    {
+        // A custom status text (`401 bad token …`) is written back to the client as is.
+        match hyper::ext::ReasonPhrase::try_from(masked) {
+            Ok(r) => {
+                parts.extensions.insert(r);
+            }
+            Err(_) => {
+                parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+            }
+        }
+    }
     let scrub_body = if echoes.scrubs_body() {
         body_scrubbable(&parts, is_head)
     } else {
@@ -768,7 +782,8 @@ async fn exchange(
     let body = crate::body::Idle::new(body, limits.idle_timeout);
     let body = crate::echo::Scrubbed::new(
         body,
-        scrub_body.is_some().then_some(echoes),
+        Some(echoes),
+        scrub_body.is_some(),
         scrub_body.unwrap_or(false),
     );
     let body = Counted::new(body, tally, 1, move |end| {
