@@ -224,16 +224,28 @@ impl Echoes {
     /// searched for once per position it passes, so the cost is linear in `hay` whatever
     /// the number of echoes.
     pub fn scrub(&self, hay: &[u8], scope: Scope, fit: bool) -> Option<Vec<u8>> {
-        const UNKNOWN: usize = usize::MAX - 1;
         const NONE: usize = usize::MAX;
         if hay.len() < self.min_len {
             return None;
         }
+        // Each form's first occurrence; the common case, none, builds nothing more.
+        let mut any = false;
         let mut next: SmallVec<[usize; 4]> = self
             .needles
             .iter()
-            .map(|n| if n.applies(scope) { UNKNOWN } else { NONE })
+            .map(|n| {
+                let p = if n.applies(scope) {
+                    find_from(hay, 0, n.value.expose()).unwrap_or(NONE)
+                } else {
+                    NONE
+                };
+                any |= p != NONE;
+                p
+            })
             .collect();
+        if !any {
+            return None;
+        }
         let mut out = Vec::new();
         let mut last = 0;
         loop {
@@ -242,7 +254,7 @@ impl Echoes {
                 if next[i] == NONE {
                     continue;
                 }
-                if next[i] == UNKNOWN || next[i] < last {
+                if next[i] < last {
                     next[i] = find_from(hay, last, n.value.expose()).unwrap_or(NONE);
                     if next[i] == NONE {
                         continue;

@@ -572,10 +572,8 @@ async fn exchange(
     if echoes.scrubs_body() {
         // A compressed response body cannot be scrubbed as it streams: ask for none (no
         // `Accept-Encoding` would let the origin pick any).
-        headers.insert(
-            http::header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
+        const IDENTITY: HeaderValue = HeaderValue::from_static("identity");
+        headers.insert(http::header::ACCEPT_ENCODING, IDENTITY);
     }
     if let Some(u) = upgrade {
         headers.insert(UPGRADE, u);
