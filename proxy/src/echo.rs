@@ -52,7 +52,7 @@ const CLASS: [u8; 256] = {
 /// query (a redirect to the canonical host or with a trailing slash, `Content-Location`,
 /// `Refresh: 0; url=…`, a `Link` to the next page): values shorter than [`MIN_VALUE_LEN`]
 /// are looked for there too.
-const URL_HEADERS: [http::HeaderName; 4] = [
+pub const URL_HEADERS: [http::HeaderName; 4] = [
     http::header::LOCATION,
     http::header::CONTENT_LOCATION,
     http::header::REFRESH,
@@ -418,7 +418,12 @@ where
                         let buf = echoes
                             .scrub(&buf, Scope::Body, this.fit)
                             .map_or(buf, Bytes::from);
-                        let hold = echoes.held_suffix(&buf);
+                        // Nothing more comes after the last frame: nothing to hold for.
+                        let hold = if this.inner.is_end_stream() {
+                            0
+                        } else {
+                            echoes.held_suffix(&buf)
+                        };
                         if hold > 0 {
                             this.carry.extend_from_slice(&buf[buf.len() - hold..]);
                         }
