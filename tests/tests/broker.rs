@@ -761,57 +761,30 @@ async fn unwritable_store_means_no_refresh_attempt() {
 /// the credential `rotation_interrupted`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_the_store_missed_survives_a_kill_in_the_spill_dir() {
-    use std::os::unix::fs::PermissionsExt as _;
     let Some(pg) = PgCluster::start() else { return };
     let idp = RotatingIdp::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let role = pg_store_with_role(&pg, &idp, dir.path(), "writer", "select, update");
-    let (admin, config, bport) = (role.admin, role.config, role.port);
-    let admin_sql = role.admin_sql;
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "refresh_timeout_secs = 5\n",
-        "refresh_timeout_secs = 5\nspill_dir = \"spill\"\n",
+    let spilled = spill_a_rotation(&pg, &idp, dir.path()).await;
+    let (admin, config, bport, spill) = (
+        &spilled.role.admin,
+        &spilled.role.config,
+        spilled.role.port,
+        &spilled.spill,
     );
-    std::fs::write(&config, text).unwrap();
-    let spill = dir.path().join("spill").join("codex.spill.json");
-
-    // The first broker refreshes at start; the IdP takes 2 s to answer, and meanwhile the
-    // store stops taking writes. Its tokens live 1 s.
-    idp.state.lifetime_secs.store(1, Ordering::SeqCst);
-    idp.state.delay_ms.store(2000, Ordering::SeqCst);
-    let first = Broker::start(&config, bport, &[]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while idp.state.requests.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the broker did not refresh");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    admin_sql("revoke update on iron_broker_credentials from writer");
-    while !spill.exists() {
-        assert!(Instant::now() < deadline, "nothing was spilled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(idp.state.refreshes.load(Ordering::SeqCst), 1);
-    // Killed while the store write is still being retried: the spill file was written
-    // before the first store attempt. The access token in it expires meanwhile.
-    drop(first.kill());
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&spill), 0o600);
-    assert_eq!(mode(spill.parent().unwrap()), 0o700);
-    let text = std::fs::read_to_string(&spill).unwrap();
+    let admin_sql = &spilled.role.admin_sql;
+    let text = std::fs::read_to_string(spill).unwrap();
     assert!(
         !text.contains(rotating_idp::SEED_REFRESH),
         "the spill file holds the old refresh token"
     );
 
     // `revive` would replay the rotated-out token while the spill holds the rotated one.
-    let (ok, _, err) = cli(&config, &["credentials", "revive", "--id", "codex"], None);
+    let (ok, _, err) = cli(config, &["credentials", "revive", "--id", "codex"], None);
     assert!(!ok && err.contains("has not taken yet"), "{err}");
 
     // The store is back; a new broker writes the held record first and serves its token.
     admin_sql("grant update on iron_broker_credentials to writer");
-    idp.state.delay_ms.store(0, Ordering::SeqCst);
-    let second = Broker::start(&config, bport, &[]);
+    let second = Broker::start(config, bport, &[]);
     let (status, body) = access_token(bport).await;
     assert_eq!(status, 200, "{body}");
     assert!(
@@ -827,10 +800,101 @@ async fn a_rotation_the_store_missed_survives_a_kill_in_the_spill_dir() {
     // The held access token had expired (1 s tokens), so that token came from a refresh
     // with the rotated refresh token the spill kept.
     assert!(idp.state.refreshes.load(Ordering::SeqCst) >= 2);
-    let (_, list, _) = cli(&admin, &["credentials", "list"], None);
+    let (_, list, _) = cli(admin, &["credentials", "list"], None);
     assert!(list.contains(" ok "), "{list}");
     let log = second.kill();
     assert!(log.contains("stored the held record"), "{log}");
+}
+
+/// A Postgres store whose broker role loses UPDATE while the IdP is rotating (a 2 s answer,
+/// 1 s tokens), and that broker killed once it has spilled the rotated record.
+struct Spilled {
+    role: PgRole,
+    /// `spill/codex.spill.json` in the test directory.
+    spill: PathBuf,
+}
+
+/// Sets up [`Spilled`] in `dir`: the spill file exists (0600, its directory 0700), the
+/// broker is dead, the role still lacks UPDATE, and the spilled access token has expired.
+async fn spill_a_rotation(pg: &PgCluster, idp: &RotatingIdp, dir: &Path) -> Spilled {
+    use std::os::unix::fs::PermissionsExt as _;
+    let role = pg_store_with_role(pg, idp, dir, "writer", "select, update");
+    let text = std::fs::read_to_string(&role.config).unwrap().replace(
+        "refresh_timeout_secs = 5\n",
+        "refresh_timeout_secs = 5\nspill_dir = \"spill\"\n",
+    );
+    std::fs::write(&role.config, text).unwrap();
+    let spill = dir.join("spill").join("codex.spill.json");
+    idp.state.lifetime_secs.store(1, Ordering::SeqCst);
+    idp.state.delay_ms.store(2000, Ordering::SeqCst);
+    let first = Broker::start(&role.config, role.port, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while idp.state.requests.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the broker did not refresh");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (role.admin_sql)("revoke update on iron_broker_credentials from writer");
+    while !spill.exists() {
+        assert!(Instant::now() < deadline, "nothing was spilled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(idp.state.refreshes.load(Ordering::SeqCst), 1);
+    // Killed while the store write is still being retried: the spill file was written
+    // before the first store attempt. The access token in it expires meanwhile.
+    drop(first.kill());
+    idp.state.delay_ms.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&spill), 0o600);
+    assert_eq!(mode(spill.parent().unwrap()), 0o700);
+    Spilled { role, spill }
+}
+
+/// A spilled rotation that the store has moved past (an operator bootstrapped a new
+/// refresh token meanwhile) is not written over it, and not deleted either: it is set
+/// aside as `codex.spill.dropped-MS` (0600) for a human, and the broker goes on with the
+/// new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spilled_rotation_the_store_moved_past_is_set_aside() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Some(pg) = PgCluster::start() else { return };
+    let idp = RotatingIdp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spilled = spill_a_rotation(&pg, &idp, dir.path()).await;
+    let held = std::fs::read_to_string(&spilled.spill).unwrap();
+    // The store is back, and the operator bootstraps a new token through this config.
+    (spilled.role.admin_sql)("grant update, insert on iron_broker_credentials to writer");
+    let fresh = idp.new_family();
+    let (ok, _, err) = cli(
+        &spilled.role.config,
+        &["credentials", "set", "--id", "codex"],
+        Some(&fresh),
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("will drop it"),
+        "no warning about the spill: {err}"
+    );
+    let b = Broker::start(&spilled.role.config, spilled.role.port, &[]);
+    let (status, body) = access_token(spilled.role.port).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!spilled.spill.exists());
+    let aside: Vec<PathBuf> = std::fs::read_dir(spilled.spill.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("codex.spill.dropped-"))
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read_to_string(&aside[0]).unwrap(), held);
+    let mode = std::fs::metadata(&aside[0]).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(idp.state.reuse_events.load(Ordering::SeqCst), 0);
+    let log = b.kill();
+    assert!(log.contains("kept in this file"), "{log}");
 }
 
 /// Bootstraps credential `codex` in a fresh file store with the IdP's seed token.
