@@ -155,6 +155,11 @@ pub struct AuditRecord {
     /// undoing the pin (`crate::pgfilter`). Written only when not zero.
     #[serde(skip_serializing_if = "is_zero")]
     pub statements_refused: u64,
+    /// Real values the origin echoed back in the response (headers, status text, body,
+    /// trailers), each put back to its placeholder (`crate::echo`). Written only when not
+    /// zero.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub echoes_scrubbed: u64,
     #[serde(skip)]
     started: Option<Instant>,
 }
@@ -186,6 +191,7 @@ impl AuditRecord {
             bytes_in: 0,
             bytes_out: 0,
             statements_refused: 0,
+            echoes_scrubbed: 0,
             duration_ms: 0,
             started: Some(Instant::now()),
         }
@@ -351,6 +357,9 @@ impl AuditRecord {
         put_int(out, b",\"duration_ms\":", self.duration_ms);
         if self.statements_refused != 0 {
             put_int(out, b",\"statements_refused\":", self.statements_refused);
+        }
+        if self.echoes_scrubbed != 0 {
+            put_int(out, b",\"echoes_scrubbed\":", self.echoes_scrubbed);
         }
         out.push(b'}');
     }
@@ -633,6 +642,7 @@ mod tests {
             rec.error = Some("upstream_unreachable");
             rec.outcome = "refused";
             rec.statements_refused = 2;
+            rec.echoes_scrubbed = 3;
             rec.secrets = [
                 (
                     plain.clone(),

@@ -33,8 +33,9 @@ pub enum BodyEnd {
     Dropped,
 }
 
-/// Byte counters shared by the bodies of one exchange: `[request, response]` data bytes.
-pub type Tally = Arc<[AtomicU64; 2]>;
+/// Counters shared by the bodies of one exchange: `[request bytes, response bytes, echoes
+/// put back]` (the last by [`crate::echo::Scrubbed`] and the response-header scrub).
+pub type Tally = Arc<[AtomicU64; 3]>;
 
 /// A body that passes frames through unchanged, adds data bytes to counter `which` of a
 /// shared [`Tally`], and calls `on_end` exactly once when it ends, fails or is dropped.

@@ -196,10 +196,12 @@ impl Echoes {
     }
 
     /// Scrubs every value of `headers` (trailers too). A value that would not be a valid
-    /// header value once scrubbed is emptied rather than left as it was.
-    pub fn mask_headers(&self, headers: &mut HeaderMap) {
+    /// header value once scrubbed is emptied rather than left as it was. Returns how many
+    /// echoes were put back.
+    pub fn mask_headers(&self, headers: &mut HeaderMap) -> u64 {
+        let mut hits = 0;
         if self.needles.is_empty() {
-            return;
+            return hits;
         }
         for (name, v) in headers.iter_mut() {
             if v.len() < self.min_len {
@@ -211,10 +213,12 @@ impl Echoes {
             } else {
                 Scope::Header
             };
-            if let Some(masked) = self.scrub(v.as_bytes(), scope, false) {
+            if let Some((masked, n)) = self.scrub_counted(v.as_bytes(), scope, false) {
                 *v = HeaderValue::from_bytes(&masked).unwrap_or(HeaderValue::from_static(""));
+                hits += n;
             }
         }
+        hits
     }
 
     /// `hay` with every form that applies to `scope` put back (left to right, not
@@ -224,6 +228,11 @@ impl Echoes {
     /// searched for once per position it passes, so the cost is linear in `hay` whatever
     /// the number of echoes.
     pub fn scrub(&self, hay: &[u8], scope: Scope, fit: bool) -> Option<Vec<u8>> {
+        self.scrub_counted(hay, scope, fit).map(|(out, _)| out)
+    }
+
+    /// [`Echoes::scrub`], with the number of echoes put back.
+    fn scrub_counted(&self, hay: &[u8], scope: Scope, fit: bool) -> Option<(Vec<u8>, u64)> {
         const NONE: usize = usize::MAX;
         if hay.len() < self.min_len {
             return None;
@@ -248,6 +257,7 @@ impl Echoes {
         }
         let mut out = Vec::new();
         let mut last = 0;
+        let mut hits = 0;
         loop {
             let mut best: Option<usize> = None;
             for (i, n) in self.needles.iter().enumerate() {
@@ -281,10 +291,11 @@ impl Echoes {
                 out.extend_from_slice(&n.with);
             }
             last = p + len;
+            hits += 1;
         }
         (last > 0).then(|| {
             out.extend_from_slice(&hay[last..]);
-            out
+            (out, hits)
         })
     }
 
@@ -362,6 +373,8 @@ pub struct Scrubbed<B> {
     pending: Option<Frame<Bytes>>,
     /// The inner body ended (it is not polled again).
     done: bool,
+    /// Where echoes put back are counted (`[2]`), for the audit record.
+    tally: Option<crate::body::Tally>,
 }
 
 impl<B> Scrubbed<B> {
@@ -369,6 +382,17 @@ impl<B> Scrubbed<B> {
     /// scrubbed (when a form applies to bodies), else only trailers. `fit`: the body's
     /// length must not change (it has a `Content-Length`).
     pub fn new(inner: B, echoes: Option<Echoes>, scan: bool, fit: bool) -> Self {
+        Self::counted(inner, echoes, scan, fit, None)
+    }
+
+    /// [`Scrubbed::new`], counting the echoes put back into `tally[2]`.
+    pub fn counted(
+        inner: B,
+        echoes: Option<Echoes>,
+        scan: bool,
+        fit: bool,
+        tally: Option<crate::body::Tally>,
+    ) -> Self {
         let echoes = echoes.filter(|e| !e.is_empty());
         Self {
             inner,
@@ -378,6 +402,15 @@ impl<B> Scrubbed<B> {
             carry: zeroize::Zeroizing::new(Vec::new()),
             pending: None,
             done: false,
+            tally,
+        }
+    }
+
+    fn count(&self, n: u64) {
+        if n > 0
+            && let Some(t) = &self.tally
+        {
+            t[2].fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -415,9 +448,11 @@ where
                             joined.extend_from_slice(&data);
                             Bytes::from(joined)
                         };
-                        let buf = echoes
-                            .scrub(&buf, Scope::Body, this.fit)
-                            .map_or(buf, Bytes::from);
+                        let (buf, hits) = match echoes.scrub_counted(&buf, Scope::Body, this.fit) {
+                            Some((out, n)) => (Bytes::from(out), n),
+                            None => (buf, 0),
+                        };
+                        this.count(hits);
                         // Nothing more comes after the last frame: nothing to hold for.
                         let hold = if this.inner.is_end_stream() {
                             0
@@ -434,9 +469,8 @@ where
                         }
                     }
                     Err(mut frame) => {
-                        if let Some(t) = frame.trailers_mut() {
-                            echoes.mask_headers(t);
-                        }
+                        let hits = frame.trailers_mut().map_or(0, |t| echoes.mask_headers(t));
+                        this.count(hits);
                         this.done = true;
                         if this.carry.is_empty() {
                             return Poll::Ready(Some(Ok(frame)));

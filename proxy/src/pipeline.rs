@@ -602,7 +602,7 @@ async fn exchange(
     // forward
     let client_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
     let is_head = req.method() == http::Method::HEAD;
-    let tally: Tally = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let tally: Tally = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
     guard.tally = Some(tally.clone());
     let (mut parts, body) = req.into_parts();
     // A request with a body reports its end: the response-header timeout runs from there
@@ -706,12 +706,13 @@ async fn exchange(
     let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, switching);
-    echoes.mask_headers(&mut parts.headers);
+    let mut echoed = echoes.mask_headers(&mut parts.headers);
     if !echoes.is_empty()
         && let Some(reason) = parts.extensions.get::<hyper::ext::ReasonPhrase>()
         && let Some(masked) = echoes.scrub(reason.as_bytes(), crate::echo::Scope::Header, false)
     {
         // A custom status text (`401 bad token …`) is written back to the client as is.
+        echoed += 1;
         match hyper::ext::ReasonPhrase::try_from(masked) {
             Ok(r) => {
                 parts.extensions.insert(r);
@@ -778,15 +779,25 @@ async fn exchange(
     let sink = rt.clone();
     let counts = tally.clone();
     let body = crate::body::Idle::new(body, limits.idle_timeout);
-    let body = crate::echo::Scrubbed::new(
+    if echoed > 0 {
+        tally[2].fetch_add(echoed, Ordering::Relaxed);
+    }
+    let body = crate::echo::Scrubbed::counted(
         body,
         Some(echoes),
         scrub_body.is_some(),
         scrub_body.unwrap_or(false),
+        Some(tally.clone()),
     );
     let body = Counted::new(body, tally, 1, move |end| {
         rec.bytes_in = counts[0].load(Ordering::Relaxed);
         rec.bytes_out = counts[1].load(Ordering::Relaxed);
+        rec.echoes_scrubbed = counts[2].load(Ordering::Relaxed);
+        if rec.echoes_scrubbed > 0 {
+            // The origin reflects credentials: worth knowing, since the sandbox could have
+            // had the value had it not been put back.
+            warn!(request_id = %rec.request_id, host = %rec.host, echoes = rec.echoes_scrubbed, "the origin's response echoed a credential; put back to its placeholder");
+        }
         rec.outcome = match end {
             BodyEnd::Complete => "forwarded",
             BodyEnd::Error => "upstream_error",

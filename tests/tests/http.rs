@@ -283,6 +283,14 @@ async fn an_origin_that_echoes_the_request_hands_back_placeholders() {
         recs[0].header("authorization").as_deref(),
         Some(format!("Bearer {REAL_GITHUB}").as_str())
     );
+    // Each echo is in the audit record (a count, never a value).
+    let first = p
+        .audit
+        .records()
+        .into_iter()
+        .find(|r| r.path == "/echo")
+        .expect("audited");
+    assert!(first.echoes_scrubbed >= 3, "{:?}", first.echoes_scrubbed);
     // Asked for no compression, whether the client asked for some or sent nothing.
     for r in &recs[..3] {
         assert_eq!(r.header("accept-encoding").as_deref(), Some("identity"));
