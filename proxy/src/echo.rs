@@ -5,14 +5,16 @@
 //! the sandbox the credential.
 //!
 //! [`Echoes`] holds, per request, the values that went out and the forms an origin may echo
-//! them in: raw, percent-encoded (as the proxy sent a path or query value), with `+` for a
-//! space (form encoding), JSON-escaped, and for a swap inside `Basic` credentials the
-//! re-encoded base64 blob (put back to the blob the client sent). Every response header is
-//! scrubbed; the body, as it streams, when the secret's `scrub_response_body` is on (the
-//! default) and the body is not content-encoded ([`Scrubbed`]). Values shorter than
-//! [`MIN_VALUE_LEN`] bytes are not looked for (they would match ordinary text). The forms
-//! are held as [`SecretValue`]s (zeroized when dropped): the raw value shares the
-//! request's, and an encoded form is made only when it differs from the raw one.
+//! them in: raw, percent-encoded (upper- and lower-case hex), with `+` for a space (form
+//! encoding), JSON-escaped (also `\/` and Go's `\u0026`), for a swap inside `Basic`
+//! credentials the re-encoded base64 blob (put back to the blob the client sent), and for
+//! an injected header its whole value. Every response header, the status text and every
+//! trailer are scrubbed; the body, as it streams ([`Scrubbed`]), when the secret's
+//! `scrub_response_body` is on (the default) and the body is not content-encoded. Values
+//! shorter than [`MIN_VALUE_LEN`] bytes are looked for in [`URL_HEADERS`] only (elsewhere
+//! they would match ordinary text). The forms are held as [`SecretValue`]s (zeroized when
+//! dropped): the raw value shares the request's, and an encoded form is made only when it
+//! differs from the raw one.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -213,7 +215,7 @@ impl Echoes {
             } else {
                 Scope::Header
             };
-            if let Some((masked, n)) = self.scrub_counted(v.as_bytes(), scope, false) {
+            if let Some((masked, n)) = self.scrub(v.as_bytes(), scope, false) {
                 *v = HeaderValue::from_bytes(&masked).unwrap_or(HeaderValue::from_static(""));
                 hits += n;
             }
@@ -222,17 +224,12 @@ impl Echoes {
     }
 
     /// `hay` with every form that applies to `scope` put back (left to right, not
-    /// overlapping; the longest form where several start at one place), or `None` when it
-    /// holds none. `fit`: each put-back is cut or padded with `*` to the length of what it
+    /// overlapping; the longest form where several start at one place) and how many were,
+    /// or `None` when it holds none. `fit`: each put-back is cut or padded with `*` to the length of what it
     /// replaces (a body whose `Content-Length` must stand). Each form's next occurrence is
     /// searched for once per position it passes, so the cost is linear in `hay` whatever
     /// the number of echoes.
-    pub fn scrub(&self, hay: &[u8], scope: Scope, fit: bool) -> Option<Vec<u8>> {
-        self.scrub_counted(hay, scope, fit).map(|(out, _)| out)
-    }
-
-    /// [`Echoes::scrub`], with the number of echoes put back.
-    fn scrub_counted(&self, hay: &[u8], scope: Scope, fit: bool) -> Option<(Vec<u8>, u64)> {
+    pub fn scrub(&self, hay: &[u8], scope: Scope, fit: bool) -> Option<(Vec<u8>, u64)> {
         const NONE: usize = usize::MAX;
         if hay.len() < self.min_len {
             return None;
@@ -343,16 +340,7 @@ fn lower_hex(encoded: &str) -> Vec<u8> {
 
 /// The first occurrence of `needle` in `hay` at or after `from`.
 fn find_from(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
-    let last = hay.len().checked_sub(needle.len())?;
-    let mut i = from;
-    while i <= last {
-        let p = i + memchr::memchr(needle[0], &hay[i..=last])?;
-        if &hay[p..p + needle.len()] == needle {
-            return Some(p);
-        }
-        i = p + 1;
-    }
-    None
+    memchr::memmem::find(hay.get(from..)?, needle).map(|p| p + from)
 }
 
 /// A response body with the [`Echoes`] put back as it streams. Bytes at the end of a chunk
@@ -365,8 +353,8 @@ pub struct Scrubbed<B> {
     echoes: Option<Echoes>,
     /// The data is scanned (else only trailers are scrubbed).
     scan: bool,
-    /// The body has a `Content-Length`: each echo is replaced by its placeholder cut or
-    /// padded to the echo's length ([`Echoes::scrub`]), so the length stands.
+    /// The body's length must stand (a `Content-Length`, a 206 range): each echo is
+    /// replaced by its placeholder cut or padded to the echo's length ([`Echoes::scrub`]).
     fit: bool,
     carry: zeroize::Zeroizing<Vec<u8>>,
     /// A trailers frame that waits for the held bytes to go first.
@@ -378,27 +366,21 @@ pub struct Scrubbed<B> {
 }
 
 impl<B> Scrubbed<B> {
-    /// Wraps `inner`; `echoes`: `None` (or empty) passes it through. `scan`: the data is
-    /// scrubbed (when a form applies to bodies), else only trailers. `fit`: the body's
-    /// length must not change (it has a `Content-Length`).
-    pub fn new(inner: B, echoes: Option<Echoes>, scan: bool, fit: bool) -> Self {
-        Self::counted(inner, echoes, scan, fit, None)
-    }
-
-    /// [`Scrubbed::new`], counting the echoes put back into `tally[2]`.
-    pub fn counted(
+    /// Wraps `inner`; empty `echoes` pass it through. `scan`: `Some(fit)` when the data is
+    /// scrubbed (a form applies to bodies and the body is not content-encoded), `fit` when
+    /// its length must not change (it has a `Content-Length`, or is a 206 range); `None`:
+    /// only trailers are. Echoes put back are counted into `tally[2]`.
+    pub fn new(
         inner: B,
-        echoes: Option<Echoes>,
-        scan: bool,
-        fit: bool,
+        echoes: Echoes,
+        scan: Option<bool>,
         tally: Option<crate::body::Tally>,
     ) -> Self {
-        let echoes = echoes.filter(|e| !e.is_empty());
         Self {
             inner,
-            scan: scan && echoes.as_ref().is_some_and(Echoes::scrubs_body),
-            echoes,
-            fit,
+            scan: scan.is_some(),
+            echoes: (!echoes.is_empty()).then_some(echoes),
+            fit: scan.unwrap_or(false),
             carry: zeroize::Zeroizing::new(Vec::new()),
             pending: None,
             done: false,
@@ -448,7 +430,7 @@ where
                             joined.extend_from_slice(&data);
                             Bytes::from(joined)
                         };
-                        let (buf, hits) = match echoes.scrub_counted(&buf, Scope::Body, this.fit) {
+                        let (buf, hits) = match echoes.scrub(&buf, Scope::Body, this.fit) {
                             Some((out, n)) => (Bytes::from(out), n),
                             None => (buf, 0),
                         };
@@ -550,14 +532,15 @@ mod tests {
                 "GITHUB_TOKENGITHUB_TOKEN",
             ),
         ] {
-            let got = e.scrub(hay.as_bytes(), Scope::Body, false).expect(hay);
+            let (got, _) = e.scrub(hay.as_bytes(), Scope::Body, false).expect(hay);
             assert_eq!(String::from_utf8(got).unwrap(), want);
         }
         assert_eq!(e.scrub(b"nothing here at all", Scope::Body, false), None);
         // Fitted to the echo's length: padded (19-byte value, 12-byte placeholder) or cut.
         assert_eq!(
             e.scrub(b"<ghp_REALvalue/123 x>", Scope::Body, true)
-                .unwrap(),
+                .unwrap()
+                .0,
             b"<GITHUB_TOKEN*******>"
         );
         let mut long = Echoes::new();
@@ -567,14 +550,14 @@ mod tests {
             true,
         );
         assert_eq!(
-            long.scrub(b"k=sk-12345;", Scope::Body, true).unwrap(),
+            long.scrub(b"k=sk-12345;", Scope::Body, true).unwrap().0,
             b"k=OPENAI_A;"
         );
         // A form put back to text that holds it is not searched again.
         let mut loops = Echoes::new();
         loops.add_exact(b"abcdefgh", b"xabcdefghx", true);
         assert_eq!(
-            loops.scrub(b"abcdefgh", Scope::Body, false).unwrap(),
+            loops.scrub(b"abcdefgh", Scope::Body, false).unwrap().0,
             b"xabcdefghx"
         );
         let mut short = Echoes::new();
@@ -604,7 +587,7 @@ mod tests {
             (r#""tok/en\u0026more\u003cx\u003e""#, r#""T_KEY""#),
             (r#""YmxvYi9ibG9iK2Jsb2I=\/x""#, r#""ORIGINAL_BLOB""#),
         ] {
-            let got = e.scrub(hay.as_bytes(), Scope::Body, false).expect(hay);
+            let (got, _) = e.scrub(hay.as_bytes(), Scope::Body, false).expect(hay);
             assert_eq!(String::from_utf8(got).unwrap(), want);
         }
     }
@@ -615,8 +598,9 @@ mod tests {
     fn many_echoes_in_one_chunk() {
         let e = echoes();
         let hay = "ghp_REALvalue/123 x,".repeat(5000);
-        let got = e.scrub(hay.as_bytes(), Scope::Body, false).unwrap();
+        let (got, n) = e.scrub(hay.as_bytes(), Scope::Body, false).unwrap();
         assert_eq!(got, "GITHUB_TOKEN,".repeat(5000).into_bytes());
+        assert_eq!(n, 5000);
     }
 
     #[test]
@@ -649,7 +633,7 @@ mod tests {
                 Ok(Frame::data(Bytes::copy_from_slice(&text[cut..]))),
             ];
             let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
-            let out = Scrubbed::new(body, Some(echoes()), true, false)
+            let out = Scrubbed::new(body, echoes(), Some(false), None)
                 .collect()
                 .await
                 .unwrap()
@@ -674,7 +658,7 @@ mod tests {
             Ok(Frame::trailers(t)),
         ];
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let collected = Scrubbed::new(body, Some(echoes()), false, false)
+        let collected = Scrubbed::new(body, echoes(), None, None)
             .collect()
             .await
             .unwrap();
@@ -695,7 +679,7 @@ mod tests {
             Ok(Frame::trailers(t)),
         ];
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let collected = Scrubbed::new(body, Some(echoes()), true, false)
+        let collected = Scrubbed::new(body, echoes(), Some(false), None)
             .collect()
             .await
             .unwrap();

@@ -238,16 +238,17 @@ fn echoes_of(
         return echoes;
     }
     let mut body = false;
-    for a in &plan.applied {
-        let secret = &policy.secrets[a.secret];
+    for &s in &plan.secrets {
+        let secret = &policy.secrets[s];
         body |= secret.scrub_response_body;
-        if let Some(v) = values.shared(a.secret) {
+        if let Some(v) = values.shared(s) {
             echoes.add_value(v, &secret.placeholder, secret.scrub_response_body);
         }
     }
+    // `Basic` then spaces or tabs (RFC 9110 §11.4: 1*SP; clients send tabs too).
     fn basic(v: &[u8]) -> Option<&[u8]> {
         v.get(..6)
-            .is_some_and(|p| p.eq_ignore_ascii_case(b"basic "))
+            .is_some_and(|p| p[..5].eq_ignore_ascii_case(b"basic") && matches!(p[5], b' ' | b'\t'))
             .then(|| v[6..].trim_ascii())
     }
     for (i, new) in &out.headers {
@@ -542,6 +543,7 @@ async fn exchange(
     // rewrite, in place: only swapped values and injected headers change
     let mut out = plan.apply(policy, &view, &values);
     let echoes = echoes_of(policy, &plan, &values, &view_headers, &out);
+    let scrubs_body = echoes.scrubs_body();
     drop(view_headers);
     let first_secret = || ProxyError::CredentialUnavailable {
         secret: plan
@@ -569,7 +571,7 @@ async fn exchange(
         v.set_sensitive(true);
         headers.insert(name, v);
     }
-    if echoes.scrubs_body() {
+    if scrubs_body {
         // A compressed response body cannot be scrubbed as it streams: ask for none (no
         // `Accept-Encoding` would let the origin pick any).
         const IDENTITY: HeaderValue = HeaderValue::from_static("identity");
@@ -709,10 +711,11 @@ async fn exchange(
     let mut echoed = echoes.mask_headers(&mut parts.headers);
     if !echoes.is_empty()
         && let Some(reason) = parts.extensions.get::<hyper::ext::ReasonPhrase>()
-        && let Some(masked) = echoes.scrub(reason.as_bytes(), crate::echo::Scope::Header, false)
+        && let Some((masked, n)) =
+            echoes.scrub(reason.as_bytes(), crate::echo::Scope::Header, false)
     {
         // A custom status text (`401 bad token …`) is written back to the client as is.
-        echoed += 1;
+        echoed += n;
         match hyper::ext::ReasonPhrase::try_from(masked) {
             Ok(r) => {
                 parts.extensions.insert(r);
@@ -722,7 +725,7 @@ async fn exchange(
             }
         }
     }
-    let scrub_body = if echoes.scrubs_body() {
+    let scrub_body = if scrubs_body {
         body_scrubbable(&parts, is_head)
     } else {
         None
@@ -782,13 +785,7 @@ async fn exchange(
     if echoed > 0 {
         tally[2].fetch_add(echoed, Ordering::Relaxed);
     }
-    let body = crate::echo::Scrubbed::counted(
-        body,
-        Some(echoes),
-        scrub_body.is_some(),
-        scrub_body.unwrap_or(false),
-        Some(tally.clone()),
-    );
+    let body = crate::echo::Scrubbed::new(body, echoes, scrub_body, Some(tally.clone()));
     let body = Counted::new(body, tally, 1, move |end| {
         rec.bytes_in = counts[0].load(Ordering::Relaxed);
         rec.bytes_out = counts[1].load(Ordering::Relaxed);
