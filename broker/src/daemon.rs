@@ -12,16 +12,17 @@
 //!    IdP is called;
 //! 4. call the token endpoint (5xx and network errors retried with backoff; an OAuth error
 //!    code is terminal: dead with that code as reason);
-//! 5. write the new refresh token durably (retrying while holding the lease, keeping it in
-//!    memory) before the access token is served; a failed refresh never overwrites the
-//!    stored token.
+//! 5. write the result (the new refresh token, a cleared intent, a dead mark) to the spill
+//!    directory when one is configured (`store::SpillDir`), then to the store (retrying
+//!    while holding the lease), before the access token is served; the spill file goes
+//!    once the store has it. A failed refresh never overwrites the stored token.
 //!
-//! A record whose write failed (the rotated token, the cleared intent, a dead mark) is held
-//! in memory with its lease, and in the spill directory when one is configured
-//! (`store::SpillDir`), and written before anything else; the IdP is not called for that
-//! credential meanwhile. A broker that finds a spilled record at start writes it first. A 2xx answer without a usable token is treated like a crash
-//! after the IdP call (`rotation_interrupted`), never retried with the old token. SIGTERM
-//! waits for refreshes in flight and writes held records before exit.
+//! A record whose store write failed is held in memory with its lease (and stays in the
+//! spill directory), and written before anything else; the IdP is not called for that
+//! credential meanwhile. A broker that finds a spilled record at start writes it first. A
+//! 2xx answer without a usable token is treated like a crash after the IdP call
+//! (`rotation_interrupted`), never retried with the old token. SIGTERM waits for refreshes
+//! in flight and writes held records before exit.
 //!
 //! HTTP API: `GET /v1/credentials/{id}/access_token` → `{access_token, expires_at,
 //! expires_in[, stale]}` (`Cache-Control: no-store`; `stale` when a still-valid token is
@@ -578,9 +579,6 @@ struct Held {
     /// What must still be true of the stored record for it to apply: the refresh token the
     /// refresh started from, and the intent it settles.
     spilled: Spilled,
-    /// The generation to write under `lease` when it was taken over (above the store's);
-    /// `None`: the record's own.
-    write_generation: Option<u64>,
 }
 
 impl Held {
@@ -796,7 +794,6 @@ impl Broker {
                         Held {
                             lease: None,
                             spilled,
-                            write_generation: None,
                         }
                     }),
                 None => None,
@@ -1046,10 +1043,7 @@ impl Broker {
             return Ok(None);
         };
         if let Some(lease) = held.lease.take() {
-            let mut rec = held.rec().clone();
-            if let Some(g) = held.write_generation {
-                rec.generation = g;
-            }
+            let rec = held.rec().clone();
             match self.store.write(&lease, &rec).await {
                 Ok(()) => {
                     self.store.release(lease).await;
@@ -1137,11 +1131,11 @@ impl Broker {
         rec.generation = rec.generation.max(new.record.generation + 1);
         if let Err(e) = self.store.write(&new, &rec).await {
             // Held under our lease now: say so in the spill file, so that the next run may
-            // take that lease over. The record keeps the generation it was made with (the
-            // checks above compare it with the store's).
+            // take that lease over. (The checks above compare the stored generation with
+            // the one the refresh began from, never with the record's own.)
+            held.spilled.record = rec;
             held.spilled.holder.clone_from(&self.owner);
             self.spill_save(id, &held.spilled);
-            held.write_generation = Some(rec.generation);
             held.lease = Some(new);
             *unsaved = Some(held);
             self.metrics.attempt(id, "store_error");
@@ -1189,15 +1183,14 @@ impl Broker {
     /// Holds `spilled` (made under `lease`, already in the spill directory when there is
     /// one) until the store takes it.
     async fn hold(&self, cred: &Credential, lease: Lease, spilled: Spilled) {
-        if self.spill.is_some() {
+        if self.spill.as_ref().is_some_and(|d| d.holds(&cred.spec.id)) {
             tracing::warn!(credential = %cred.spec.id, "the held record stays in the spill directory until the store takes it");
         } else {
-            tracing::warn!(credential = %cred.spec.id, "the held record is in memory only (no spill_dir) until the store takes it");
+            tracing::warn!(credential = %cred.spec.id, "the held record is in memory only (no spill_dir, or its file could not be written) until the store takes it");
         }
         *cred.unsaved.lock().await = Some(Held {
             lease: Some(lease),
             spilled,
-            write_generation: None,
         });
     }
 

@@ -664,6 +664,11 @@ impl SpillDir {
         Ok(self.dir.join(format!("{id}.spill.json")))
     }
 
+    /// True when `id` has a spill file.
+    pub fn holds(&self, id: &str) -> bool {
+        self.path(id).is_ok_and(|p| p.exists())
+    }
+
     /// Durably writes `s` (replacing an earlier spill of the same credential).
     ///
     /// # Errors
