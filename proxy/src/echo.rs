@@ -339,8 +339,25 @@ fn lower_hex(encoded: &str) -> Vec<u8> {
 }
 
 /// The first occurrence of `needle` in `hay` at or after `from`.
+/// A short haystack (a header, a small body) is searched by the needle's first byte, which
+/// sets nothing up; a long one with `memmem` (its set-up pays for itself there, and it does
+/// not stop at every occurrence of a common first byte).
 fn find_from(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(hay.get(from..)?, needle).map(|p| p + from)
+    const LONG: usize = 4096;
+    let rest = hay.get(from..)?;
+    if rest.len() > LONG {
+        return memchr::memmem::find(rest, needle).map(|p| p + from);
+    }
+    let last = hay.len().checked_sub(needle.len())?;
+    let mut i = from;
+    while i <= last {
+        let p = i + memchr::memchr(needle[0], &hay[i..=last])?;
+        if &hay[p..p + needle.len()] == needle {
+            return Some(p);
+        }
+        i = p + 1;
+    }
+    None
 }
 
 /// A response body with the [`Echoes`] put back as it streams. Bytes at the end of a chunk
