@@ -38,6 +38,12 @@ impl SecretValue {
     pub fn expose(&self) -> &[u8] {
         &self.0
     }
+
+    /// True when `other` is a clone of this value (the same allocation), which implies
+    /// equal bytes; a value read or minted anew is not, even with the same bytes.
+    pub fn same(&self, other: &SecretValue) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 impl fmt::Debug for SecretValue {

@@ -75,14 +75,42 @@ pub enum Scope {
 }
 
 /// One form of a real value, and what it is put back to.
+#[derive(Clone)]
 struct Needle {
     value: SecretValue,
     with: Bytes,
     /// Looked for in the body too (the secret's `scrub_response_body`).
     body: bool,
+    /// The byte values `value` holds, a bit each ([`find_from`] skips past a byte that is
+    /// not one of them). Zeroized when dropped, as the value is.
+    bytes: [u64; 4],
+}
+
+impl Drop for Needle {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.bytes);
+    }
 }
 
 impl Needle {
+    fn new(value: SecretValue, with: Bytes, body: bool) -> Self {
+        let mut bytes = [0u64; 4];
+        for &b in value.expose() {
+            bytes[usize::from(b >> 6)] |= 1 << (b & 63);
+        }
+        Self {
+            value,
+            with,
+            body,
+            bytes,
+        }
+    }
+
+    /// True when `b` is one of the value's bytes.
+    fn holds(&self, b: u8) -> bool {
+        self.bytes[usize::from(b >> 6)] & (1 << (b & 63)) != 0
+    }
+
     fn applies(&self, scope: Scope) -> bool {
         let long = self.value.expose().len() >= MIN_VALUE_LEN;
         match scope {
@@ -90,6 +118,33 @@ impl Needle {
             Scope::Header => long,
             Scope::UrlHeader => true,
         }
+    }
+}
+
+/// One secret value's echoable forms, made once and shared by every request that sends
+/// the value (the proxy keeps one per secret, made again when the value changes): what
+/// [`Echoes::add_value`] adds, ready for [`Echoes::add_made`]. The forms are
+/// [`SecretValue`]s, zeroized when the last holder drops them.
+pub struct Forms {
+    value: SecretValue,
+    echoes: Echoes,
+}
+
+impl Forms {
+    /// The forms of `value`, each put back to `placeholder`; `body`: looked for in response
+    /// bodies too (the secret's `scrub_response_body`).
+    pub fn new(value: &SecretValue, placeholder: &str, body: bool) -> Self {
+        let mut echoes = Echoes::new();
+        echoes.add_value(value, placeholder, body);
+        Self {
+            value: value.clone(),
+            echoes,
+        }
+    }
+
+    /// True when these are the forms of `value` (the same bytes).
+    pub fn is_of(&self, value: &SecretValue) -> bool {
+        self.value.same(value) || self.value == *value
     }
 }
 
@@ -114,6 +169,14 @@ impl Echoes {
     pub fn add_value(&mut self, value: &SecretValue, placeholder: &str, body: bool) {
         let with = Bytes::copy_from_slice(placeholder.as_bytes());
         self.add_forms(value, &with, body);
+    }
+
+    /// Adds the forms of one value made beforehand ([`Forms`]): what
+    /// [`Echoes::add_value`] adds, without encoding the value again.
+    pub fn add_made(&mut self, forms: &Forms) {
+        for n in &forms.echoes.needles {
+            self.add_needle(n.clone());
+        }
     }
 
     /// Adds `value` put back to `with` exactly (a re-encoded `Basic` blob, put back to the
@@ -175,16 +238,21 @@ impl Echoes {
     }
 
     fn add(&mut self, value: SecretValue, with: Bytes, body: bool) {
-        if let Some(n) = self.needles.iter_mut().find(|n| n.value == value) {
-            n.body |= body;
+        self.add_needle(Needle::new(value, with, body));
+    }
+
+    fn add_needle(&mut self, needle: Needle) {
+        if let Some(n) = self.needles.iter_mut().find(|n| n.value == needle.value) {
+            n.body |= needle.body;
             return;
         }
+        let len = needle.value.expose().len();
         self.min_len = if self.needles.is_empty() {
-            value.expose().len()
+            len
         } else {
-            self.min_len.min(value.expose().len())
+            self.min_len.min(len)
         };
-        self.needles.push(Needle { value, with, body });
+        self.needles.push(needle);
     }
 
     /// True when nothing is looked for.
@@ -234,23 +302,24 @@ impl Echoes {
         if hay.len() < self.min_len {
             return None;
         }
-        // Each form's first occurrence; the common case, none, builds nothing more.
-        let mut any = false;
-        let mut next: SmallVec<[usize; 4]> = self
-            .needles
-            .iter()
-            .map(|n| {
-                let p = if n.applies(scope) {
-                    find_from(hay, 0, n.value.expose()).unwrap_or(NONE)
-                } else {
-                    NONE
-                };
-                any |= p != NONE;
-                p
-            })
-            .collect();
-        if !any {
-            return None;
+        // The first form that occurs; the common case, none, builds nothing.
+        let (first, at) = self.needles.iter().enumerate().find_map(|(i, n)| {
+            if n.applies(scope) {
+                find_from(hay, 0, n).map(|p| (i, p))
+            } else {
+                None
+            }
+        })?;
+        // Each form's first occurrence (the forms before `first` have none).
+        let mut next: SmallVec<[usize; 4]> = SmallVec::with_capacity(self.needles.len());
+        next.resize(first, NONE);
+        next.push(at);
+        for n in &self.needles[first + 1..] {
+            next.push(if n.applies(scope) {
+                find_from(hay, 0, n).unwrap_or(NONE)
+            } else {
+                NONE
+            });
         }
         let mut out = Vec::new();
         let mut last = 0;
@@ -262,7 +331,7 @@ impl Echoes {
                     continue;
                 }
                 if next[i] < last {
-                    next[i] = find_from(hay, last, n.value.expose()).unwrap_or(NONE);
+                    next[i] = find_from(hay, last, n).unwrap_or(NONE);
                     if next[i] == NONE {
                         continue;
                     }
@@ -338,24 +407,36 @@ fn lower_hex(encoded: &str) -> Vec<u8> {
     out
 }
 
-/// The first occurrence of `needle` in `hay` at or after `from`.
-/// A short haystack (a header, a small body) is searched by the needle's first byte, which
-/// sets nothing up; a long one with `memmem` (its set-up pays for itself there, and it does
-/// not stop at every occurrence of a common first byte).
-fn find_from(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
+/// The first occurrence of `needle`'s value in `hay` at or after `from`. A haystack
+/// shorter than 4 KiB (a header, a small body) is searched window by window, by the last
+/// byte of each: one that the value does not hold rules out every window that covers it,
+/// so the search moves on by the value's length (most bytes of a page are not in a
+/// token), and sets nothing up; a longer one with `memmem` (its set-up pays for itself
+/// there). The window search compares a whole window only where its first and last bytes
+/// could be the value's, so it is at worst `hay.len() × value.len()` byte comparisons (a
+/// haystack of one byte repeated that the value also starts and ends with), as the
+/// first-byte search it replaced was.
+fn find_from(hay: &[u8], from: usize, needle: &Needle) -> Option<usize> {
     const LONG: usize = 4096;
+    let value = needle.value.expose();
     let rest = hay.get(from..)?;
     if rest.len() > LONG {
-        return memchr::memmem::find(rest, needle).map(|p| p + from);
+        return memchr::memmem::find(rest, value).map(|p| p + from);
     }
-    let last = hay.len().checked_sub(needle.len())?;
-    let mut i = from;
-    while i <= last {
-        let p = i + memchr::memchr(needle[0], &hay[i..=last])?;
-        if &hay[p..p + needle.len()] == needle {
+    let n = value.len();
+    if n == 0 {
+        return None;
+    }
+    let last = hay.len().checked_sub(n)?;
+    let mut p = from;
+    while p <= last {
+        if !needle.holds(hay[p + n - 1]) {
+            p += n;
+        } else if hay[p] == value[0] && &hay[p..p + n] == value {
             return Some(p);
+        } else {
+            p += 1;
         }
-        i = p + 1;
     }
     None
 }
@@ -461,6 +542,11 @@ where
                         if hold > 0 {
                             this.carry.extend_from_slice(&buf[buf.len() - hold..]);
                         }
+                        if hold == 0 {
+                            // The chunk as it is (a slice, even of all of it, would make
+                            // shared bytes of a unique buffer: an allocation).
+                            return Poll::Ready(Some(Ok(Frame::data(buf))));
+                        }
                         if hold < buf.len() {
                             return Poll::Ready(Some(Ok(Frame::data(
                                 buf.slice(..buf.len() - hold),
@@ -525,6 +611,24 @@ where
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
+
+    proptest::proptest! {
+        /// The window search finds what a plain left-to-right search finds, from any start,
+        /// in haystacks short enough for it (a small alphabet makes near misses common).
+        #[test]
+        fn find_from_finds_the_first_occurrence(
+            hay in proptest::collection::vec(b'a'..=b'd', 0..300),
+            value in proptest::collection::vec(b'a'..=b'd', 1..8),
+            from in 0usize..320,
+        ) {
+            let needle = Needle::new(SecretValue::new(value.clone()), Bytes::new(), true);
+            let plain = hay
+                .get(from..)
+                .and_then(|rest| rest.windows(value.len()).position(|w| w == value.as_slice()))
+                .map(|p| p + from);
+            proptest::prop_assert_eq!(find_from(&hay, from, &needle), plain);
+        }
+    }
 
     fn echoes() -> Echoes {
         let mut e = Echoes::new();

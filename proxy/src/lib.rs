@@ -79,6 +79,9 @@ pub struct Active {
     /// Each secret's rate limiter, by secret index (`None` without `rate_limit`); shared
     /// with its [`SecretStats`], so a reload that keeps the limit keeps the count.
     limiters: Vec<Option<Arc<Limiter>>>,
+    /// Each secret's value in its echoable forms, by secret index, made on first use and
+    /// again when the value changes ([`Active::add_echoes`]).
+    echo_forms: Vec<Mutex<Option<echo::Forms>>>,
 }
 
 /// A secret's request rate limiter (GCRA, `governor`).
@@ -114,6 +117,7 @@ impl Active {
         };
         let stats: Vec<Arc<SecretStats>> = policy.secrets.iter().map(|s| stats(&s.name)).collect();
         let env_values = policy.secrets.iter().map(|_| OnceLock::new()).collect();
+        let echo_forms = policy.secrets.iter().map(|_| Mutex::new(None)).collect();
         let limiters = policy
             .secrets
             .iter()
@@ -127,6 +131,32 @@ impl Active {
             stats,
             env_values,
             limiters,
+            echo_forms,
+        }
+    }
+
+    /// Adds `value`, the value secret `index` put into a request, to `echoes` in its
+    /// echoable forms ([`echo::Echoes::add_value`], with the secret's placeholder and
+    /// `scrub_response_body`). The forms are made once per value and kept for the next
+    /// request that sends it; a changed value (a new token, an edited file) makes them
+    /// anew.
+    ///
+    /// # Panics
+    /// When `index` is not a secret of this policy.
+    pub fn add_echoes(&self, echoes: &mut echo::Echoes, index: usize, value: &SecretValue) {
+        // Held only to copy the forms out (a few reference counts) or make them.
+        let mut slot = self.echo_forms[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*slot {
+            Some(forms) if forms.is_of(value) => echoes.add_made(forms),
+            _ => {
+                let secret = &self.policy.secrets[index];
+                let forms =
+                    echo::Forms::new(value, &secret.placeholder, secret.scrub_response_body);
+                echoes.add_made(&forms);
+                *slot = Some(forms);
+            }
         }
     }
 
@@ -837,6 +867,52 @@ pub async fn start(rt: Arc<Runtime>, addr: SocketAddr) -> std::io::Result<Runnin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The forms kept per secret follow its value: a token minted anew (another value) is
+    /// scrubbed from the next response, and the old one no longer is.
+    #[test]
+    fn echo_forms_follow_a_changed_value() {
+        let policy = Policy::parse(
+            "version = 1\n[proxy]\nlisten = \"127.0.0.1:0\"\n\
+             [[secrets]]\nname = \"TOKEN\"\ntype = \"http\"\n\
+             source = { env = \"UNUSED_TOKEN_VAR\" }\nhosts = [\"api.example.com\"]\n",
+            std::path::Path::new("test.toml"),
+        )
+        .unwrap();
+        let tls = upstream::client_tls_config(&policy, crypto_provider()).unwrap();
+        let metrics = metrics::Metrics::default();
+        let usage = Mutex::new(HashMap::new());
+        let active = Active::new(
+            Arc::new(policy),
+            &tls,
+            |name| stats_for(&usage, &metrics, name),
+            &metrics,
+        );
+        let scrubbed = |value: &SecretValue, body: &[u8]| {
+            let mut echoes = echo::Echoes::new();
+            active.add_echoes(&mut echoes, 0, value);
+            echoes
+                .scrub(body, echo::Scope::Body, false)
+                .map(|(out, _)| String::from_utf8(out).unwrap())
+        };
+        let old = SecretValue::new(b"first-token-value".to_vec());
+        let new = SecretValue::new(b"second-token-value".to_vec());
+        let body = b"got first-token-value and second-token-value";
+        assert_eq!(
+            scrubbed(&old, body).as_deref(),
+            Some("got TOKEN and second-token-value")
+        );
+        // The same bytes in a new allocation (a file read again) use the kept forms.
+        let again = SecretValue::new(b"first-token-value".to_vec());
+        assert_eq!(
+            scrubbed(&again, body).as_deref(),
+            Some("got TOKEN and second-token-value")
+        );
+        assert_eq!(
+            scrubbed(&new, body).as_deref(),
+            Some("got first-token-value and TOKEN")
+        );
+    }
 
     #[test]
     fn secret_stats_count_uses_and_failures_and_share_the_metric() {

@@ -227,7 +227,7 @@ impl SecretValues for Values<'_> {
 /// value, `Basic` base64), the whole value and its credentials put back to the
 /// placeholder. Empty, and free, when no secret was applied.
 fn echoes_of(
-    policy: &iron_policy::Policy,
+    active: &crate::Active,
     plan: &iron_policy::Plan,
     values: &Values<'_>,
     sent: &[(&str, &[u8])],
@@ -237,12 +237,13 @@ fn echoes_of(
     if plan.applied.is_empty() {
         return echoes;
     }
+    let policy = &*active.policy;
     let mut body = false;
     for &s in &plan.secrets {
         let secret = &policy.secrets[s];
         body |= secret.scrub_response_body;
         if let Some(v) = values.shared(s) {
-            echoes.add_value(v, &secret.placeholder, secret.scrub_response_body);
+            active.add_echoes(&mut echoes, s, v);
         }
     }
     // `Basic` then spaces or tabs (RFC 9110 §11.4: 1*SP; clients send tabs too).
@@ -542,7 +543,7 @@ async fn exchange(
 
     // rewrite, in place: only swapped values and injected headers change
     let mut out = plan.apply(policy, &view, &values);
-    let echoes = echoes_of(policy, &plan, &values, &view_headers, &out);
+    let echoes = echoes_of(&active, &plan, &values, &view_headers, &out);
     let scrubs_body = echoes.scrubs_body();
     drop(view_headers);
     let first_secret = || ProxyError::CredentialUnavailable {
