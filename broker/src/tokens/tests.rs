@@ -75,6 +75,8 @@ fn secret(grant: &str, fields: &str) -> (Secret, Arc<SourceResolver>) {
 }
 
 const CC: &str = "client_id = { env = \"CID\" }, client_secret = { env = \"CS\" }";
+/// The fields of a `refresh_token` grant whose refresh token is `refresh-1`.
+const RT: &str = "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }";
 
 fn settings() -> TokenSettings {
     TokenSettings {
@@ -213,10 +215,7 @@ async fn retries_5xx_then_recovers_and_invalid_grant_is_terminal() {
         )],
         Duration::ZERO,
     );
-    let (s, sources) = secret(
-        "refresh_token",
-        "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
-    );
+    let (s, sources) = secret("refresh_token", RT);
     let cache = TokenCache::new(t.clone(), sources, settings());
     let err = cache.token(&s).await.unwrap_err().to_string();
     assert_eq!(
@@ -245,10 +244,7 @@ async fn rotated_refresh_token_is_used_next() {
         ],
         Duration::ZERO,
     );
-    let (s, sources) = secret(
-        "refresh_token",
-        "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
-    );
+    let (s, sources) = secret("refresh_token", RT);
     let cache = TokenCache::new(t.clone(), sources, settings());
     assert_eq!(cache.token(&s).await.unwrap().expose(), b"a1");
     tokio::time::advance(Duration::from_secs(11)).await;
@@ -437,10 +433,7 @@ async fn rotated_refresh_token_survives_a_change_of_other_inputs() {
         ],
         Duration::ZERO,
     );
-    let (s, sources) = secret(
-        "refresh_token",
-        "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
-    );
+    let (s, sources) = secret("refresh_token", RT);
     let cache = TokenCache::new(t.clone(), sources.clone(), settings());
     assert_eq!(cache.token(&s).await.unwrap().expose(), b"a1");
     let (s2, _) = secret(
@@ -467,10 +460,7 @@ async fn a_change_of_inputs_mid_refresh_waits_for_the_rotation() {
         ],
         Duration::from_secs(2),
     );
-    let (s, sources) = secret(
-        "refresh_token",
-        "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
-    );
+    let (s, sources) = secret("refresh_token", RT);
     let cache = TokenCache::new(t.clone(), sources, settings());
     let first = tokio::spawn({
         let (cache, s) = (cache.clone(), s.clone());
@@ -670,10 +660,7 @@ async fn a_rotation_without_an_access_token_is_used_next_not_retried() {
         ],
         Duration::ZERO,
     );
-    let (s, sources) = secret(
-        "refresh_token",
-        "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
-    );
+    let (s, sources) = secret("refresh_token", RT);
     let cache = TokenCache::new(t.clone(), sources, settings());
     assert!(cache.token(&s).await.is_err());
     assert_eq!(
@@ -698,10 +685,7 @@ async fn a_lost_answer_to_a_rotating_refresh_is_not_replayed() {
     const ROTATE: &str = r#"{"access_token":"a1","token_type":"bearer","expires_in":10,"refresh_token":"refresh-2"}"#;
     for lost in [(504, ""), (200, ""), (1, "")] {
         let t = scripted(&[(200, ROTATE), lost, (200, ROTATE)], Duration::ZERO);
-        let (s, sources) = secret(
-            "refresh_token",
-            "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
-        );
+        let (s, sources) = secret("refresh_token", RT);
         let cache = TokenCache::new(t.clone(), sources, settings());
         assert_eq!(cache.token(&s).await.unwrap().expose(), b"a1");
         tokio::time::advance(Duration::from_secs(11)).await;
@@ -747,10 +731,7 @@ async fn a_lost_answer_to_a_non_rotating_refresh_is_retried() {
             ],
             Duration::ZERO,
         );
-        let (s, sources) = secret(
-            "refresh_token",
-            "client_id = { env = \"CID\" }, refresh_token = { env = \"RT\" }",
-        );
+        let (s, sources) = secret("refresh_token", RT);
         let cache = TokenCache::new(t.clone(), sources, settings());
         assert_eq!(cache.token(&s).await.unwrap().expose(), b"a1");
         tokio::time::advance(Duration::from_secs(11)).await;
