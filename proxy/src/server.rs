@@ -197,6 +197,25 @@ async fn serve_proxy_connection(
     }
 }
 
+/// The client's own stream back from hyper's upgrade after a CONNECT, with any bytes hyper
+/// read past the CONNECT's head (a ClientHello sent without waiting for the 200) put back
+/// in front: the tunnel's TLS then runs on the socket itself, not through hyper's boxed
+/// `Upgraded` (a virtual call and a rewind buffer on every read and write). `None` (never
+/// expected: the connection is always served over this type) when the stream is some
+/// other type; the tunnel is then dropped with a warning.
+fn client_stream(up: hyper::upgrade::Upgraded) -> Option<Prefixed<WriteStall<TcpStream>>> {
+    match up.downcast::<TokioIo<WriteStall<TcpStream>>>() {
+        Ok(parts) => Some(Prefixed::new(
+            parts.read_buf.to_vec(),
+            parts.io.into_inner(),
+        )),
+        Err(_) => {
+            warn!("CONNECT upgrade on an unexpected stream type; tunnel dropped");
+            None
+        }
+    }
+}
+
 /// Handles CONNECT: checks the destination, answers 200, and runs the tunnel.
 async fn connect(
     rt: Arc<Runtime>,
@@ -226,7 +245,7 @@ async fn connect(
                             // the tunnel ends.
                             let held = conn;
                             let Ok(up) = on_upgrade.await else { return };
-                            let mut up = TokioIo::new(up);
+                            let Some(mut up) = client_stream(up) else { return };
                             // Only a TLS ClientHello naming the CONNECT host is spliced
                             // (decision 1; REFERENCE.md §2.5): else the tunnel would carry
                             // traffic for any name the upstream serves.
@@ -269,7 +288,8 @@ async fn connect(
                     tokio::spawn(
                         async move {
                             let Ok(up) = on_upgrade.await else { return };
-                            intercept(rt, TokioIo::new(up), conn, host, port, rec).await;
+                            let Some(io) = client_stream(up) else { return };
+                            intercept(rt, io, conn, host, port, rec).await;
                         }
                         .in_current_span(),
                     );

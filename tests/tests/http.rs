@@ -546,6 +546,78 @@ async fn cleartext_http_is_proxied_but_never_injected() {
     assert_eq!(w.origin.records().len(), 1);
 }
 
+/// A client that sends its TLS ClientHello in the same write as the CONNECT, without
+/// waiting for the 200 (bytes hyper has read past the CONNECT's head): the proxy hands them
+/// to the tunnel's TLS and the request goes through with the swap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hello_sent_with_the_connect_is_not_lost() {
+    use rustls_pki_types::pem::PemObject as _;
+    use std::io::{Read as _, Write as _};
+    let (w, p) = world().await;
+    let authority = format!("api.github.test:{}", w.port());
+    let (addr, ca) = (p.addr(), p.ca.ca.cert_pem().to_string());
+    let response = tokio::task::spawn_blocking(move || {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots.add(c.expect("ca pem")).expect("root");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(iron_proxy::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls_pki_types::ServerName::try_from("api.github.test").expect("name");
+        let mut tls = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+            .expect("client connection");
+        let mut first = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n")
+            .into_bytes();
+        let hello_at = first.len();
+        tls.write_tls(&mut first).expect("client hello");
+        assert!(first.len() > hello_at + 40, "a ClientHello follows the CONNECT");
+        let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        tcp.write_all(&first).expect("one write");
+        // The 200, read byte by byte so no TLS byte after it is taken.
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(tcp.read(&mut b).expect("read 200"), 1, "{head:?}");
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+        let mut s = rustls::Stream::new(&mut tls, &mut tcp);
+        s.write_all(
+            format!(
+                "GET /user HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer GITHUB_TOKEN\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .expect("request");
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                // The origin may close without close_notify once the response is whole.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => panic!("read: {e}; so far {}", String::from_utf8_lossy(&out)),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("client thread");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let recs = w.origin.records();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        recs[0].header("authorization").as_deref(),
+        Some(format!("Bearer {REAL_GITHUB}").as_str())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_sse_and_websocket() {
     let (w, p) = world().await;
