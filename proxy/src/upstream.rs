@@ -116,10 +116,16 @@ use tower_service::Service;
 /// connect timeout alone let an upstream that accepts and never finishes the handshake hold
 /// a request until the response-header timeout (120 s by default). A miss is an
 /// [`io::ErrorKind::TimedOut`] error, which [`classify`] answers 504 `upstream_timeout`.
+///
+/// A host that is an IP literal never reaches the resolver ([`HttpConnector`] dials it as
+/// it is), so the denied address ranges are checked here too: every dial of the pooled
+/// client, a token endpoint's as much as a proxied request's, meets them
+/// ([`DialError::Denied`], which [`classify`] answers 403 `destination_address_denied`).
 #[derive(Clone)]
 pub struct ConnectDeadline {
     inner: HttpsConnector<HttpConnector<PolicyResolver>>,
     deadline: std::time::Duration,
+    policy: Arc<Policy>,
 }
 
 impl Service<http::Uri> for ConnectDeadline {
@@ -132,6 +138,18 @@ impl Service<http::Uri> for ConnectDeadline {
     }
 
     fn call(&mut self, dst: http::Uri) -> Self::Future {
+        let literal = dst.host().and_then(|h| {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .ok()
+        });
+        if let Some(ip) = literal
+            && self.policy.is_address_denied(ip)
+        {
+            let host = ip.to_string();
+            return Box::pin(async move { Err(DialError::Denied { host }.into()) });
+        }
         let connecting = self.inner.call(dst);
         let deadline = self.deadline;
         Box::pin(async move {
@@ -230,6 +248,7 @@ pub fn build_client(
         .enable_http1()
         .wrap_connector(http);
     let connector = ConnectDeadline {
+        policy: policy.clone(),
         inner: https,
         deadline: limits.upstream_connect_timeout + limits.tls_handshake_timeout,
     };
@@ -990,6 +1009,38 @@ mod tests {
 
     const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
     const EMPTY: &str = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+    /// A host that is an IP literal in a denied range (loopback, with no `allow_cidrs`) is
+    /// refused before any connection is made, though the connector never asks the resolver
+    /// for a literal: a token endpoint written as `https://127.0.0.1/...` meets the same
+    /// rule as a proxied request.
+    #[tokio::test]
+    async fn an_ip_literal_in_a_denied_range_is_never_dialed() {
+        let o = origin(|_| OK, usize::MAX);
+        let policy = Policy::parse(
+            "version = 1\n[proxy]\nlisten = \"127.0.0.1:0\"\n",
+            std::path::Path::new("test.toml"),
+        )
+        .unwrap();
+        let tls = client_tls_config(&policy, crate::crypto_provider()).unwrap();
+        let c = build_client(&Arc::new(policy), tls, Default::default());
+        for target in [
+            format!("http://127.0.0.1:{}/", o.port),
+            format!("https://127.0.0.1:{}/", o.port),
+            format!("http://[::ffff:127.0.0.1]:{}/", o.port),
+        ] {
+            let req = Request::get(&target)
+                .body(crate::body::full(bytes::Bytes::new()))
+                .unwrap();
+            let e = c.request(req).await.expect_err(&target);
+            assert_eq!(
+                classify(&e).code(),
+                "destination_address_denied",
+                "{target}"
+            );
+        }
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 0, "dialed");
+    }
 
     /// Idle connections to many hosts stop at [`MAX_IDLE_TOTAL`]: the one idle longest is
     /// closed for each newcomer, the newest stay pooled.
