@@ -762,6 +762,12 @@ pub struct Secret {
     /// responses are large downloads that never reflect a credential (response headers are
     /// scrubbed either way).
     pub scrub_response_body: bool,
+    /// WebSocket connections to the secret's hosts get the placeholder swapped in the
+    /// client's text messages and the value put back in the server's (REFERENCE.md D22; the
+    /// proxy's `ws` module says which frames). The upgrade request then goes without
+    /// `Sec-WebSocket-Extensions`, so messages are not compressed. Default false: frames
+    /// are relayed as bytes.
+    pub websocket_frames: bool,
     /// How the value is applied to requests. Token types always inject.
     pub mode: HttpMode,
     /// Method and path prefixes the secret may be applied to; empty: every request to its
@@ -1791,6 +1797,7 @@ impl Cx<'_> {
             enabled: raw.enabled.unwrap_or(true),
             allow_plaintext: raw.allow_plaintext.unwrap_or(false),
             scrub_response_body: raw.scrub_response_body.unwrap_or(true),
+            websocket_frames: raw.websocket_frames.unwrap_or(false),
             mode: mode?,
             capabilities,
             rate_limit,

@@ -30,6 +30,9 @@ pub enum AppliedAt {
     Stub,
     /// A Postgres relay session authenticated with the secret's password.
     Pg,
+    /// Made available to a WebSocket connection's text messages (`websocket_frames`)
+    /// without being in its upgrade request.
+    WebSocket,
 }
 
 impl std::fmt::Display for AppliedAt {
@@ -38,6 +41,7 @@ impl std::fmt::Display for AppliedAt {
             Self::Request(l) => l.fmt(f),
             Self::Stub => f.write_str("stub"),
             Self::Pg => f.write_str("pg"),
+            Self::WebSocket => f.write_str("websocket"),
         }
     }
 }
@@ -59,7 +63,7 @@ impl AppliedAt {
                     .position(|c| c == h)
                     .map(|i| 3 + i)
             }
-            Self::Request(_) => None,
+            Self::Request(_) | Self::WebSocket => None,
         }
     }
 }

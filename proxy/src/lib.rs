@@ -22,6 +22,7 @@
 //! - [`origin`], [`client`]: a recording local TLS origin and a minimal proxy client (used
 //!   by `demo` and the tests).
 //! - [`cli`]: the `iron-proxy` command line.
+//! - [`ws`]: WebSocket text messages rewritten as they are relayed (`websocket_frames`).
 
 pub mod admin;
 pub mod audit;
@@ -44,6 +45,7 @@ pub mod state;
 pub mod upstream;
 pub mod watch;
 pub mod workers;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -94,6 +94,7 @@ pub struct Origin {
     /// Its CA certificate (PEM): what a client must trust to reach it.
     pub ca_pem: String,
     records: Arc<Mutex<Vec<Recorded>>>,
+    upgraded: Arc<Mutex<Vec<u8>>>,
     events: Arc<Semaphore>,
     accepted: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -115,6 +116,7 @@ impl Drop for Origin {
 
 struct Shared {
     records: Arc<Mutex<Vec<Recorded>>>,
+    upgraded: Arc<Mutex<Vec<u8>>>,
     events: Arc<Semaphore>,
     git_root: Option<PathBuf>,
 }
@@ -153,8 +155,10 @@ impl Origin {
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let records = Arc::new(Mutex::new(Vec::new()));
         let events = Arc::new(Semaphore::new(0));
+        let upgraded = Arc::new(Mutex::new(Vec::new()));
         let shared = Arc::new(Shared {
             records: records.clone(),
+            upgraded: upgraded.clone(),
             events: events.clone(),
             git_root: opts.git_root.clone(),
         });
@@ -200,6 +204,7 @@ impl Origin {
             addr,
             ca_pem,
             records,
+            upgraded,
             events,
             accepted,
             task,
@@ -214,6 +219,12 @@ impl Origin {
     /// Every request received so far.
     pub fn records(&self) -> Vec<Recorded> {
         self.records.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Every byte received on upgraded (WebSocket) connections so far, in arrival order
+    /// (each is echoed back as it arrives).
+    pub fn upgraded_bytes(&self) -> Vec<u8> {
+        self.upgraded.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
     /// Lets `/sse` send its next event.
@@ -262,10 +273,21 @@ async fn route(
         let upgrade = req.headers()[http::header::UPGRADE].clone();
         let on = hyper::upgrade::on(&mut req);
         push(&shared, rec);
+        let log = shared.upgraded.clone();
         tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
             if let Ok(up) = on.await {
-                let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
-                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let mut io = TokioIo::new(up);
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = io.read(&mut buf).await {
+                    if let Ok(mut l) = log.lock() {
+                        l.extend_from_slice(&buf[..n]);
+                    }
+                    if io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = io.shutdown().await;
             }
         });
         let mut resp = Response::new(full(Bytes::new()));

@@ -279,6 +279,35 @@ fn echoes_of(
     echoes
 }
 
+/// The rewrite rules of a WebSocket connection's two directions, for the secrets among
+/// `secrets` with `websocket_frames`: (client to server: placeholder to value, server to
+/// client: value to placeholder). Both empty when there is none (frames then pass as bytes).
+fn frame_rules<'s>(
+    policy: &iron_policy::Policy,
+    secrets: impl Iterator<Item = &'s usize>,
+    values: &Values<'_>,
+) -> (crate::ws::Rules, crate::ws::Rules) {
+    let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+    for &s in secrets {
+        let secret = &policy.secrets[s];
+        if let (true, Some(value)) = (secret.websocket_frames, values.shared(s)) {
+            let placeholder = SecretValue::new(secret.placeholder.as_bytes().to_vec());
+            to_server.push(crate::ws::Rule {
+                from: placeholder.clone(),
+                to: value.clone(),
+            });
+            to_client.push(crate::ws::Rule {
+                from: value.clone(),
+                to: placeholder,
+            });
+        }
+    }
+    (
+        crate::ws::Rules::new(to_server),
+        crate::ws::Rules::new(to_client),
+    )
+}
+
 /// Whether a response body is scrubbed as it streams, and then whether its length must
 /// stand (it has a `Content-Length`, or is a 206 range whose `Content-Range` counts the
 /// origin's bytes): `Some` for a body that is there (not a `HEAD`, 1xx, 204 or 304) and not
@@ -486,10 +515,32 @@ async fn exchange(
         headers: &view_headers,
     };
     let mut plan = policy.plan(&view)?;
+    // A WebSocket upgrade also takes the values of the secrets bound to this host whose
+    // placeholders are swapped in its text messages (`websocket_frames`), whether or not
+    // the upgrade request itself carries them: resolved, rate-counted and audited here once.
+    let frame_secrets: smallvec::SmallVec<[usize; 2]> = if is_upgrade {
+        policy
+            .secrets
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| {
+                s.websocket_frames
+                    && s.enabled
+                    && !plan.secrets.contains(&i)
+                    && !matches!(s.kind, SecretKind::Pg(_))
+                    && s.allows_host(&host, port, tls)
+                    && (tls || s.allow_plaintext)
+                    && s.allows_request(view.method, path)
+            })
+            .map(|(i, _)| i)
+            .collect()
+    } else {
+        smallvec::SmallVec::new()
+    };
 
     // resolve
     let mut values = Values::default();
-    for &s in &plan.secrets {
+    for &s in plan.secrets.iter().chain(&frame_secrets) {
         let secret = &policy.secrets[s];
         if !secret.enabled {
             warn!(request_id = %id, client = %conn.client, secret = %secret.name, "secret is disabled (enabled = false); refusing request");
@@ -532,7 +583,7 @@ async fn exchange(
     }
     // Rate limits, once every value is in hand: a request refused above (a missing source,
     // no token) has not used the secret and takes nothing from its limit.
-    for &s in &plan.secrets {
+    for &s in plan.secrets.iter().chain(&frame_secrets) {
         if let Err(wait) = active.check_rate(s) {
             return Err(ProxyError::RateLimited {
                 secret: policy.secrets[s].name.clone(),
@@ -545,6 +596,8 @@ async fn exchange(
     let mut out = plan.apply(policy, &view, &values);
     let echoes = echoes_of(&active, &plan, &values, &view_headers, &out);
     let scrubs_body = echoes.scrubs_body();
+    let frames =
+        is_upgrade.then(|| frame_rules(policy, plan.secrets.iter().chain(&frame_secrets), &values));
     drop(view_headers);
     let first_secret = || ProxyError::CredentialUnavailable {
         secret: plan
@@ -578,6 +631,14 @@ async fn exchange(
         const IDENTITY: HeaderValue = HeaderValue::from_static("identity");
         headers.insert(http::header::ACCEPT_ENCODING, IDENTITY);
     }
+    if frames
+        .as_ref()
+        .is_some_and(|(to_server, _)| !to_server.is_empty())
+    {
+        // Compressed messages could not be rewritten: offer no extension, so none is
+        // agreed (RFC 6455 §9.1).
+        headers.remove(http::header::SEC_WEBSOCKET_EXTENSIONS);
+    }
     if let Some(u) = upgrade {
         headers.insert(UPGRADE, u);
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -597,6 +658,10 @@ async fn exchange(
             stats: active.stats(a.secret).clone(),
             location: AppliedAt::Request(a.location),
         })
+        .chain(frame_secrets.iter().map(|&s| AppliedSecret {
+            stats: active.stats(s).clone(),
+            location: AppliedAt::WebSocket,
+        }))
         .collect();
     for a in &guard.rec().secrets {
         debug!(host = %host, secret = %a.stats.name, location = %a.location, "injected credential");
@@ -751,15 +816,21 @@ async fn exchange(
                     let _slot = slot;
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((c, u)) => {
+                            let (to_server, to_client) = frames.unwrap_or_default();
                             let (up, down) = crate::io::relay(
-                                TokioIo::new(c),
-                                TokioIo::new(u),
+                                crate::ws::Frames::new(TokioIo::new(c), to_server.clone()),
+                                crate::ws::Frames::new(TokioIo::new(u), to_client.clone()),
                                 idle,
                                 crate::server::reached(shutdown, crate::Phase::Closing),
                             )
                             .await;
                             rec.bytes_in = rec.bytes_in.saturating_add(up);
                             rec.bytes_out = rec.bytes_out.saturating_add(down);
+                            rec.echoes_scrubbed += to_client.made();
+                            if to_client.made() > 0 {
+                                warn!(request_id = %rec.request_id, host = %rec.host, echoes = to_client.made(), "the origin's WebSocket messages echoed a credential; put back to its placeholder");
+                            }
+                            debug!(swapped = to_server.made(), echoes = to_client.made(), "WebSocket connection ended");
                             if rt.is_closing() {
                                 rec.error = Some("shutdown");
                             }

@@ -546,6 +546,126 @@ async fn cleartext_http_is_proxied_but_never_injected() {
     assert_eq!(w.origin.records().len(), 1);
 }
 
+/// A WebSocket frame (RFC 6455 §5.2) with `first` (FIN, RSV, opcode) and `payload`,
+/// masked with `mask` when given, as a client sends it.
+fn ws_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![first];
+    let bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n @ 0..=125 => out.push(bit | n as u8),
+        n @ 126..=0xffff => {
+            out.push(bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mut p = payload.to_vec();
+    if let Some(m) = mask {
+        out.extend_from_slice(&m);
+        for (i, b) in p.iter_mut().enumerate() {
+            *b ^= m[i % 4];
+        }
+    }
+    out.extend_from_slice(&p);
+    out
+}
+
+/// `websocket_frames = true`: the placeholder in the client's text message reaches the
+/// origin as the value (its upgrade request carried no secret), the origin's echo of it
+/// comes back as the placeholder, a binary frame passes as bytes, the upgrade goes without
+/// `Sec-WebSocket-Extensions`, and the audit line names the secret at `websocket` with the
+/// echo counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let policy = STANDARD_POLICY.replace(
+        "source = { env = \"REAL_GITHUB_TOKEN\" }\n",
+        "source = { env = \"REAL_GITHUB_TOKEN\" }\nwebsocket_frames = true\n",
+    );
+    assert!(policy.contains("websocket_frames"));
+    let w = World::new(&policy, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let authority = format!("api.github.test:{}", w.port());
+    let mut send = client::tunnel(p.addr(), &authority, "api.github.test", p.ca.ca.cert_pem())
+        .await
+        .expect("tunnel");
+    send.ready().await.expect("ready");
+    let resp = send
+        .send_request(
+            Request::get("/ws")
+                .header("host", &authority)
+                .header("connection", "Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .header("sec-websocket-extensions", "permessage-deflate")
+                .body(Full::new(Bytes::new()))
+                .expect("req"),
+        )
+        .await
+        .expect("upgrade");
+    assert_eq!(resp.status(), 101);
+    let upgraded = hyper::upgrade::on(resp).await.expect("upgraded");
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    let key = [0x12, 0x34, 0x56, 0x78];
+    let text = ws_frame(
+        0x81,
+        br#"{"type":"auth","token":"GITHUB_TOKEN"}"#,
+        Some(key),
+    );
+    let binary = ws_frame(0x82, b"GITHUB_TOKEN", Some(key));
+    io.write_all(&[text.clone(), binary.clone()].concat())
+        .await
+        .expect("write");
+    let mut back = vec![0u8; text.len() + binary.len()];
+    io.read_exact(&mut back).await.expect("echo");
+    // The origin echoed what it got; the value in its text frame was put back.
+    assert_eq!(back, [text, binary.clone()].concat());
+    let got = w.origin.upgraded_bytes();
+    let swapped = ws_frame(
+        0x81,
+        format!(r#"{{"type":"auth","token":"{REAL_GITHUB}"}}"#).as_bytes(),
+        Some(key),
+    );
+    assert_eq!(got, [swapped, binary].concat());
+    let ws = w
+        .origin
+        .records()
+        .into_iter()
+        .find(|r| r.target == "/ws")
+        .expect("ws record");
+    assert_eq!(ws.header("sec-websocket-extensions"), None);
+    assert_eq!(ws.header("authorization"), None);
+    io.shutdown().await.expect("shutdown");
+    drop(io);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let rec = loop {
+        if let Some(r) = p
+            .audit
+            .records()
+            .into_iter()
+            .find(|r| r.outcome == "upgraded")
+        {
+            break r;
+        }
+        assert!(std::time::Instant::now() < deadline, "no audit line");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let applied: Vec<(String, String)> = rec
+        .secrets
+        .iter()
+        .map(|a| (a.stats.name.to_string(), a.location.to_string()))
+        .collect();
+    assert_eq!(
+        applied,
+        [("GITHUB_TOKEN".to_string(), "websocket".to_string())]
+    );
+    assert_eq!(rec.echoes_scrubbed, 1);
+}
+
 /// A client that sends its TLS ClientHello in the same write as the CONNECT, without
 /// waiting for the 200 (bytes hyper has read past the CONNECT's head): the proxy hands them
 /// to the tunnel's TLS and the request goes through with the swap.
