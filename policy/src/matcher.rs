@@ -659,7 +659,7 @@ const METHOD_OVERRIDES: [&str; 3] = [
 ///
 /// `TRACE` never carries a credential, whatever the capabilities: the origin echoes the
 /// request back, credential included (RFC 9110 §9.3.8 forbids sensitive fields in it).
-fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
+pub fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
     // The request method is a token (no spaces); override values may be padded.
     let is_trace = |m: &str| m.trim().eq_ignore_ascii_case("TRACE");
     let overrides = || {

@@ -279,32 +279,27 @@ fn echoes_of(
     echoes
 }
 
-/// The rewrite rules of a WebSocket connection's two directions, for the secrets among
-/// `secrets` with `websocket_frames`: (client to server: placeholder to value, server to
-/// client: value to placeholder). Both empty when there is none (frames then pass as bytes).
+/// The rewrites of a WebSocket connection's two directions, for the secrets among
+/// `secrets` with `websocket_frames`: client to server, each placeholder to its value;
+/// server to client, each value in its echoable forms back to its placeholder (the forms
+/// response headers are scrubbed of, [`crate::Active::add_echoes`]). Both empty when there
+/// is none (frames then pass as bytes).
 fn frame_rules<'s>(
-    policy: &iron_policy::Policy,
+    active: &crate::Active,
     secrets: impl Iterator<Item = &'s usize>,
     values: &Values<'_>,
 ) -> (crate::ws::Rules, crate::ws::Rules) {
-    let (mut to_server, mut to_client) = (Vec::new(), Vec::new());
+    let (mut swaps, mut echoes) = (Vec::new(), crate::echo::Echoes::new());
     for &s in secrets {
-        let secret = &policy.secrets[s];
+        let secret = &active.policy.secrets[s];
         if let (true, Some(value)) = (secret.websocket_frames, values.shared(s)) {
-            let placeholder = SecretValue::new(secret.placeholder.as_bytes().to_vec());
-            to_server.push(crate::ws::Rule {
-                from: placeholder.clone(),
-                to: value.clone(),
-            });
-            to_client.push(crate::ws::Rule {
-                from: value.clone(),
-                to: placeholder,
-            });
+            swaps.push((secret.placeholder.as_bytes().to_vec(), value.clone()));
+            active.add_echoes(&mut echoes, s, value);
         }
     }
     (
-        crate::ws::Rules::new(to_server),
-        crate::ws::Rules::new(to_client),
+        crate::ws::Rules::swap(swaps),
+        crate::ws::Rules::scrub(echoes),
     )
 }
 
@@ -530,7 +525,7 @@ async fn exchange(
                     && !matches!(s.kind, SecretKind::Pg(_))
                     && s.allows_host(&host, port, tls)
                     && (tls || s.allow_plaintext)
-                    && s.allows_request(view.method, path)
+                    && iron_policy::matcher::capability_allows(s, &view)
             })
             .map(|(i, _)| i)
             .collect()
@@ -596,8 +591,8 @@ async fn exchange(
     let mut out = plan.apply(policy, &view, &values);
     let echoes = echoes_of(&active, &plan, &values, &view_headers, &out);
     let scrubs_body = echoes.scrubs_body();
-    let frames =
-        is_upgrade.then(|| frame_rules(policy, plan.secrets.iter().chain(&frame_secrets), &values));
+    let frames = is_upgrade
+        .then(|| frame_rules(&active, plan.secrets.iter().chain(&frame_secrets), &values));
     drop(view_headers);
     let first_secret = || ProxyError::CredentialUnavailable {
         secret: plan

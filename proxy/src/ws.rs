@@ -1,16 +1,21 @@
 //! WebSocket text messages rewritten as they are relayed (REFERENCE.md D22): a secret with
 //! `websocket_frames = true` has its placeholder swapped for the value in the client's text
-//! messages to its hosts, and its value put back to the placeholder in the server's (the
-//! echo rule of D18, for frames).
+//! messages to its hosts, and its value, in every form an origin may echo it in (raw,
+//! percent-encoded, JSON-escaped, … as for response headers, [`crate::echo`]), put back to
+//! the placeholder in the server's.
 //!
-//! Only what can be rewritten whole is touched: a frame that is a complete text message
-//! (FIN set, opcode 1), with no extension bits (RSV1–3 clear: the pipeline strips the
-//! upgrade request's `Sec-WebSocket-Extensions`, so permessage-deflate is never agreed),
-//! and at most [`MAX_REWRITTEN`] bytes long. Its payload is unmasked with the frame's own
-//! key, rewritten, masked again with the same key, and sent under a new header carrying
-//! the new length (RFC 6455 §5.2; §5.3 for masking). Every other frame (binary, control,
-//! fragments of a longer message, oversized, or with extension bits) is relayed byte for
-//! byte as it streams: a placeholder there is not swapped.
+//! Only what can be rewritten whole is touched: a frame at most [`MAX_REWRITTEN`] bytes
+//! long with no extension bits (RSV1–3 clear: the pipeline strips the upgrade request's
+//! `Sec-WebSocket-Extensions`, so permessage-deflate is never agreed) that is, in the
+//! client's direction, a complete text message (FIN set, opcode 1), and in the server's,
+//! any data frame (text, binary, or one fragment of a message). Its payload is unmasked
+//! with the frame's own key, rewritten, masked again with the same key, and sent under a
+//! new header carrying the new length (RFC 6455 §5.2; §5.3 for masking). Every other frame
+//! (control, oversized, with extension bits, and in the client's direction binary frames
+//! and fragments) is relayed byte for byte as it streams: a placeholder there is not
+//! swapped, and a value the server sends there is not put back; neither is a value split
+//! across two fragments. A rewrite whose result would pass [`MAX_GROWN`] ends the
+//! connection.
 
 use std::io;
 use std::pin::Pin;
@@ -20,47 +25,87 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// Longest frame payload rewritten (1 MiB); a longer text frame is relayed as it is, so one
-/// connection never holds more than this much of a message.
+/// Longest frame payload rewritten (1 MiB); a longer text frame is relayed as it is.
 pub const MAX_REWRITTEN: u64 = 1 << 20;
 
-/// One replacement: every occurrence of `from` in a rewritten frame becomes `to`.
-#[derive(Clone)]
-pub struct Rule {
-    /// The bytes looked for (a placeholder, or a value for the server's direction).
-    pub from: iron_broker::SecretValue,
-    /// What they become.
-    pub to: iron_broker::SecretValue,
+/// Longest payload a rewrite may produce (4 MiB): a message packed with a short placeholder
+/// whose value is long would otherwise grow without bound. A rewrite that would pass it
+/// ends the connection with an error rather than send the message unrewritten.
+pub const MAX_GROWN: usize = 4 << 20;
+
+/// What one direction of a connection does to the text messages it reads.
+#[derive(Default)]
+enum Rewrite {
+    /// Nothing: frames are read straight through, unparsed.
+    #[default]
+    None,
+    /// Client to server: each placeholder becomes its value (leftmost-longest, one pass).
+    Swap {
+        placeholders: aho_corasick::AhoCorasick,
+        values: Vec<iron_broker::SecretValue>,
+    },
+    /// Server to client: each value, in every form an origin may echo it in, is put back
+    /// to its placeholder ([`crate::echo::Echoes`], as in response headers).
+    Scrub(crate::echo::Echoes),
 }
 
-impl std::fmt::Debug for Rule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Rule([redacted])")
-    }
-}
-
-/// The rules of one direction of a connection, and how many replacements they made.
-#[derive(Debug, Clone, Default)]
+/// The rewrite of one direction of a connection, and how many replacements it made.
+#[derive(Clone, Default)]
 pub struct Rules {
-    rules: Arc<[Rule]>,
+    rewrite: Arc<Rewrite>,
     made: Arc<AtomicU64>,
 }
 
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rules([redacted])")
+    }
+}
+
+/// The error a rewrite past [`MAX_GROWN`] ends the connection with.
+fn too_large() -> io::Error {
+    io::Error::other("a WebSocket message would grow past 4 MiB with its values swapped in")
+}
+
 impl Rules {
-    /// `rules`, with a fresh count. Rules whose `from` is empty are dropped.
-    pub fn new(rules: Vec<Rule>) -> Self {
+    /// Client to server: each `(placeholder, value)` pair's placeholder becomes the value.
+    /// Empty placeholders are dropped; none left reads straight through.
+    pub fn swap(pairs: Vec<(Vec<u8>, iron_broker::SecretValue)>) -> Self {
+        let pairs: Vec<_> = pairs.into_iter().filter(|(p, _)| !p.is_empty()).collect();
+        if pairs.is_empty() {
+            return Self::default();
+        }
+        let built = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(pairs.iter().map(|(p, _)| p));
+        match built {
+            Ok(placeholders) => Self {
+                rewrite: Arc::new(Rewrite::Swap {
+                    placeholders,
+                    values: pairs.into_iter().map(|(_, v)| v).collect(),
+                }),
+                made: Arc::default(),
+            },
+            // Only a pattern set past the automaton's size limits fails; placeholders are
+            // short names, so this is not expected. Frames then go unrewritten.
+            Err(_) => Self::default(),
+        }
+    }
+
+    /// Server to client: every form of the values in `echoes` is put back.
+    pub fn scrub(echoes: crate::echo::Echoes) -> Self {
+        if echoes.is_empty() {
+            return Self::default();
+        }
         Self {
-            rules: rules
-                .into_iter()
-                .filter(|r| !r.from.expose().is_empty())
-                .collect(),
+            rewrite: Arc::new(Rewrite::Scrub(echoes)),
             made: Arc::default(),
         }
     }
 
     /// True when there is nothing to replace (frames then pass untouched, unparsed).
     pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
+        matches!(*self.rewrite, Rewrite::None)
     }
 
     /// Replacements made so far, in all frames.
@@ -68,35 +113,50 @@ impl Rules {
         self.made.load(Ordering::Relaxed)
     }
 
-    /// `payload` with every occurrence of each rule's `from` replaced, scanning left to
-    /// right (at one position the rule listed first wins; replaced bytes are not scanned
-    /// again), and how many replacements were made. `None` when nothing matched.
-    fn rewrite(&self, payload: &[u8]) -> Option<(Vec<u8>, u64)> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        let mut n = 0;
-        loop {
-            let next = self
-                .rules
-                .iter()
-                .filter_map(|r| {
-                    memchr::memmem::find(&payload[at..], r.from.expose()).map(|i| (at + i, r))
-                })
-                .min_by_key(|(i, _)| *i);
-            let Some((i, rule)) = next else { break };
-            if n == 0 {
-                out.reserve(payload.len());
+    /// `payload` rewritten and how many replacements were made; `Ok(None)` when nothing
+    /// matched.
+    ///
+    /// # Errors
+    /// [`too_large`] when the result would pass [`MAX_GROWN`].
+    fn rewrite(&self, payload: &[u8]) -> io::Result<Option<(Vec<u8>, u64)>> {
+        match &*self.rewrite {
+            Rewrite::None => Ok(None),
+            Rewrite::Swap {
+                placeholders,
+                values,
+            } => {
+                let mut out = Vec::new();
+                let mut at = 0;
+                let mut n = 0;
+                for m in placeholders.find_iter(payload) {
+                    let value = values[m.pattern().as_usize()].expose();
+                    if out.len() + (m.start() - at) + value.len() > MAX_GROWN {
+                        zeroize::Zeroize::zeroize(&mut out);
+                        return Err(too_large());
+                    }
+                    out.extend_from_slice(&payload[at..m.start()]);
+                    out.extend_from_slice(value);
+                    at = m.end();
+                    n += 1;
+                }
+                if n == 0 {
+                    return Ok(None);
+                }
+                if out.len() + (payload.len() - at) > MAX_GROWN {
+                    zeroize::Zeroize::zeroize(&mut out);
+                    return Err(too_large());
+                }
+                out.extend_from_slice(&payload[at..]);
+                Ok(Some((out, n)))
             }
-            out.extend_from_slice(&payload[at..i]);
-            out.extend_from_slice(rule.to.expose());
-            at = i + rule.from.expose().len();
-            n += 1;
+            Rewrite::Scrub(echoes) => {
+                let scrubbed = echoes.scrub(payload, crate::echo::Scope::Header, false);
+                match scrubbed {
+                    Some((out, _)) if out.len() > MAX_GROWN => Err(too_large()),
+                    other => Ok(other),
+                }
+            }
         }
-        if n == 0 {
-            return None;
-        }
-        out.extend_from_slice(&payload[at..]);
-        Some((out, n))
     }
 }
 
@@ -143,9 +203,14 @@ impl Header {
         })
     }
 
-    /// A complete, unextended text message small enough to rewrite.
-    fn rewritable(&self) -> bool {
-        self.first == 0x81 && self.len <= MAX_REWRITTEN
+    /// Whether a frame is rewritten: at most [`MAX_REWRITTEN`] long, with no extension bits,
+    /// and, for a swap, a complete text message (REFERENCE.md D22); for a scrub, any data
+    /// frame (text, binary or a fragment: a value the server sends there would otherwise
+    /// reach the client). Control frames are never rewritten (their payload must stay
+    /// within 125 bytes).
+    fn rewritable(&self, scrub: bool) -> bool {
+        let data = self.first & 0x70 == 0 && matches!(self.first & 0x0f, 0..=2);
+        self.len <= MAX_REWRITTEN && if scrub { data } else { self.first == 0x81 }
     }
 
     /// This header's bytes for a payload of `len` bytes (the shortest length encoding).
@@ -219,13 +284,16 @@ impl<T> Frames<T> {
     }
 
     /// Moves what `input` holds through the state machine into `output`, as far as it goes.
-    fn process(&mut self) {
+    ///
+    /// # Errors
+    /// A rewrite past [`MAX_GROWN`].
+    fn process(&mut self) -> io::Result<()> {
         loop {
             match self.state {
                 State::Pass(0) => self.state = State::Header,
                 State::Pass(left) => {
                     if self.input.is_empty() {
-                        return;
+                        return Ok(());
                     }
                     let n = usize::try_from(left)
                         .unwrap_or(usize::MAX)
@@ -236,9 +304,9 @@ impl<T> Frames<T> {
                 }
                 State::Header => {
                     let Some(h) = Header::parse(&self.input) else {
-                        return;
+                        return Ok(());
                     };
-                    if h.rewritable() {
+                    if h.rewritable(matches!(*self.rules.rewrite, Rewrite::Scrub(_))) {
                         self.state = State::Whole(h);
                     } else {
                         self.output.extend_from_slice(&self.input[..h.size]);
@@ -250,14 +318,16 @@ impl<T> Frames<T> {
                     // `len` is at most MAX_REWRITTEN, so it fits.
                     let len = h.len as usize;
                     if self.input.len() < h.size + len {
-                        return;
+                        return Ok(());
                     }
                     let frame = &self.input[h.size..h.size + len];
                     let mut payload = frame.to_vec();
                     if let Some(m) = h.mask {
                         apply_mask(&mut payload, m);
                     }
-                    match self.rules.rewrite(&payload) {
+                    let rewritten = self.rules.rewrite(&payload);
+                    zeroize::Zeroize::zeroize(&mut payload);
+                    match rewritten? {
                         Some((mut new, n)) => {
                             self.rules.made.fetch_add(n, Ordering::Relaxed);
                             if let Some(m) = h.mask {
@@ -269,7 +339,6 @@ impl<T> Frames<T> {
                         }
                         None => self.output.extend_from_slice(&self.input[..h.size + len]),
                     }
-                    zeroize::Zeroize::zeroize(&mut payload);
                     self.input.drain(..h.size + len);
                     self.state = State::Header;
                 }
@@ -315,7 +384,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Frames<T> {
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => this.eof = true,
                 Poll::Ready(Ok(())) => {
                     this.input.extend_from_slice(rb.filled());
-                    this.process();
+                    this.process()?;
                 }
             }
         }
@@ -327,18 +396,31 @@ crate::io::write_through!(Frames);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use iron_broker::SecretValue;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    fn rules(pairs: &[(&str, &str)]) -> Rules {
-        Rules::new(
+    fn swap(pairs: &[(&str, &str)]) -> Rules {
+        Rules::swap(
             pairs
                 .iter()
-                .map(|(f, t)| Rule {
-                    from: iron_broker::SecretValue::new(f.as_bytes().to_vec()),
-                    to: iron_broker::SecretValue::new(t.as_bytes().to_vec()),
+                .map(|(p, v)| {
+                    (
+                        p.as_bytes().to_vec(),
+                        SecretValue::new(v.as_bytes().to_vec()),
+                    )
                 })
                 .collect(),
         )
+    }
+
+    fn scrub(value: &str, placeholder: &str) -> Rules {
+        let mut e = crate::echo::Echoes::new();
+        e.add_value(
+            &SecretValue::new(value.as_bytes().to_vec()),
+            placeholder,
+            true,
+        );
+        Rules::scrub(e)
     }
 
     /// A frame with `first` (FIN, RSV, opcode) and `payload`, masked with `mask` if given.
@@ -360,19 +442,22 @@ mod tests {
     }
 
     /// What `Frames` makes of `input` written in pieces of `step` bytes.
-    async fn run(input: &[u8], r: Rules, step: usize) -> Vec<u8> {
+    async fn run(input: &[u8], r: Rules, step: usize) -> io::Result<Vec<u8>> {
         let (mut w, rd) = tokio::io::duplex(64);
         let input = input.to_vec();
         let writer = tokio::spawn(async move {
             for piece in input.chunks(step.max(1)) {
-                w.write_all(piece).await.unwrap();
+                if w.write_all(piece).await.is_err() {
+                    return;
+                }
             }
         });
         let mut f = Frames::new(rd, r);
         let mut out = Vec::new();
-        f.read_to_end(&mut out).await.unwrap();
+        let read = f.read_to_end(&mut out).await;
+        drop(f);
         writer.await.unwrap();
-        out
+        read.map(|_| out)
     }
 
     const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
@@ -381,9 +466,9 @@ mod tests {
     async fn a_masked_text_frame_gets_the_value_and_a_new_length() {
         let long = "v".repeat(200); // crosses the 125-byte length boundary
         for step in [1, 3, 7, 64, 4096] {
-            let r = rules(&[("TOKEN", &long)]);
+            let r = swap(&[("TOKEN", &long)]);
             let input = frame(0x81, b"{\"auth\":\"TOKEN\",\"again\":\"TOKEN\"}", Some(KEY));
-            let out = run(&input, r.clone(), step).await;
+            let out = run(&input, r.clone(), step).await.unwrap();
             let want = format!("{{\"auth\":\"{long}\",\"again\":\"{long}\"}}");
             assert_eq!(out, frame(0x81, want.as_bytes(), Some(KEY)), "step {step}");
             assert_eq!(r.made(), 2);
@@ -391,16 +476,62 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unmasked_server_frame_has_the_value_put_back() {
-        let r = rules(&[("real-value-123", "TOKEN")]);
-        let input = frame(0x81, b"you sent real-value-123", None);
-        let out = run(&input, r, 5).await;
-        assert_eq!(out, frame(0x81, b"you sent TOKEN", None));
+    async fn the_longest_placeholder_wins_where_two_start_together() {
+        let r = swap(&[("TOKEN", "one"), ("TOKEN_2", "two")]);
+        let out = run(&frame(0x81, b"TOKEN_2 TOKEN", None), r, 4)
+            .await
+            .unwrap();
+        assert_eq!(out, frame(0x81, b"two one", None));
+    }
+
+    #[tokio::test]
+    async fn a_server_frame_has_the_value_put_back_in_its_echoed_forms() {
+        let value = "ghp_a/b+c=real-value";
+        for (sent, want) in [
+            (format!("you sent {value}"), "you sent TOKEN"),
+            // JSON-escaped, as a JSON encoder that escapes `/` writes it.
+            (
+                format!(r#"{{"t":"{}"}}"#, value.replace('/', "\\/")),
+                r#"{"t":"TOKEN"}"#,
+            ),
+        ] {
+            let r = scrub(value, "TOKEN");
+            let out = run(&frame(0x81, sent.as_bytes(), None), r.clone(), 5)
+                .await
+                .unwrap();
+            assert_eq!(out, frame(0x81, want.as_bytes(), None), "{sent}");
+            assert_eq!(r.made(), 1);
+        }
+    }
+
+    /// From the server every data frame is scrubbed (a binary frame, a fragment and its
+    /// continuation too); a control frame and a frame with extension bits are not.
+    #[tokio::test]
+    async fn the_server_s_binary_frames_and_fragments_are_scrubbed_too() {
+        let value = "real-value-123";
+        let r = scrub(value, "TOKEN");
+        let sent = [
+            frame(0x82, b"bin real-value-123", None),
+            frame(0x01, b"first real-value-123", None),
+            frame(0x80, b"last real-value-123", None),
+            frame(0x89, b"ping real-value-123", None),
+            frame(0xc1, b"deflated real-value-123", None),
+        ];
+        let out = run(&sent.concat(), r.clone(), 3).await.unwrap();
+        let want = [
+            frame(0x82, b"bin TOKEN", None),
+            frame(0x01, b"first TOKEN", None),
+            frame(0x80, b"last TOKEN", None),
+            sent[3].clone(),
+            sent[4].clone(),
+        ];
+        assert_eq!(out, want.concat());
+        assert_eq!(r.made(), 3);
     }
 
     #[tokio::test]
     async fn other_frames_pass_byte_for_byte_and_the_stream_stays_in_step() {
-        let r = rules(&[("TOKEN", "secret")]);
+        let r = swap(&[("TOKEN", "secret")]);
         let mut input = Vec::new();
         let big = vec![b'T'; 70_000]; // 64-bit length form, binary
         let cases = [
@@ -416,7 +547,7 @@ mod tests {
         }
         // A text frame after them all is still found and rewritten.
         input.extend_from_slice(&frame(0x81, b"TOKEN", Some(KEY)));
-        let out = run(&input, r.clone(), 1000).await;
+        let out = run(&input, r.clone(), 1000).await.unwrap();
         let mut want: Vec<u8> = cases.concat();
         want.extend_from_slice(&frame(0x81, b"secret", Some(KEY)));
         assert_eq!(out, want);
@@ -425,23 +556,27 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_text_frame_and_a_cut_off_frame_pass_as_they_are() {
-        let r = rules(&[("TOKEN", "secret")]);
+        let r = swap(&[("TOKEN", "secret")]);
         let mut big = vec![b'x'; usize::try_from(MAX_REWRITTEN).unwrap() + 1];
         big[..5].copy_from_slice(b"TOKEN");
         let input = frame(0x81, &big, Some(KEY));
-        assert_eq!(run(&input, r.clone(), 8192).await, input);
+        assert_eq!(run(&input, r.clone(), 8192).await.unwrap(), input);
         let cut = &frame(0x81, b"TOKEN and more", Some(KEY))[..9];
-        assert_eq!(run(cut, r.clone(), 2).await, cut);
+        assert_eq!(run(cut, r.clone(), 2).await.unwrap(), cut);
         assert_eq!(r.made(), 0);
     }
 
-    #[test]
-    fn rewrite_scans_once_left_to_right() {
-        // The first rule listed wins at a position; a replacement is not scanned again.
-        let r = rules(&[("AB", "B"), ("A", "x"), ("BB", "y")]);
-        let (out, n) = r.rewrite(b"AAB BB").unwrap();
-        assert_eq!((out.as_slice(), n), (&b"xB y"[..], 3));
-        assert!(r.rewrite(b"nothing here").is_none());
+    /// A message packed with a short placeholder whose value is long would grow past
+    /// [`MAX_GROWN`]: the read fails (the relay ends) instead of buffering it all.
+    #[tokio::test]
+    async fn a_message_that_would_grow_past_the_cap_ends_the_stream() {
+        let value = "v".repeat(4096);
+        let r = swap(&[("TK", &value)]);
+        let payload = "TK".repeat(2048); // 4 KiB in, 8 MiB out
+        let e = run(&frame(0x81, payload.as_bytes(), Some(KEY)), r, 4096)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("4 MiB"), "{e}");
     }
 
     #[test]
