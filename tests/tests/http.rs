@@ -573,23 +573,16 @@ fn ws_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     out
 }
 
-/// `websocket_frames = true`: the placeholder in the client's text message reaches the
-/// origin as the value (its upgrade request carried no secret), the origin's echo of it
-/// comes back as the placeholder, a binary frame passes as bytes, the upgrade goes without
-/// `Sec-WebSocket-Extensions`, and the audit line names the secret at `websocket` with the
-/// echo counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let policy = STANDARD_POLICY.replace(
-        "source = { env = \"REAL_GITHUB_TOKEN\" }\n",
-        "source = { env = \"REAL_GITHUB_TOKEN\" }\nwebsocket_frames = true\n",
-    );
-    assert!(policy.contains("websocket_frames"));
-    let w = World::new(&policy, OriginOptions::default()).await;
-    let p = w.proxy(standard_env()).await;
-    let authority = format!("api.github.test:{}", w.port());
-    let mut send = client::tunnel(p.addr(), &authority, "api.github.test", p.ca.ca.cert_pem())
+/// Opens a WebSocket through `p` to `/ws` on `host` (the test origin), offering
+/// permessage-deflate; returns the upgraded stream.
+#[allow(clippy::expect_used)] // a test helper: a failed step is a failed test
+async fn ws_open(
+    p: &InProcess,
+    w: &World,
+    host: &str,
+) -> hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {
+    let authority = format!("{host}:{}", w.port());
+    let mut send = client::tunnel(p.addr(), &authority, host, p.ca.ca.cert_pem())
         .await
         .expect("tunnel");
     send.ready().await.expect("ready");
@@ -608,8 +601,25 @@ async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
         .await
         .expect("upgrade");
     assert_eq!(resp.status(), 101);
-    let upgraded = hyper::upgrade::on(resp).await.expect("upgraded");
-    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"))
+}
+
+/// `websocket_frames = true`: the placeholder in the client's text message reaches the
+/// origin as the value (its upgrade request carried no secret), the origin's echo of it
+/// comes back as the placeholder, a binary frame passes as bytes, the upgrade goes without
+/// `Sec-WebSocket-Extensions`, and the audit line names the secret at `websocket` with the
+/// echo counted. On a host the secret is not bound to, nothing is rewritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let policy = STANDARD_POLICY.replace(
+        "source = { env = \"REAL_GITHUB_TOKEN\" }\n",
+        "source = { env = \"REAL_GITHUB_TOKEN\" }\nwebsocket_frames = true\n",
+    );
+    assert!(policy.contains("websocket_frames"));
+    let w = World::new(&policy, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let mut io = ws_open(&p, &w, "api.github.test").await;
     let key = [0x12, 0x34, 0x56, 0x78];
     let text = ws_frame(
         0x81,
@@ -623,7 +633,7 @@ async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
     let mut back = vec![0u8; text.len() + binary.len()];
     io.read_exact(&mut back).await.expect("echo");
     // The origin echoed what it got; the value in its text frame was put back.
-    assert_eq!(back, [text, binary.clone()].concat());
+    assert_eq!(back, [text.clone(), binary.clone()].concat());
     let got = w.origin.upgraded_bytes();
     let swapped = ws_frame(
         0x81,
@@ -664,6 +674,27 @@ async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
         [("GITHUB_TOKEN".to_string(), "websocket".to_string())]
     );
     assert_eq!(rec.echoes_scrubbed, 1);
+
+    // other.test is allowed but not the secret's host: frames pass as bytes, the offer of
+    // an extension stays.
+    let before = w.origin.upgraded_bytes().len();
+    let mut io = ws_open(&p, &w, "other.test").await;
+    io.write_all(&text).await.expect("write");
+    let mut back = vec![0u8; text.len()];
+    io.read_exact(&mut back).await.expect("echo");
+    assert_eq!(back, text);
+    assert_eq!(&w.origin.upgraded_bytes()[before..], &text[..]);
+    let other = w
+        .origin
+        .records()
+        .into_iter()
+        .filter(|r| r.target == "/ws")
+        .nth(1)
+        .expect("second ws record");
+    assert_eq!(
+        other.header("sec-websocket-extensions").as_deref(),
+        Some("permessage-deflate")
+    );
 }
 
 /// A client that sends its TLS ClientHello in the same write as the CONNECT, without
