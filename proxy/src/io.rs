@@ -115,12 +115,35 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    relay_through(a, b, idle, stop, |a| a, |b| b).await
+}
+
+/// As [`relay`], with each side wrapped (`wrap_a`, `wrap_b`) once it is metered: the idle
+/// clock and the byte counts see what is read from `a` and `b` themselves, also while a
+/// wrapper holds it back (a WebSocket message collected whole before it is rewritten,
+/// [`crate::ws::Frames`]).
+pub async fn relay_through<A, B, WA, WB>(
+    a: A,
+    b: B,
+    idle: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+    wrap_a: impl FnOnce(Metered<A>) -> WA,
+    wrap_b: impl FnOnce(Metered<B>) -> WB,
+) -> (u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+    WA: AsyncRead + AsyncWrite + Unpin,
+    WB: AsyncRead + AsyncWrite + Unpin,
+{
     const BUF: usize = 16 * 1024;
-    let start = tokio::time::Instant::now();
-    // Milliseconds since `start` of the last byte moved in either direction.
-    let last = AtomicU64::new(0);
-    let mut a = Metered::new(a, start, &last);
-    let mut b = Metered::new(b, start, &last);
+    let meter = std::sync::Arc::new(Meter {
+        start: tokio::time::Instant::now(),
+        last: AtomicU64::new(0),
+        read: [AtomicU64::new(0), AtomicU64::new(0)],
+    });
+    let mut a = wrap_a(Metered::new(a, meter.clone(), 0));
+    let mut b = wrap_b(Metered::new(b, meter.clone(), 1));
     {
         let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUF, BUF);
         tokio::pin!(copy, stop);
@@ -130,43 +153,51 @@ where
                 _ = &mut copy => break,
                 () = &mut stop => break,
                 () = tokio::time::sleep(tick) => {
-                    let moved = std::time::Duration::from_millis(last.load(Ordering::Relaxed));
-                    if start.elapsed().saturating_sub(moved) >= idle {
+                    let moved = std::time::Duration::from_millis(meter.last.load(Ordering::Relaxed));
+                    if meter.start.elapsed().saturating_sub(moved) >= idle {
                         break;
                     }
                 }
             }
         }
     }
-    (a.read, b.read)
+    (
+        meter.read[0].load(Ordering::Relaxed),
+        meter.read[1].load(Ordering::Relaxed),
+    )
+}
+
+/// What a [`relay`] measures: when it started, the last time a byte moved, bytes read from
+/// each side.
+#[derive(Debug)]
+pub struct Meter {
+    start: tokio::time::Instant,
+    /// Milliseconds since `start` of the last byte moved in either direction.
+    last: AtomicU64,
+    read: [AtomicU64; 2],
 }
 
 /// A stream that counts the bytes read from it and marks the time of each read or write
 /// (for [`relay`]'s idle timeout).
-struct Metered<'a, T> {
+#[derive(Debug)]
+pub struct Metered<T> {
     inner: T,
-    read: u64,
-    start: tokio::time::Instant,
-    last: &'a AtomicU64,
+    meter: std::sync::Arc<Meter>,
+    side: usize,
 }
 
-impl<'a, T> Metered<'a, T> {
-    fn new(inner: T, start: tokio::time::Instant, last: &'a AtomicU64) -> Self {
-        Self {
-            inner,
-            read: 0,
-            start,
-            last,
-        }
+impl<T> Metered<T> {
+    fn new(inner: T, meter: std::sync::Arc<Meter>, side: usize) -> Self {
+        Self { inner, meter, side }
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
+        let ms = u64::try_from(self.meter.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.meter.last.store(ms, Ordering::Relaxed);
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Metered<'_, T> {
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -176,14 +207,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Metered<'_, T> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.read += n as u64;
+            self.meter.read[self.side].fetch_add(n as u64, Ordering::Relaxed);
             self.touch();
         }
         r
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<'_, T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

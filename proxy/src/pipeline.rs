@@ -812,11 +812,17 @@ async fn exchange(
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((c, u)) => {
                             let (to_server, to_client) = frames.unwrap_or_default();
-                            let (up, down) = crate::io::relay(
-                                crate::ws::Frames::new(TokioIo::new(c), to_server.clone()),
-                                crate::ws::Frames::new(TokioIo::new(u), to_client.clone()),
+                            // Metered below the frame rewriting: a message collected whole
+                            // before it is rewritten still counts as traffic for the idle
+                            // timeout, and the audit counts the bytes as they came.
+                            let (to_s, to_c) = (to_server.clone(), to_client.clone());
+                            let (up, down) = crate::io::relay_through(
+                                TokioIo::new(c),
+                                TokioIo::new(u),
                                 idle,
                                 crate::server::reached(shutdown, crate::Phase::Closing),
+                                move |c| crate::ws::Frames::new(c, to_s),
+                                move |u| crate::ws::Frames::new(u, to_c),
                             )
                             .await;
                             rec.bytes_in = rec.bytes_in.saturating_add(up);

@@ -579,6 +579,39 @@ mod tests {
         assert!(e.to_string().contains("4 MiB"), "{e}");
     }
 
+    /// A message that arrives in pieces slower than the idle timeout allows for the whole:
+    /// each piece is traffic for the relay's idle timeout though the rewrite holds it back
+    /// until the frame is whole (the meter sits below the frames, `relay_through`). Paused time: the pieces come
+    /// 120 ms apart over ~900 ms, the idle timeout is 300 ms.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_arriving_slowly_is_not_cut_by_the_idle_timeout() {
+        let r = swap(&[("TOKEN", "secret")]);
+        let (client, a) = tokio::io::duplex(1024);
+        let (b, mut server) = tokio::io::duplex(1024);
+        let relay = tokio::spawn(crate::io::relay_through(
+            a,
+            b,
+            std::time::Duration::from_millis(300),
+            std::future::pending(),
+            move |a| Frames::new(a, r),
+            |b| b,
+        ));
+        let f = frame(0x81, b"TOKEN and some more text", Some(KEY));
+        let (_client_read, mut client_write) = tokio::io::split(client);
+        for piece in f.chunks(4) {
+            client_write.write_all(piece).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        }
+        let want = frame(0x81, b"secret and some more text", Some(KEY));
+        let mut got = vec![0u8; want.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, want);
+        drop(client_write);
+        drop(server);
+        let (up, _) = relay.await.unwrap();
+        assert_eq!(up, f.len() as u64, "bytes counted as they came");
+    }
+
     #[test]
     fn headers_parse_all_three_length_forms() {
         for len in [0usize, 125, 126, 0xffff, 0x10000] {
