@@ -150,7 +150,7 @@ impl Forms {
 
 /// The real values one request carried, in the forms an origin may echo them in. Empty
 /// (and free) when no secret was applied.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Echoes {
     needles: SmallVec<[Needle; 2]>,
     /// Shortest needle: a shorter header value or chunk holds none.

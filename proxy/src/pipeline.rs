@@ -281,25 +281,28 @@ fn echoes_of(
 
 /// The rewrites of a WebSocket connection's two directions, for the secrets among
 /// `secrets` with `websocket_frames`: client to server, each placeholder to its value;
-/// server to client, each value in its echoable forms back to its placeholder (the forms
-/// response headers are scrubbed of, [`crate::Active::add_echoes`]). Both empty when there
-/// is none (frames then pass as bytes).
+/// server to client, the forms response headers are scrubbed of: `sent`, the echoes of
+/// what the upgrade request itself carried (with the re-encoded `Basic` blob and injected
+/// header values), and each frame secret's value in its echoable forms
+/// ([`crate::Active::add_echoes`]). Both empty when no secret has `websocket_frames`
+/// (frames then pass as bytes).
 fn frame_rules<'s>(
     active: &crate::Active,
     secrets: impl Iterator<Item = &'s usize>,
     values: &Values<'_>,
+    sent: &crate::echo::Echoes,
 ) -> (crate::ws::Rules, crate::ws::Rules) {
-    let (mut swaps, mut echoes) = (Vec::new(), crate::echo::Echoes::new());
+    let (mut swaps, mut echoes) = (Vec::new(), None);
     for &s in secrets {
         let secret = &active.policy.secrets[s];
         if let (true, Some(value)) = (secret.websocket_frames, values.shared(s)) {
             swaps.push((secret.placeholder.as_bytes().to_vec(), value.clone()));
-            active.add_echoes(&mut echoes, s, value);
+            active.add_echoes(echoes.get_or_insert_with(|| sent.clone()), s, value);
         }
     }
     (
         crate::ws::Rules::swap(swaps),
-        crate::ws::Rules::scrub(echoes),
+        echoes.map(crate::ws::Rules::scrub).unwrap_or_default(),
     )
 }
 
@@ -591,8 +594,14 @@ async fn exchange(
     let mut out = plan.apply(policy, &view, &values);
     let echoes = echoes_of(&active, &plan, &values, &view_headers, &out);
     let scrubs_body = echoes.scrubs_body();
-    let frames = is_upgrade
-        .then(|| frame_rules(&active, plan.secrets.iter().chain(&frame_secrets), &values));
+    let frames = is_upgrade.then(|| {
+        frame_rules(
+            &active,
+            plan.secrets.iter().chain(&frame_secrets),
+            &values,
+            &echoes,
+        )
+    });
     drop(view_headers);
     let first_secret = || ProxyError::CredentialUnavailable {
         secret: plan
@@ -628,7 +637,7 @@ async fn exchange(
     }
     if frames
         .as_ref()
-        .is_some_and(|(to_server, _)| !to_server.is_empty())
+        .is_some_and(|(to_server, to_client)| !to_server.is_empty() || !to_client.is_empty())
     {
         // Compressed messages could not be rewritten: offer no extension, so none is
         // agreed (RFC 6455 §9.1).
@@ -812,22 +821,21 @@ async fn exchange(
                     match tokio::try_join!(client_upgrade, upstream_upgrade) {
                         Ok((c, u)) => {
                             let (to_server, to_client) = frames.unwrap_or_default();
-                            // Metered below the frame rewriting: a message collected whole
-                            // before it is rewritten still counts as traffic for the idle
-                            // timeout, and the audit counts the bytes as they came.
-                            let (to_s, to_c) = (to_server.clone(), to_client.clone());
-                            let (up, down) = crate::io::relay_through(
+                            let (up, down) = crate::ws::relay(
                                 TokioIo::new(c),
                                 TokioIo::new(u),
                                 idle,
                                 crate::server::reached(shutdown, crate::Phase::Closing),
-                                move |c| crate::ws::Frames::new(c, to_s),
-                                move |u| crate::ws::Frames::new(u, to_c),
+                                to_server.clone(),
+                                to_client.clone(),
                             )
                             .await;
                             rec.bytes_in = rec.bytes_in.saturating_add(up);
                             rec.bytes_out = rec.bytes_out.saturating_add(down);
                             rec.echoes_scrubbed += to_client.made();
+                            if to_server.failed() || to_client.failed() {
+                                rec.error = Some("websocket_message_too_large");
+                            }
                             if to_client.made() > 0 {
                                 warn!(request_id = %rec.request_id, host = %rec.host, echoes = to_client.made(), "the origin's WebSocket messages echoed a credential; put back to its placeholder");
                             }

@@ -1,21 +1,24 @@
-//! WebSocket text messages rewritten as they are relayed (REFERENCE.md D22): a secret with
+//! WebSocket messages rewritten as they are relayed (REFERENCE.md D22): a secret with
 //! `websocket_frames = true` has its placeholder swapped for the value in the client's text
-//! messages to its hosts, and its value, in every form an origin may echo it in (raw,
-//! percent-encoded, JSON-escaped, … as for response headers, [`crate::echo`]), put back to
-//! the placeholder in the server's.
+//! messages to its hosts, and the real values the connection carries, in every form an
+//! origin may echo them in (raw, percent-encoded, JSON-escaped, … as for response headers,
+//! [`crate::echo`]), put back to their placeholders in the server's messages.
 //!
-//! Only what can be rewritten whole is touched: a frame at most [`MAX_REWRITTEN`] bytes
-//! long with no extension bits (RSV1–3 clear: the pipeline strips the upgrade request's
-//! `Sec-WebSocket-Extensions`, so permessage-deflate is never agreed) that is, in the
-//! client's direction, a complete text message (FIN set, opcode 1), and in the server's,
-//! any data frame (text, binary, or one fragment of a message). Its payload is unmasked
-//! with the frame's own key, rewritten, masked again with the same key, and sent under a
-//! new header carrying the new length (RFC 6455 §5.2; §5.3 for masking). Every other frame
-//! (control, oversized, with extension bits, and in the client's direction binary frames
-//! and fragments) is relayed byte for byte as it streams: a placeholder there is not
-//! swapped, and a value the server sends there is not put back; neither is a value split
-//! across two fragments. A rewrite whose result would pass [`MAX_GROWN`] ends the
-//! connection.
+//! Only what can be rewritten whole is touched, and only without extension bits (RSV1–3
+//! clear: the pipeline strips the upgrade request's `Sec-WebSocket-Extensions`, so
+//! permessage-deflate is never agreed):
+//! - from the client, a complete text message (FIN set, opcode 1) of at most
+//!   [`MAX_REWRITTEN`] bytes;
+//! - from the server, any data frame (text, binary, or one fragment of a message) of at
+//!   most [`MAX_SCRUBBED`] bytes.
+//!
+//! Its payload is unmasked with the frame's own key, rewritten, masked again with the same
+//! key, and sent under a new header carrying the new length (RFC 6455 §5.2; §5.3 for
+//! masking). Every other frame (control, oversized, with extension bits, and in the
+//! client's direction binary frames and fragments) is relayed byte for byte as it streams:
+//! a placeholder there is not swapped, and a value the server sends there is not put back;
+//! neither is a value split across two fragments. A rewrite whose result would pass the
+//! limit ends the connection.
 
 use std::io;
 use std::pin::Pin;
@@ -25,13 +28,16 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// Longest frame payload rewritten (1 MiB); a longer text frame is relayed as it is.
-pub const MAX_REWRITTEN: u64 = 1 << 20;
+/// Longest client frame payload rewritten (1 MiB), before and after the swap: a longer
+/// text frame is relayed as it is, and a swap that would make one longer (a message packed
+/// with a short placeholder whose value is long) ends the connection with an error rather
+/// than send it unswapped.
+pub const MAX_REWRITTEN: usize = 1 << 20;
 
-/// Longest payload a rewrite may produce (4 MiB): a message packed with a short placeholder
-/// whose value is long would otherwise grow without bound. A rewrite that would pass it
-/// ends the connection with an error rather than send the message unrewritten.
-pub const MAX_GROWN: usize = 4 << 20;
+/// Longest server frame payload scrubbed (4 MiB), before and after: more than what the
+/// client may send, so an origin that echoes a swapped message back inside a larger one
+/// (with fields of its own around it) still has it scrubbed.
+pub const MAX_SCRUBBED: usize = 4 << 20;
 
 /// What one direction of a connection does to the text messages it reads.
 #[derive(Default)]
@@ -49,11 +55,13 @@ enum Rewrite {
     Scrub(crate::echo::Echoes),
 }
 
-/// The rewrite of one direction of a connection, and how many replacements it made.
+/// The rewrite of one direction of a connection, how many replacements it made, and
+/// whether it ended the connection (a message past its limit).
 #[derive(Clone, Default)]
 pub struct Rules {
     rewrite: Arc<Rewrite>,
     made: Arc<AtomicU64>,
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Rules {
@@ -62,9 +70,12 @@ impl std::fmt::Debug for Rules {
     }
 }
 
-/// The error a rewrite past [`MAX_GROWN`] ends the connection with.
-fn too_large() -> io::Error {
-    io::Error::other("a WebSocket message would grow past 4 MiB with its values swapped in")
+/// The error a rewrite past its limit ends the connection with.
+fn too_large(limit: usize) -> io::Error {
+    io::Error::other(format!(
+        "a WebSocket message would pass {} MiB once rewritten",
+        limit >> 20
+    ))
 }
 
 impl Rules {
@@ -84,7 +95,7 @@ impl Rules {
                     placeholders,
                     values: pairs.into_iter().map(|(_, v)| v).collect(),
                 }),
-                made: Arc::default(),
+                ..Self::default()
             },
             // Only a pattern set past the automaton's size limits fails; placeholders are
             // short names, so this is not expected. Frames then go unrewritten.
@@ -99,7 +110,7 @@ impl Rules {
         }
         Self {
             rewrite: Arc::new(Rewrite::Scrub(echoes)),
-            made: Arc::default(),
+            ..Self::default()
         }
     }
 
@@ -113,11 +124,24 @@ impl Rules {
         self.made.load(Ordering::Relaxed)
     }
 
+    /// True when a message past the limit ended the connection.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Longest frame payload this direction rewrites, before and after.
+    fn limit(&self) -> usize {
+        match *self.rewrite {
+            Rewrite::Scrub(_) => MAX_SCRUBBED,
+            _ => MAX_REWRITTEN,
+        }
+    }
+
     /// `payload` rewritten and how many replacements were made; `Ok(None)` when nothing
     /// matched.
     ///
     /// # Errors
-    /// [`too_large`] when the result would pass [`MAX_GROWN`].
+    /// [`too_large`] when the result would pass [`Rules::limit`].
     fn rewrite(&self, payload: &[u8]) -> io::Result<Option<(Vec<u8>, u64)>> {
         match &*self.rewrite {
             Rewrite::None => Ok(None),
@@ -130,9 +154,9 @@ impl Rules {
                 let mut n = 0;
                 for m in placeholders.find_iter(payload) {
                     let value = values[m.pattern().as_usize()].expose();
-                    if out.len() + (m.start() - at) + value.len() > MAX_GROWN {
+                    if out.len() + (m.start() - at) + value.len() > MAX_REWRITTEN {
                         zeroize::Zeroize::zeroize(&mut out);
-                        return Err(too_large());
+                        return Err(too_large(MAX_REWRITTEN));
                     }
                     out.extend_from_slice(&payload[at..m.start()]);
                     out.extend_from_slice(value);
@@ -142,9 +166,9 @@ impl Rules {
                 if n == 0 {
                     return Ok(None);
                 }
-                if out.len() + (payload.len() - at) > MAX_GROWN {
+                if out.len() + (payload.len() - at) > MAX_REWRITTEN {
                     zeroize::Zeroize::zeroize(&mut out);
-                    return Err(too_large());
+                    return Err(too_large(MAX_REWRITTEN));
                 }
                 out.extend_from_slice(&payload[at..]);
                 Ok(Some((out, n)))
@@ -152,7 +176,7 @@ impl Rules {
             Rewrite::Scrub(echoes) => {
                 let scrubbed = echoes.scrub(payload, crate::echo::Scope::Header, false);
                 match scrubbed {
-                    Some((out, _)) if out.len() > MAX_GROWN => Err(too_large()),
+                    Some((out, _)) if out.len() > MAX_SCRUBBED => Err(too_large(MAX_SCRUBBED)),
                     other => Ok(other),
                 }
             }
@@ -203,14 +227,14 @@ impl Header {
         })
     }
 
-    /// Whether a frame is rewritten: at most [`MAX_REWRITTEN`] long, with no extension bits,
-    /// and, for a swap, a complete text message (REFERENCE.md D22); for a scrub, any data
-    /// frame (text, binary or a fragment: a value the server sends there would otherwise
-    /// reach the client). Control frames are never rewritten (their payload must stay
-    /// within 125 bytes).
-    fn rewritable(&self, scrub: bool) -> bool {
+    /// Whether a frame is rewritten: at most `limit` long, with no extension bits, and, for
+    /// a swap, a complete text message (REFERENCE.md D22); for a scrub, any data frame
+    /// (text, binary or a fragment: a value the server sends there would otherwise reach
+    /// the client). Control frames are never rewritten (their payload must stay within 125
+    /// bytes).
+    fn rewritable(&self, scrub: bool, limit: usize) -> bool {
         let data = self.first & 0x70 == 0 && matches!(self.first & 0x0f, 0..=2);
-        self.len <= MAX_REWRITTEN && if scrub { data } else { self.first == 0x81 }
+        self.len <= limit as u64 && if scrub { data } else { self.first == 0x81 }
     }
 
     /// This header's bytes for a payload of `len` bytes (the shortest length encoding).
@@ -286,7 +310,7 @@ impl<T> Frames<T> {
     /// Moves what `input` holds through the state machine into `output`, as far as it goes.
     ///
     /// # Errors
-    /// A rewrite past [`MAX_GROWN`].
+    /// A rewrite past the direction's limit.
     fn process(&mut self) -> io::Result<()> {
         loop {
             match self.state {
@@ -306,7 +330,8 @@ impl<T> Frames<T> {
                     let Some(h) = Header::parse(&self.input) else {
                         return Ok(());
                     };
-                    if h.rewritable(matches!(*self.rules.rewrite, Rewrite::Scrub(_))) {
+                    let scrub = matches!(*self.rules.rewrite, Rewrite::Scrub(_));
+                    if h.rewritable(scrub, self.rules.limit()) {
                         self.state = State::Whole(h);
                     } else {
                         self.output.extend_from_slice(&self.input[..h.size]);
@@ -315,7 +340,7 @@ impl<T> Frames<T> {
                     }
                 }
                 State::Whole(h) => {
-                    // `len` is at most MAX_REWRITTEN, so it fits.
+                    // `len` is at most the direction's limit, so it fits.
                     let len = h.len as usize;
                     if self.input.len() < h.size + len {
                         return Ok(());
@@ -384,7 +409,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Frames<T> {
                 Poll::Ready(Ok(())) if rb.filled().is_empty() => this.eof = true,
                 Poll::Ready(Ok(())) => {
                     this.input.extend_from_slice(rb.filled());
-                    this.process()?;
+                    if let Err(e) = this.process() {
+                        this.rules.failed.store(true, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "WebSocket connection ended");
+                        return Poll::Ready(Err(e));
+                    }
                 }
             }
         }
@@ -392,6 +421,34 @@ impl<T: AsyncRead + Unpin> AsyncRead for Frames<T> {
 }
 
 crate::io::write_through!(Frames);
+
+/// Relays an upgraded (WebSocket) connection between the client's stream and the
+/// upstream's ([`crate::io::relay_through`]), each direction read through [`Frames`] with
+/// its rules (none: the bytes pass unparsed). The meter sits below the frames, so a
+/// message held back until it is whole still counts as traffic for `idle`, and the byte
+/// counts returned, (client to upstream, upstream to client), are of the bytes as read.
+pub async fn relay<A, B>(
+    client: A,
+    upstream: B,
+    idle: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+    to_server: Rules,
+    to_client: Rules,
+) -> (u64, u64)
+where
+    A: AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    crate::io::relay_through(
+        client,
+        upstream,
+        idle,
+        stop,
+        move |c| Frames::new(c, to_server),
+        move |u| Frames::new(u, to_client),
+    )
+    .await
+}
 
 #[cfg(test)]
 mod tests {
@@ -557,7 +614,7 @@ mod tests {
     #[tokio::test]
     async fn an_oversized_text_frame_and_a_cut_off_frame_pass_as_they_are() {
         let r = swap(&[("TOKEN", "secret")]);
-        let mut big = vec![b'x'; usize::try_from(MAX_REWRITTEN).unwrap() + 1];
+        let mut big = vec![b'x'; MAX_REWRITTEN + 1];
         big[..5].copy_from_slice(b"TOKEN");
         let input = frame(0x81, &big, Some(KEY));
         assert_eq!(run(&input, r.clone(), 8192).await.unwrap(), input);
@@ -567,16 +624,33 @@ mod tests {
     }
 
     /// A message packed with a short placeholder whose value is long would grow past
-    /// [`MAX_GROWN`]: the read fails (the relay ends) instead of buffering it all.
+    /// [`MAX_REWRITTEN`]: the read fails (the relay ends) instead of sending it unswapped.
     #[tokio::test]
     async fn a_message_that_would_grow_past_the_cap_ends_the_stream() {
         let value = "v".repeat(4096);
         let r = swap(&[("TK", &value)]);
         let payload = "TK".repeat(2048); // 4 KiB in, 8 MiB out
-        let e = run(&frame(0x81, payload.as_bytes(), Some(KEY)), r, 4096)
+        let e = run(&frame(0x81, payload.as_bytes(), Some(KEY)), r.clone(), 4096)
             .await
             .unwrap_err();
-        assert!(e.to_string().contains("4 MiB"), "{e}");
+        assert!(e.to_string().contains("1 MiB"), "{e}");
+        assert!(r.failed());
+    }
+
+    /// The origin may echo a swapped message (up to 1 MiB) inside a larger one of its own:
+    /// server frames are scrubbed up to 4 MiB.
+    #[tokio::test]
+    async fn a_server_frame_past_1_mib_is_still_scrubbed() {
+        let r = scrub("real-value-123", "TOKEN");
+        let mut big = vec![b'x'; MAX_REWRITTEN + 4096];
+        big.extend_from_slice(b"real-value-123");
+        let out = run(&frame(0x81, &big, None), r.clone(), 65536)
+            .await
+            .unwrap();
+        let mut want = vec![b'x'; MAX_REWRITTEN + 4096];
+        want.extend_from_slice(b"TOKEN");
+        assert_eq!(out, frame(0x81, &want, None));
+        assert_eq!(r.made(), 1);
     }
 
     /// A message that arrives in pieces slower than the idle timeout allows for the whole:
@@ -588,13 +662,13 @@ mod tests {
         let r = swap(&[("TOKEN", "secret")]);
         let (client, a) = tokio::io::duplex(1024);
         let (b, mut server) = tokio::io::duplex(1024);
-        let relay = tokio::spawn(crate::io::relay_through(
+        let relay = tokio::spawn(relay(
             a,
             b,
             std::time::Duration::from_millis(300),
             std::future::pending(),
-            move |a| Frames::new(a, r),
-            |b| b,
+            r,
+            Rules::default(),
         ));
         let f = frame(0x81, b"TOKEN and some more text", Some(KEY));
         let (_client_read, mut client_write) = tokio::io::split(client);
