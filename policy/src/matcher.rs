@@ -653,12 +653,15 @@ const METHOD_OVERRIDES: [&str; 3] = [
 
 /// True when `secret`'s capabilities allow `req`: its method and path, and the method any
 /// method-override header or `_method` query parameter (Rails, Laravel, Symfony, Express
-/// `methodOverride('_method')`; PHP's spellings of it, [`names_method_override`]) names
+/// `methodOverride('_method')`; PHP's spellings of it, `names_method_override`) names
 /// (decoded, upper-cased), since an origin that honours
 /// it runs that method instead. A `_method` in a form body is not seen (bodies are not read).
 ///
 /// `TRACE` never carries a credential, whatever the capabilities: the origin echoes the
 /// request back, credential included (RFC 9110 §9.3.8 forbids sensitive fields in it).
+///
+/// Public for the proxy, which applies the same check to the secrets it makes available
+/// to a WebSocket connection's messages (`websocket_frames`).
 pub fn capability_allows(secret: &crate::Secret, req: &RequestView<'_>) -> bool {
     // The request method is a token (no spaces); override values may be padded.
     let is_trace = |m: &str| m.trim().eq_ignore_ascii_case("TRACE");

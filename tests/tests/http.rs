@@ -573,36 +573,38 @@ fn ws_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     out
 }
 
-/// Opens a WebSocket through `p` to `/ws` on `host` (the test origin), offering
-/// permessage-deflate; returns the upgraded stream.
+/// Opens a WebSocket through `p` to `/ws` on `host` (the test origin), with `extra`
+/// headers on the upgrade request; returns the upgraded stream.
 #[allow(clippy::expect_used)] // a test helper: a failed step is a failed test
 async fn ws_open(
     p: &InProcess,
     w: &World,
     host: &str,
+    extra: &[(&str, &str)],
 ) -> hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {
     let authority = format!("{host}:{}", w.port());
     let mut send = client::tunnel(p.addr(), &authority, host, p.ca.ca.cert_pem())
         .await
         .expect("tunnel");
     send.ready().await.expect("ready");
+    let mut req = Request::get("/ws")
+        .header("host", &authority)
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    for (name, value) in extra {
+        req = req.header(*name, *value);
+    }
     let resp = send
-        .send_request(
-            Request::get("/ws")
-                .header("host", &authority)
-                .header("connection", "Upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-version", "13")
-                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-                .header("sec-websocket-extensions", "permessage-deflate")
-                .body(Full::new(Bytes::new()))
-                .expect("req"),
-        )
+        .send_request(req.body(Full::new(Bytes::new())).expect("req"))
         .await
         .expect("upgrade");
     assert_eq!(resp.status(), 101);
     hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"))
 }
+
+const DEFLATE: (&str, &str) = ("sec-websocket-extensions", "permessage-deflate");
 
 /// `websocket_frames = true`: the placeholder in the client's text message reaches the
 /// origin as the value (its upgrade request carried no secret), the origin's echo of it
@@ -619,7 +621,7 @@ async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
     assert!(policy.contains("websocket_frames"));
     let w = World::new(&policy, OriginOptions::default()).await;
     let p = w.proxy(standard_env()).await;
-    let mut io = ws_open(&p, &w, "api.github.test").await;
+    let mut io = ws_open(&p, &w, "api.github.test", &[DEFLATE]).await;
     let key = [0x12, 0x34, 0x56, 0x78];
     let text = ws_frame(
         0x81,
@@ -678,7 +680,7 @@ async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
     // other.test is allowed but not the secret's host: frames pass as bytes, the offer of
     // an extension stays.
     let before = w.origin.upgraded_bytes().len();
-    let mut io = ws_open(&p, &w, "other.test").await;
+    let mut io = ws_open(&p, &w, "other.test", &[DEFLATE]).await;
     io.write_all(&text).await.expect("write");
     let mut back = vec![0u8; text.len()];
     io.read_exact(&mut back).await.expect("echo");
@@ -830,27 +832,8 @@ async fn keep_alive_sse_and_websocket() {
     }
 
     // WebSocket-style upgrade: header swap applies, then bytes are relayed both ways.
-    let mut send = client::tunnel(p.addr(), &authority, "api.github.test", p.ca.ca.cert_pem())
-        .await
-        .expect("tunnel");
-    send.ready().await.expect("ready");
-    let resp = send
-        .send_request(
-            Request::get("/ws")
-                .header("host", &authority)
-                .header("connection", "Upgrade")
-                .header("upgrade", "websocket")
-                .header("sec-websocket-version", "13")
-                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-                .header("authorization", "Bearer GITHUB_TOKEN")
-                .body(Full::new(Bytes::new()))
-                .expect("req"),
-        )
-        .await
-        .expect("upgrade");
-    assert_eq!(resp.status(), 101);
-    let upgraded = hyper::upgrade::on(resp).await.expect("upgraded");
-    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    let bearer = ("authorization", "Bearer GITHUB_TOKEN");
+    let mut io = ws_open(&p, &w, "api.github.test", &[bearer]).await;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     io.write_all(b"ping frame").await.expect("write");
     let mut buf = [0u8; 10];
