@@ -573,6 +573,27 @@ fn ws_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     out
 }
 
+/// The audit record of the first upgraded (WebSocket) connection, written when it closes;
+/// waits up to 10 s for it.
+async fn upgraded_record(p: &InProcess) -> iron_proxy::audit::AuditRecord {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(r) = p
+            .audit
+            .records()
+            .into_iter()
+            .find(|r| r.outcome == "upgraded")
+        {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no audit line for the upgrade"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Opens a WebSocket through `p` to `/ws` on `host` (the test origin), with `extra`
 /// headers on the upgrade request; returns the upgraded stream.
 #[allow(clippy::expect_used)] // a test helper: a failed step is a failed test
@@ -653,19 +674,7 @@ async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
     assert_eq!(ws.header("authorization"), None);
     io.shutdown().await.expect("shutdown");
     drop(io);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let rec = loop {
-        if let Some(r) = p
-            .audit
-            .records()
-            .into_iter()
-            .find(|r| r.outcome == "upgraded")
-        {
-            break r;
-        }
-        assert!(std::time::Instant::now() < deadline, "no audit line");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let rec = upgraded_record(&p).await;
     let applied: Vec<(String, String)> = rec
         .secrets
         .iter()
@@ -853,22 +862,7 @@ async fn keep_alive_sse_and_websocket() {
     // Audited when it closes, with what it moved each way.
     io.shutdown().await.expect("shutdown");
     drop(io);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let rec = loop {
-        if let Some(r) = p
-            .audit
-            .records()
-            .into_iter()
-            .find(|r| r.outcome == "upgraded")
-        {
-            break r;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no audit line for the upgrade"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let rec = upgraded_record(&p).await;
     assert_eq!(rec.status, 101);
     assert_eq!((rec.bytes_in, rec.bytes_out), (10, 10), "{rec:?}");
     assert_eq!(rec.error, None);
