@@ -152,7 +152,9 @@ impl Forms {
 /// (and free) when no secret was applied.
 #[derive(Clone, Default)]
 pub struct Echoes {
-    needles: SmallVec<[Needle; 2]>,
+    /// Shared with the [`Forms`] they came from while nothing else is added: the common
+    /// request, one secret's value, clones a reference instead of every form.
+    shared: Option<std::sync::Arc<Vec<Needle>>>,
     /// Shortest needle: a shorter header value or chunk holds none.
     min_len: usize,
 }
@@ -174,9 +176,18 @@ impl Echoes {
     /// Adds the forms of one value made beforehand ([`Forms`]): what
     /// [`Echoes::add_value`] adds, without encoding the value again.
     pub fn add_made(&mut self, forms: &Forms) {
-        for n in &forms.echoes.needles {
+        if self.shared.is_none() {
+            self.clone_from(&forms.echoes);
+            return;
+        }
+        for n in forms.echoes.needles() {
             self.add_needle(n.clone());
         }
+    }
+
+    /// The forms looked for.
+    fn needles(&self) -> &[Needle] {
+        self.shared.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// Adds `value` put back to `with` exactly (a re-encoded `Basic` blob, put back to the
@@ -242,27 +253,28 @@ impl Echoes {
     }
 
     fn add_needle(&mut self, needle: Needle) {
-        if let Some(n) = self.needles.iter_mut().find(|n| n.value == needle.value) {
+        let needles = std::sync::Arc::make_mut(self.shared.get_or_insert_default());
+        if let Some(n) = needles.iter_mut().find(|n| n.value == needle.value) {
             n.body |= needle.body;
             return;
         }
         let len = needle.value.expose().len();
-        self.min_len = if self.needles.is_empty() {
+        self.min_len = if needles.is_empty() {
             len
         } else {
             self.min_len.min(len)
         };
-        self.needles.push(needle);
+        needles.push(needle);
     }
 
     /// True when nothing is looked for.
     pub fn is_empty(&self) -> bool {
-        self.needles.is_empty()
+        self.needles().is_empty()
     }
 
     /// True when the response body is to be scrubbed.
     pub fn scrubs_body(&self) -> bool {
-        self.needles.iter().any(|n| n.applies(Scope::Body))
+        self.needles().iter().any(|n| n.applies(Scope::Body))
     }
 
     /// Scrubs every value of `headers` (trailers too). A value that would not be a valid
@@ -270,7 +282,7 @@ impl Echoes {
     /// echoes were put back.
     pub fn mask_headers(&self, headers: &mut HeaderMap) -> u64 {
         let mut hits = 0;
-        if self.needles.is_empty() {
+        if self.is_empty() {
             return hits;
         }
         for (name, v) in headers.iter_mut() {
@@ -302,8 +314,9 @@ impl Echoes {
         if hay.len() < self.min_len {
             return None;
         }
+        let needles = self.needles();
         // The first form that occurs; the common case, none, builds nothing.
-        let (first, at) = self.needles.iter().enumerate().find_map(|(i, n)| {
+        let (first, at) = needles.iter().enumerate().find_map(|(i, n)| {
             if n.applies(scope) {
                 find_from(hay, 0, n).map(|p| (i, p))
             } else {
@@ -311,10 +324,10 @@ impl Echoes {
             }
         })?;
         // Each form's first occurrence (the forms before `first` have none).
-        let mut next: SmallVec<[usize; 4]> = SmallVec::with_capacity(self.needles.len());
+        let mut next: SmallVec<[usize; 4]> = SmallVec::with_capacity(needles.len());
         next.resize(first, NONE);
         next.push(at);
-        for n in &self.needles[first + 1..] {
+        for n in &needles[first + 1..] {
             next.push(if n.applies(scope) {
                 find_from(hay, 0, n).unwrap_or(NONE)
             } else {
@@ -326,7 +339,7 @@ impl Echoes {
         let mut hits = 0;
         loop {
             let mut best: Option<usize> = None;
-            for (i, n) in self.needles.iter().enumerate() {
+            for (i, n) in needles.iter().enumerate() {
                 if next[i] == NONE {
                     continue;
                 }
@@ -339,14 +352,14 @@ impl Echoes {
                 let better = best.is_none_or(|b| {
                     next[i] < next[b]
                         || (next[i] == next[b]
-                            && n.value.expose().len() > self.needles[b].value.expose().len())
+                            && n.value.expose().len() > needles[b].value.expose().len())
                 });
                 if better {
                     best = Some(i);
                 }
             }
             let Some(i) = best else { break };
-            let (p, n) = (next[i], &self.needles[i]);
+            let (p, n) = (next[i], &needles[i]);
             let len = n.value.expose().len();
             out.extend_from_slice(&hay[last..p]);
             if fit {
@@ -369,7 +382,7 @@ impl Echoes {
     /// they are held back until the next chunk shows whether the form goes on.
     fn held_suffix(&self, hay: &[u8]) -> usize {
         let mut hold = 0;
-        for n in self.needles.iter().filter(|n| n.applies(Scope::Body)) {
+        for n in self.needles().iter().filter(|n| n.applies(Scope::Body)) {
             let value = n.value.expose();
             let longest = (value.len() - 1).min(hay.len());
             if longest <= hold {
