@@ -573,6 +573,38 @@ fn ws_frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
     out
 }
 
+/// The WebSocket frames in `b`, each as (first byte, masked, payload unmasked); panics on
+/// a frame cut off.
+fn ws_frames_of(mut b: &[u8]) -> Vec<(u8, bool, Vec<u8>)> {
+    let mut out = Vec::new();
+    while b.len() >= 2 {
+        let (mut at, len) = match b[1] & 0x7f {
+            126 => (4, u64::from(u16::from_be_bytes([b[2], b[3]]))),
+            127 => {
+                let mut l = [0u8; 8];
+                l.copy_from_slice(&b[2..10]);
+                (10, u64::from_be_bytes(l))
+            }
+            n => (2, u64::from(n)),
+        };
+        let mask = (b[1] & 0x80 != 0).then(|| {
+            at += 4;
+            [b[at - 4], b[at - 3], b[at - 2], b[at - 1]]
+        });
+        let end = at + usize::try_from(len).unwrap_or(usize::MAX);
+        let mut p = b[at..end].to_vec();
+        if let Some(m) = mask {
+            for (i, x) in p.iter_mut().enumerate() {
+                *x ^= m[i % 4];
+            }
+        }
+        out.push((b[0], mask.is_some(), p));
+        b = &b[end..];
+    }
+    assert!(b.is_empty(), "a frame cut off");
+    out
+}
+
 /// The audit record of the first upgraded (WebSocket) connection, written when it closes;
 /// waits up to 10 s for it.
 async fn upgraded_record(p: &InProcess) -> iron_proxy::audit::AuditRecord {
@@ -650,20 +682,61 @@ async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
         Some(key),
     );
     let binary = ws_frame(0x82, b"GITHUB_TOKEN", Some(key));
-    io.write_all(&[text.clone(), binary.clone()].concat())
+    // A text message in two fragments, the placeholder split between them.
+    let fragments = [
+        ws_frame(0x01, br#"{"again":"GITHUB_"#, Some(key)),
+        ws_frame(0x80, br#"TOKEN"}"#, Some(key)),
+    ]
+    .concat();
+    io.write_all(&[text.clone(), binary.clone(), fragments].concat())
         .await
         .expect("write");
-    let mut back = vec![0u8; text.len() + binary.len()];
-    io.read_exact(&mut back).await.expect("echo");
-    // The origin echoed what it got; the value in its text frame was put back.
-    assert_eq!(back, [text.clone(), binary.clone()].concat());
-    let got = w.origin.upgraded_bytes();
-    let swapped = ws_frame(
-        0x81,
-        format!(r#"{{"type":"auth","token":"{REAL_GITHUB}"}}"#).as_bytes(),
-        Some(key),
+    // The origin received the swapped message and the one put together from the
+    // fragments, each masked with a key of the proxy's own, and the binary frame as it
+    // was.
+    let swapped = format!(r#"{{"type":"auth","token":"{REAL_GITHUB}"}}"#).into_bytes();
+    let joined = format!(r#"{{"again":"{REAL_GITHUB}"}}"#).into_bytes();
+    let want = [
+        ws_frame(0x81, &swapped, Some([0; 4])),
+        binary.clone(),
+        ws_frame(0x81, &joined, Some([0; 4])),
+    ];
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let got = w.origin.upgraded_bytes();
+            if got.len() >= want.iter().map(Vec::len).sum() {
+                return got;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the origin gets the frames");
+    assert_eq!(
+        ws_frames_of(&got),
+        [
+            (0x81, true, swapped.clone()),
+            (0x82, true, b"GITHUB_TOKEN".to_vec()),
+            (0x81, true, joined.clone()),
+        ]
     );
-    assert_eq!(got, [swapped, binary].concat());
+    // The origin echoed them back; the value in its text frames was put back.
+    let echoed = [
+        (
+            0x81,
+            true,
+            br#"{"type":"auth","token":"GITHUB_TOKEN"}"#.to_vec(),
+        ),
+        (0x82, true, b"GITHUB_TOKEN".to_vec()),
+        (0x81, true, br#"{"again":"GITHUB_TOKEN"}"#.to_vec()),
+    ];
+    let len = echoed
+        .iter()
+        .map(|(first, _, p)| ws_frame(*first, p, Some(key)).len())
+        .sum();
+    let mut back = vec![0u8; len];
+    io.read_exact(&mut back).await.expect("echo");
+    assert_eq!(ws_frames_of(&back), echoed);
     let ws = w
         .origin
         .records()
@@ -684,7 +757,7 @@ async fn websocket_text_messages_get_the_swap_and_echoes_are_put_back() {
         applied,
         [("GITHUB_TOKEN".to_string(), "websocket".to_string())]
     );
-    assert_eq!(rec.echoes_scrubbed, 1);
+    assert_eq!(rec.echoes_scrubbed, 2);
 
     // other.test is allowed but not the secret's host: frames pass as bytes, the offer of
     // an extension stays.
