@@ -131,6 +131,11 @@ pub struct CredentialSpec {
     pub early_refresh_fraction: Option<f64>,
     /// …but at most this many seconds before (default 300).
     pub early_refresh_max_secs: Option<u64>,
+    /// Longest time between two refreshes, in seconds (default 86 400, one day), however
+    /// long the access token lives: a refresh token that goes unused past the IdP's idle
+    /// expiry dies, and a long-lived access token would otherwise leave it unused
+    /// (REFERENCE §3: the early-refresh rule capped by `max_refresh_interval`).
+    pub max_refresh_interval_secs: Option<u64>,
     /// Lifetime assumed when the IdP sends no `expires_in` (default 300 s).
     pub default_lifetime_secs: Option<u64>,
 }
@@ -219,6 +224,12 @@ impl Config {
             if c.default_lifetime_secs == Some(0) {
                 return Err(err(format!(
                     "credential `{}`: default_lifetime_secs must be at least 1",
+                    c.id
+                )));
+            }
+            if c.max_refresh_interval_secs == Some(0) {
+                return Err(err(format!(
+                    "credential `{}`: max_refresh_interval_secs must be at least 1",
                     c.id
                 )));
             }
@@ -639,16 +650,26 @@ impl Credential {
         early.min(max)
     }
 
+    /// Longest time between two refreshes (ms): `max_refresh_interval_secs`, default a day.
+    fn max_interval_ms(&self) -> u64 {
+        self.spec
+            .max_refresh_interval_secs
+            .unwrap_or(86_400)
+            .saturating_mul(1000)
+    }
+
     /// A token is served while more than half of the early-refresh window remains.
     fn servable(&self, c: &Cached, now: u64) -> bool {
         c.expires_at_ms > now + self.early_ms(c.lifetime_ms) / 2
     }
 
-    /// For a scheduled refresh, a token still inside the early window is not fresh enough:
-    /// only a newer one (from another broker) is adopted instead of refreshing.
+    /// For a scheduled refresh, a token still inside the early window, or refreshed
+    /// `max_refresh_interval_secs` ago or more, is not fresh enough: only a newer one (from
+    /// another broker) is adopted instead of refreshing.
     fn fresh_enough(&self, c: &Cached, now: u64, scheduled: bool) -> bool {
         if scheduled {
             c.expires_at_ms > now + self.early_ms(c.lifetime_ms)
+                && c.issued_at_ms.saturating_add(self.max_interval_ms()) > now
         } else {
             self.servable(c, now)
         }
@@ -698,7 +719,9 @@ impl Credential {
         Some(c)
     }
 
-    /// When the scheduler should refresh next (Unix ms), from the cached token.
+    /// When the scheduler should refresh next (Unix ms), from the cached token: inside its
+    /// early-refresh window (with jitter), and no later than `max_refresh_interval_secs`
+    /// after it was issued.
     fn next_refresh_ms(&self) -> Option<u64> {
         let g = self.cached.lock().ok()?;
         let c = g.as_ref()?;
@@ -706,7 +729,10 @@ impl Credential {
         let jitter =
             u64::try_from(crate::tokens::jitter(Duration::from_millis(early / 5 + 1)).as_millis())
                 .unwrap_or(0);
-        Some(c.expires_at_ms.saturating_sub(early) + jitter)
+        Some(
+            (c.expires_at_ms.saturating_sub(early) + jitter)
+                .min(c.issued_at_ms.saturating_add(self.max_interval_ms())),
+        )
     }
 }
 

@@ -1022,6 +1022,46 @@ async fn failed_refresh_serves_the_still_valid_token_until_it_expires() {
     assert!(!log.contains(&first), "{log}");
 }
 
+/// `max_refresh_interval_secs` (REFERENCE §3): an access token that lives an hour is still
+/// refreshed every 2 s, so the refresh token is used before an IdP's idle expiry; each
+/// rotation is stored and no refresh token is presented twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_lived_tokens_are_refreshed_within_the_max_refresh_interval() {
+    let idp = RotatingIdp::start().await;
+    idp.state.lifetime_secs.store(3600, Ordering::SeqCst);
+    let (dir, bport, config) = file_store_credential(&idp);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("scopes = [", "max_refresh_interval_secs = 2\nscopes = [");
+    assert!(text.contains("max_refresh_interval_secs"), "{text}");
+    std::fs::write(&config, text).unwrap();
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    let first = body["access_token"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    let refreshes = idp.state.refreshes.load(Ordering::SeqCst);
+    assert!(
+        (3..=5).contains(&refreshes),
+        "{refreshes} refreshes in {:?}",
+        started.elapsed()
+    );
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["access_token"].as_str().unwrap(), first);
+    assert!(idp.is_valid_access(body["access_token"].as_str().unwrap()));
+    assert_eq!(idp.state.reuse_events.load(Ordering::SeqCst), 0);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("creds/codex.json")).unwrap())
+            .unwrap();
+    assert!(
+        rec["generation"].as_u64().unwrap() >= 3,
+        "each rotation stored: {rec}"
+    );
+    drop(b);
+}
+
 async fn metrics_text(port: u16) -> String {
     let out = tokio::process::Command::new("curl")
         .args(["-s", "-m", "10", "-H"])
