@@ -1,7 +1,8 @@
 //! Host patterns as written in `hosts`, `allow` and `passthrough`.
 //!
 //! A pattern is an exact host name or IP literal (`api.github.com`, `10.0.0.5`, `[::1]`), or
-//! `*.suffix`, which matches subdomains of `suffix` at any depth but not `suffix` itself.
+//! `*.suffix`, which matches subdomains of `suffix` at any depth and `suffix` itself (the
+//! apex: REFERENCE.md §2.2, the reference's semantics).
 //! Matching is case-insensitive and ignores a trailing dot. A pattern without a port matches
 //! only the scheme's default port (443 for TLS, 80 for cleartext); `:PORT` matches that port
 //! and `:*` any port (DESIGN.md decision 5, REFERENCE.md D5).
@@ -95,7 +96,9 @@ impl HostPattern {
     pub fn matches_host(&self, host: &str) -> bool {
         match &self.kind {
             HostKind::Exact(h) => h == host,
-            HostKind::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+            HostKind::Suffix(s) => {
+                (host.len() > s.len() && host.ends_with(s.as_str())) || host == &s[1..]
+            }
         }
     }
 
@@ -275,12 +278,15 @@ mod tests {
     }
 
     #[test]
-    fn suffix_matches_subdomains_only() {
+    fn suffix_matches_subdomains_and_the_apex() {
         let pat = p("*.example.com");
         assert!(pat.matches("a.example.com", 443, true));
         assert!(pat.matches("a.b.example.com", 443, true));
-        assert!(!pat.matches("example.com", 443, true));
+        assert!(pat.matches("example.com", 443, true));
         assert!(!pat.matches("badexample.com", 443, true));
+        assert!(!pat.matches("example.com.evil.test", 443, true));
+        assert!(!pat.matches(".example.com", 443, true));
+        assert!(!pat.matches("com", 443, true));
     }
 
     #[test]

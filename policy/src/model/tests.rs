@@ -499,7 +499,9 @@ fn host_patterns_overlap_when_some_host_and_port_match_both() {
     assert!(hp("a.com:*").overlaps(&hp("a.com:8443")));
     assert!(hp("a.com").overlaps(&hp("a.com:443")));
     assert!(!hp("a.com").overlaps(&hp("a.com:8443")));
-    assert!(!hp("*.a.com").overlaps(&hp("a.com")));
+    // `*.a.com` takes in the apex.
+    assert!(hp("*.a.com").overlaps(&hp("a.com")));
+    assert!(!hp("*.a.com").overlaps(&hp("a.com:8443")));
     assert!(!hp("*.a.com").overlaps(&hp("*.b.com")));
 }
 
@@ -573,7 +575,8 @@ fn upstream_ca_entries_are_paths_or_scoped_tables() {
     assert!(cas[0].file.ends_with("all.pem") && cas[0].trusted_for("api.stripe.test"));
     assert!(cas[1].file.ends_with("corp.pem"));
     assert!(cas[1].trusted_for("git.corp.test") && cas[1].trusted_for("db.test"));
-    assert!(!cas[1].trusted_for("corp.test") && !cas[1].trusted_for("api.stripe.test"));
+    assert!(cas[1].trusted_for("corp.test"), "the apex of *.corp.test");
+    assert!(!cas[1].trusted_for("xcorp.test") && !cas[1].trusted_for("api.stripe.test"));
     for (entry, says) in [
         ("{ file = \"c.pem\", hosts = [] }", "`hosts` is empty"),
         (
