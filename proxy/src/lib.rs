@@ -478,7 +478,8 @@ impl Runtime {
             ca,
             provider.clone(),
             policy.proxy.limits.leaf_cache_size,
-            vec![b"http/1.1".to_vec()],
+            // HTTP/2 first (gRPC needs it), HTTP/1.1 for the rest (RFC 7301).
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         )
         .map_err(|e| format!("failed to set up leaf certificates: {e}"))?;
         let tls = upstream::client_tls_config(&policy, provider)?;

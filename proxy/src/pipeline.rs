@@ -463,11 +463,18 @@ async fn exchange(
     } else {
         None
     };
-    // Parts the plan does not swap in but that are forwarded: the method and the Upgrade
-    // value (hop-by-hop, but passed on for a WebSocket). A placeholder there is never sent
-    // (decision 3).
+    // Parts the plan does not swap in but that are forwarded: the method, the Upgrade
+    // value (hop-by-hop, but passed on for a WebSocket) and the target's authority. A
+    // placeholder there is never sent (decision 3).
+    // The request target's authority too: an HTTP/2 request names its host there
+    // (`:authority`), not in a `Host` header the plan would refuse it in.
     let unswapped = std::iter::once(("method", req.method().as_str().as_bytes()))
-        .chain(upgrade.iter().map(|u| ("header:upgrade", u.as_bytes())));
+        .chain(upgrade.iter().map(|u| ("header:upgrade", u.as_bytes())))
+        .chain(
+            req.uri()
+                .authority()
+                .map(|a| ("authority", a.as_str().as_bytes())),
+        );
     for (location, bytes) in unswapped {
         if let Some(secret) = policy.placeholder_in(bytes) {
             return Err(ProxyError::PlaceholderNotAllowed {
@@ -493,6 +500,10 @@ async fn exchange(
             })
     });
     strip_hop_by_hop(req.headers_mut(), false);
+    let client_version = req.version();
+    if client_version == http::Version::HTTP_2 {
+        join_cookies(req.headers_mut());
+    }
     if takes_trailers {
         req.headers_mut()
             .insert(http::header::TE, HeaderValue::from_static("trailers"));
@@ -777,6 +788,8 @@ async fn exchange(
     }
     let upstream_upgrade = switching.then(|| hyper::upgrade::on(&mut resp));
     let (mut parts, body) = resp.into_parts();
+    // The client's HTTP version, whatever the upstream's.
+    parts.version = client_version;
     strip_hop_by_hop(&mut parts.headers, switching);
     let mut echoed = echoes.mask_headers(&mut parts.headers);
     if !echoes.is_empty()
@@ -1065,6 +1078,28 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 /// requests) costs no hash look-up, and one with `Connection: keep-alive` (most responses)
 /// two removals, not one per name of [`HOP_BY_HOP`]. Allocates only when `Connection` names
 /// a header outside [`HOP_BY_HOP`] (`close` and `keep-alive`, the usual tokens, do not).
+/// An HTTP/2 client may send its cookies as several `cookie` fields (RFC 9113 §8.2.3);
+/// they go upstream as one, joined with `; ` as that section says, since an HTTP/1.1
+/// origin takes a single `Cookie` (RFC 6265 §5.4).
+fn join_cookies(h: &mut HeaderMap) {
+    use http::header::COOKIE;
+    let mut all = h.get_all(COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in h.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(mut v) = HeaderValue::from_bytes(&joined) {
+        v.set_sensitive(true);
+        h.insert(COOKIE, v);
+    }
+}
+
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     let mut present: smallvec::SmallVec<[&'static HeaderName; 4]> = smallvec::SmallVec::new();
     let mut has_connection = false;

@@ -567,8 +567,14 @@ async fn intercept<T>(
             }
         };
         Metrics::count(handshakes, "ok");
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let dest = Dest::new(host, port, true, sni);
-        if let Some(code) = serve_tunnel(rt.clone(), tls, &outer, dest).await {
+        let served = if h2 {
+            serve_tunnel_h2(rt.clone(), tls, &outer, dest).await
+        } else {
+            serve_tunnel(rt.clone(), tls, &outer, dest).await
+        };
+        if let Some(code) = served {
             failed(rec, code);
         }
     } else if first[0].is_ascii_alphabetic() {
@@ -626,6 +632,94 @@ where
         Err(e) if e.is_parse_too_large() => "request_head_too_large",
         Err(e) if e.is_parse() => "request_head_invalid",
         _ => "no_request",
+    })
+}
+
+/// [`serve_tunnel`] for a client that chose HTTP/2 (ALPN `h2`, RFC 9113) in the
+/// intercepted TLS: each stream is a request through the pipeline, as on HTTP/1.1. The
+/// connection ends (GOAWAY, its open streams finish) when no request came within
+/// `client_header_timeout` of the start, or none in an `idle_timeout`, or at the drain.
+/// Returns `client_silent` or `no_request` when no request reached the pipeline.
+async fn serve_tunnel_h2<T>(
+    rt: Arc<Runtime>,
+    io: T,
+    outer: &Conn,
+    dest: Dest,
+) -> Option<&'static str>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let limits = rt.policy().proxy.limits.clone();
+    let conn = Arc::new(Conn {
+        client: outer.client,
+        dest: Some(dest),
+        slot: outer.slot.clone(),
+        shutdown: outer.shutdown.clone(),
+    });
+    let shutdown = outer.shutdown.clone();
+    let asked = Arc::new(AtomicU64::new(0));
+    let seen = asked.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let rt = rt.clone();
+        let conn = conn.clone();
+        seen.fetch_add(1, Ordering::Relaxed);
+        async move { Ok::<_, Infallible>(pipeline::handle(rt, conn, req).await) }
+    });
+    let mut builder =
+        hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(128);
+    let served = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(served);
+    // Whether requests keep coming: checked every `idle_timeout` (the first time after
+    // `client_header_timeout`); none since the last look ends the connection gracefully.
+    let idle = {
+        let asked = asked.clone();
+        async move {
+            tokio::time::sleep(limits.client_header_timeout).await;
+            let mut last = 0;
+            loop {
+                let now = asked.load(Ordering::Relaxed);
+                if now == last {
+                    return;
+                }
+                last = now;
+                tokio::time::sleep(limits.idle_timeout).await;
+            }
+        }
+    };
+    let mut silent = false;
+    let ended = tokio::select! {
+        r = served.as_mut() => Some(r),
+        () = reached(shutdown.clone(), Phase::Draining) => None,
+        () = idle => {
+            silent = true;
+            None
+        }
+    };
+    let ended = match ended {
+        Some(r) => r,
+        None => {
+            served.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = served.as_mut() => r,
+                () = reached(shutdown, Phase::Closing) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = &ended {
+        debug!(error = %e, "HTTP/2 tunnel connection ended with an error");
+    }
+    if asked.load(Ordering::Relaxed) > 0 {
+        return None;
+    }
+    Some(if silent {
+        "client_silent"
+    } else {
+        "no_request"
     })
 }
 

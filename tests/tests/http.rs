@@ -247,13 +247,20 @@ async fn an_origin_that_echoes_the_request_hands_back_placeholders() {
             vec!["authorization: BASIC_PW", "x-echo-authorization: BASIC_PW"],
         ),
     ];
-    for (url, extra, want) in &cases {
-        let mut args = vec!["-i", "-sS", url.as_str()];
+    // Over both HTTP versions; a status text and chunked framing exist only in HTTP/1.1.
+    for ((url, extra, want), version) in cases
+        .iter()
+        .flat_map(|c| [(c, "--http1.1"), (c, "--http2")])
+    {
+        let mut args = vec!["-i", "-sS", version, url.as_str()];
         args.extend(extra.iter().copied());
         let r = p.curl(&args).await;
         assert!(matches!(r.status, 200 | 206), "{url}: {r:?}");
         let text = r.body.to_ascii_lowercase();
-        for w in want {
+        for w in want.iter().filter(|w| {
+            version == "--http1.1"
+                || !(w.starts_with("http/1.1") || w.starts_with("transfer-encoding"))
+        }) {
             assert!(
                 text.contains(&w.to_ascii_lowercase()),
                 "{url}: no {w:?} in {}",
@@ -1073,6 +1080,8 @@ async fn hop_by_hop_headers_are_stripped_and_chunked_uploads_stream() {
     std::fs::write(&file, vec![7u8; 300_000]).expect("write");
     let r = p
         .curl(&[
+            // `Connection` names hop-by-hop fields only in HTTP/1.1.
+            "--http1.1",
             &format!("https://api.github.test:{port}/up"),
             "-T",
             file.to_str().expect("path"),
@@ -1367,7 +1376,8 @@ async fn placeholders_where_nothing_is_swapped_and_duplicate_hosts_are_refused()
             "header:upgrade",
         ),
     ] {
-        let mut a: Vec<&str> = vec![&other];
+        // HTTP/1.1: the method is refused either way, an Upgrade field exists only there.
+        let mut a: Vec<&str> = vec!["--http1.1", &other];
         a.extend(args);
         let r = p.curl(&a).await;
         assert_eq!(r.status, 403, "{location}: {r:?}");
@@ -1427,17 +1437,57 @@ async fn the_host_header_is_never_swapped() {
         );
     let w = World::new(&policy, OriginOptions::default()).await;
     let p = w.proxy(standard_env()).await;
-    // The CONNECT host, SNI and Host all agree, so bind passes; the plan must still not
-    // put the secret into the routing header.
-    let r = p
-        .curl(&[&format!("https://GITHUB_TOKEN.github.test:{}/", w.port())])
-        .await;
-    assert_eq!(
-        r.error_code().as_deref(),
-        Some("placeholder_not_allowed"),
-        "{r:?}"
-    );
+    // The CONNECT host, SNI and Host (HTTP/2: `:authority`) all agree, so bind passes;
+    // the plan must still not put the secret into the routing header.
+    for version in ["--http1.1", "--http2"] {
+        let r = p
+            .curl(&[
+                version,
+                &format!("https://GITHUB_TOKEN.github.test:{}/", w.port()),
+            ])
+            .await;
+        assert_eq!(
+            r.error_code().as_deref(),
+            Some("placeholder_not_allowed"),
+            "{version}: {r:?}"
+        );
+    }
     assert!(w.origin.records().is_empty());
+}
+
+/// An HTTP/2 client (ALPN `h2` in the intercepted TLS, D10) gets the swap as on HTTP/1.1,
+/// and an HTTP/1.1 answer from the origin comes back as HTTP/2; its cookie fields, which
+/// HTTP/2 lets it split (RFC 9113 §8.2.3), reach the HTTP/1.1 origin as one `Cookie`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_get_the_swap_and_their_cookies_go_as_one() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let (w, p) = world().await;
+    let r = p
+        .curl(&[
+            "--http2",
+            "-i",
+            &format!("https://api.github.test:{}/user", w.port()),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+            "-H",
+            "Cookie: a=1",
+            "-H",
+            "Cookie: b=2",
+        ])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("HTTP/2 200"), "{}", r.body);
+    let recs = w.origin.records();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(
+        recs[0].header("authorization").as_deref(),
+        Some(format!("Bearer {REAL_GITHUB}").as_str())
+    );
+    assert_eq!(recs[0].header("cookie").as_deref(), Some("a=1; b=2"));
+    let cookies = recs[0].headers.iter().filter(|(n, _)| n == "cookie").count();
+    assert_eq!(cookies, 1);
 }
 
 /// A test world whose policy sends `name` to a loopback origin of the test's own that
@@ -1562,6 +1612,8 @@ hosts = ["case.test:{port}"]
     let p = w.proxy(standard_env()).await;
     let r = p
         .curl(&[
+            // HTTP/2 field names are lower case on the wire.
+            "--http1.1",
             &format!("https://case.test:{port}/x"),
             "-i",
             "-H",
