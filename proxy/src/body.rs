@@ -22,6 +22,76 @@ pub fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
+/// `body` holding `request` (a request body left unread: a stub, a refusal) until it is
+/// dropped itself, then reading what is left of it, up to [`DRAIN_BYTES`] within
+/// [`DRAIN_TIME`], before dropping it. An HTTP/2 stream whose request body is dropped
+/// before the response is sent is reset with `CANCEL`, and one dropped mid-upload after it
+/// with `NO_ERROR` (RFC 9113 §8.1), which some clients (curl 7.88: "Stream error in the
+/// HTTP/2 framing layer") still report instead of the response; a body read to its end
+/// needs no reset at all. Past the bound the stream is reset with `NO_ERROR`.
+pub fn holding(body: ProxyBody, request: hyper::body::Incoming) -> ProxyBody {
+    Holding {
+        inner: body,
+        request: Some(request),
+    }
+    .boxed()
+}
+
+/// Most bytes of an unread request body [`holding`] reads after the response: 4 MiB.
+pub const DRAIN_BYTES: u64 = 4 << 20;
+/// Longest time [`holding`] reads an unread request body after the response: 10 s.
+pub const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+struct Holding {
+    inner: ProxyBody,
+    request: Option<hyper::body::Incoming>,
+}
+
+impl Body for Holding {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        let (Some(mut request), Ok(rt)) =
+            (self.request.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        if request.is_end_stream() {
+            return;
+        }
+        rt.spawn(async move {
+            let drain = async {
+                let mut read = 0u64;
+                while let Some(Ok(frame)) = request.frame().await {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if read > DRAIN_BYTES {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        });
+    }
+}
+
 /// How a counted body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyEnd {

@@ -1,5 +1,6 @@
 //! A minimal client of the proxy, for `demo` and the tests: sends CONNECT, then opens TLS
-//! inside the tunnel with a chosen SNI, trusting a given CA, then speaks HTTP/1.1.
+//! inside the tunnel with a chosen SNI, trusting a given CA, then speaks HTTP/1.1 (or
+//! HTTP/2, [`tunnel_h2`]).
 
 use std::sync::Arc;
 
@@ -22,6 +23,8 @@ pub struct Fetched {
     pub headers: http::HeaderMap,
     /// The whole body.
     pub body: Bytes,
+    /// The trailers, if any came.
+    pub trailers: Option<http::HeaderMap>,
 }
 
 /// Sends `CONNECT authority` to the proxy at `proxy` and returns the status line's code
@@ -67,6 +70,47 @@ pub async fn tunnel(
     sni: &str,
     ca_pem: &str,
 ) -> Result<SendRequest<Full<Bytes>>, String> {
+    let tls = tls_in_tunnel(proxy, authority, sni, ca_pem, b"http/1.1").await?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn.with_upgrades());
+    Ok(send)
+}
+
+/// [`tunnel`] speaking HTTP/2: ALPN offers only `h2`.
+///
+/// # Errors
+/// As [`tunnel`]; also when the proxy does not take `h2`.
+pub async fn tunnel_h2(
+    proxy: std::net::SocketAddr,
+    authority: &str,
+    sni: &str,
+    ca_pem: &str,
+) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, String> {
+    let tls = tls_in_tunnel(proxy, authority, sni, ca_pem, b"h2").await?;
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err("the proxy did not take h2".into());
+    }
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// CONNECT to `authority`, then TLS in the tunnel with `sni`, trusting `ca_pem`, offering
+/// `alpn`.
+async fn tls_in_tunnel(
+    proxy: std::net::SocketAddr,
+    authority: &str,
+    sni: &str,
+    ca_pem: &str,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let (status, tcp, _) = connect(proxy, authority).await.map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!("CONNECT refused with {status}"));
@@ -77,21 +121,17 @@ pub async fn tunnel(
             .add(c.map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(crate::crypto_provider())
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
     let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .map_err(|e| format!("tls: {e}"))?;
-    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn.with_upgrades());
-    Ok(send)
+        .map_err(|e| format!("tls: {e}"))
 }
 
 /// Sends `req` and reads the whole response.
@@ -104,17 +144,36 @@ pub async fn fetch(
 ) -> Result<Fetched, String> {
     send.ready().await.map_err(|e| e.to_string())?;
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    read(resp).await
+}
+
+/// [`fetch`] over HTTP/2.
+///
+/// # Errors
+/// The HTTP error, as text.
+pub async fn fetch_h2(
+    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Result<Fetched, String> {
+    send.ready().await.map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    read(resp).await
+}
+
+/// The response read whole, trailers included.
+async fn read(resp: http::Response<hyper::body::Incoming>) -> Result<Fetched, String> {
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp
+    let collected = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
+        .map_err(|e| e.to_string())?;
+    let trailers = collected.trailers().cloned();
     Ok(Fetched {
         status,
         headers,
-        body,
+        body: collected.to_bytes(),
+        trailers,
     })
 }

@@ -39,6 +39,8 @@ pub struct Recorded {
     pub body_len: u64,
     /// SNI of the connection, if TLS.
     pub sni: Option<String>,
+    /// The HTTP version it came in.
+    pub version: http::Version,
 }
 
 impl Recorded {
@@ -62,6 +64,8 @@ pub struct OriginOptions {
     /// `openssl req -x509` makes them) instead of leaves from a CA; `ca_pem` is then that
     /// certificate.
     pub self_signed: Option<Vec<String>>,
+    /// Offer HTTP/2 (ALPN `h2` before `http/1.1`) and serve it to clients that take it.
+    pub http2: bool,
 }
 
 /// A server configuration presenting one self-signed certificate (CA:TRUE) for `names`;
@@ -145,7 +149,11 @@ impl Origin {
                 Arc::new(ca),
                 crate::crypto_provider(),
                 64,
-                vec![b"http/1.1".to_vec()],
+                if opts.http2 {
+                    vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+                } else {
+                    vec![b"http/1.1".to_vec()]
+                },
             )
             .map_err(|e| e.to_string())?,
         );
@@ -196,6 +204,10 @@ impl Origin {
                     let Ok(tls) = start.into_stream(config).await else {
                         return;
                     };
+                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        serve_h2(shared, TokioIo::new(tls), sni).await;
+                        return;
+                    }
                     serve(shared, TokioIo::new(tls), sni).await;
                 });
             }
@@ -248,6 +260,20 @@ where
         .await;
 }
 
+async fn serve_h2<I>(shared: Arc<Shared>, io: I, sni: Option<String>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        let sni = sni.clone();
+        async move { Ok::<_, Infallible>(route(shared, req, sni).await) }
+    });
+    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(io, svc)
+        .await;
+}
+
 async fn route(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
@@ -267,6 +293,7 @@ async fn route(
             .collect(),
         body_len: 0,
         sni,
+        version: req.version(),
     };
     let path = req.uri().path().to_string();
     if req.headers().contains_key(http::header::UPGRADE) {
@@ -382,6 +409,27 @@ async fn route(
                 resp.extensions_mut().insert(r);
             }
         }
+        return resp;
+    }
+    if path == "/grpc" {
+        // A gRPC-like answer: a length-prefixed message, then trailers with the status and
+        // the request's Authorization echoed (an error detail quoting the credential).
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        if let Some((_, auth)) = echoed.iter().find(|(n, _)| n == "authorization")
+            && let Ok(v) = http::HeaderValue::from_bytes(auth)
+        {
+            trailers.insert("x-echo-authorization", v);
+        }
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02ok"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let mut resp = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
         return resp;
     }
     if path == "/sse" {

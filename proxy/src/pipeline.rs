@@ -348,8 +348,21 @@ pub async fn handle(
         rt: rt.clone(),
         tally: None,
     };
-    let result = exchange(&rt, &conn, req, &mut guard).instrument(span).await;
-    match result {
+    let h2 = req.version() == http::Version::HTTP_2;
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let result = exchange(
+        &rt,
+        &conn,
+        Request::from_parts(parts, ()),
+        &mut body,
+        &mut guard,
+    )
+    .instrument(span)
+    .await;
+    // A request body nothing forwarded (a stub, a refusal) stays open until the response
+    // has gone, on HTTP/2 (`body::holding`).
+    let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             if let Some(mut rec) = guard.rec.take() {
@@ -371,13 +384,18 @@ pub async fn handle(
             }
             e.to_response(&id.to_string())
         }
+    };
+    match body {
+        Some(unread) if h2 => resp.map(|b| crate::body::holding(b, unread)),
+        _ => resp,
     }
 }
 
 async fn exchange(
     rt: &Arc<Runtime>,
     conn: &Conn,
-    mut req: Request<Incoming>,
+    mut req: Request<()>,
+    body: &mut Option<Incoming>,
     guard: &mut AuditGuard,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let id = guard.rec().request_id;
@@ -687,7 +705,10 @@ async fn exchange(
     let is_head = req.method() == http::Method::HEAD;
     let tally: Tally = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
     guard.tally = Some(tally.clone());
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, ()) = req.into_parts();
+    let body = body
+        .take()
+        .ok_or(ProxyError::BadRequest("request body already taken"))?;
     // A request with a body reports its end: the response-header timeout runs from there
     // (an upload may take longer than the timeout), and a client that went away mid-body
     // is told apart from an upstream failure.
@@ -726,7 +747,13 @@ async fn exchange(
         Counted::new(body, tally.clone(), 0, on_end).boxed()
     };
     parts.uri = uri;
-    parts.version = http::Version::HTTP_11;
+    // An HTTP/2 client's request to a TLS origin asks for HTTP/2 upstream (gRPC needs it
+    // end to end); the upstream client falls back to HTTP/1.1 when the origin declines.
+    parts.version = if client_version == http::Version::HTTP_2 && tls {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
     // The extensions are kept: they hold the header casing hyper recorded (its type is
     // private to hyper), which the client writes back. The upgrade handle was taken above.
     let up = Request::from_parts(parts, body);
@@ -929,10 +956,7 @@ fn stub_response(placeholder: &str, stub: Stub) -> Response<ProxyBody> {
 /// The `bind` phase: the request's authority (absolute-form URI, else `Host`) must name the
 /// connection's destination; on the proxy port an absolute `http://` URI is required and
 /// `Host` must agree with it.
-fn bind<'c>(
-    conn: &'c Conn,
-    req: &Request<Incoming>,
-) -> Result<(Cow<'c, str>, u16, bool), ProxyError> {
+fn bind<'c>(conn: &'c Conn, req: &Request<()>) -> Result<(Cow<'c, str>, u16, bool), ProxyError> {
     let mut hosts = req.headers().get_all(HOST).iter();
     let first_host = hosts.next();
     if hosts.next().is_some() {

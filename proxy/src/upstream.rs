@@ -243,15 +243,28 @@ pub fn build_client(
     http.set_nodelay(true);
     http.set_connect_timeout(Some(limits.upstream_connect_timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
+        .with_tls_config(tls.clone())
         .https_or_http()
         .enable_http1()
-        .wrap_connector(http);
+        .wrap_connector(http.clone());
+    let deadline = limits.upstream_connect_timeout + limits.tls_handshake_timeout;
     let connector = ConnectDeadline {
         policy: policy.clone(),
         inner: https,
-        deadline: limits.upstream_connect_timeout + limits.tls_handshake_timeout,
+        deadline,
     };
+    // For HTTP/2 clients: ALPN offers `h2` and `http/1.1`, the origin picks.
+    let h2_connector = ConnectDeadline {
+        policy: policy.clone(),
+        inner: hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_all_versions()
+            .wrap_connector(http),
+        deadline,
+    };
+    let mut h2 = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    h2.timer(hyper_util::rt::TokioTimer::new());
     let mut h1 = hyper::client::conn::http1::Builder::new();
     // The casing hyper recorded when it parsed the client's request (and, for the
     // response, the origin's) is written back; a header the proxy adds (inject,
@@ -261,6 +274,9 @@ pub fn build_client(
         pool: Arc::new(Pool {
             connector,
             h1,
+            h2_connector,
+            h2,
+            multiplexed: Mutex::new(HashMap::new()),
             idle: Mutex::new(IdleSet::default()),
             idle_timeout: limits.idle_timeout,
             reaper: std::sync::atomic::AtomicBool::new(false),
@@ -304,6 +320,12 @@ pub struct UpstreamClient {
 struct Pool {
     connector: ConnectDeadline,
     h1: hyper::client::conn::http1::Builder,
+    /// Dials offering HTTP/2 (ALPN `h2`, `http/1.1`), for HTTP/2 clients.
+    h2_connector: ConnectDeadline,
+    h2: hyper::client::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+    /// One HTTP/2 connection per `https` authority, shared by every request to it (RFC
+    /// 9113 §9.1: a client should not open more than one per origin).
+    multiplexed: Mutex<HashMap<Box<str>, hyper::client::conn::http2::SendRequest<ProxyBody>>>,
     /// Idle connections by authority (`host:port` as in the URI), `[http, https]`; the
     /// newest at the end of each list.
     idle: Mutex<IdleSet>,
@@ -418,6 +440,40 @@ impl UpstreamClient {
         let Some(authority) = uri.authority().cloned() else {
             return Err(UpstreamError::NotAbsolute);
         };
+        let mut dialed = None;
+        let mut fresh_h2 = false;
+        while req.version() == http::Version::HTTP_2 && tls {
+            match self.pool.multiplex(&uri, &authority).await? {
+                Multiplexed::H2(mut sender) => {
+                    // The target goes as `:scheme`, `:authority` (without the default
+                    // port) and `:path`; a `Host` would have to agree with it (RFC 9113
+                    // §8.3.1), so it goes.
+                    req.headers_mut().remove(http::header::HOST);
+                    if authority.port_u16() == Some(443) {
+                        let mut parts = uri.clone().into_parts();
+                        parts.authority = http::uri::Authority::try_from(authority.host()).ok();
+                        if let Ok(u) = http::Uri::from_parts(parts) {
+                            *req.uri_mut() = u;
+                        }
+                    }
+                    match sender.try_send_request(req).await {
+                        Ok(resp) => return Ok(resp.map(|body| PooledBody { body, back: None })),
+                        // The connection went away before the request was sent (a GOAWAY
+                        // crossed it): once more, on a new connection.
+                        Err(mut e) if e.message().is_some() && !fresh_h2 => {
+                            self.pool.forget_h2(&authority);
+                            req = e.take_message().unwrap_or_default();
+                            fresh_h2 = true;
+                            continue;
+                        }
+                        Err(e) => return Err(UpstreamError::Request(e.into_error())),
+                    }
+                }
+                Multiplexed::Pooled => {}
+                Multiplexed::Dialed(sender) => dialed = Some(sender),
+            }
+            *req.version_mut() = http::Version::HTTP_11;
+        }
         if !req.headers().contains_key(http::header::HOST) {
             let default_port = if tls { 443 } else { 80 };
             let host = match authority.port_u16() {
@@ -442,9 +498,10 @@ impl UpstreamClient {
             } else {
                 self.pool.checkout(tls, authority.as_str())
             };
-            let (mut sender, idle_for) = match checked_out {
-                Some((s, idle_for)) => (s, Some(idle_for)),
-                None => (Box::pin(self.pool.dial(uri.clone())).await?, None),
+            let (mut sender, idle_for) = match (dialed.take(), checked_out) {
+                (Some(s), _) => (s, None),
+                (None, Some((s, idle_for))) => (s, Some(idle_for)),
+                (None, None) => (Box::pin(self.pool.dial(uri.clone())).await?, None),
             };
             let reused = idle_for.is_some();
             if reused
@@ -564,6 +621,93 @@ impl Pool {
             .await
             .map_err(UpstreamError::Connect)?;
         let io = connector.call(uri).await.map_err(UpstreamError::Connect)?;
+        self.handshake_h1(io).await
+    }
+
+    /// Where an HTTP/2 client's request to `https` `authority` goes: the origin's HTTP/2
+    /// connection, open or dialed now; else, when the origin speaks only HTTP/1.1 (it
+    /// took `http/1.1` in ALPN), the HTTP/1.1 pool ([`Multiplexed::Pooled`] when it has an
+    /// idle connection, which is tried before dialing again) or the connection just dialed.
+    async fn multiplex(
+        &self,
+        uri: &http::Uri,
+        authority: &http::uri::Authority,
+    ) -> Result<Multiplexed, UpstreamError> {
+        let open = {
+            let mut map = self
+                .multiplexed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match map.get(authority.as_str()) {
+                Some(s) if !s.is_closed() => Some(s.clone()),
+                Some(_) => {
+                    map.remove(authority.as_str());
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(mut s) = open
+            && std::future::poll_fn(|cx| s.poll_ready(cx)).await.is_ok()
+        {
+            return Ok(Multiplexed::H2(s));
+        }
+        if self.has_idle(authority.as_str()) {
+            return Ok(Multiplexed::Pooled);
+        }
+        let mut connector = self.h2_connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let io = connector
+            .call(uri.clone())
+            .await
+            .map_err(UpstreamError::Connect)?;
+        use hyper_util::client::legacy::connect::Connection as _;
+        if !io.connected().is_negotiated_h2() {
+            return self.handshake_h1(io).await.map(Multiplexed::Dialed);
+        }
+        let (sender, conn) = self
+            .h2
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(e.into()))?;
+        self.counters.opened.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        self.multiplexed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(authority.as_str().into(), sender.clone());
+        Ok(Multiplexed::H2(sender))
+    }
+
+    /// Drops the HTTP/2 connection kept for `authority` (it refused a request).
+    fn forget_h2(&self, authority: &http::uri::Authority) {
+        self.multiplexed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(authority.as_str());
+    }
+
+    /// True when an `https` connection to `authority` sits idle in the HTTP/1.1 pool.
+    fn has_idle(&self, authority: &str) -> bool {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .maps[1]
+            .get(authority)
+            .is_some_and(|l| !l.is_empty())
+    }
+
+    /// The HTTP/1.1 handshake on a dialed connection, its task spawned on the calling loop.
+    async fn handshake_h1<T>(&self, io: T) -> Result<http1::SendRequest<ProxyBody>, UpstreamError>
+    where
+        T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         let (sender, conn) = self
             .h1
             .handshake(io)
@@ -679,6 +823,16 @@ impl Pool {
         assert_eq!(n, idle.count, "the idle count is off");
         n
     }
+}
+
+/// Where [`Pool::multiplex`] sends an HTTP/2 client's request.
+enum Multiplexed {
+    /// The origin's HTTP/2 connection.
+    H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+    /// An idle HTTP/1.1 connection of the pool.
+    Pooled,
+    /// A new HTTP/1.1 connection (the origin declined `h2`).
+    Dialed(http1::SendRequest<ProxyBody>),
 }
 
 /// What a response body needs to give its connection back.

@@ -1486,8 +1486,76 @@ async fn http2_clients_get_the_swap_and_their_cookies_go_as_one() {
         Some(format!("Bearer {REAL_GITHUB}").as_str())
     );
     assert_eq!(recs[0].header("cookie").as_deref(), Some("a=1; b=2"));
-    let cookies = recs[0].headers.iter().filter(|(n, _)| n == "cookie").count();
+    let cookies = recs[0]
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "cookie")
+        .count();
     assert_eq!(cookies, 1);
+    // A refusal before the upload was read still reaches the client whole (the stream is
+    // reset with NO_ERROR after it, not CANCEL before it).
+    let file = w.dir.path().join("upload.bin");
+    std::fs::write(&file, vec![b'x'; 1 << 20]).expect("write");
+    let upload = format!("@{}", file.display());
+    let r = p
+        .curl(&[
+            "--http2",
+            &format!("https://other.test:{}/up", w.port()),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+            "--data-binary",
+            &upload,
+        ])
+        .await;
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.error_code().as_deref(), Some("placeholder_not_allowed"));
+    assert_eq!(w.origin.records().len(), 1);
+}
+
+/// gRPC through the proxy (D10): an HTTP/2 client's request reaches an HTTP/2 origin over
+/// HTTP/2 with the swap, the response's trailers come back (the credential the origin
+/// quoted in one put back to its placeholder), and a second request shares the one
+/// upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_goes_over_http2_both_ways_with_its_trailers() {
+    let w = World::new(
+        STANDARD_POLICY,
+        OriginOptions {
+            http2: true,
+            ..OriginOptions::default()
+        },
+    )
+    .await;
+    let p = w.proxy(standard_env()).await;
+    let authority = format!("api.github.test:{}", w.port());
+    let mut send = client::tunnel_h2(p.addr(), &authority, "api.github.test", p.ca.ca.cert_pem())
+        .await
+        .expect("h2 tunnel");
+    for _ in 0..2 {
+        let req = Request::post(format!("https://{authority}/grpc"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("authorization", "Bearer GITHUB_TOKEN")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+            .expect("request");
+        let resp = client::fetch_h2(&mut send, req).await.expect("fetch");
+        assert_eq!(resp.status, 200, "{resp:?}");
+        assert_eq!(&resp.body[..], b"\0\0\0\0\x02ok");
+        let trailers = resp.trailers.expect("trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers["x-echo-authorization"], "Bearer GITHUB_TOKEN");
+    }
+    let recs = w.origin.records();
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    for r in &recs {
+        assert_eq!(r.version, http::Version::HTTP_2);
+        assert_eq!(
+            r.header("authorization").as_deref(),
+            Some(format!("Bearer {REAL_GITHUB}").as_str())
+        );
+        assert_eq!(r.body_len, 7);
+    }
+    assert_eq!(w.origin.connections(), 1, "one upstream HTTP/2 connection");
 }
 
 /// A test world whose policy sends `name` to a loopback origin of the test's own that
