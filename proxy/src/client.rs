@@ -78,16 +78,21 @@ pub async fn tunnel(
     Ok(send)
 }
 
-/// [`tunnel`] speaking HTTP/2: ALPN offers only `h2`.
+/// [`tunnel`] speaking HTTP/2 with request bodies of type `B`: ALPN offers only `h2`.
 ///
 /// # Errors
 /// As [`tunnel`]; also when the proxy does not take `h2`.
-pub async fn tunnel_h2(
+pub async fn tunnel_h2<B>(
     proxy: std::net::SocketAddr,
     authority: &str,
     sni: &str,
     ca_pem: &str,
-) -> Result<hyper::client::conn::http2::SendRequest<Full<Bytes>>, String> {
+) -> Result<hyper::client::conn::http2::SendRequest<B>, String>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tls = tls_in_tunnel(proxy, authority, sni, ca_pem, b"h2").await?;
     if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
         return Err("the proxy did not take h2".into());
@@ -151,10 +156,15 @@ pub async fn fetch(
 ///
 /// # Errors
 /// The HTTP error, as text.
-pub async fn fetch_h2(
-    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
-    req: Request<Full<Bytes>>,
-) -> Result<Fetched, String> {
+pub async fn fetch_h2<B>(
+    send: &mut hyper::client::conn::http2::SendRequest<B>,
+    req: Request<B>,
+) -> Result<Fetched, String>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     send.ready().await.map_err(|e| e.to_string())?;
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
     read(resp).await

@@ -307,10 +307,10 @@ fn frame_rules<'s>(
 }
 
 /// Whether a response body is scrubbed as it streams, and then whether its length must
-/// stand (it has a `Content-Length`, or is a 206 range whose `Content-Range` counts the
-/// origin's bytes): `Some` for a body that is there (not a `HEAD`, 1xx, 204 or 304) and not
-/// content-encoded (a compressed body is relayed as it is; the request asked for
-/// `identity`).
+/// stand (it has a `Content-Length`, is a 206 range whose `Content-Range` counts the
+/// origin's bytes, or is gRPC, whose messages carry their own lengths): `Some` for a body
+/// that is there (not a `HEAD`, 1xx, 204 or 304) and not content-encoded (a compressed
+/// body is relayed as it is; the request asked for `identity`).
 fn body_scrubbable(parts: &http::response::Parts, is_head: bool) -> Option<bool> {
     let status = parts.status.as_u16();
     if is_head || matches!(status, 100..=199 | 204 | 304) {
@@ -321,7 +321,11 @@ fn body_scrubbable(parts: &http::response::Parts, is_head: bool) -> Option<bool>
         if n == http::header::CONTENT_ENCODING && !v.as_bytes().eq_ignore_ascii_case(b"identity") {
             return None;
         }
-        sized |= n == http::header::CONTENT_LENGTH;
+        sized |= n == http::header::CONTENT_LENGTH
+            || (n == http::header::CONTENT_TYPE
+                && v.as_bytes()
+                    .get(..16)
+                    .is_some_and(|t| t.eq_ignore_ascii_case(b"application/grpc")));
     }
     Some(sized)
 }
@@ -723,11 +727,13 @@ async fn exchange(
             let _ = tx.send(end);
         }
     };
-    // Declared trailer fields (`Trailer`; hyper's client forwards only those) are checked
-    // like headers, but nothing is swapped into them: a placeholder there fails the body,
-    // the upstream never gets the request whole, and the client gets the refusal.
+    // Trailer fields are checked like headers, but nothing is swapped into them: a
+    // placeholder there fails the body, the upstream never gets the request whole, and the
+    // client gets the refusal. Over HTTP/1.1 only declared ones (`Trailer`) are forwarded
+    // by hyper's client, over HTTP/2 all of them.
+    let upstream_h2 = client_version == http::Version::HTTP_2 && tls;
     let trailer_refusal: Arc<std::sync::OnceLock<(String, String)>> = Arc::default();
-    let body = if parts.headers.keys().any(|n| n == http::header::TRAILER) {
+    let body = if upstream_h2 || parts.headers.keys().any(|n| n == http::header::TRAILER) {
         let (policy, refusal) = (Arc::clone(policy), Arc::clone(&trailer_refusal));
         let check = move |trailers: &http::HeaderMap| {
             for (name, value) in trailers {
@@ -749,7 +755,7 @@ async fn exchange(
     parts.uri = uri;
     // An HTTP/2 client's request to a TLS origin asks for HTTP/2 upstream (gRPC needs it
     // end to end); the upstream client falls back to HTTP/1.1 when the origin declines.
-    parts.version = if client_version == http::Version::HTTP_2 && tls {
+    parts.version = if upstream_h2 {
         http::Version::HTTP_2
     } else {
         http::Version::HTTP_11

@@ -264,7 +264,15 @@ pub fn build_client(
         deadline,
     };
     let mut h2 = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
-    h2.timer(hyper_util::rt::TokioTimer::new());
+    h2.timer(hyper_util::rt::TokioTimer::new())
+        // A dead connection (no answer to a ping in 10 s) is found and dropped, not left
+        // to hold every request to its origin until the response-header timeout.
+        .keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Room for several streams whose readers are slow before the others stall.
+        .initial_connection_window_size(16 << 20);
     let mut h1 = hyper::client::conn::http1::Builder::new();
     // The casing hyper recorded when it parsed the client's request (and, for the
     // response, the origin's) is written back; a header the proxy adds (inject,
@@ -276,7 +284,7 @@ pub fn build_client(
             h1,
             h2_connector,
             h2,
-            multiplexed: Mutex::new(HashMap::new()),
+            multiplexed: Mutex::new(H2Set::default()),
             idle: Mutex::new(IdleSet::default()),
             idle_timeout: limits.idle_timeout,
             reaper: std::sync::atomic::AtomicBool::new(false),
@@ -325,7 +333,7 @@ struct Pool {
     h2: hyper::client::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
     /// One HTTP/2 connection per `https` authority, shared by every request to it (RFC
     /// 9113 §9.1: a client should not open more than one per origin).
-    multiplexed: Mutex<HashMap<Box<str>, hyper::client::conn::http2::SendRequest<ProxyBody>>>,
+    multiplexed: Mutex<H2Set>,
     /// Idle connections by authority (`host:port` as in the URI), `[http, https]`; the
     /// newest at the end of each list.
     idle: Mutex<IdleSet>,
@@ -440,39 +448,17 @@ impl UpstreamClient {
         let Some(authority) = uri.authority().cloned() else {
             return Err(UpstreamError::NotAbsolute);
         };
+        // HTTP/2 clients' requests to TLS origins, boxed: the rest of the requests do not
+        // carry (and copy) the larger future.
         let mut dialed = None;
-        let mut fresh_h2 = false;
-        while req.version() == http::Version::HTTP_2 && tls {
-            match self.pool.multiplex(&uri, &authority).await? {
-                Multiplexed::H2(mut sender) => {
-                    // The target goes as `:scheme`, `:authority` (without the default
-                    // port) and `:path`; a `Host` would have to agree with it (RFC 9113
-                    // §8.3.1), so it goes.
-                    req.headers_mut().remove(http::header::HOST);
-                    if authority.port_u16() == Some(443) {
-                        let mut parts = uri.clone().into_parts();
-                        parts.authority = http::uri::Authority::try_from(authority.host()).ok();
-                        if let Ok(u) = http::Uri::from_parts(parts) {
-                            *req.uri_mut() = u;
-                        }
-                    }
-                    match sender.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp.map(|body| PooledBody { body, back: None })),
-                        // The connection went away before the request was sent (a GOAWAY
-                        // crossed it): once more, on a new connection.
-                        Err(mut e) if e.message().is_some() && !fresh_h2 => {
-                            self.pool.forget_h2(&authority);
-                            req = e.take_message().unwrap_or_default();
-                            fresh_h2 = true;
-                            continue;
-                        }
-                        Err(e) => return Err(UpstreamError::Request(e.into_error())),
-                    }
+        if req.version() == http::Version::HTTP_2 && tls {
+            match Box::pin(self.request_h2(req, &uri, &authority)).await? {
+                OverH2::Answered(resp) => return Ok(resp),
+                OverH2::Declined(back, sender) => {
+                    req = back;
+                    dialed = sender;
                 }
-                Multiplexed::Pooled => {}
-                Multiplexed::Dialed(sender) => dialed = Some(sender),
             }
-            *req.version_mut() = http::Version::HTTP_11;
         }
         if !req.headers().contains_key(http::header::HOST) {
             let default_port = if tls { 443 } else { 80 };
@@ -531,6 +517,75 @@ impl UpstreamClient {
             }
         }
     }
+}
+
+impl UpstreamClient {
+    /// Sends an HTTP/2 client's `req` to `https` `authority` over the origin's HTTP/2
+    /// connection ([`Pool::multiplex`]). The target goes as `:scheme`, `:authority`
+    /// (without the default port) and `:path`; a `Host` would have to agree with it (RFC
+    /// 9113 §8.3.1), so it goes. A request the connection refused before sending it (a
+    /// GOAWAY crossed it, or `REFUSED_STREAM`, RFC 9113 §8.7) goes once more on a new
+    /// connection. When the origin speaks only HTTP/1.1 the request comes back, as
+    /// HTTP/1.1, with the connection dialed for it if one was.
+    ///
+    /// # Errors
+    /// As [`UpstreamClient::request`].
+    async fn request_h2(
+        &self,
+        mut req: Request<ProxyBody>,
+        uri: &http::Uri,
+        authority: &http::uri::Authority,
+    ) -> Result<OverH2, UpstreamError> {
+        let mut fresh = false;
+        loop {
+            let sender = match self.pool.multiplex(uri, authority).await? {
+                Multiplexed::H2(sender) => sender,
+                Multiplexed::Pooled => {
+                    *req.version_mut() = http::Version::HTTP_11;
+                    return Ok(OverH2::Declined(req, None));
+                }
+                Multiplexed::Dialed(sender) => {
+                    *req.version_mut() = http::Version::HTTP_11;
+                    return Ok(OverH2::Declined(req, Some(sender)));
+                }
+            };
+            req.headers_mut().remove(http::header::HOST);
+            if authority.port_u16() == Some(443) && req.uri().port_u16().is_some() {
+                let mut parts = uri.clone().into_parts();
+                parts.authority = http::uri::Authority::try_from(authority.host()).ok();
+                if let Ok(u) = http::Uri::from_parts(parts) {
+                    *req.uri_mut() = u;
+                }
+            }
+            let mut sender = sender;
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    return Ok(OverH2::Answered(
+                        resp.map(|body| PooledBody { body, back: None }),
+                    ));
+                }
+                Err(mut e) if e.message().is_some() && !fresh => {
+                    self.pool.forget_h2(authority);
+                    req = e.take_message().unwrap_or_default();
+                    fresh = true;
+                }
+                Err(e) => {
+                    if e.error().is_closed() || e.error().is_timeout() {
+                        self.pool.forget_h2(authority);
+                    }
+                    return Err(UpstreamError::Request(e.into_error()));
+                }
+            }
+        }
+    }
+}
+
+/// What [`UpstreamClient::request_h2`] came to.
+enum OverH2 {
+    /// The origin answered over HTTP/2.
+    Answered(Response<PooledBody>),
+    /// The origin speaks only HTTP/1.1: the request, and a connection dialed for it.
+    Declined(Request<ProxyBody>, Option<http1::SendRequest<ProxyBody>>),
 }
 
 /// How long a pooled connection must have sat idle for a request sent on it to be sent
@@ -633,26 +688,34 @@ impl Pool {
         uri: &http::Uri,
         authority: &http::uri::Authority,
     ) -> Result<Multiplexed, UpstreamError> {
-        let open = {
-            let mut map = self
+        let now = std::time::Instant::now();
+        let (open, h1_only) = {
+            let mut set = self
                 .multiplexed
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match map.get(authority.as_str()) {
-                Some(s) if !s.is_closed() => Some(s.clone()),
+            let open = match set.open.get_mut(authority.as_str()) {
+                Some((s, used))
+                    if !s.is_closed()
+                        && now.saturating_duration_since(*used) < self.idle_timeout =>
+                {
+                    *used = now;
+                    Some(s.clone())
+                }
                 Some(_) => {
-                    map.remove(authority.as_str());
+                    set.open.remove(authority.as_str());
                     None
                 }
                 None => None,
-            }
+            };
+            (open, set.h1_only.contains(authority.as_str()))
         };
         if let Some(mut s) = open
             && std::future::poll_fn(|cx| s.poll_ready(cx)).await.is_ok()
         {
             return Ok(Multiplexed::H2(s));
         }
-        if self.has_idle(authority.as_str()) {
+        if h1_only {
             return Ok(Multiplexed::Pooled);
         }
         let mut connector = self.h2_connector.clone();
@@ -665,6 +728,16 @@ impl Pool {
             .map_err(UpstreamError::Connect)?;
         use hyper_util::client::legacy::connect::Connection as _;
         if !io.connected().is_negotiated_h2() {
+            {
+                let mut set = self
+                    .multiplexed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if set.h1_only.len() >= MAX_H1_ONLY {
+                    set.h1_only.clear();
+                }
+                set.h1_only.insert(authority.as_str().into());
+            }
             return self.handshake_h1(io).await.map(Multiplexed::Dialed);
         }
         let (sender, conn) = self
@@ -678,10 +751,25 @@ impl Pool {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
             }
         });
-        self.multiplexed
+        let mut set = self
+            .multiplexed
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(authority.as_str().into(), sender.clone());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let timeout = self.idle_timeout;
+        set.open.retain(|_, (s, used)| {
+            !s.is_closed() && now.saturating_duration_since(*used) < timeout
+        });
+        if set.open.len() >= MAX_IDLE_TOTAL
+            && let Some(oldest) = set
+                .open
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+        {
+            set.open.remove(&oldest);
+        }
+        set.open
+            .insert(authority.as_str().into(), (sender.clone(), now));
         Ok(Multiplexed::H2(sender))
     }
 
@@ -690,17 +778,8 @@ impl Pool {
         self.multiplexed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .open
             .remove(authority.as_str());
-    }
-
-    /// True when an `https` connection to `authority` sits idle in the HTTP/1.1 pool.
-    fn has_idle(&self, authority: &str) -> bool {
-        self.idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .maps[1]
-            .get(authority)
-            .is_some_and(|l| !l.is_empty())
     }
 
     /// The HTTP/1.1 handshake on a dialed connection, its task spawned on the calling loop.
@@ -824,6 +903,29 @@ impl Pool {
         n
     }
 }
+
+/// The HTTP/2 side of a pool.
+#[derive(Default)]
+struct H2Set {
+    /// The open connection per authority, with when a request last went on it; one unused
+    /// for the pool's idle timeout is dropped (its streams still open finish), and there
+    /// are at most [`MAX_IDLE_TOTAL`].
+    open: HashMap<
+        Box<str>,
+        (
+            hyper::client::conn::http2::SendRequest<ProxyBody>,
+            std::time::Instant,
+        ),
+    >,
+    /// Authorities whose origin took `http/1.1` in ALPN: their HTTP/2 clients' requests
+    /// use the HTTP/1.1 pool (an origin that speaks HTTP/2 is never sent them over an
+    /// HTTP/1.1 connection another client left idle). At most [`MAX_H1_ONLY`].
+    h1_only: std::collections::HashSet<Box<str>>,
+}
+
+/// Most authorities remembered as HTTP/1.1-only (per event loop's pool); past it the set
+/// starts over.
+const MAX_H1_ONLY: usize = 4096;
 
 /// Where [`Pool::multiplex`] sends an HTTP/2 client's request.
 enum Multiplexed {

@@ -548,7 +548,19 @@ impl<T> Frames<T> {
             }
             Use::Fragment => {
                 match &mut self.message {
-                    Message::Held { payload: held, .. } => held.extend_from_slice(&payload),
+                    Message::Held { payload: held, .. } => {
+                        // Grown into a new buffer, so the old one is zeroized as it goes
+                        // (a plain extend would free it as it is).
+                        let need = held.len() + payload.len();
+                        if held.capacity() < need {
+                            let mut grown = zeroize::Zeroizing::new(Vec::with_capacity(
+                                need.next_power_of_two(),
+                            ));
+                            grown.extend_from_slice(held);
+                            *held = grown;
+                        }
+                        held.extend_from_slice(&payload);
+                    }
                     Message::Streaming => {
                         self.message = Message::Held {
                             opcode: h.first & 0x0f,

@@ -1556,6 +1556,38 @@ async fn grpc_goes_over_http2_both_ways_with_its_trailers() {
         assert_eq!(r.body_len, 7);
     }
     assert_eq!(w.origin.connections(), 1, "one upstream HTTP/2 connection");
+
+    // Over HTTP/2 every request trailer is forwarded, declared or not: one holding a
+    // placeholder fails the request, as a declared one does over HTTP/1.1.
+    type Frames = http_body_util::StreamBody<
+        futures_util::stream::Iter<
+            std::vec::IntoIter<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+        >,
+    >;
+    let mut send =
+        client::tunnel_h2::<Frames>(p.addr(), &authority, "api.github.test", p.ca.ca.cert_pem())
+            .await
+            .expect("h2 tunnel");
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-late", http::HeaderValue::from_static("GITHUB_TOKEN"));
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(vec![
+        Ok(hyper::body::Frame::data(Bytes::from_static(
+            b"\0\0\0\0\x02hi",
+        ))),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ]));
+    let req = Request::post(format!("https://{authority}/grpc"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .expect("request");
+    let resp = client::fetch_h2(&mut send, req).await.expect("fetch");
+    assert_eq!(resp.status, 403, "{resp:?}");
+    let body = String::from_utf8_lossy(&resp.body);
+    assert!(
+        body.contains("placeholder_not_allowed") && body.contains("trailer:x-late"),
+        "{body}"
+    );
 }
 
 /// A test world whose policy sends `name` to a loopback origin of the test's own that
