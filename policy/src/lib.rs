@@ -31,5 +31,5 @@ pub use matcher::{
 pub use model::{
     BrokeredSpec, ClientAuth, Egress, GcpSpec, Grant, HeaderSelector, HttpMode, InjectFormatter,
     InjectTarget, Limits, OAuthSpec, PgSpec, Policy, Pos, ProxySettings, Secret, SecretKind,
-    SourceKind, SourceRef, Stub, TokenEndpoint, UpstreamCa,
+    SourceKind, SourceRef, Stub, TokenEndpoint, UpstreamCa, UpstreamProxy,
 };

@@ -122,8 +122,30 @@ pub struct ProxySettings {
     pub upstream_ca: Vec<UpstreamCa>,
     /// Static name → address overrides (like `curl --resolve`), names normalized.
     pub resolve: HashMap<String, IpAddr>,
+    /// An HTTP proxy every upstream dial goes through with `CONNECT` (a corporate egress
+    /// proxy, REFERENCE D19), except to the hosts of its `no_proxy`.
+    pub upstream_proxy: Option<UpstreamProxy>,
     /// Limits and timeouts.
     pub limits: Limits,
+}
+
+/// `upstream_proxy = "http://HOST:PORT"` and `no_proxy = [host patterns]`: the proxy the
+/// upstream dials are tunnelled through (RFC 9110 §9.3.6 `CONNECT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamProxy {
+    /// `host:port` of the proxy (`[v6]:port` for an IPv6 literal); port 80 when the URL
+    /// names none.
+    pub authority: String,
+    /// Hosts dialed directly (host patterns; a pattern without a port matches every port
+    /// here).
+    pub no_proxy: Vec<HostPattern>,
+}
+
+impl UpstreamProxy {
+    /// True when `host` (normalized) is dialed through the proxy, not in `no_proxy`.
+    pub fn covers(&self, host: &str) -> bool {
+        !self.no_proxy.iter().any(|p| p.matches_host(host))
+    }
 }
 
 /// Where a secret's value comes from (DESIGN.md decision 9). Never the value itself.
@@ -872,6 +894,37 @@ pub struct Policy {
     pub(crate) matcher: PlaceholderMatcher,
 }
 
+/// The `host:port` of `upstream_proxy = "http://HOST[:PORT]"`.
+///
+/// # Errors
+/// A message naming what is wrong: another scheme (the link to the proxy is cleartext
+/// HTTP), credentials in the URL (a secret in the policy file), a path, no host, a bad
+/// port.
+fn upstream_proxy_authority(url: &str) -> Result<String, String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        format!("`{url}` is not an http:// URL (the link to the proxy is cleartext HTTP CONNECT)")
+    })?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains('@') {
+        return Err(
+            "credentials in the URL are not taken (they would sit in the policy file)".into(),
+        );
+    }
+    if rest.contains(['/', '?', '#']) {
+        return Err(format!("`{url}` has a path; give only http://HOST:PORT"));
+    }
+    let pattern = HostPattern::parse(rest).map_err(|e| format!("`{url}`: {e}"))?;
+    let (host, port) = match pattern.port() {
+        crate::PortSpec::Port(p) => (rest[..rest.len() - p.to_string().len() - 1].to_string(), p),
+        crate::PortSpec::Default => (rest.to_string(), 80),
+        crate::PortSpec::Any => return Err(format!("`{url}`: give a port, not `*`")),
+    };
+    if host.starts_with("*.") {
+        return Err(format!("`{url}` is a pattern, not a host"));
+    }
+    Ok(format!("{host}:{port}"))
+}
+
 /// Addresses the proxy never dials unless `allow_cidrs` makes an exception (DESIGN.md
 /// decision 5): unspecified, loopback, RFC 1918, CGNAT, link-local (incl. cloud metadata
 /// 169.254.169.254), multicast, broadcast, "this network", ULA, IPv6 link-local, the
@@ -1587,6 +1640,28 @@ impl Cx<'_> {
             Some(l) => self.limits(l.get_ref()),
             None => Limits::default(),
         };
+        let no_proxy = self.patterns(&raw.no_proxy, "no_proxy");
+        let upstream_proxy = match &raw.upstream_proxy {
+            Some(u) => match upstream_proxy_authority(u.get_ref()) {
+                Ok(authority) => Some(UpstreamProxy {
+                    authority,
+                    no_proxy,
+                }),
+                Err(e) => {
+                    self.error(u.span().start, format!("`upstream_proxy`: {e}"));
+                    None
+                }
+            },
+            None => {
+                if let Some(first) = raw.no_proxy.first() {
+                    self.warn(
+                        first.span().start,
+                        "`no_proxy` has no effect without `upstream_proxy`".to_string(),
+                    );
+                }
+                None
+            }
+        };
         ProxySettings {
             listen,
             admin_listen,
@@ -1598,6 +1673,7 @@ impl Cx<'_> {
             allow_cidrs,
             upstream_ca,
             resolve,
+            upstream_proxy,
             limits,
         }
     }

@@ -46,6 +46,9 @@ pub(crate) struct RawProxy {
     pub upstream_ca: Vec<Spanned<toml::Value>>,
     #[serde(default)]
     pub resolve: BTreeMap<String, Spanned<String>>,
+    pub upstream_proxy: Option<Spanned<String>>,
+    #[serde(default)]
+    pub no_proxy: Vec<Spanned<String>>,
     #[serde(default)]
     pub limits: Option<Spanned<RawLimits>>,
 }

@@ -453,31 +453,59 @@ async fn check_connect(
         return Ok((host, port, None));
     }
     let limits = &policy.proxy.limits;
-    // The look-up is bounded like a dial: a name server that drops queries would otherwise
-    // hold the CONNECT for the system resolver's whole retry cycle.
-    let addrs = tokio::time::timeout(
-        limits.upstream_connect_timeout,
-        resolve_checked(&policy, &host, port),
-    )
-    .await
-    .map_err(|_| ProxyError::UpstreamTimeout)?
-    .map_err(|e| match e {
+    let deny = |e| match e {
         DialError::Denied { host } => ProxyError::DestinationAddressDenied { host },
         DialError::Resolve { .. } => ProxyError::UpstreamUnreachable,
-    })?;
+    };
+    // Through an `upstream_proxy` the proxy resolves the name; the deny CIDRs are checked
+    // as far as this host can tell (`via_upstream_proxy`).
+    let proxied = policy
+        .proxy
+        .upstream_proxy
+        .as_ref()
+        .is_some_and(|p| p.covers(&host));
+    // The look-up is bounded like a dial: a name server that drops queries would otherwise
+    // hold the CONNECT for the system resolver's whole retry cycle.
+    let addrs = if proxied {
+        tokio::time::timeout(
+            limits.upstream_connect_timeout,
+            crate::upstream::via_upstream_proxy(&policy, &host, port),
+        )
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout)?
+        .map_err(deny)?;
+        Vec::new()
+    } else {
+        tokio::time::timeout(
+            limits.upstream_connect_timeout,
+            resolve_checked(&policy, &host, port),
+        )
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout)?
+        .map_err(deny)?
+    };
     if !policy.is_passthrough(&host, port) {
         return Ok((host, port, None));
     }
-    let tcp = tokio::time::timeout(
-        limits.upstream_connect_timeout,
-        TcpStream::connect(&addrs[..]),
-    )
-    .await
-    .map_err(|_| ProxyError::UpstreamTimeout)?
-    .map_err(|e| {
-        debug!(error = %e, "passthrough dial failed");
-        ProxyError::UpstreamUnreachable
-    })?;
+    let tcp = if proxied {
+        crate::upstream::dial_tcp(&policy, &host, port, limits.upstream_connect_timeout)
+            .await
+            .map_err(|e| {
+                debug!(error = %e, "passthrough dial through the upstream proxy failed");
+                ProxyError::UpstreamUnreachable
+            })?
+    } else {
+        tokio::time::timeout(
+            limits.upstream_connect_timeout,
+            TcpStream::connect(&addrs[..]),
+        )
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout)?
+        .map_err(|e| {
+            debug!(error = %e, "passthrough dial failed");
+            ProxyError::UpstreamUnreachable
+        })?
+    };
     let _ = tcp.set_nodelay(true);
     Ok((host, port, Some(tcp)))
 }

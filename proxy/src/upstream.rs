@@ -123,13 +123,13 @@ use tower_service::Service;
 /// ([`DialError::Denied`], which [`classify`] answers 403 `destination_address_denied`).
 #[derive(Clone)]
 pub struct ConnectDeadline {
-    inner: HttpsConnector<HttpConnector<PolicyResolver>>,
+    inner: HttpsConnector<Dial>,
     deadline: std::time::Duration,
     policy: Arc<Policy>,
 }
 
 impl Service<http::Uri> for ConnectDeadline {
-    type Response = <HttpsConnector<HttpConnector<PolicyResolver>> as Service<http::Uri>>::Response;
+    type Response = <HttpsConnector<Dial> as Service<http::Uri>>::Response;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -168,6 +168,152 @@ impl Service<http::Uri> for ConnectDeadline {
 /// A boxed error, as connectors return them.
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where a dial through the `upstream_proxy` asks it to `CONNECT` to, for `host:port`: the
+/// `resolve` override's address, or the IP literal, or the name (the proxy resolves it).
+/// The deny CIDRs hold as far as this host can tell: the override, the literal, or every
+/// address the name resolves to here must be allowed (one denied address refuses, since
+/// the proxy may pick it); a name that does not resolve here (only the proxy's DNS knows
+/// it) goes to the proxy as it is.
+///
+/// # Errors
+/// [`DialError::Denied`] when an address is in a deny CIDR.
+pub async fn via_upstream_proxy(
+    policy: &Policy,
+    host: &str,
+    port: u16,
+) -> Result<String, DialError> {
+    let denied = || DialError::Denied {
+        host: host.to_string(),
+    };
+    let ip = policy
+        .proxy
+        .resolve
+        .get(host)
+        .copied()
+        .or_else(|| host.parse::<IpAddr>().ok());
+    if let Some(ip) = ip {
+        if policy.is_address_denied(ip) {
+            return Err(denied());
+        }
+        return Ok(SocketAddr::new(ip, port).to_string());
+    }
+    if let Ok(addrs) = tokio::net::lookup_host((host, port)).await
+        && addrs.into_iter().any(|a| policy.is_address_denied(a.ip()))
+    {
+        return Err(denied());
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+/// A TCP connection to `host:port` for a relay (passthrough tunnels, the Postgres relay):
+/// through the policy's `upstream_proxy` with `CONNECT` unless `host` is in its
+/// `no_proxy`, else directly to the first allowed address that answers
+/// ([`resolve_checked`]); within `timeout`.
+///
+/// # Errors
+/// [`DialError::Denied`] (as a boxed error) for a denied address; resolution, connect,
+/// proxy refusal or timeout errors.
+pub async fn dial_tcp(
+    policy: &Arc<Policy>,
+    host: &str,
+    port: u16,
+    timeout: std::time::Duration,
+) -> Result<tokio::net::TcpStream, BoxError> {
+    let mut dial = Dial::new(policy, timeout);
+    let authority = match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+        _ => format!("{host}:{port}"),
+    };
+    let uri: http::Uri = format!("http://{authority}").parse()?;
+    match tokio::time::timeout(timeout, dial.call(uri)).await {
+        Ok(r) => r.map(hyper_util::rt::TokioIo::into_inner),
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out").into()),
+    }
+}
+
+/// The TCP dial under the pooled client's TLS: directly ([`HttpConnector`] over
+/// [`PolicyResolver`]), or, with the policy's `upstream_proxy`, through it with `CONNECT`
+/// (hyper-util's [`Tunnel`](hyper_util::client::legacy::connect::proxy::Tunnel)) unless the
+/// host is in its `no_proxy` ([`via_upstream_proxy`] says where the tunnel goes).
+#[derive(Clone)]
+pub struct Dial {
+    direct: HttpConnector<PolicyResolver>,
+    tunnel: Option<hyper_util::client::legacy::connect::proxy::Tunnel<HttpConnector>>,
+    policy: Arc<Policy>,
+}
+
+impl Dial {
+    /// The dial for `policy`, connecting (and, through a proxy, its `CONNECT`) within
+    /// `timeout`.
+    fn new(policy: &Arc<Policy>, timeout: std::time::Duration) -> Self {
+        let mut direct = HttpConnector::new_with_resolver(PolicyResolver {
+            policy: policy.clone(),
+        });
+        direct.enforce_http(false);
+        direct.set_nodelay(true);
+        direct.set_connect_timeout(Some(timeout));
+        let tunnel = policy.proxy.upstream_proxy.as_ref().and_then(|p| {
+            let mut to_proxy = HttpConnector::new();
+            to_proxy.set_nodelay(true);
+            to_proxy.set_connect_timeout(Some(timeout));
+            let uri = format!("http://{}", p.authority).parse().ok()?;
+            Some(hyper_util::client::legacy::connect::proxy::Tunnel::new(
+                uri, to_proxy,
+            ))
+        });
+        Self {
+            direct,
+            tunnel,
+            policy: policy.clone(),
+        }
+    }
+}
+
+impl Service<http::Uri> for Dial {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        let host = dst
+            .host()
+            .map(|h| {
+                h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default();
+        let port = dst
+            .port_u16()
+            .unwrap_or(if dst.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            });
+        let proxied = self
+            .policy
+            .proxy
+            .upstream_proxy
+            .as_ref()
+            .is_some_and(|p| p.covers(&host));
+        if let (Some(tunnel), true) = (&self.tunnel, proxied) {
+            let mut tunnel = tunnel.clone();
+            let policy = self.policy.clone();
+            return Box::pin(async move {
+                let target = via_upstream_proxy(&policy, &host, port).await?;
+                let uri: http::Uri = format!("http://{target}").parse()?;
+                tunnel.call(uri).await.map_err(Into::into)
+            });
+        }
+        let mut direct = self.direct.clone();
+        Box::pin(async move { direct.call(dst).await.map_err(Into::into) })
+    }
+}
+
 /// Builds the rustls client configuration for upstreams from the policy's `upstream_ca`
 /// ([`iron_broker::tls::client_config`]).
 ///
@@ -191,6 +337,7 @@ pub struct TransportKey {
     allow_cidrs: Vec<ipnet::IpNet>,
     limits: iron_policy::Limits,
     upstream_ca: Vec<(iron_policy::UpstreamCa, Option<Vec<u8>>)>,
+    upstream_proxy: Option<iron_policy::UpstreamProxy>,
 }
 
 impl TransportKey {
@@ -213,6 +360,7 @@ impl TransportKey {
                 .iter()
                 .map(|ca| (ca.clone(), std::fs::read(&ca.file).ok()))
                 .collect(),
+            upstream_proxy: policy.proxy.upstream_proxy.clone(),
         }
     }
 }
@@ -236,12 +384,7 @@ pub fn build_client(
     counters: UpstreamCounters,
 ) -> UpstreamClient {
     let limits = &policy.proxy.limits;
-    let mut http = HttpConnector::new_with_resolver(PolicyResolver {
-        policy: policy.clone(),
-    });
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(limits.upstream_connect_timeout));
+    let http = Dial::new(policy, limits.upstream_connect_timeout);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls.clone())
         .https_or_http()

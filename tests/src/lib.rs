@@ -4,6 +4,7 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test harness: a failed setup step is a failed test
 
+pub mod corp_proxy;
 pub mod idp;
 pub mod pgcluster;
 pub mod rotating_idp;

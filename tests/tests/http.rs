@@ -1590,6 +1590,85 @@ async fn grpc_goes_over_http2_both_ways_with_its_trailers() {
     );
 }
 
+/// `upstream_proxy` (REFERENCE D19): intercepted requests and passthrough tunnels go
+/// through the corporate proxy with `CONNECT` (to the `resolve` override's address), a
+/// `no_proxy` host is dialed directly, and an address in a deny CIDR is refused before the
+/// corporate proxy is asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dial_goes_through_the_upstream_proxy_but_no_proxy_hosts() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let corp = iron_tests::corp_proxy::CorpProxy::start().await;
+    let policy = STANDARD_POLICY.replace(
+        "passthrough = [",
+        &format!(
+            "upstream_proxy = \"http://{}\"\nno_proxy = [\"other.test\"]\npassthrough = [",
+            corp.addr
+        ),
+    );
+    let policy = policy.replace(
+        "allow = [\"other.test:{PORT}\"",
+        "allow = [\"private.test:{PORT}\", \"other.test:{PORT}\"",
+    );
+    assert!(policy.contains("upstream_proxy") && policy.contains("private.test:{PORT}\""));
+    let w = World::new(&policy, OriginOptions::default()).await;
+    let p = w.proxy(standard_env()).await;
+    let port = w.port();
+    let target = format!("127.0.0.1:{port}");
+
+    let r = p
+        .curl(&[
+            &format!("https://api.github.test:{port}/user"),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ])
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(corp.targets(), std::slice::from_ref(&target));
+    assert_eq!(
+        w.origin.records()[0].header("authorization").as_deref(),
+        Some(format!("Bearer {REAL_GITHUB}").as_str())
+    );
+
+    // no_proxy: straight to the origin.
+    let r = p.curl(&[&format!("https://other.test:{port}/")]).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(corp.targets().len(), 1);
+
+    // A passthrough tunnel is spliced through the corporate proxy too.
+    let mut send = client::tunnel(
+        p.addr(),
+        &format!("pass.test:{port}"),
+        "pass.test",
+        &w.origin.ca_pem,
+    )
+    .await
+    .expect("passthrough tunnel");
+    let resp = client::fetch(
+        &mut send,
+        Request::get("/")
+            .header("host", "pass.test")
+            .body(Full::new(Bytes::new()))
+            .expect("req"),
+    )
+    .await
+    .expect("fetch");
+    assert_eq!(resp.status, 200);
+    assert_eq!(corp.targets(), [target.clone(), target]);
+
+    // private.test resolves to 10.1.2.3 (denied): refused here, the proxy never asked.
+    let r = p.curl(&[&format!("https://private.test:{port}/")]).await;
+    assert!(r.stderr.contains("403") || r.status == 403, "{r:?}");
+    assert_eq!(corp.targets().len(), 2);
+    let denied = p
+        .audit
+        .records()
+        .iter()
+        .any(|r| r.error == Some("destination_address_denied"));
+    assert!(denied, "no destination_address_denied in the audit log");
+}
+
 /// A test world whose policy sends `name` to a loopback origin of the test's own that
 /// presents `pem` (trusted as `upstream_ca`), with `secrets` (TOML) after the `[proxy]` table.
 #[allow(clippy::unwrap_used)] // test set-up: a failure is a failed test

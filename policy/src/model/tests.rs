@@ -642,3 +642,50 @@ fn host_patterns_over_a_public_suffix_are_refused_or_warned() {
         );
     }
 }
+
+/// `upstream_proxy = "http://HOST:PORT"` with `no_proxy`; other forms are refused with a
+/// message naming what is wrong.
+#[test]
+fn upstream_proxy_is_an_http_url_with_a_host_and_port() {
+    let with = |u: &str| {
+        format!("version = 1\n[proxy]\nupstream_proxy = \"{u}\"\nno_proxy = [\"*.corp.test\"]\n")
+    };
+    let p = parse(&with("http://proxy.corp.test:3128")).unwrap_or_else(|e| panic!("{e}"));
+    let up = p
+        .proxy
+        .upstream_proxy
+        .as_ref()
+        .unwrap_or_else(|| panic!("none"));
+    assert_eq!(up.authority, "proxy.corp.test:3128");
+    assert!(!up.covers("git.corp.test") && !up.covers("corp.test"));
+    assert!(up.covers("api.github.com"));
+    let p = parse(&with("http://[fd00::1]/")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.proxy.upstream_proxy.map(|u| u.authority).as_deref(),
+        Some("[fd00::1]:80")
+    );
+    for (url, says) in [
+        ("https://proxy:3128", "not an http:// URL"),
+        ("socks5://proxy:1080", "not an http:// URL"),
+        ("http://user:pw@proxy:3128", "credentials"),
+        ("http://proxy:3128/path", "has a path"),
+        ("http://proxy:0", "port"),
+        ("http://*.corp.test:3128", "pattern"),
+    ] {
+        let e = parse(&with(url))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains(says), "{url}: {e}");
+    }
+    let warned =
+        parse("version = 1\n[proxy]\nno_proxy = [\"a.test\"]\n").unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        warned
+            .warnings
+            .iter()
+            .any(|w| w.message.contains("no_proxy")),
+        "{:?}",
+        warned.warnings
+    );
+}
