@@ -156,6 +156,15 @@ pub struct Config {
     /// Extra CA files trusted for token endpoints.
     #[serde(default)]
     pub upstream_ca: Vec<PathBuf>,
+    /// An HTTP proxy (`http://HOST:PORT`) token-endpoint calls go through with `CONNECT`
+    /// (a corporate egress proxy, REFERENCE D19), except to `no_proxy` hosts.
+    pub upstream_proxy: Option<String>,
+    /// Token-endpoint hosts dialed directly (host patterns).
+    #[serde(default)]
+    pub no_proxy: Vec<String>,
+    /// `upstream_proxy` and `no_proxy`, parsed (set by [`Config::load`]).
+    #[serde(skip)]
+    pub proxy: Option<iron_policy::UpstreamProxy>,
     /// Where credential state lives.
     pub store: StoreSpec,
     /// A local directory (relative to the config file) where a record the store could not
@@ -249,6 +258,12 @@ impl Config {
             )));
         }
         cfg.upstream_ca = cfg.upstream_ca.iter().map(|p| cfg.base.join(p)).collect();
+        if let Some(url) = &cfg.upstream_proxy {
+            cfg.proxy = Some(
+                iron_policy::UpstreamProxy::parse(url, &cfg.no_proxy)
+                    .map_err(|e| err(format!("upstream_proxy: {e}")))?,
+            );
+        }
         if let Some(dir) = &cfg.spill_dir {
             let dir = cfg.base.join(dir);
             if let StoreSpec::File(store) = &cfg.store
@@ -287,8 +302,55 @@ impl Config {
 // Token-endpoint transport
 // ---------------------------------------------------------------------------------------
 
-type HttpsConnector =
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+type HttpsConnector = hyper_rustls::HttpsConnector<Dial>;
+
+/// The TCP dial under the token-endpoint TLS: directly, or through the config's
+/// `upstream_proxy` with `CONNECT` (hyper-util's `Tunnel`) unless the host is in its
+/// `no_proxy`.
+#[derive(Clone)]
+struct Dial {
+    direct: hyper_util::client::legacy::connect::HttpConnector,
+    tunnel: Option<(
+        hyper_util::client::legacy::connect::proxy::Tunnel<
+            hyper_util::client::legacy::connect::HttpConnector,
+        >,
+        Arc<iron_policy::UpstreamProxy>,
+    )>,
+}
+
+impl tower_service::Service<http::Uri> for Dial {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        let host = dst
+            .host()
+            .map(|h| {
+                h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default();
+        if let Some((tunnel, proxy)) = &self.tunnel
+            && proxy.covers(&host)
+        {
+            let mut tunnel = tunnel.clone();
+            return Box::pin(async move { tunnel.call(dst).await.map_err(Into::into) });
+        }
+        let mut direct = self.direct.clone();
+        Box::pin(async move { direct.call(dst).await.map_err(Into::into) })
+    }
+}
 type HttpsClient = hyper_util::client::legacy::Client<HandshakeDeadline, Full<Bytes>>;
 
 /// The HTTPS connector with one deadline over TCP connect *and* TLS handshake. hyper-util's
@@ -337,12 +399,29 @@ struct Transport {
 }
 
 impl Transport {
-    fn new(upstream_ca: &[PathBuf], timeout: Duration) -> Result<Self, String> {
+    fn new(
+        upstream_ca: &[PathBuf],
+        proxy: Option<&iron_policy::UpstreamProxy>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let tls = crate::tls::client_config_all_hosts(upstream_ca, provider)?;
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(timeout / 3));
+        let mut direct = hyper_util::client::legacy::connect::HttpConnector::new();
+        direct.enforce_http(false);
+        direct.set_connect_timeout(Some(timeout / 3));
+        let tunnel = match proxy {
+            Some(p) => {
+                let uri = format!("http://{}", p.authority)
+                    .parse()
+                    .map_err(|e| format!("upstream_proxy: {e}"))?;
+                Some((
+                    hyper_util::client::legacy::connect::proxy::Tunnel::new(uri, direct.clone()),
+                    Arc::new(p.clone()),
+                ))
+            }
+            None => None,
+        };
+        let http = Dial { direct, tunnel };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
@@ -795,6 +874,7 @@ impl Broker {
         let refresh_timeout = Duration::from_secs(cfg.refresh_timeout_secs.unwrap_or(30).max(1));
         let transport: Arc<dyn TokenTransport> = Arc::new(Transport::new(
             &cfg.upstream_ca,
+            cfg.proxy.as_ref(),
             Duration::from_secs(15).min(refresh_timeout),
         )?);
         let spill = match &cfg.spill_dir {

@@ -142,6 +142,20 @@ pub struct UpstreamProxy {
 }
 
 impl UpstreamProxy {
+    /// Parses `url` ([`upstream_proxy_authority`]) and the `no_proxy` host patterns.
+    ///
+    /// # Errors
+    /// A message naming the bad URL or pattern.
+    pub fn parse(url: &str, no_proxy: &[String]) -> Result<Self, String> {
+        Ok(Self {
+            authority: upstream_proxy_authority(url)?,
+            no_proxy: no_proxy
+                .iter()
+                .map(|p| HostPattern::parse(p).map_err(|e| format!("`no_proxy`: {e}")))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
     /// True when `host` (normalized) is dialed through the proxy, not in `no_proxy`.
     pub fn covers(&self, host: &str) -> bool {
         !self.no_proxy.iter().any(|p| p.matches_host(host))
@@ -894,13 +908,14 @@ pub struct Policy {
     pub(crate) matcher: PlaceholderMatcher,
 }
 
-/// The `host:port` of `upstream_proxy = "http://HOST[:PORT]"`.
+/// The `host:port` of `upstream_proxy = "http://HOST[:PORT]"` (the policy's, and the
+/// broker's).
 ///
 /// # Errors
 /// A message naming what is wrong: another scheme (the link to the proxy is cleartext
 /// HTTP), credentials in the URL (a secret in the policy file), a path, no host, a bad
 /// port.
-fn upstream_proxy_authority(url: &str) -> Result<String, String> {
+pub fn upstream_proxy_authority(url: &str) -> Result<String, String> {
     let rest = url.strip_prefix("http://").ok_or_else(|| {
         format!("`{url}` is not an http:// URL (the link to the proxy is cleartext HTTP CONNECT)")
     })?;

@@ -1062,6 +1062,34 @@ async fn long_lived_tokens_are_refreshed_within_the_max_refresh_interval() {
     drop(b);
 }
 
+/// `upstream_proxy` (REFERENCE D19): the broker's token-endpoint calls go through a
+/// corporate proxy with `CONNECT`, and the rotation works through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_calls_go_through_the_upstream_proxy() {
+    let idp = RotatingIdp::start().await;
+    let corp = iron_tests::corp_proxy::CorpProxy::start().await;
+    let (_dir, bport, config) = file_store_credential(&idp);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "refresh_timeout_secs = 5\n",
+        &format!(
+            "refresh_timeout_secs = 5\nupstream_proxy = \"http://{}\"\n",
+            corp.addr
+        ),
+    );
+    assert!(text.contains("upstream_proxy"), "{text}");
+    std::fs::write(&config, text).unwrap();
+    let b = Broker::start(&config, bport, &[]);
+    let (status, body) = access_token(bport).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(idp.is_valid_access(body["access_token"].as_str().unwrap()));
+    let targets = corp.targets();
+    assert!(
+        targets.contains(&format!("127.0.0.1:{}", idp.addr.port())),
+        "{targets:?}"
+    );
+    drop(b);
+}
+
 async fn metrics_text(port: u16) -> String {
     let out = tokio::process::Command::new("curl")
         .args(["-s", "-m", "10", "-H"])
