@@ -68,6 +68,19 @@ pub struct Conn {
     pub shutdown: tokio::sync::watch::Receiver<crate::Phase>,
 }
 
+impl Conn {
+    /// The connection of a tunnel this client connection opened to `dest`: same client,
+    /// slot and shutdown signal.
+    pub fn tunnel(&self, dest: Dest) -> Self {
+        Self {
+            client: self.client,
+            dest: Some(dest),
+            slot: self.slot.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
 /// Headers never forwarded (RFC 9110 §7.6.1), plus `Proxy-Authorization`.
 /// `Trailer` is not one (RFC 9110 §6.6.2, unlike RFC 2616 §13.5.1): it names the trailer
 /// fields, and hyper forwards only the fields it names.

@@ -630,12 +630,7 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limits = rt.policy().proxy.limits.clone();
-    let conn = Arc::new(Conn {
-        client: outer.client,
-        dest: Some(dest),
-        slot: outer.slot.clone(),
-        shutdown: outer.shutdown.clone(),
-    });
+    let conn = Arc::new(outer.tunnel(dest));
     let shutdown = outer.shutdown.clone();
     let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = asked.clone();
@@ -679,12 +674,7 @@ where
 {
     use std::sync::atomic::{AtomicU64, Ordering};
     let limits = rt.policy().proxy.limits.clone();
-    let conn = Arc::new(Conn {
-        client: outer.client,
-        dest: Some(dest),
-        slot: outer.slot.clone(),
-        shutdown: outer.shutdown.clone(),
-    });
+    let conn = Arc::new(outer.tunnel(dest));
     let shutdown = outer.shutdown.clone();
     let asked = Arc::new(AtomicU64::new(0));
     let seen = asked.clone();

@@ -1010,24 +1010,7 @@ async fn missing_source_fails_closed_and_passthrough_is_untouched() {
     assert_eq!(rec.outcome, "refused");
 
     // Passthrough: the client talks TLS with the origin itself (origin CA, not the proxy's).
-    let mut send = client::tunnel(
-        p.addr(),
-        &format!("pass.test:{}", w.port()),
-        "pass.test",
-        &w.origin.ca_pem,
-    )
-    .await
-    .expect("passthrough tunnel");
-    let resp = client::fetch(
-        &mut send,
-        Request::get("/")
-            .header("host", "pass.test")
-            .header("authorization", "Bearer GITHUB_TOKEN")
-            .body(Full::new(Bytes::new()))
-            .expect("req"),
-    )
-    .await
-    .expect("fetch");
+    let resp = passthrough_get(&p, &w, Some("Bearer GITHUB_TOKEN")).await;
     assert_eq!(resp.status, 200);
     // Unmodified: the placeholder went through as the client sent it.
     assert_eq!(
@@ -1637,23 +1620,7 @@ async fn every_dial_goes_through_the_upstream_proxy_but_no_proxy_hosts() {
     assert_eq!(corp.targets().len(), 1);
 
     // A passthrough tunnel is spliced through the corporate proxy too.
-    let mut send = client::tunnel(
-        p.addr(),
-        &format!("pass.test:{port}"),
-        "pass.test",
-        &w.origin.ca_pem,
-    )
-    .await
-    .expect("passthrough tunnel");
-    let resp = client::fetch(
-        &mut send,
-        Request::get("/")
-            .header("host", "pass.test")
-            .body(Full::new(Bytes::new()))
-            .expect("req"),
-    )
-    .await
-    .expect("fetch");
+    let resp = passthrough_get(&p, &w, None).await;
     assert_eq!(resp.status, 200);
     assert_eq!(corp.targets(), [target.clone(), target]);
 
@@ -1667,6 +1634,27 @@ async fn every_dial_goes_through_the_upstream_proxy_but_no_proxy_hosts() {
         .iter()
         .any(|r| r.error == Some("destination_address_denied"));
     assert!(denied, "no destination_address_denied in the audit log");
+}
+
+/// `GET /` to `pass.test` through a passthrough tunnel of `p` (the client talks TLS with
+/// the origin itself, trusting the origin's CA), with `authorization` if given.
+#[allow(clippy::expect_used)] // test helper: a failure is a failed test
+async fn passthrough_get(p: &InProcess, w: &World, authorization: Option<&str>) -> client::Fetched {
+    let mut send = client::tunnel(
+        p.addr(),
+        &format!("pass.test:{}", w.port()),
+        "pass.test",
+        &w.origin.ca_pem,
+    )
+    .await
+    .expect("passthrough tunnel");
+    let mut req = Request::get("/").header("host", "pass.test");
+    if let Some(a) = authorization {
+        req = req.header("authorization", a);
+    }
+    client::fetch(&mut send, req.body(Full::new(Bytes::new())).expect("req"))
+        .await
+        .expect("fetch")
 }
 
 /// A test world whose policy sends `name` to a loopback origin of the test's own that
