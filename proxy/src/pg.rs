@@ -43,8 +43,8 @@ pub const MAX_AUTH_MESSAGE: usize = 64 * 1024;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// SCRAM iteration count used for the sandbox-side verifier.
 pub const SCRAM_ITERATIONS: u32 = 4096;
-/// Startup parameters a client may set; others are not forwarded. `options` and
-/// `replication` are refused.
+/// Startup parameters a client may set; others are not forwarded. `replication` is
+/// refused; `options` is checked ([`options_settings`]) and forwarded as rebuilt.
 pub const ALLOWED_PARAMS: &[&str] = &[
     "application_name",
     "client_encoding",
@@ -694,6 +694,100 @@ struct Refusal {
     code: &'static str,
 }
 
+/// The settings of a startup `options` value (libpq's `PGOPTIONS`), as the server reads it
+/// (`pg_split_opts`: words split at unescaped whitespace, a backslash escaping the next byte; each
+/// setting `-c name=value`, `-cname=value` or `--name=value`, a `-` in the name read as
+/// `_`), names lower-cased.
+///
+/// # Errors
+/// A message naming the word or setting refused: any other server switch; `role` and
+/// `session_authorization` (a role the relay did not log in as); `client_encoding` (the
+/// startup parameter is checked instead); a setting the secret pins (`pinned`, also its
+/// `default_` form), which the relay applies after login.
+fn options_settings(
+    options: &str,
+    pinned: &[(String, String)],
+) -> Result<Vec<(String, String)>, String> {
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    let mut open = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    word.push(n);
+                }
+                open = true;
+            }
+            c if c.is_ascii_whitespace() => {
+                if open {
+                    words.push(std::mem::take(&mut word));
+                    open = false;
+                }
+            }
+            c => {
+                word.push(c);
+                open = true;
+            }
+        }
+    }
+    if open {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next().ok_or("`-c` without a setting")?
+        } else if let Some(rest) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
+            rest.to_string()
+        } else {
+            return Err(format!("`{w}` is not a `-c name=value` setting"));
+        };
+        let (name, value) = setting
+            .split_once('=')
+            .ok_or_else(|| format!("`{setting}` has no value"))?;
+        let name = name.to_ascii_lowercase().replace('-', "_");
+        let pins = |n: &str| {
+            pinned.iter().any(|(p, _)| {
+                let p = p.to_ascii_lowercase();
+                p == n || format!("default_{p}") == n || p == format!("default_{n}")
+            })
+        };
+        if matches!(
+            name.as_str(),
+            "role" | "session_authorization" | "client_encoding"
+        ) || pins(&name)
+        {
+            return Err(format!(
+                "setting `{name}` is not allowed through this relay"
+            ));
+        }
+        out.push((name, value.to_string()));
+    }
+    Ok(out)
+}
+
+/// `settings` as an `options` value: `-c name=value` words, whitespace and backslashes escaped.
+fn join_options(settings: &[(String, String)]) -> String {
+    let escape = |s: &str| {
+        let mut o = String::new();
+        for c in s.chars() {
+            if c == '\\' || c.is_ascii_whitespace() {
+                o.push('\\');
+            }
+            o.push(c);
+        }
+        o
+    };
+    settings
+        .iter()
+        .map(|(n, v)| format!("-c {}={}", escape(n), escape(v)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn refuse(sqlstate: &'static str, code: &'static str, message: impl Into<String>) -> Refusal {
     Refusal {
         sqlstate,
@@ -933,18 +1027,42 @@ async fn handshake(
         .cloned()
         .unwrap_or_else(|| got_user.clone());
     rec.path = format!("/{got_db}");
-    if params.contains_key("options") || params.contains_key("replication") {
+    if params.contains_key("replication") {
         fail(
             &mut client,
             refuse(
                 "0A000",
                 "pg_refused_parameter",
-                "startup parameters options and replication are not allowed through the relay",
+                "the startup parameter replication is not allowed through the relay",
             ),
             rec,
         )
         .await;
         return Err(());
+    }
+    // `options` (libpq's PGOPTIONS): only `-c name=value` settings, none that changes the
+    // role or a pinned setting; forwarded as rebuilt from what was checked.
+    let mut params = params;
+    if let Some(options) = params.get("options") {
+        match options_settings(options, &spec.settings) {
+            Ok(settings) => {
+                let rebuilt = join_options(&settings);
+                params.insert("options".into(), rebuilt);
+            }
+            Err(why) => {
+                fail(
+                    &mut client,
+                    refuse(
+                        "0A000",
+                        "pg_refused_parameter",
+                        format!("startup parameter options: {why}"),
+                    ),
+                    rec,
+                )
+                .await;
+                return Err(());
+            }
+        }
     }
     if !iron_broker::ct_eq(got_user.as_bytes(), user.as_bytes()) {
         fail(
@@ -1016,7 +1134,7 @@ async fn handshake(
     }
     let forwarded: Vec<(String, String)> = params
         .iter()
-        .filter(|(k, _)| ALLOWED_PARAMS.contains(&k.as_str()))
+        .filter(|(k, _)| ALLOWED_PARAMS.contains(&k.as_str()) || k.as_str() == "options")
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let (upstream, statuses, real_keys, addr) =
@@ -1601,6 +1719,41 @@ fn ident(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_take_settings_only_and_never_the_role_or_a_pinned_one() {
+        let pinned = vec![
+            ("app.tenant".to_string(), "t".to_string()),
+            ("transaction_read_only".to_string(), "on".to_string()),
+        ];
+        let ok = |o: &str| options_settings(o, &pinned).unwrap_or_else(|e| panic!("{o}: {e}"));
+        assert_eq!(
+            ok(r"-c statement_timeout=5s --search-path=a\ b -cwork_mem=4MB"),
+            [
+                ("statement_timeout".to_string(), "5s".to_string()),
+                ("search_path".to_string(), "a b".to_string()),
+                ("work_mem".to_string(), "4MB".to_string()),
+            ]
+        );
+        assert_eq!(
+            join_options(&ok(r"--search-path=a\ b\\c")),
+            r"-c search_path=a\ b\\c"
+        );
+        for bad in [
+            "-c role=postgres",
+            "-c ROLE=postgres",
+            "--session-authorization=postgres",
+            "-c client_encoding=SJIS",
+            "-c app.tenant=other",
+            "-c default_transaction_read_only=off",
+            "-e",
+            "-c",
+            "-c statement_timeout",
+            "statement_timeout=1",
+        ] {
+            assert!(options_settings(bad, &pinned).is_err(), "{bad} accepted");
+        }
+    }
 
     #[test]
     fn literals_do_not_depend_on_standard_conforming_strings() {

@@ -284,6 +284,15 @@ async fn wrong_credentials_cancel_upstream_down_and_concurrency() {
         connect(&opts).await.err().map(code).as_deref(),
         Some("0A000")
     );
+    // Other settings in `options` (PGOPTIONS) reach the server.
+    let opts = format!("{}?options=-c%20statement_timeout%3D1234", r.dsn);
+    let client = connect(&opts).await.expect("options with a setting");
+    let row = client
+        .query_one("show statement_timeout", &[])
+        .await
+        .expect("show");
+    assert_eq!(row.get::<_, String>(0), "1234ms");
+    drop(client);
 
     // Cancel of pg_sleep returns within a second.
     let client = connect(&r.dsn).await.expect("connect");
