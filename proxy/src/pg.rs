@@ -44,7 +44,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// SCRAM iteration count used for the sandbox-side verifier.
 pub const SCRAM_ITERATIONS: u32 = 4096;
 /// Startup parameters a client may set; others are not forwarded. `replication` is
-/// refused; `options` is checked ([`options_settings`]) and forwarded as rebuilt.
+/// refused; `options` is checked (only `-c name=value` settings, none changing the role or
+/// a pinned setting) and forwarded as rebuilt.
 pub const ALLOWED_PARAMS: &[&str] = &[
     "application_name",
     "client_encoding",
