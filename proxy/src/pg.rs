@@ -1373,6 +1373,12 @@ type Upstream = (
 enum UpstreamAddr {
     Tcp(SocketAddr),
     Unix(Arc<Path>),
+    /// Through the policy's `upstream_proxy` (the proxy resolves the host).
+    Proxied {
+        policy: Arc<iron_policy::Policy>,
+        host: String,
+        port: u16,
+    },
 }
 
 impl UpstreamAddr {
@@ -1381,6 +1387,16 @@ impl UpstreamAddr {
         Ok(match self {
             Self::Tcp(a) => Box::new(TcpStream::connect(a).await?),
             Self::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
+            Self::Proxied { policy, host, port } => Box::new(
+                crate::upstream::dial_tcp(
+                    policy,
+                    host,
+                    *port,
+                    policy.proxy.limits.upstream_connect_timeout,
+                )
+                .await
+                .map_err(std::io::Error::other)?,
+            ),
         })
     }
 }
@@ -1614,26 +1630,53 @@ async fn dial_tcp(
     let policy = rt.policy();
     let host = iron_policy::normalize_host(&dsn.host)
         .ok_or_else(|| unreachable("invalid upstream host".into()))?;
-    let addrs = crate::upstream::resolve_checked(&policy, &host, dsn.port)
-        .await
-        .map_err(|e| match e {
-            crate::upstream::DialError::Denied { .. } => refuse(
-                "08006",
-                "destination_address_denied",
-                "the upstream address is in a denied range",
-            ),
-            crate::upstream::DialError::Resolve { .. } => {
-                unreachable("the upstream host does not resolve".into())
-            }
-        })?;
+    let denied = || {
+        refuse(
+            "08006",
+            "destination_address_denied",
+            "the upstream address is in a denied range",
+        )
+    };
     let timeout = policy.proxy.limits.upstream_connect_timeout;
-    let mut tcp = tokio::time::timeout(timeout, TcpStream::connect(&addrs[..]))
-        .await
-        .map_err(|_| unreachable("connecting to the upstream timed out".into()))?
-        .map_err(|_| unreachable("could not connect to the upstream".into()))?;
-    let addr = tcp
-        .peer_addr()
-        .map_err(|_| unreachable("upstream connection failed".into()))?;
+    let proxied = policy
+        .proxy
+        .upstream_proxy
+        .as_ref()
+        .is_some_and(|p| p.covers(&host));
+    let (mut tcp, addr) = if proxied {
+        // Through the `upstream_proxy` with CONNECT; a CancelRequest goes the same way.
+        let tcp = crate::upstream::dial_tcp(&policy, &host, dsn.port, timeout)
+            .await
+            .map_err(|e| match e.downcast_ref::<crate::upstream::DialError>() {
+                Some(crate::upstream::DialError::Denied { .. }) => denied(),
+                _ => unreachable(
+                    "could not connect to the upstream through the upstream proxy".into(),
+                ),
+            })?;
+        let addr = UpstreamAddr::Proxied {
+            policy: policy.clone(),
+            host: host.clone(),
+            port: dsn.port,
+        };
+        (tcp, addr)
+    } else {
+        let addrs = crate::upstream::resolve_checked(&policy, &host, dsn.port)
+            .await
+            .map_err(|e| match e {
+                crate::upstream::DialError::Denied { .. } => denied(),
+                crate::upstream::DialError::Resolve { .. } => {
+                    unreachable("the upstream host does not resolve".into())
+                }
+            })?;
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(&addrs[..]))
+            .await
+            .map_err(|_| unreachable("connecting to the upstream timed out".into()))?
+            .map_err(|_| unreachable("could not connect to the upstream".into()))?;
+        let addr = tcp
+            .peer_addr()
+            .map_err(|_| unreachable("upstream connection failed".into()))?;
+        (tcp, UpstreamAddr::Tcp(addr))
+    };
     let _ = tcp.set_nodelay(true);
     let mut tls_cert_hash: Option<Vec<u8>> = None;
     let stream: Box<dyn Stream> = if dsn.sslmode == SslMode::Disable {
@@ -1682,7 +1725,7 @@ async fn dial_tcp(
             }
         }
     };
-    Ok((stream, UpstreamAddr::Tcp(addr), tls_cert_hash))
+    Ok((stream, addr, tls_cert_hash))
 }
 
 /// The (name, value) of a ParameterStatus ('S') message body.

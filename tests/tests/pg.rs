@@ -850,6 +850,39 @@ async fn an_upstream_skipping_its_half_of_the_login_is_refused() {
     }
 }
 
+/// `upstream_proxy` (REFERENCE D19): the relay reaches Postgres through the corporate
+/// proxy with `CONNECT`, and a CancelRequest goes the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_dials_through_the_upstream_proxy() {
+    let Some(c) = cluster() else { return };
+    let corp = iron_tests::corp_proxy::CorpProxy::start().await;
+    let real = format!(
+        "postgresql://app:{APP_PASSWORD}@db.corp.test:{}/app?sslmode=disable",
+        c.port
+    );
+    let r = relay_with(
+        "",
+        &format!("upstream_proxy = \"http://{}\"", corp.addr),
+        None,
+        &real,
+    )
+    .await;
+    let (ok, out, err) = psql(&r.dsn, "select current_user");
+    assert!(ok, "{err}");
+    assert_eq!(out, "app");
+    // The name went to the proxy as it is (it does not resolve here).
+    let target = format!("db.corp.test:{}", c.port);
+    assert_eq!(corp.targets(), std::slice::from_ref(&target));
+    let client = connect(&r.dsn).await.expect("connect");
+    let (sqlstate, _) = cancel_a_sleeping_query(client).await;
+    assert_eq!(sqlstate.as_deref(), Some("57014"));
+    assert_eq!(
+        corp.targets().len(),
+        3,
+        "login and cancel through the proxy"
+    );
+}
+
 /// A DSN whose host is a Unix socket directory (libpq's form, key-value and URI with `%2F`)
 /// is reached over that socket: the session works, the server sees no client address (it
 /// was not TCP), a cancel reaches the same socket, and a missing socket is a clean 08006.
