@@ -335,11 +335,7 @@ impl tower_service::Service<http::Uri> for Dial {
     fn call(&mut self, dst: http::Uri) -> Self::Future {
         let host = dst
             .host()
-            .map(|h| {
-                h.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_ascii_lowercase()
-            })
+            .and_then(iron_policy::normalize_host)
             .unwrap_or_default();
         if let Some((tunnel, proxy)) = &self.tunnel
             && proxy.covers(&host)

@@ -184,7 +184,7 @@ impl Origin {
                 let fixed = fixed.clone();
                 tokio::spawn(async move {
                     if plain {
-                        serve(shared, TokioIo::new(tcp), None).await;
+                        serve(shared, TokioIo::new(tcp), None, false).await;
                         return;
                     }
                     let acceptor = tokio_rustls::LazyConfigAcceptor::new(
@@ -204,11 +204,8 @@ impl Origin {
                     let Ok(tls) = start.into_stream(config).await else {
                         return;
                     };
-                    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        serve_h2(shared, TokioIo::new(tls), sni).await;
-                        return;
-                    }
-                    serve(shared, TokioIo::new(tls), sni).await;
+                    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve(shared, TokioIo::new(tls), sni, h2).await;
                 });
             }
         });
@@ -245,7 +242,8 @@ impl Origin {
     }
 }
 
-async fn serve<I>(shared: Arc<Shared>, io: I, sni: Option<String>)
+/// Serves one connection, over HTTP/2 when `h2` (ALPN chose it), else HTTP/1.1.
+async fn serve<I>(shared: Arc<Shared>, io: I, sni: Option<String>, h2: bool)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -254,24 +252,16 @@ where
         let sni = sni.clone();
         async move { Ok::<_, Infallible>(route(shared, req, sni).await) }
     });
-    let _ = http1::Builder::new()
-        .serve_connection(io, svc)
-        .with_upgrades()
-        .await;
-}
-
-async fn serve_h2<I>(shared: Arc<Shared>, io: I, sni: Option<String>)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let shared = shared.clone();
-        let sni = sni.clone();
-        async move { Ok::<_, Infallible>(route(shared, req, sni).await) }
-    });
-    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .serve_connection(io, svc)
-        .await;
+    if h2 {
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(io, svc)
+            .await;
+    } else {
+        let _ = http1::Builder::new()
+            .serve_connection(io, svc)
+            .with_upgrades()
+            .await;
+    }
 }
 
 async fn route(

@@ -281,11 +281,7 @@ impl Service<http::Uri> for Dial {
     fn call(&mut self, dst: http::Uri) -> Self::Future {
         let host = dst
             .host()
-            .map(|h| {
-                h.trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_ascii_lowercase()
-            })
+            .and_then(iron_policy::normalize_host)
             .unwrap_or_default();
         let port = dst
             .port_u16()
