@@ -29,7 +29,7 @@ pub use matcher::{
     Applied, COMMON_HEADERS, Location, Plan, PlanError, RequestView, Rewritten, SecretValues,
 };
 pub use model::{
-    BrokeredSpec, ClientAuth, Egress, GcpSpec, Grant, HeaderSelector, HttpMode, InjectFormatter,
-    InjectTarget, Limits, OAuthSpec, PgSpec, Policy, Pos, ProxySettings, Secret, SecretKind,
-    SourceKind, SourceRef, Stub, TokenEndpoint, UpstreamCa, UpstreamProxy,
+    BrokeredSpec, Caller, ClientAuth, Egress, GcpSpec, Grant, Grants, HeaderSelector, HttpMode,
+    InjectFormatter, InjectTarget, Limits, OAuthSpec, PgSpec, Policy, Pos, ProxySettings, Secret,
+    SecretKind, SourceKind, SourceRef, Stub, TokenEndpoint, UpstreamCa, UpstreamProxy,
 };

@@ -18,7 +18,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use smallvec::SmallVec;
 
 use crate::encoding::{decode_mapped, encode_component};
-use crate::model::{HttpMode, InjectTarget, Policy, Secret};
+use crate::model::{Grants, HttpMode, InjectTarget, Policy, Secret};
 
 /// The compiled placeholder automaton over the HTTP-applied secrets (`pg_dsn` secrets are
 /// relayed, not matched). `owners[i]` is the secret index of pattern `i`.
@@ -207,6 +207,13 @@ pub enum PlanError {
         /// The request method.
         method: String,
     },
+    /// The placeholder of a secret the request's caller is not granted
+    /// ([`crate::Caller::grants`]): 403 `secret_not_granted`.
+    #[error("secret `{secret}` is not granted to this caller")]
+    NotGranted {
+        /// Secret name.
+        secret: String,
+    },
     /// A secret would be sent over cleartext HTTP (decision 4): 403
     /// `cleartext_injection_refused`.
     #[error("secret `{secret}` would be sent in {location} over cleartext http")]
@@ -388,6 +395,18 @@ impl Policy {
     /// [`PlanError::CleartextInjectionRefused`]
     /// when a secret would go over cleartext without `allow_plaintext`.
     pub fn plan(&self, req: &RequestView<'_>) -> Result<Plan, PlanError> {
+        self.plan_for(req, &Grants::All)
+    }
+
+    /// [`Policy::plan`] for a caller with `grants` ([`crate::Caller`]): a secret it is not
+    /// granted is never applied. Its placeholder anywhere in the request is refused, and a
+    /// secret that injects is left out (the next most specific granted one on the same
+    /// target, if any, goes in its place).
+    ///
+    /// # Errors
+    /// Those of [`Policy::plan`], and [`PlanError::NotGranted`] for the placeholder of a
+    /// secret outside `grants` (checked before where it was found).
+    pub fn plan_for(&self, req: &RequestView<'_>, grants: &Grants) -> Result<Plan, PlanError> {
         let m = &self.matcher;
         let mut plan = Plan::default();
         // No secret is swapped into a header name: a placeholder there is refused (decision
@@ -401,7 +420,7 @@ impl Policy {
         for (i, (name, value)) in req.headers.iter().enumerate() {
             let mut found = false;
             for (s, start, end) in m.find(value) {
-                self.check(req, s, Location::header(name), &mut plan)?;
+                self.check(req, grants, s, Location::header(name), &mut plan)?;
                 plan.header_spans.push((i, s, start, end));
                 found = true;
             }
@@ -413,7 +432,7 @@ impl Policy {
             if name.eq_ignore_ascii_case("authorization") {
                 if let Some((_, creds, _)) = split_basic(value) {
                     for (s, _, _) in m.find(&creds) {
-                        self.check(req, s, Location::header(name), &mut plan)?;
+                        self.check(req, grants, s, Location::header(name), &mut plan)?;
                         basic = true;
                     }
                 } else if let Some(creds) = lenient_basic(value)
@@ -433,7 +452,7 @@ impl Policy {
         }
         let path = decoded(req.path, false);
         for (s, _, _) in m.find(&path) {
-            self.check(req, s, Location::Path, &mut plan)?;
+            self.check(req, grants, s, Location::Path, &mut plan)?;
             plan.path_edit = true;
         }
         if let Some(s) = self.encoded_placeholder(&path) {
@@ -459,7 +478,7 @@ impl Policy {
             }
             let value = decoded(v, true);
             for (s, _, _) in m.find(&value) {
-                self.check(req, s, Location::Query(key_s()), &mut plan)?;
+                self.check(req, grants, s, Location::Query(key_s()), &mut plan)?;
                 plan.query_edit = true;
             }
             if let Some(s) = self.encoded_placeholder(&value) {
@@ -476,7 +495,7 @@ impl Policy {
             let Some(mine) = secret.host_specificity(req.host, req.port, req.tls) else {
                 continue;
             };
-            if self.outranked(s, target, mine, req) {
+            if !grants.allows(s) || self.outranked(s, target, mine, req, grants) {
                 continue;
             }
             if !capability_allows(secret, req) {
@@ -514,9 +533,11 @@ impl Policy {
         target: &InjectTarget,
         mine: (bool, usize, bool),
         req: &RequestView<'_>,
+        grants: &Grants,
     ) -> bool {
         self.secrets.iter().enumerate().any(|(o, other)| {
             o != s
+                && grants.allows(o)
                 && other.inject_target().is_some_and(|t| t.same(target))
                 && other
                     .host_specificity(req.host, req.port, req.tls)
@@ -565,11 +586,17 @@ impl Policy {
     fn check(
         &self,
         req: &RequestView<'_>,
+        grants: &Grants,
         s: usize,
         location: Location,
         plan: &mut Plan,
     ) -> Result<(), PlanError> {
         let secret = &self.secrets[s];
+        if !grants.allows(s) {
+            return Err(PlanError::NotGranted {
+                secret: secret.name.clone(),
+            });
+        }
         let not_allowed = || PlanError::PlaceholderNotAllowed {
             secret: secret.name.clone(),
             location: location.clone(),

@@ -19,7 +19,8 @@ use crate::error::{Diagnostic, PolicyErrors, Severity, line_col};
 use crate::host::{HostPattern, PortSpec, PublicSuffix};
 use crate::matcher::PlaceholderMatcher;
 use crate::raw::{
-    RawCapability, RawFragment, RawLimits, RawPolicy, RawProxy, RawRateLimit, RawSecret, RawSource,
+    RawCaller, RawCapability, RawFragment, RawLimits, RawPolicy, RawProxy, RawRateLimit, RawSecret,
+    RawSource,
 };
 
 /// A 1-based line and column in the policy file, kept so later checks (source presence)
@@ -889,6 +890,51 @@ impl Secret {
     }
 }
 
+/// One `[[callers]]` entry: a client of the proxy port, known by its proxy credential
+/// (REFERENCE.md D21: optional mandatory caller authentication at the front door), and the
+/// secrets it is granted (the seeds' access grants).
+///
+/// When the policy has any caller, every request on the proxy port (each CONNECT, each
+/// absolute-form request) must carry `Proxy-Authorization` with one caller's token:
+/// `Basic` (RFC 7617; the user name is not checked, the password is the token: what
+/// clients send for `HTTPS_PROXY=http://NAME:TOKEN@HOST:PORT`) or `Bearer TOKEN`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's name: the audit log's `caller`, and the user name `iron-proxy env`
+    /// puts in the proxy URL. Printable ASCII without `:` or whitespace, 1–64 bytes.
+    pub name: String,
+    /// The caller's proxy token, as a secret reference (read like any source, never
+    /// printed by `check` or the admin API).
+    pub token: SourceRef,
+    /// The secrets this caller's requests may use.
+    pub grants: Grants,
+    /// Where the entry's `name` is written.
+    pub pos: Pos,
+}
+
+/// The secrets a [`Caller`] may use: `secrets = ["*"]` for all, else the named ones.
+/// A request that carries the placeholder of a secret it is not granted is refused with
+/// 403 `secret_not_granted`; a token endpoint stub of one is refused the same way; a
+/// secret that injects (no placeholder) is not applied for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grants {
+    /// Every secret, also those added later (`secrets = ["*"]`), and the answer for a
+    /// policy without callers.
+    All,
+    /// By index into [`Policy::secrets`]: `true` for a granted secret.
+    Only(Vec<bool>),
+}
+
+impl Grants {
+    /// True when secret `index` (into [`Policy::secrets`]) is granted.
+    pub fn allows(&self, index: usize) -> bool {
+        match self {
+            Self::All => true,
+            Self::Only(granted) => granted.get(index).copied().unwrap_or(false),
+        }
+    }
+}
+
 /// A validated policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -898,6 +944,9 @@ pub struct Policy {
     pub proxy: ProxySettings,
     /// `[[secrets]]`, in file order.
     pub secrets: Vec<Secret>,
+    /// `[[callers]]`, in file order; empty: the proxy port takes requests without
+    /// `Proxy-Authorization`, and every secret is usable by every client.
+    pub callers: Vec<Caller>,
     /// Warnings found while loading (catch-all patterns, short placeholders, shadowing…).
     pub warnings: Vec<Diagnostic>,
     /// Every file read: the policy, then its drop-in fragments in load order.
@@ -1197,6 +1246,7 @@ impl Policy {
                 }
             }
         }
+        let callers = cx.callers(&raw.callers, &secrets);
         diags.append(&mut cx.diags);
         diags.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
         if diags.iter().any(|d| d.severity == Severity::Error) {
@@ -1215,6 +1265,7 @@ impl Policy {
             path: path.to_path_buf(),
             proxy,
             secrets,
+            callers,
             warnings: diags,
             files,
             watch_dirs,
@@ -1225,6 +1276,11 @@ impl Policy {
     /// The secret named `name`.
     pub fn secret(&self, name: &str) -> Option<&Secret> {
         self.secrets.iter().find(|s| s.name == name)
+    }
+
+    /// The caller named `name`.
+    pub fn caller(&self, name: &str) -> Option<&Caller> {
+        self.callers.iter().find(|c| c.name == name)
     }
 
     /// The stub, if any, that answers a request to `host:port` `path` (see [`Stub`]), with
@@ -1385,6 +1441,87 @@ impl Cx<'_> {
     fn pos(&self, offset: usize) -> Pos {
         let (line, col) = line_col(self.text, offset);
         Pos { line, col }
+    }
+
+    /// Validates the `[[callers]]` entries against the final secret list (drop-ins
+    /// included): names unique and usable as a proxy URL's user name, a token source each,
+    /// and grants naming known secrets (or `"*"`).
+    fn callers(&mut self, raw: &[Spanned<RawCaller>], secrets: &[Secret]) -> Vec<Caller> {
+        let mut out: Vec<Caller> = Vec::new();
+        for c in raw {
+            let at = c.span().start;
+            let c = c.get_ref();
+            let Some(name) = &c.name else {
+                self.error(at, "caller: missing `name`".into());
+                continue;
+            };
+            let name_at = name.span().start;
+            let name = name.get_ref();
+            if name.is_empty()
+                || name.len() > 64
+                || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+            {
+                self.error(
+                    name_at,
+                    format!("caller `{name}`: a name is 1–64 printable ASCII characters without `:` or spaces (it is the proxy URL's user name)"),
+                );
+                continue;
+            }
+            if out.iter().any(|o| &o.name == name) {
+                self.error(name_at, format!("duplicate caller name `{name}`"));
+                continue;
+            }
+            let token = match &c.token {
+                Some(t) => self.source(t, &format!("caller {name}: token")),
+                None => {
+                    self.error(
+                        name_at,
+                        format!("caller `{name}`: missing `token` (a secret reference: {{ env = \"VAR\" }} or {{ file = \"path\" }})"),
+                    );
+                    None
+                }
+            };
+            let grants = match &c.secrets {
+                None => {
+                    self.error(
+                        name_at,
+                        format!("caller `{name}`: missing `secrets` (the secrets it may use; [\"*\"] for all)"),
+                    );
+                    None
+                }
+                Some(list) if list.get_ref().iter().any(|s| s.get_ref() == "*") => {
+                    if list.get_ref().len() > 1 {
+                        self.error(
+                            list.span().start,
+                            format!("caller `{name}`: `\"*\"` grants every secret; list nothing beside it"),
+                        );
+                    }
+                    Some(Grants::All)
+                }
+                Some(list) => {
+                    let mut granted = vec![false; secrets.len()];
+                    for s in list.get_ref() {
+                        match secrets.iter().position(|x| &x.name == s.get_ref()) {
+                            Some(i) => granted[i] = true,
+                            None => self.error(
+                                s.span().start,
+                                format!("caller `{name}`: no secret named `{}`", s.get_ref()),
+                            ),
+                        }
+                    }
+                    Some(Grants::Only(granted))
+                }
+            };
+            if let (Some(token), Some(grants)) = (token, grants) {
+                out.push(Caller {
+                    name: name.clone(),
+                    token,
+                    grants,
+                    pos: self.pos(name_at),
+                });
+            }
+        }
+        out
     }
 
     /// Validates `raw` secrets into `out`. A name already in `out` from another file is

@@ -16,6 +16,17 @@ pub(crate) struct RawPolicy {
     pub proxy: Option<Spanned<RawProxy>>,
     #[serde(default)]
     pub secrets: Vec<Spanned<RawSecret>>,
+    #[serde(default)]
+    pub callers: Vec<Spanned<RawCaller>>,
+}
+
+/// One `[[callers]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCaller {
+    pub name: Option<Spanned<String>>,
+    pub token: Option<Spanned<RawSource>>,
+    pub secrets: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// A drop-in fragment named by `include`: secrets only.

@@ -124,6 +124,12 @@ pub struct AuditRecord {
     /// Client address (`IP:PORT`).
     #[serde(serialize_with = "client_addr")]
     pub client: SocketAddr,
+    /// The authenticated caller (`[[callers]]`), when the policy has callers.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "caller_name"
+    )]
+    pub caller: Option<std::sync::Arc<str>>,
     /// HTTP method (`CONNECT` for tunnels; `STARTUP` and `CANCEL` for Postgres relay
     /// sessions); the standard ones are not copied.
     pub method: Cow<'static, str>,
@@ -181,6 +187,7 @@ impl AuditRecord {
             kind,
             request_id,
             client,
+            caller: None,
             method: static_method(method)
                 .map_or_else(|| Cow::Owned(method.to_string()), Cow::Borrowed),
             host: String::new(),
@@ -333,6 +340,9 @@ impl AuditRecord {
             Some(text) => json_str(out, text.as_str()),
             None => json_str(out, &self.client.to_string()),
         }
+        if let Some(c) = &self.caller {
+            put_str(out, b",\"caller\":", c);
+        }
         put_str(out, b",\"method\":", &self.method);
         put_str(out, b",\"host\":", &self.host);
         put_int(out, b",\"port\":", self.port);
@@ -367,6 +377,14 @@ impl AuditRecord {
         }
         out.push(b'}');
     }
+}
+
+/// The caller's name as a JSON string (serde's `Arc` support is a feature not built here).
+fn caller_name<S: serde::Serializer>(
+    caller: &Option<std::sync::Arc<str>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(caller.as_deref().unwrap_or_default())
 }
 
 /// `s` as a JSON string: copied as is when nothing in it needs escaping (RFC 8259 §7: a

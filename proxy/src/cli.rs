@@ -45,6 +45,10 @@ enum Command {
         /// The policy file.
         #[arg(long)]
         policy: PathBuf,
+        /// The caller (`[[callers]]`) the sandbox is: its token goes in the proxy URL, and
+        /// only its granted secrets get variables. Required when the policy has callers.
+        #[arg(long)]
+        caller: Option<String>,
     },
     /// Run the proxy in-process on a free port and CMD with the sandbox environment;
     /// exit with CMD's status.
@@ -57,6 +61,9 @@ enum Command {
         /// CMD runs as the proxy's user and a warning says what it can read.
         #[arg(long)]
         user: Option<String>,
+        /// The caller (`[[callers]]`) CMD is, as for `env`.
+        #[arg(long)]
+        caller: Option<String>,
         /// The command and its arguments.
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         cmd: Vec<String>,
@@ -180,20 +187,29 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve { policy } => serve(&policy).await,
-        Command::Env { policy } => {
+        Command::Env { policy, caller } => {
             let policy = load(&policy)?;
             let dir = state::state_dir();
+            let sources = SourceResolver::new(Arc::new(ProcessEnv));
+            let caller = sandbox::sandbox_caller(&policy, &sources, caller.as_deref())
+                .map_err(anyhow::Error::msg)?;
             let ca = state::load_ca(&policy, &dir).map_err(anyhow::Error::msg)?;
             let mut extra = state::gcp_stub_env(&policy, &dir).map_err(anyhow::Error::msg)?;
-            let sources = SourceResolver::new(Arc::new(ProcessEnv));
             extra.extend(
-                sandbox::pg_env(&policy, &sources, &dir, &ca, &[]).map_err(anyhow::Error::msg)?,
+                sandbox::pg_env(&policy, &sources, &dir, &ca, &[], caller.as_ref())
+                    .map_err(anyhow::Error::msg)?,
             );
-            let env = sandbox::sandbox_env(&policy, policy.proxy.listen, &ca, &extra);
+            let env =
+                sandbox::sandbox_env(&policy, policy.proxy.listen, &ca, &extra, caller.as_ref());
             print!("{}", sandbox::export_lines(&env));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { policy, user, cmd } => run(&policy, user.as_deref(), &cmd).await,
+        Command::Run {
+            policy,
+            user,
+            caller,
+            cmd,
+        } => run(&policy, user.as_deref(), caller.as_deref(), &cmd).await,
         Command::Secrets { command } => secrets(command).await,
         Command::Reload { policy, admin } => {
             // The bearer token goes only to an address the operator named (flag or
@@ -536,10 +552,17 @@ fn resolve_user(spec: &str) -> anyhow::Result<(u32, u32)> {
     }
 }
 
-async fn run(policy_path: &Path, user: Option<&str>, cmd: &[String]) -> anyhow::Result<ExitCode> {
+async fn run(
+    policy_path: &Path,
+    user: Option<&str>,
+    caller: Option<&str>,
+    cmd: &[String],
+) -> anyhow::Result<ExitCode> {
     let run_as = user.map(resolve_user).transpose()?;
     harden_process();
     let (rt, ca) = runtime(policy_path).await?;
+    let caller =
+        sandbox::sandbox_caller(&rt.policy(), &rt.sources, caller).map_err(anyhow::Error::msg)?;
     let proxy = start(rt.clone(), std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .context("failed to start the proxy")?;
@@ -552,9 +575,10 @@ async fn run(policy_path: &Path, user: Option<&str>, cmd: &[String]) -> anyhow::
     let policy = rt.policy();
     let mut extra = state::gcp_stub_env(&policy, &dir).map_err(anyhow::Error::msg)?;
     extra.extend(
-        sandbox::pg_env(&policy, &rt.sources, &dir, &ca, &relays).map_err(anyhow::Error::msg)?,
+        sandbox::pg_env(&policy, &rt.sources, &dir, &ca, &relays, caller.as_ref())
+            .map_err(anyhow::Error::msg)?,
     );
-    let env = sandbox::sandbox_env(&policy, proxy.addr, &ca, &extra);
+    let env = sandbox::sandbox_env(&policy, proxy.addr, &ca, &extra, caller.as_ref());
     let Some((program, args)) = cmd.split_first() else {
         bail!("no command given");
     };
@@ -567,7 +591,8 @@ async fn run(policy_path: &Path, user: Option<&str>, cmd: &[String]) -> anyhow::
             .secrets
             .iter()
             .flat_map(|s| s.sources().into_iter().map(|(_, src)| src))
-            .chain(policy.proxy.admin_token.iter()),
+            .chain(policy.proxy.admin_token.iter())
+            .chain(policy.callers.iter().map(|c| &c.token)),
     ) {
         child.env_remove(var);
     }

@@ -27,6 +27,33 @@ pub enum ProxyError {
     /// (decision 1). 421 `authority_mismatch`.
     #[error("request authority does not match the connection's destination")]
     AuthorityMismatch,
+    /// The policy has callers and the request carries no `Proxy-Authorization`, or none
+    /// with a caller's token (REFERENCE.md D21). 407 `proxy_auth_required` with
+    /// `Proxy-Authenticate: Basic realm="iron-proxy"` (RFC 9110 §11.7.1).
+    #[error(
+        "proxy authentication required: send Proxy-Authorization with a caller's token (Basic, the token as password, or Bearer)"
+    )]
+    ProxyAuthRequired,
+    /// A caller's token source could not be read, and no other caller's token matched.
+    /// 503 `caller_token_unavailable`.
+    #[error("a caller token source is unavailable; the request cannot be authenticated")]
+    CallerTokenUnavailable,
+    /// The caller a tunnel authenticated as is no longer in the policy (a reload removed
+    /// it). 403 `caller_revoked`.
+    #[error("caller {caller} is no longer in the policy")]
+    CallerRevoked {
+        /// Caller name.
+        caller: String,
+    },
+    /// The request carries the placeholder of (or asks a token stub of) a secret its
+    /// caller is not granted. 403 `secret_not_granted`.
+    #[error("secret {secret} is not granted to caller {caller}")]
+    SecretNotGranted {
+        /// Secret name.
+        secret: String,
+        /// Caller name.
+        caller: String,
+    },
     /// The destination is not on the egress allowlist (decision 5).
     /// 403 `destination_not_allowed`.
     #[error("destination {host}:{port} is not allowed by the egress policy")]
@@ -111,10 +138,16 @@ pub enum ProxyError {
     ProxyOverloaded,
 }
 
-impl From<PlanError> for ProxyError {
-    fn from(e: PlanError) -> Self {
+impl ProxyError {
+    /// `e` as the response error, for a request by `caller` (named in a
+    /// [`ProxyError::SecretNotGranted`]).
+    pub fn from_plan(e: PlanError, caller: Option<&str>) -> Self {
         let loc = |l: &Location| l.to_string();
         match e {
+            PlanError::NotGranted { secret } => Self::SecretNotGranted {
+                secret,
+                caller: caller.unwrap_or_default().to_string(),
+            },
             PlanError::PlaceholderNotAllowed { secret, location } => Self::PlaceholderNotAllowed {
                 secret,
                 location: loc(&location),
@@ -130,13 +163,14 @@ impl From<PlanError> for ProxyError {
             }
         }
     }
-}
 
-impl ProxyError {
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest(_) | Self::InvalidPath => StatusCode::BAD_REQUEST,
+            Self::ProxyAuthRequired => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Self::CallerTokenUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CallerRevoked { .. } | Self::SecretNotGranted { .. } => StatusCode::FORBIDDEN,
             Self::AuthorityMismatch => StatusCode::MISDIRECTED_REQUEST,
             Self::DestinationNotAllowed { .. }
             | Self::DestinationAddressDenied { .. }
@@ -160,6 +194,10 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) => "bad_request",
             Self::InvalidPath => "invalid_path",
+            Self::ProxyAuthRequired => "proxy_auth_required",
+            Self::CallerTokenUnavailable => "caller_token_unavailable",
+            Self::CallerRevoked { .. } => "caller_revoked",
+            Self::SecretNotGranted { .. } => "secret_not_granted",
             Self::AuthorityMismatch => "authority_mismatch",
             Self::DestinationNotAllowed { .. } => "destination_not_allowed",
             Self::DestinationAddressDenied { .. } => "destination_address_denied",
@@ -215,6 +253,12 @@ impl ProxyError {
         );
         if let Some(secs) = self.retry_after() {
             h.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if *self == Self::ProxyAuthRequired {
+            h.insert(
+                http::header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"iron-proxy\""),
+            );
         }
         resp
     }

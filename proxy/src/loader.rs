@@ -28,6 +28,58 @@ pub fn load_for_serving(path: &Path, env: Arc<dyn Env>) -> (Option<Policy>, Vec<
     load_with(path, env, false)
 }
 
+/// Checks each caller's token (`[[callers]]`): readable (an unset variable is a warning
+/// when serving: that caller gets 503 until it is set), at least 16 bytes (warning: a
+/// short token can be guessed), and different from every other caller's (error: the later
+/// caller could never be told apart).
+fn caller_tokens(policy: &Policy, sources: &SourceResolver, strict: bool) -> Vec<Diagnostic> {
+    let mut diags = Vec::new();
+    let mut seen: Vec<(&str, iron_broker::SecretValue)> = Vec::new();
+    for c in &policy.callers {
+        let mut at = |severity: Severity, message: String| {
+            diags.push(Diagnostic {
+                file: policy.path.clone(),
+                line: c.token.pos.line,
+                col: c.token.pos.col,
+                severity,
+                message: format!("caller `{}`: token: {message}", c.name),
+            });
+        };
+        match sources.resolve(&c.token) {
+            Err(e) => at(
+                if strict || !e.is_missing() {
+                    Severity::Error
+                } else {
+                    Severity::Warning
+                },
+                format!("{e} (its requests get 503 caller_token_unavailable until it is set)"),
+            ),
+            Ok(token) => {
+                if token.expose().len() < 16 {
+                    at(
+                        Severity::Warning,
+                        format!(
+                            "{} bytes; use at least 16 random bytes (e.g. `openssl rand -hex 32`)",
+                            token.expose().len()
+                        ),
+                    );
+                }
+                if let Some((other, _)) = seen
+                    .iter()
+                    .find(|(_, t)| iron_broker::ct_eq(t.expose(), token.expose()))
+                {
+                    at(
+                        Severity::Error,
+                        format!("the same as caller `{other}`'s; each caller needs its own"),
+                    );
+                }
+                seen.push((&c.name, token));
+            }
+        }
+    }
+    diags
+}
+
 fn load_with(path: &Path, env: Arc<dyn Env>, strict: bool) -> (Option<Policy>, Vec<Diagnostic>) {
     let policy = match Policy::load(path) {
         Ok(p) => p,
@@ -132,6 +184,7 @@ fn load_with(path: &Path, env: Arc<dyn Env>, strict: bool) -> (Option<Policy>, V
             ),
         });
     }
+    diags.extend(caller_tokens(&policy, &sources, strict));
     let top = |message: String| Diagnostic {
         file: path.to_path_buf(),
         line: 1,

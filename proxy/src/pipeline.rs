@@ -66,17 +66,22 @@ pub struct Conn {
     pub slot: Option<Arc<crate::server::Slot>>,
     /// The listener's shutdown phase.
     pub shutdown: tokio::sync::watch::Receiver<crate::Phase>,
+    /// Inside a tunnel: the caller its CONNECT authenticated as (`[[callers]]`); `None`
+    /// when the policy had no callers, and always on the proxy port itself, where each
+    /// absolute-form request authenticates on its own.
+    pub caller: Option<Arc<str>>,
 }
 
 impl Conn {
-    /// The connection of a tunnel this client connection opened to `dest`: same client,
-    /// slot and shutdown signal.
-    pub fn tunnel(&self, dest: Dest) -> Self {
+    /// The connection of a tunnel this client connection opened to `dest` as `caller`:
+    /// same client, slot and shutdown signal.
+    pub fn tunnel(&self, dest: Dest, caller: Option<Arc<str>>) -> Self {
         Self {
             client: self.client,
             dest: Some(dest),
             slot: self.slot.clone(),
             shutdown: self.shutdown.clone(),
+            caller,
         }
     }
 }
@@ -419,6 +424,24 @@ async fn exchange(
     let active = rt.active();
     let policy = &active.policy;
 
+    // the caller: a tunnel's is its CONNECT's; an absolute-form request names its own
+    let caller = match &conn.dest {
+        Some(_) => conn.caller.clone(),
+        None => crate::callers::authenticate(rt, policy, req.headers()).inspect_err(|_| {
+            let rec = guard.rec();
+            rec.host = req
+                .uri()
+                .host()
+                .and_then(normalize_host)
+                .unwrap_or_default();
+            rec.path.push_str(req.uri().path());
+        })?,
+    };
+    if caller.is_some() {
+        guard.rec().caller.clone_from(&caller);
+    }
+    let grants = crate::callers::grants(policy, caller.as_deref())?;
+
     // bind
     let (host, port, tls) = match bind(conn, &req) {
         Ok(b) => b,
@@ -475,6 +498,12 @@ async fn exchange(
     // token-endpoint stubs: answered here, never forwarded
     if let Some((s, stub)) = stub {
         let secret = &policy.secrets[s];
+        if !grants.allows(s) {
+            return Err(ProxyError::SecretNotGranted {
+                secret: secret.name.clone(),
+                caller: caller.as_deref().unwrap_or_default().to_string(),
+            });
+        }
         let mut rec = guard.rec.take().unwrap_or_else(|| {
             AuditRecord::new("request", crate::RequestId::default(), conn.client, "")
         });
@@ -558,7 +587,9 @@ async fn exchange(
         query,
         headers: &view_headers,
     };
-    let mut plan = policy.plan(&view)?;
+    let mut plan = policy
+        .plan_for(&view, grants)
+        .map_err(|e| ProxyError::from_plan(e, caller.as_deref()))?;
     // A WebSocket upgrade also takes the values of the secrets bound to this host whose
     // placeholders are swapped in its text messages (`websocket_frames`), whether or not
     // the upgrade request itself carries them: resolved, rate-counted and audited here once.
@@ -569,6 +600,7 @@ async fn exchange(
             .enumerate()
             .filter(|&(i, s)| {
                 s.websocket_frames
+                    && grants.allows(i)
                     && s.enabled
                     && !plan.secrets.contains(&i)
                     && !matches!(s.kind, SecretKind::Pg(_))

@@ -3,12 +3,111 @@
 
 use std::net::SocketAddr;
 
-use iron_policy::Policy;
+use iron_policy::{Grants, Policy};
 
 use crate::state::CaFiles;
 
-/// The variables, in output order: proxy settings (both cases), CA variables for every
-/// common client, and one placeholder variable per secret (`NAME=PLACEHOLDER`).
+/// The caller a sandbox runs as (`[[callers]]`): its name and token go in the proxy URL
+/// (`http://NAME:TOKEN@HOST:PORT`, percent-encoded, RFC 3986 §3.2.1), and only the secrets
+/// it is granted get a variable. `Debug` never shows the token.
+pub struct SandboxCaller {
+    /// The caller's name.
+    pub name: String,
+    /// What it may use.
+    pub grants: Grants,
+    token: String,
+}
+
+impl std::fmt::Debug for SandboxCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxCaller")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The caller `name` of `policy`, with its token read from its source: `None` when the
+/// policy has no callers and no name was given.
+///
+/// # Errors
+/// A message when the policy has callers and `name` is `None` (a sandbox without a token
+/// would get 407 on every request) or names none of them, when `name` is given but the
+/// policy has no callers, or when the token cannot be read or is not UTF-8 text.
+pub fn sandbox_caller(
+    policy: &Policy,
+    sources: &iron_broker::SourceResolver,
+    name: Option<&str>,
+) -> Result<Option<SandboxCaller>, String> {
+    let names = || {
+        policy
+            .callers
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let caller = match (name, policy.callers.is_empty()) {
+        (None, true) => return Ok(None),
+        (None, false) => {
+            return Err(format!(
+                "the policy has [[callers]]: pass --caller NAME (one of: {})",
+                names()
+            ));
+        }
+        (Some(n), true) => return Err(format!("--caller {n}: the policy has no [[callers]]")),
+        (Some(n), false) => policy
+            .caller(n)
+            .ok_or_else(|| format!("--caller {n}: no such caller (the policy has: {})", names()))?,
+    };
+    let token = sources
+        .resolve(&caller.token)
+        .map_err(|e| format!("caller `{}`: token: {e}", caller.name))?;
+    let token = String::from_utf8(token.expose().to_vec())
+        .map_err(|_| format!("caller `{}`: the token is not UTF-8 text", caller.name))?;
+    Ok(Some(SandboxCaller {
+        name: caller.name.clone(),
+        grants: caller.grants.clone(),
+        token,
+    }))
+}
+
+/// The proxy URL the sandbox gets: `http://ADDR`, with `NAME:TOKEN@` for a caller.
+fn proxy_url(proxy: SocketAddr, caller: Option<&SandboxCaller>) -> String {
+    use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+    // RFC 3986 §3.2.1 userinfo: unreserved, sub-delims and ':' (not in the user name) stay;
+    // the rest is encoded.
+    const USERINFO: &AsciiSet = &CONTROLS
+        .add(b' ')
+        .add(b'"')
+        .add(b'#')
+        .add(b'%')
+        .add(b'/')
+        .add(b':')
+        .add(b'<')
+        .add(b'>')
+        .add(b'?')
+        .add(b'@')
+        .add(b'[')
+        .add(b'\\')
+        .add(b']')
+        .add(b'^')
+        .add(b'`')
+        .add(b'{')
+        .add(b'|')
+        .add(b'}');
+    match caller {
+        None => format!("http://{proxy}"),
+        Some(c) => format!(
+            "http://{}:{}@{proxy}",
+            utf8_percent_encode(&c.name, USERINFO),
+            utf8_percent_encode(&c.token, USERINFO)
+        ),
+    }
+}
+
+/// The variables, in output order: proxy settings (both cases; with the caller's name and
+/// token when there is one), CA variables for every common client, and one placeholder
+/// variable per secret (`NAME=PLACEHOLDER`; for a caller, per granted secret).
 ///
 /// Clients differ in which CA variable they read: curl `CURL_CA_BUNDLE`/`SSL_CERT_FILE`,
 /// git `GIT_SSL_CAINFO`, Python requests `REQUESTS_CA_BUNDLE`, httpx and urllib
@@ -21,8 +120,9 @@ pub fn sandbox_env(
     proxy: SocketAddr,
     ca: &CaFiles,
     extra: &[(String, String)],
+    caller: Option<&SandboxCaller>,
 ) -> Vec<(String, String)> {
-    let url = format!("http://{proxy}");
+    let url = proxy_url(proxy, caller);
     let bundle = ca.bundle.display().to_string();
     let cert = ca.cert.display().to_string();
     let mut env: Vec<(String, String)> = Vec::new();
@@ -45,8 +145,10 @@ pub fn sandbox_env(
     }
     env.push(("NODE_EXTRA_CA_CERTS".into(), cert));
     env.push(("NODE_USE_ENV_PROXY".into(), "1".into()));
-    for s in &policy.secrets {
-        if !matches!(s.kind, iron_policy::SecretKind::Pg(_)) {
+    for (i, s) in policy.secrets.iter().enumerate() {
+        if !matches!(s.kind, iron_policy::SecretKind::Pg(_))
+            && caller.is_none_or(|c| c.grants.allows(i))
+        {
             env.push((s.name.clone(), s.placeholder.clone()));
         }
     }
@@ -71,6 +173,8 @@ pub fn export_lines(env: &[(String, String)]) -> String {
 /// address and the sandbox-side credentials kept in the state directory; the address of a
 /// running relay in `relays` when it has one for the secret), plus
 /// `PGSSLROOTCERT` naming the proxy CA so `sslmode=verify-full` works against the relay.
+/// For a caller, only the secrets it is granted (the relay's own password is the grant
+/// there: a sandbox never given the DSN cannot log in).
 ///
 /// # Errors
 /// A message when a secret's DSN cannot be read or its state cannot be written.
@@ -80,10 +184,13 @@ pub fn pg_env(
     dir: &std::path::Path,
     ca: &CaFiles,
     relays: &[crate::pg::Relay],
+    caller: Option<&SandboxCaller>,
 ) -> Result<Vec<(String, String)>, String> {
     let mut env = Vec::new();
-    for s in &policy.secrets {
-        if let iron_policy::SecretKind::Pg(spec) = &s.kind {
+    for (i, s) in policy.secrets.iter().enumerate() {
+        if let iron_policy::SecretKind::Pg(spec) = &s.kind
+            && caller.is_none_or(|c| c.grants.allows(i))
+        {
             let mut side = crate::pg::client_side(sources, s, spec, dir)?;
             if let Some(r) = relays.iter().find(|r| r.name == s.name) {
                 side.listen = r.addr;

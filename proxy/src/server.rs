@@ -21,6 +21,7 @@ use tracing::{Instrument as _, debug, debug_span, warn};
 
 use crate::audit::AuditRecord;
 use crate::body::{ProxyBody, full};
+use crate::callers;
 use crate::error::ProxyError;
 use crate::io::{Prefixed, WriteStall, relay};
 use crate::metrics::Metrics;
@@ -174,6 +175,7 @@ async fn serve_proxy_connection(
         dest: None,
         slot: Some(slot),
         shutdown: shutdown.clone(),
+        caller: None,
     });
     let svc = service_fn(move |req: Request<Incoming>| {
         let rt = rt.clone();
@@ -225,7 +227,21 @@ async fn connect(
     let id = rt.next_request_id();
     let mut rec = AuditRecord::new("connect", id, conn.client, "CONNECT");
     rec.scheme = "tunnel";
-    let checked = check_connect(&rt, &req, &mut rec).await;
+    // The caller first (REFERENCE.md D21): an unauthenticated client learns nothing of
+    // the policy, not even whether the destination is allowed.
+    let checked = match callers::authenticate(&rt, &rt.policy(), req.headers()) {
+        Ok(caller) => {
+            rec.caller = caller;
+            check_connect(&rt, &req, &mut rec).await
+        }
+        Err(e) => {
+            if let Some(a) = req.uri().authority() {
+                rec.host = normalize_host(a.host()).unwrap_or_default();
+                rec.port = a.port_u16().unwrap_or(0);
+            }
+            Err(e)
+        }
+    };
     match checked {
         Err(e) => {
             rec.status = e.status().as_u16();
@@ -596,11 +612,11 @@ async fn intercept<T>(
         };
         Metrics::count(handshakes, "ok");
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let dest = Dest::new(host, port, true, sni);
+        let conn = outer.tunnel(Dest::new(host, port, true, sni), rec.caller.clone());
         let served = if h2 {
-            serve_tunnel_h2(rt.clone(), tls, &outer, dest).await
+            serve_tunnel_h2(rt.clone(), tls, conn).await
         } else {
-            serve_tunnel(rt.clone(), tls, &outer, dest).await
+            serve_tunnel(rt.clone(), tls, conn).await
         };
         if let Some(code) = served {
             failed(rec, code);
@@ -609,8 +625,8 @@ async fn intercept<T>(
         // CONNECT checked the host as TLS; cleartext HTTP in the tunnel is classed as such.
         rec.scheme = "http";
         rec.host_class = rt.policy().host_class(&host, port, false);
-        let dest = Dest::new(host, port, false, None);
-        if let Some(code) = serve_tunnel(rt.clone(), io, &outer, dest).await {
+        let conn = outer.tunnel(Dest::new(host, port, false, None), rec.caller.clone());
+        if let Some(code) = serve_tunnel(rt.clone(), io, conn).await {
             failed(rec, code);
         }
     } else {
@@ -625,13 +641,13 @@ async fn intercept<T>(
 /// `request_head_too_large` / `request_head_invalid` (hyper answered 431 / 400), or
 /// `no_request` (the client closed without asking anything, e.g. a pinning client after
 /// the handshake).
-async fn serve_tunnel<T>(rt: Arc<Runtime>, io: T, outer: &Conn, dest: Dest) -> Option<&'static str>
+async fn serve_tunnel<T>(rt: Arc<Runtime>, io: T, conn: Conn) -> Option<&'static str>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let limits = rt.policy().proxy.limits.clone();
-    let conn = Arc::new(outer.tunnel(dest));
-    let shutdown = outer.shutdown.clone();
+    let shutdown = conn.shutdown.clone();
+    let conn = Arc::new(conn);
     let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = asked.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
@@ -663,19 +679,14 @@ where
 /// connection ends (GOAWAY, its open streams finish) when no request came within
 /// `client_header_timeout` of the start, or none in an `idle_timeout`, or at the drain.
 /// Returns `client_silent` or `no_request` when no request reached the pipeline.
-async fn serve_tunnel_h2<T>(
-    rt: Arc<Runtime>,
-    io: T,
-    outer: &Conn,
-    dest: Dest,
-) -> Option<&'static str>
+async fn serve_tunnel_h2<T>(rt: Arc<Runtime>, io: T, conn: Conn) -> Option<&'static str>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     use std::sync::atomic::{AtomicU64, Ordering};
     let limits = rt.policy().proxy.limits.clone();
-    let conn = Arc::new(outer.tunnel(dest));
-    let shutdown = outer.shutdown.clone();
+    let shutdown = conn.shutdown.clone();
+    let conn = Arc::new(conn);
     let asked = Arc::new(AtomicU64::new(0));
     let seen = asked.clone();
     let svc = service_fn(move |req: Request<Incoming>| {

@@ -68,8 +68,8 @@ async fn relay_with(
     let relays = iron_proxy::pg::start_all(&rt, &state, false)
         .await
         .expect("relays");
-    let penv =
-        iron_proxy::sandbox::pg_env(&policy, &rt.sources, &state, &ca, &relays).expect("pg env");
+    let penv = iron_proxy::sandbox::pg_env(&policy, &rt.sources, &state, &ca, &relays, None)
+        .expect("pg env");
     let dsn = penv
         .iter()
         .find(|(k, _)| k == "DATABASE_URL")

@@ -785,3 +785,87 @@ fn placeholders_hidden_under_an_encoding_are_refused() {
         [0]
     );
 }
+
+#[test]
+fn a_caller_uses_only_the_secrets_it_is_granted() {
+    let p = Policy::parse(
+        r#"
+version = 1
+[[secrets]]
+name = "GITHUB_TOKEN"
+type = "http"
+source = { env = "REAL" }
+match_headers = ["Authorization"]
+hosts = ["api.github.test"]
+
+[[secrets]]
+name = "BROAD_KEY"
+type = "http"
+mode = "inject"
+source = { env = "B" }
+inject_header = "X-Api-Key"
+hosts = ["*.inject.test"]
+
+[[secrets]]
+name = "NARROW_KEY"
+type = "http"
+mode = "inject"
+source = { env = "N" }
+inject_header = "X-Api-Key"
+hosts = ["api.inject.test"]
+"#,
+        Path::new("p.toml"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let only = |granted: &[usize]| Grants::Only((0..3).map(|i| granted.contains(&i)).collect());
+    let h: &[(&str, &[u8])] = &[("Authorization", b"Bearer GITHUB_TOKEN")];
+    let gh = view("api.github.test", "/user", None, h);
+    // Granted: swapped as without callers.
+    assert_eq!(
+        p.plan_for(&gh, &only(&[0]))
+            .expect("granted")
+            .secrets
+            .as_slice(),
+        [0]
+    );
+    // Not granted: refused wherever the placeholder is, before the host check.
+    for req in [gh, view("elsewhere.test", "/", None, h)] {
+        assert_eq!(
+            p.plan_for(&req, &only(&[1, 2])).map(|_| ()),
+            Err(PlanError::NotGranted {
+                secret: "GITHUB_TOKEN".into()
+            })
+        );
+    }
+    // A placeholder in the path is checked the same way.
+    assert!(matches!(
+        p.plan_for(
+            &view("api.github.test", "/x/GITHUB_TOKEN", None, &[]),
+            &only(&[])
+        ),
+        Err(PlanError::NotGranted { .. })
+    ));
+    // Injection: the most specific granted secret goes in; none when none is granted.
+    let api = view("api.inject.test", "/", None, &[]);
+    assert_eq!(
+        p.plan_for(&api, &Grants::All)
+            .expect("all")
+            .secrets
+            .as_slice(),
+        [2]
+    );
+    assert_eq!(
+        p.plan_for(&api, &only(&[1]))
+            .expect("broad")
+            .secrets
+            .as_slice(),
+        [1]
+    );
+    assert!(
+        p.plan_for(&api, &only(&[0]))
+            .expect("none")
+            .secrets
+            .is_empty()
+    );
+    assert_eq!(p.plan(&api).expect("plan").secrets.as_slice(), [2]);
+}

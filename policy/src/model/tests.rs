@@ -689,3 +689,89 @@ fn upstream_proxy_is_an_http_url_with_a_host_and_port() {
         warned.warnings
     );
 }
+
+#[test]
+fn callers_name_a_token_and_grant_known_secrets() {
+    let base = r#"
+version = 1
+[[secrets]]
+name = "ALPHA_KEY"
+type = "http"
+source = { env = "RA" }
+hosts = ["a.test"]
+[[secrets]]
+name = "BETA_KEY"
+type = "http"
+source = { env = "RB" }
+hosts = ["b.test"]
+"#;
+    let p = parse(&format!(
+        r#"{base}
+[[callers]]
+name = "ci"
+token = {{ env = "CI_PROXY_TOKEN" }}
+secrets = ["BETA_KEY"]
+[[callers]]
+name = "ops"
+token = {{ file = "ops.token" }}
+secrets = ["*"]
+"#
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ci = p.caller("ci").expect("ci");
+    assert_eq!(ci.grants, Grants::Only(vec![false, true]));
+    assert!(!ci.grants.allows(0) && ci.grants.allows(1) && !ci.grants.allows(2));
+    assert_eq!(ci.token.kind, SourceKind::Env("CI_PROXY_TOKEN".into()));
+    let ops = p.caller("ops").expect("ops");
+    assert_eq!(ops.grants, Grants::All);
+    assert_eq!(
+        ops.token.kind,
+        SourceKind::File(PathBuf::from("/etc/iron/ops.token"))
+    );
+    assert!(parse(base).expect("no callers").callers.is_empty());
+
+    let errs = errors(&format!(
+        r#"{base}
+[[callers]]
+name = "ci"
+token = {{ env = "T1" }}
+secrets = ["ALPHA_KEY", "NOPE"]
+[[callers]]
+name = "ci"
+token = {{ env = "T2" }}
+secrets = ["ALPHA_KEY"]
+[[callers]]
+name = "has:colon"
+token = {{ env = "T3" }}
+secrets = ["ALPHA_KEY"]
+[[callers]]
+name = "no-token"
+secrets = ["ALPHA_KEY"]
+[[callers]]
+name = "no-grants"
+token = {{ env = "T4" }}
+[[callers]]
+name = "star-and-more"
+token = {{ env = "T5" }}
+secrets = ["*", "ALPHA_KEY"]
+"#
+    ));
+    let has = |needle: &str| {
+        assert!(
+            errs.iter().any(|e| e.contains(needle)),
+            "no error with {needle:?} in {errs:#?}"
+        );
+    };
+    has("caller `ci`: no secret named `NOPE`");
+    has("duplicate caller name `ci`");
+    has("caller `has:colon`: a name is");
+    has("caller `no-token`: missing `token`");
+    has("caller `no-grants`: missing `secrets`");
+    has("caller `star-and-more`: `\"*\"` grants every secret");
+    // The position is the unknown name's own.
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("NOPE") && e.starts_with("/etc/iron/policy.toml:17:25:")),
+        "{errs:#?}"
+    );
+}

@@ -1,0 +1,241 @@
+//! End-to-end: caller authentication at the proxy port and per-caller grants
+//! (`[[callers]]`, REFERENCE.md D21), with real curl through an in-process proxy and the
+//! `iron-proxy run --caller` binary.
+#![allow(clippy::expect_used)] // setup helpers: a failed step is a failed test
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use iron_proxy::origin::OriginOptions;
+use iron_tests::*;
+
+const CI_TOKEN: &str = "ci-proxy-token-0123456789abcdef";
+const OPS_TOKEN: &str = "ops/proxy:token+0123456789@abc";
+
+/// The standard policy with two callers: `ci` may use `GITHUB_TOKEN` only, `ops` every
+/// secret (its token has characters a proxy URL must percent-encode).
+fn policy() -> String {
+    format!(
+        r#"{STANDARD_POLICY}
+[[callers]]
+name = "ci"
+token = {{ env = "CI_PROXY_TOKEN" }}
+secrets = ["GITHUB_TOKEN"]
+
+[[callers]]
+name = "ops"
+token = {{ file = "ops.token" }}
+secrets = ["*"]
+"#
+    )
+}
+
+fn env() -> HashMap<String, String> {
+    let mut env = standard_env();
+    env.insert("CI_PROXY_TOKEN".into(), CI_TOKEN.into());
+    env
+}
+
+async fn world() -> World {
+    let w = World::new(&policy(), OriginOptions::default()).await;
+    std::fs::write(w.dir.path().join("ops.token"), format!("{OPS_TOKEN}\n")).expect("token");
+    w
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_authenticate_and_use_only_their_grants() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let w = world().await;
+    let p = w.proxy(env()).await;
+    let port = w.port();
+    let github = format!("https://api.github.test:{port}/user");
+    let bearer = ["-H", "Authorization: Bearer GITHUB_TOKEN"];
+    let ci = format!("ci:{CI_TOKEN}");
+
+    // No credential, or a wrong one: the CONNECT gets 407 and nothing reaches the origin.
+    for extra in [&[][..], &["--proxy-user", "ci:wrong-token"][..]] {
+        let args: Vec<&str> = [github.as_str()]
+            .into_iter()
+            .chain(bearer)
+            .chain(extra.iter().copied())
+            .collect();
+        let refused = p.curl(&args).await;
+        assert_ne!(refused.exit, 0, "{refused:?}");
+        assert!(refused.stderr.contains("407"), "{refused:?}");
+    }
+    assert!(w.origin.records().is_empty());
+    let connects: Vec<_> = p
+        .audit
+        .records()
+        .into_iter()
+        .filter(|r| r.kind == "connect")
+        .collect();
+    assert_eq!(connects.len(), 2);
+    for r in &connects {
+        assert_eq!(r.status, 407);
+        assert_eq!(r.error, Some("proxy_auth_required"));
+        assert_eq!(r.host, "api.github.test");
+        assert!(r.caller.is_none());
+    }
+    // An absolute-form request gets the 407 envelope with the challenge.
+    let plain = p.curl(&["-i", &format!("http://plain.test:{port}/")]).await;
+    assert_eq!(plain.status, 407, "{plain:?}");
+    assert!(
+        plain
+            .body
+            .to_ascii_lowercase()
+            .contains("proxy-authenticate: basic realm=\"iron-proxy\""),
+        "{plain:?}"
+    );
+    assert!(plain.body.contains("\"error\":\"proxy_auth_required\""));
+
+    // `ci` (Basic, from the proxy URL's user and password): its secret is swapped.
+    let ok = p
+        .curl(&[&github, bearer[0], bearer[1], "--proxy-user", &ci])
+        .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let recs = w.origin.records();
+    assert_eq!(
+        recs.last().and_then(|r| r.header("authorization")),
+        Some(format!("Bearer {REAL_GITHUB}"))
+    );
+    assert!(
+        recs.iter()
+            .all(|r| r.header("proxy-authorization").is_none()),
+        "the proxy credential reached the origin"
+    );
+    let rec = p.audit.records().pop().expect("audit");
+    assert_eq!(rec.caller.as_deref(), Some("ci"));
+    assert_eq!(rec.status, 200);
+
+    // `ci` is not granted MAPS_KEY: its placeholder is refused, and the origin sees nothing.
+    let before = w.origin.records().len();
+    let maps = format!("https://maps.test:{port}/geo?key=MAPS_KEY");
+    let denied = p.curl(&[&maps, "--proxy-user", &ci]).await;
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert_eq!(denied.error_code().as_deref(), Some("secret_not_granted"));
+    assert!(denied.body.contains("MAPS_KEY") && denied.body.contains("ci"));
+    assert_eq!(w.origin.records().len(), before);
+    // Nor INJECT_KEY: the request goes without it (as to a host with no secret).
+    let inject = format!("https://inject.test:{port}/x");
+    let bare = p.curl(&[&inject, "--proxy-user", &ci]).await;
+    assert_eq!(bare.status, 200, "{bare:?}");
+    assert_eq!(
+        w.origin.records().pop().and_then(|r| r.header("x-api-key")),
+        None
+    );
+
+    // `ops` (Bearer in Proxy-Authorization) is granted everything.
+    let ops_auth = format!("Proxy-Authorization: Bearer {OPS_TOKEN}");
+    let swapped = p.curl(&[&maps, "--proxy-header", &ops_auth]).await;
+    assert_eq!(swapped.status, 200, "{swapped:?}");
+    let injected = p.curl(&[&inject, "--proxy-header", &ops_auth]).await;
+    assert_eq!(injected.status, 200, "{injected:?}");
+    assert_eq!(
+        w.origin.records().pop().and_then(|r| r.header("x-api-key")),
+        Some(format!("Token {REAL_INJECT}"))
+    );
+    assert_eq!(
+        p.audit.records().pop().and_then(|r| r.caller).as_deref(),
+        Some("ops")
+    );
+    // Absolute-form with a credential goes through (a plain-HTTP allowed host).
+    let plain = p
+        .curl(&[&format!("http://plain.test:{port}/"), "--proxy-user", &ci])
+        .await;
+    assert_ne!(plain.status, 407, "{plain:?}");
+    assert_eq!(
+        p.audit.records().pop().and_then(|r| r.caller).as_deref(),
+        Some("ci")
+    );
+
+    // No audit line or log holds a token.
+    let lines: String = p
+        .audit
+        .records()
+        .iter()
+        .map(|r| {
+            let mut out = Vec::new();
+            r.write_json(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        })
+        .collect();
+    assert!(!lines.contains(CI_TOKEN) && !lines.contains("0123456789@abc"));
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_iron-proxy-e2e"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_as_a_caller_puts_its_token_in_the_proxy_url() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let w = world().await;
+    let port = w.port();
+    let run = |args: &[&str], script: String| {
+        tokio::process::Command::new(bin())
+            .args(["run", "--policy"])
+            .arg(&w.policy_path)
+            .args(args)
+            .args(["--", "sh", "-c"])
+            .arg(script)
+            .env("IRON_PROXY_HOME", w.dir.path().join("home"))
+            .envs(env())
+            .output()
+    };
+    let out = run(
+        &["--caller", "ci"],
+        format!(
+            "env; curl -sS -w ' %{{http_code}}' https://api.github.test:{port}/user -H \"Authorization: Bearer $GITHUB_TOKEN\""
+        ),
+    )
+    .await
+    .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.trim_end().ends_with("200"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("HTTPS_PROXY=http://ci:{CI_TOKEN}@127.0.0.1:")),
+        "{stdout}"
+    );
+    // Only the granted secret's placeholder; no token source reaches the child.
+    assert!(stdout.contains("GITHUB_TOKEN=GITHUB_TOKEN"));
+    assert!(!stdout.contains("MAPS_KEY="), "{stdout}");
+    assert!(!stdout.contains("CI_PROXY_TOKEN="), "{stdout}");
+    assert!(!stdout.contains("0123456789@abc"), "{stdout}");
+    assert_eq!(
+        w.origin
+            .records()
+            .pop()
+            .and_then(|r| r.header("authorization")),
+        Some(format!("Bearer {REAL_GITHUB}"))
+    );
+
+    // The `ops` token is percent-encoded in the URL, and curl decodes it back.
+    let out = run(
+        &["--caller", "ops"],
+        format!("echo \"$HTTPS_PROXY\"; curl -sS -w ' %{{http_code}}' 'https://maps.test:{port}/geo?key='\"$MAPS_KEY\""),
+    )
+    .await
+    .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("http://ops:ops%2Fproxy%3Atoken+0123456789%40abc@127.0.0.1:"),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("200"), "{stdout}");
+
+    // Without --caller the policy's callers make `run` refuse, naming them.
+    let out = run(&[], "true".into()).await.expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--caller NAME (one of: ci, ops)"), "{err}");
+}
