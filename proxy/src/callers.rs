@@ -38,12 +38,25 @@ pub(crate) fn authenticate(
         .get(http::header::PROXY_AUTHORIZATION)
         .and_then(|v| credential(v.as_bytes()))
         .ok_or(ProxyError::ProxyAuthRequired)?;
+    caller_with_token(rt, policy, &given).map(Some)
+}
+
+/// The first caller of `policy` (which has callers) whose token is `given`, compared in
+/// constant time: for `Proxy-Authorization` and SOCKS5's username/password (RFC 1929).
+///
+/// # Errors
+/// As [`authenticate`].
+pub(crate) fn caller_with_token(
+    rt: &Runtime,
+    policy: &Policy,
+    given: &[u8],
+) -> Result<Arc<str>, ProxyError> {
     let mut unreadable = false;
     for caller in &policy.callers {
         match rt.sources.resolve(&caller.token) {
             Ok(token) => {
-                if iron_broker::ct_eq(&given, token.expose()) {
-                    return Ok(Some(Arc::from(caller.name.as_str())));
+                if iron_broker::ct_eq(given, token.expose()) {
+                    return Ok(Arc::from(caller.name.as_str()));
                 }
             }
             Err(e) => {

@@ -42,6 +42,7 @@ mod pgfilter;
 pub mod pipeline;
 pub mod sandbox;
 pub mod server;
+mod socks;
 pub mod state;
 pub mod upstream;
 pub mod watch;

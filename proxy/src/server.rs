@@ -177,6 +177,17 @@ async fn serve_proxy_connection(
         shutdown: shutdown.clone(),
         caller: None,
     });
+    // A SOCKS5 client speaks first with its version byte; an HTTP client with a method
+    // name. Peeked, not read: hyper reads the stream from its start.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limits.client_header_timeout, tcp.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == crate::socks::VERSION => {
+            return crate::socks::serve(rt, tcp, conn).await;
+        }
+        Ok(Ok(1)) => {}
+        // Closed, failed or silent: nothing to serve (hyper would time out the same way).
+        _ => return,
+    }
     let svc = service_fn(move |req: Request<Incoming>| {
         let rt = rt.clone();
         let conn = conn.clone();
@@ -253,69 +264,73 @@ async fn connect(
         }
         Ok((host, port, passthrough)) => {
             let on_upgrade = hyper::upgrade::on(&mut req);
-            match passthrough {
-                Some(upstream) => {
-                    tokio::spawn(
-                        async move {
-                            // The connection (and its max_connections slot) is held until
-                            // the tunnel ends.
-                            let held = conn;
-                            let Ok(up) = on_upgrade.await else { return };
-                            let Some(mut up) = client_stream(up) else { return };
-                            // Only a TLS ClientHello naming the CONNECT host is spliced
-                            // (decision 1; REFERENCE.md §2.5): else the tunnel would carry
-                            // traffic for any name the upstream serves.
-                            let hello = match peek_client_hello(&mut up).await {
-                                Ok((bytes, sni)) if normalize_host(&sni).as_deref() == Some(host.as_str()) => bytes,
-                                refused => {
-                                    let code = match refused {
-                                        Ok(_) => "sni_mismatch",
-                                        Err(code) => code,
-                                    };
-                                    warn!(client = %held.client, host = %host, port, code, "passthrough refused: the ClientHello does not name the CONNECT host");
-                                    rec.kind = "tunnel";
-                                    rec.status = 200;
-                                    rec.outcome = "refused";
-                                    rec.error = Some(code);
-                                    rec.stop_clock();
-                                    rt.emit(rec);
-                                    return;
-                                }
-                            };
-                            let idle = rt.policy().proxy.limits.idle_timeout;
-                            let closing = reached(held.shutdown.clone(), Phase::Closing);
-                            let (to_up, to_client) =
-                                relay(Prefixed::new(hello, up), upstream, idle, closing).await;
-                            if rt.is_closing() {
-                                rec.error = Some("shutdown");
-                            }
-                            rec.kind = "tunnel";
-                            rec.status = 200;
-                            rec.outcome = "closed";
-                            rec.bytes_in = to_up;
-                            rec.bytes_out = to_client;
-                            rec.stop_clock();
-                            rt.emit(rec);
-                        }
-                        .in_current_span(),
-                    );
+            tokio::spawn(
+                async move {
+                    let Ok(up) = on_upgrade.await else { return };
+                    let Some(io) = client_stream(up) else { return };
+                    run_tunnel(rt, conn, host, port, passthrough, rec, io).await;
                 }
-                None => {
-                    tokio::spawn(
-                        async move {
-                            let Ok(up) = on_upgrade.await else { return };
-                            let Some(io) = client_stream(up) else { return };
-                            intercept(rt, io, conn, host, port, rec).await;
-                        }
-                        .in_current_span(),
-                    );
-                }
-            }
+                .in_current_span(),
+            );
             let mut resp = Response::new(full(bytes::Bytes::new()));
             *resp.status_mut() = StatusCode::OK;
             resp
         }
     }
+}
+
+/// Runs the tunnel a CONNECT (or a SOCKS5 CONNECT) opened to `host:port` on the client's
+/// stream `io`, once the client was told it is open: spliced to `upstream` when the
+/// destination is passed through (after checking the ClientHello names `host`), else
+/// intercepted ([`intercept`]). `rec` is the CONNECT's audit record.
+pub(crate) async fn run_tunnel<T>(
+    rt: Arc<Runtime>,
+    conn: Arc<Conn>,
+    host: String,
+    port: u16,
+    upstream: Option<TcpStream>,
+    mut rec: AuditRecord,
+    mut io: T,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(upstream) = upstream else {
+        return intercept(rt, io, conn, host, port, rec).await;
+    };
+    // The connection (and its max_connections slot) is held until the tunnel ends.
+    let held = conn;
+    // Only a TLS ClientHello naming the CONNECT host is spliced (decision 1; REFERENCE.md
+    // §2.5): else the tunnel would carry traffic for any name the upstream serves.
+    let hello = match peek_client_hello(&mut io).await {
+        Ok((bytes, sni)) if normalize_host(&sni).as_deref() == Some(host.as_str()) => bytes,
+        refused => {
+            let code = match refused {
+                Ok(_) => "sni_mismatch",
+                Err(code) => code,
+            };
+            warn!(client = %held.client, host = %host, port, code, "passthrough refused: the ClientHello does not name the CONNECT host");
+            rec.kind = "tunnel";
+            rec.status = 200;
+            rec.outcome = "refused";
+            rec.error = Some(code);
+            rec.stop_clock();
+            rt.emit(rec);
+            return;
+        }
+    };
+    let idle = rt.policy().proxy.limits.idle_timeout;
+    let closing = reached(held.shutdown.clone(), Phase::Closing);
+    let (to_up, to_client) = relay(Prefixed::new(hello, io), upstream, idle, closing).await;
+    if rt.is_closing() {
+        rec.error = Some("shutdown");
+    }
+    rec.kind = "tunnel";
+    rec.status = 200;
+    rec.outcome = "closed";
+    rec.bytes_in = to_up;
+    rec.bytes_out = to_client;
+    rec.stop_clock();
+    rt.emit(rec);
 }
 
 /// Longest a passthrough client may take to send its ClientHello (REFERENCE.md §2.5).
@@ -451,6 +466,26 @@ async fn check_connect(
     let port = auth
         .port_u16()
         .ok_or(ProxyError::BadRequest("CONNECT authority needs a port"))?;
+    let upstream = check_target(rt, &host, port, rec).await?;
+    Ok((host, port, upstream))
+}
+
+/// Checks a tunnel's destination `host:port` (normalized) before the client is told the
+/// tunnel is open, recording it in `rec`: on the egress allowlist, its addresses outside
+/// the deny CIDRs; for a passthrough destination, dialed. Returns that upstream
+/// connection, or `None` for a tunnel to intercept.
+///
+/// # Errors
+/// [`ProxyError::DestinationNotAllowed`], [`ProxyError::DestinationAddressDenied`],
+/// [`ProxyError::UpstreamUnreachable`] (no address, or the passthrough dial failed),
+/// [`ProxyError::UpstreamTimeout`] (the look-up or dial outlasted the connect timeout).
+pub(crate) async fn check_target(
+    rt: &Runtime,
+    host: &str,
+    port: u16,
+    rec: &mut AuditRecord,
+) -> Result<Option<TcpStream>, ProxyError> {
+    let host = host.to_string();
     let policy = rt.policy();
     rec.host.clone_from(&host);
     rec.port = port;
@@ -466,7 +501,7 @@ async fn check_connect(
     if policy.is_stub_host(&host, port) {
         // Token endpoints are answered locally; other paths on the host are checked when
         // (and if) a request is forwarded.
-        return Ok((host, port, None));
+        return Ok(None);
     }
     let limits = &policy.proxy.limits;
     let deny = |e| match e {
@@ -501,7 +536,7 @@ async fn check_connect(
         .map_err(deny)?
     };
     if !policy.is_passthrough(&host, port) {
-        return Ok((host, port, None));
+        return Ok(None);
     }
     let tcp = if proxied {
         crate::upstream::dial_tcp(&policy, &host, port, limits.upstream_connect_timeout)
@@ -523,7 +558,7 @@ async fn check_connect(
         })?
     };
     let _ = tcp.set_nodelay(true);
-    Ok((host, port, Some(tcp)))
+    Ok(Some(tcp))
 }
 
 /// Runs an intercepted tunnel bound to `host:port`. Its requests are audited one by one;

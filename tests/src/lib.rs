@@ -211,10 +211,15 @@ pub fn have(prog: &str) -> bool {
 
 /// Runs `curl -sS --proxy http://PROXY --cacert CA ARGS…`, capturing the status.
 pub async fn curl_via(proxy: SocketAddr, ca: &Path, args: &[&str]) -> Curl {
+    curl_via_url(&format!("http://{proxy}"), ca, args).await
+}
+
+/// [`curl_via`] with a proxy URL (`socks5h://…`, `http://NAME:TOKEN@…`).
+pub async fn curl_via_url(proxy: &str, ca: &Path, args: &[&str]) -> Curl {
     let out = tokio::process::Command::new("curl")
         .arg("-sS")
         .arg("--proxy")
-        .arg(format!("http://{proxy}"))
+        .arg(proxy)
         .arg("--cacert")
         .arg(ca)
         .arg("-w")
@@ -224,6 +229,8 @@ pub async fn curl_via(proxy: SocketAddr, ca: &Path, args: &[&str]) -> Curl {
         .env_remove("https_proxy")
         .env_remove("HTTP_PROXY")
         .env_remove("http_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy")
         .output()
         .await
         .expect("run curl");

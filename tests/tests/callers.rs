@@ -239,3 +239,56 @@ async fn run_as_a_caller_puts_its_token_in_the_proxy_url() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--caller NAME (one of: ci, ops)"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_takes_a_callers_token_as_its_password() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let w = world().await;
+    let p = w.proxy(env()).await;
+    let port = w.port();
+    let github = format!("https://api.github.test:{port}/user");
+    let curl = |proxy: String| {
+        let (ca, github) = (p.ca.cert.clone(), github.clone());
+        async move {
+            curl_via_url(
+                &proxy,
+                &ca,
+                &[&github, "-H", "Authorization: Bearer GITHUB_TOKEN"],
+            )
+            .await
+        }
+    };
+    let addr = p.addr();
+    let ok = curl(format!("socks5h://ci:{CI_TOKEN}@{addr}")).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        w.origin
+            .records()
+            .pop()
+            .and_then(|r| r.header("authorization")),
+        Some(format!("Bearer {REAL_GITHUB}"))
+    );
+    assert_eq!(
+        p.audit.records().pop().and_then(|r| r.caller).as_deref(),
+        Some("ci")
+    );
+    // No credentials (curl offers only "no authentication"), or a wrong token: refused
+    // before any destination check, and audited.
+    for proxy in [
+        format!("socks5h://{addr}"),
+        format!("socks5h://ci:wrong-token@{addr}"),
+    ] {
+        let before = w.origin.records().len();
+        let refused = curl(proxy.clone()).await;
+        assert_ne!(refused.exit, 0, "{proxy}: {refused:?}");
+        assert_eq!(w.origin.records().len(), before);
+        let rec = p.audit.records().pop().expect("audit");
+        assert_eq!(
+            (rec.method.as_ref(), rec.error),
+            ("SOCKS5", Some("proxy_auth_required")),
+            "{proxy}"
+        );
+    }
+}

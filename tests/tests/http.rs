@@ -18,20 +18,8 @@ async fn world() -> (World, InProcess) {
 /// curl GET `/user` on `api.github.test` through `p` with the `GITHUB_TOKEN` placeholder:
 /// asserts 200 and that the origin's only request so far carried the real token.
 async fn github_swap_reaches_the_origin(w: &World, p: &InProcess) {
-    let ok = p
-        .curl(&[
-            &format!("https://api.github.test:{}/user", w.port()),
-            "-H",
-            "Authorization: Bearer GITHUB_TOKEN",
-        ])
-        .await;
-    assert_eq!(ok.status, 200, "{ok:?}");
-    let recs = w.origin.records();
-    assert_eq!(recs.len(), 1);
-    assert_eq!(
-        recs[0].header("authorization").as_deref(),
-        Some(format!("Bearer {REAL_GITHUB}").as_str())
-    );
+    github_swap_reaches_the_origin_again(w, p).await;
+    assert_eq!(w.origin.records().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2463,5 +2451,114 @@ async fn trailer_fields_pass_both_ways_and_a_placeholder_in_one_is_refused() {
         !seen
             .iter()
             .any(|s| s.contains("github_token") || s.contains(&REAL_GITHUB.to_ascii_lowercase()))
+    );
+}
+
+/// Sends raw SOCKS5 bytes `greeting` then `request` (when the method reply allows) and
+/// returns every byte the proxy answered before closing.
+#[allow(clippy::expect_used)] // a test helper: a failed step is a failed test
+async fn socks_raw(proxy: std::net::SocketAddr, greeting: &[u8], request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(greeting).await.expect("greeting");
+    let mut method = [0u8; 2];
+    s.read_exact(&mut method).await.expect("method reply");
+    let mut out = method.to_vec();
+    if method[1] != 0xff {
+        s.write_all(request).await.expect("request");
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_clients_get_the_same_tunnel_as_connect() {
+    if !have("curl") {
+        return;
+    }
+    let (w, p) = world().await;
+    let port = w.port();
+    let socks = format!("socks5h://{}", p.addr());
+    // A domain-name target: intercepted, swapped, audited as the tunnel's requests.
+    let ok = curl_via_url(
+        &socks,
+        &p.ca.cert,
+        &[
+            &format!("https://api.github.test:{port}/user"),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ],
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        w.origin
+            .records()
+            .pop()
+            .and_then(|r| r.header("authorization")),
+        Some(format!("Bearer {REAL_GITHUB}"))
+    );
+    // The placeholder elsewhere is refused inside the tunnel as over CONNECT.
+    let refused = curl_via_url(
+        &socks,
+        &p.ca.cert,
+        &[
+            &format!("https://other.test:{port}/"),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ],
+    )
+    .await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    // A destination off the allowlist: reply 0x02 (not allowed by ruleset), audited.
+    let denied = curl_via_url(&socks, &p.ca.cert, &["https://evil.test/"]).await;
+    assert_ne!(denied.exit, 0, "{denied:?}");
+    let rec = p
+        .audit
+        .records()
+        .into_iter()
+        .rfind(|r| r.method == "SOCKS5")
+        .expect("socks audit line");
+    assert_eq!(
+        (rec.host.as_str(), rec.error),
+        ("evil.test", Some("destination_not_allowed"))
+    );
+    // Raw protocol: no acceptable method; a BIND (command 2);
+    // an IPv4 target off the allowlist; an unknown address type.
+    assert_eq!(socks_raw(p.addr(), &[5, 1, 0x80], &[]).await, [5, 0xff]);
+    let bind = socks_raw(p.addr(), &[5, 1, 0], &[5, 2, 0, 1, 127, 0, 0, 1, 0, 80]).await;
+    assert_eq!(&bind[..4], [5, 0, 5, 7], "{bind:?}");
+    let ip = socks_raw(
+        p.addr(),
+        &[5, 1, 0],
+        &[5, 1, 0, 1, 127, 0, 0, 2, (port >> 8) as u8, port as u8],
+    )
+    .await;
+    assert_eq!(&ip[..4], [5, 0, 5, 2], "{ip:?}");
+    let atyp = socks_raw(p.addr(), &[5, 1, 0], &[5, 1, 0, 9, 0, 0]).await;
+    assert_eq!(&atyp[..4], [5, 0, 5, 8], "{atyp:?}");
+    // HTTP clients on the same port are unaffected.
+    github_swap_reaches_the_origin_again(&w, &p).await;
+}
+
+/// As `github_swap_reaches_the_origin`, when the origin has already seen requests.
+async fn github_swap_reaches_the_origin_again(w: &World, p: &InProcess) {
+    let ok = p
+        .curl(&[
+            &format!("https://api.github.test:{}/user", w.port()),
+            "-H",
+            "Authorization: Bearer GITHUB_TOKEN",
+        ])
+        .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        w.origin
+            .records()
+            .pop()
+            .and_then(|r| r.header("authorization")),
+        Some(format!("Bearer {REAL_GITHUB}"))
     );
 }
