@@ -1293,40 +1293,61 @@ impl Policy {
         method: &str,
         path: &str,
     ) -> Option<(usize, Stub)> {
+        self.stub_for_grants(host, port, tls, method, path, &Grants::All)
+    }
+
+    /// [`Policy::stub_for`] for a caller with `grants`: the first matching stub of a
+    /// granted secret (several `gcp_auth` secrets share the Google stubs; `oauth_token`
+    /// secrets may share a token endpoint), else the first matching one, which the caller
+    /// is then refused.
+    pub fn stub_for_grants(
+        &self,
+        host: &str,
+        port: u16,
+        tls: bool,
+        method: &str,
+        path: &str,
+        grants: &Grants,
+    ) -> Option<(usize, Stub)> {
+        let mut first = None;
         for (i, s) in self.secrets.iter().enumerate() {
-            match &s.kind {
+            let stub = match &s.kind {
                 SecretKind::OAuth(o) => {
                     let ep = &o.token_endpoint;
-                    if tls
-                        && method == "POST"
+                    (tls && method == "POST"
                         && ep.host == host
                         && ep.port == port
-                        && ep.path == path
-                    {
-                        return Some((i, Stub::OAuthToken));
-                    }
+                        && ep.path == path)
+                        .then_some(Stub::OAuthToken)
                 }
                 SecretKind::Gcp(_) => {
+                    let metadata = matches!(
+                        host,
+                        "metadata.google.internal" | "metadata" | "169.254.169.254"
+                    );
                     if tls
                         && method == "POST"
                         && host == GCP_TOKEN_HOST
                         && port == 443
                         && path == "/token"
                     {
-                        return Some((i, Stub::GcpToken));
-                    }
-                    let metadata = matches!(
-                        host,
-                        "metadata.google.internal" | "metadata" | "169.254.169.254"
-                    );
-                    if metadata && method == "GET" && is_metadata_token_path(path) {
-                        return Some((i, Stub::GcpMetadata));
+                        Some(Stub::GcpToken)
+                    } else if metadata && method == "GET" && is_metadata_token_path(path) {
+                        Some(Stub::GcpMetadata)
+                    } else {
+                        None
                     }
                 }
-                SecretKind::Static(_) | SecretKind::Pg(_) | SecretKind::Brokered(_) => {}
+                SecretKind::Static(_) | SecretKind::Pg(_) | SecretKind::Brokered(_) => None,
+            };
+            if let Some(stub) = stub {
+                if grants.allows(i) {
+                    return Some((i, stub));
+                }
+                first.get_or_insert((i, stub));
             }
         }
-        None
+        first
     }
 
     /// True when a CONNECT to `host:port` is answered by stubs alone and must not dial out.

@@ -9,6 +9,9 @@
 //! - `GET /v1/secrets`, `GET /v1/secrets/{name}`: type, placeholder, hosts, source kinds
 //!   and reference names, state (`ok | missing | failed | disabled`) with reason, usage counters, token
 //!   expiry — never a value.
+//! - `GET /v1/callers`: each `[[callers]]` entry's name, granted secrets (`["*"]` for
+//!   all), token source kind and reference name, and token state (`ok | missing | failed`)
+//!   with reason — never the token.
 //! - `POST /v1/reload`: 200 with a summary, or 422 with `FILE:LINE:COL` errors (the running
 //!   policy stays).
 //! - `POST /v1/secrets/{name}/probe`: connect, TLS and `HEAD /` to each of the secret's
@@ -132,6 +135,14 @@ async fn route(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<ProxyBody>
             let list: Vec<Value> = policy.secrets.iter().map(|s| secret_view(rt, s)).collect();
             reply(StatusCode::OK, &json!({"secrets": list}))
         }
+        (Method::GET, ["v1", "callers"]) => {
+            let list: Vec<Value> = policy
+                .callers
+                .iter()
+                .map(|c| caller_view(rt, &policy, c))
+                .collect();
+            reply(StatusCode::OK, &json!({"callers": list}))
+        }
         (Method::GET, ["v1", "secrets", name]) => match policy.secret(name) {
             Some(s) => reply(StatusCode::OK, &secret_view(rt, s)),
             None => error(
@@ -165,7 +176,7 @@ async fn route(rt: &Arc<Runtime>, req: Request<Incoming>) -> Response<ProxyBody>
         (
             _,
             ["healthz" | "readyz" | "metrics"]
-            | ["v1", "secrets" | "reload"]
+            | ["v1", "secrets" | "reload" | "callers"]
             | ["v1", "secrets", _]
             | ["v1", "secrets", _, "probe"],
         ) => error(
@@ -199,6 +210,36 @@ fn source_state(rt: &Runtime, s: &Secret) -> (&'static str, Option<String>) {
     ("ok", None)
 }
 
+/// One caller as `GET /v1/callers` shows it: never its token.
+fn caller_view(rt: &Runtime, policy: &iron_policy::Policy, c: &iron_policy::Caller) -> Value {
+    let (state, reason) = match rt.sources.resolve(&c.token) {
+        Ok(_) => ("ok", None),
+        Err(e) if e.is_missing() => ("missing", Some(e.to_string())),
+        Err(e) => ("failed", Some(e.to_string())),
+    };
+    let secrets: Vec<&str> = match &c.grants {
+        iron_policy::Grants::All => vec!["*"],
+        grants => policy
+            .secrets
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| grants.allows(i))
+            .map(|(_, s)| s.name.as_str())
+            .collect(),
+    };
+    json!({
+        "name": c.name,
+        "secrets": secrets,
+        "token": {
+            "kind": c.token.kind_name(),
+            "ref": c.token.reference(),
+            "json_key": c.token.json_key,
+            "state": state,
+            "reason": reason,
+        },
+    })
+}
+
 fn readyz(rt: &Runtime) -> Response<ProxyBody> {
     let mut reasons = Vec::new();
     if !rt.listening.load(std::sync::atomic::Ordering::Relaxed) {
@@ -215,6 +256,15 @@ fn readyz(rt: &Runtime) -> Response<ProxyBody> {
                 "secret {} is {state}: {}",
                 s.name,
                 reason.unwrap_or_default()
+            ));
+        }
+    }
+    let policy = rt.policy();
+    for c in &policy.callers {
+        if let Err(e) = rt.sources.resolve(&c.token) {
+            reasons.push(format!(
+                "caller {}'s token is unavailable ({e}): its requests get 503",
+                c.name
             ));
         }
     }

@@ -14,6 +14,59 @@ use iron_policy::{Grants, Policy};
 use crate::Runtime;
 use crate::error::ProxyError;
 
+/// A caller a CONNECT or SOCKS5 handshake authenticated: its name, and a SHA-256 digest of
+/// the token it used, so the tunnel's requests can check that the caller is still in the
+/// policy with that token ([`recheck`]). `Debug` shows the name only.
+#[derive(Clone)]
+pub struct Authenticated {
+    /// The caller's name.
+    pub name: Arc<str>,
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for Authenticated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Authenticated").field(&self.name).finish()
+    }
+}
+
+fn digest(token: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token).into()
+}
+
+/// A request inside a tunnel opened as `caller` (`None`: opened while the policy had no
+/// callers), checked against the policy in force now: the caller's name for the request,
+/// `None` when the policy has no callers (every secret is everyone's).
+///
+/// # Errors
+/// [`ProxyError::ProxyAuthRequired`] when the policy gained callers since the tunnel
+/// opened unauthenticated; [`ProxyError::CallerRevoked`] when a reload removed the caller
+/// or changed its token; [`ProxyError::CallerTokenUnavailable`] when its token source
+/// cannot be read now.
+pub(crate) fn recheck(
+    rt: &Runtime,
+    policy: &Policy,
+    caller: Option<&Authenticated>,
+) -> Result<Option<Arc<str>>, ProxyError> {
+    if policy.callers.is_empty() {
+        return Ok(None);
+    }
+    let a = caller.ok_or(ProxyError::ProxyAuthRequired)?;
+    let revoked = || ProxyError::CallerRevoked {
+        caller: a.name.to_string(),
+    };
+    let c = policy.caller(&a.name).ok_or_else(revoked)?;
+    let token = rt.sources.resolve(&c.token).map_err(|e| {
+        tracing::debug!(caller = %c.name, error = %e, "caller token source unavailable");
+        ProxyError::CallerTokenUnavailable
+    })?;
+    if !iron_broker::ct_eq(&digest(token.expose()), &a.digest) {
+        return Err(revoked());
+    }
+    Ok(Some(a.name.clone()))
+}
+
 /// The caller whose token `headers` carry in `Proxy-Authorization`, by name; `None` when
 /// the policy has no callers (the proxy port is open to every local client).
 ///
@@ -30,7 +83,7 @@ pub(crate) fn authenticate(
     rt: &Runtime,
     policy: &Policy,
     headers: &HeaderMap,
-) -> Result<Option<Arc<str>>, ProxyError> {
+) -> Result<Option<Authenticated>, ProxyError> {
     if policy.callers.is_empty() {
         return Ok(None);
     }
@@ -50,17 +103,22 @@ pub(crate) fn caller_with_token(
     rt: &Runtime,
     policy: &Policy,
     given: &[u8],
-) -> Result<Arc<str>, ProxyError> {
+) -> Result<Authenticated, ProxyError> {
     let mut unreadable = false;
     for caller in &policy.callers {
         match rt.sources.resolve(&caller.token) {
             Ok(token) => {
                 if iron_broker::ct_eq(given, token.expose()) {
-                    return Ok(Arc::from(caller.name.as_str()));
+                    return Ok(Authenticated {
+                        name: Arc::from(caller.name.as_str()),
+                        digest: digest(given),
+                    });
                 }
             }
             Err(e) => {
-                tracing::warn!(caller = %caller.name, error = %e, "caller token source unavailable");
+                // At debug: any client could otherwise flood the log; /readyz and
+                // /v1/callers report the source.
+                tracing::debug!(caller = %caller.name, error = %e, "caller token source unavailable");
                 unreadable = true;
             }
         }
@@ -91,10 +149,10 @@ fn credential(value: &[u8]) -> Option<Vec<u8>> {
     (!token.is_empty()).then_some(token)
 }
 
-/// The grants of `caller` in `policy`: all for `None` (no callers, or a policy without
-/// them).
+/// The grants of `caller` in `policy`: all for a policy without callers.
 ///
 /// # Errors
+/// [`ProxyError::ProxyAuthRequired`] for no caller when the policy has callers;
 /// [`ProxyError::CallerRevoked`] when `caller` is no longer in the policy (a reload
 /// removed it while its tunnel stayed open).
 pub(crate) fn grants<'p>(
@@ -102,8 +160,11 @@ pub(crate) fn grants<'p>(
     caller: Option<&str>,
 ) -> Result<&'p Grants, ProxyError> {
     static ALL: Grants = Grants::All;
+    if policy.callers.is_empty() {
+        return Ok(&ALL);
+    }
     match caller {
-        None => Ok(&ALL),
+        None => Err(ProxyError::ProxyAuthRequired),
         Some(name) => {
             policy
                 .caller(name)

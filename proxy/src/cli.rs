@@ -194,7 +194,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let caller = sandbox::sandbox_caller(&policy, &sources, caller.as_deref())
                 .map_err(anyhow::Error::msg)?;
             let ca = state::load_ca(&policy, &dir).map_err(anyhow::Error::msg)?;
-            let mut extra = state::gcp_stub_env(&policy, &dir).map_err(anyhow::Error::msg)?;
+            let mut extra = state::gcp_stub_env(&policy, &dir, sandbox::grants(caller.as_ref()))
+                .map_err(anyhow::Error::msg)?;
             extra.extend(
                 sandbox::pg_env(&policy, &sources, &dir, &ca, &[], caller.as_ref())
                     .map_err(anyhow::Error::msg)?,
@@ -573,7 +574,8 @@ async fn run(
         .await
         .map_err(anyhow::Error::msg)?;
     let policy = rt.policy();
-    let mut extra = state::gcp_stub_env(&policy, &dir).map_err(anyhow::Error::msg)?;
+    let mut extra = state::gcp_stub_env(&policy, &dir, sandbox::grants(caller.as_ref()))
+        .map_err(anyhow::Error::msg)?;
     extra.extend(
         sandbox::pg_env(&policy, &rt.sources, &dir, &ca, &relays, caller.as_ref())
             .map_err(anyhow::Error::msg)?,

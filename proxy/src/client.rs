@@ -36,9 +36,27 @@ pub async fn connect(
     proxy: std::net::SocketAddr,
     authority: &str,
 ) -> std::io::Result<(u16, TcpStream, Vec<u8>)> {
+    connect_as(proxy, authority, None).await
+}
+
+/// [`connect`] sending `Proxy-Authorization: {proxy_authorization}` when given (a
+/// policy with `[[callers]]`).
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_as(
+    proxy: std::net::SocketAddr,
+    authority: &str,
+    proxy_authorization: Option<&str>,
+) -> std::io::Result<(u16, TcpStream, Vec<u8>)> {
     let mut tcp = TcpStream::connect(proxy).await?;
-    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
-        .await?;
+    let auth = proxy_authorization
+        .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    tcp.write_all(
+        format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n").as_bytes(),
+    )
+    .await?;
     let mut head = Vec::new();
     let mut buf = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -70,7 +88,29 @@ pub async fn tunnel(
     sni: &str,
     ca_pem: &str,
 ) -> Result<SendRequest<Full<Bytes>>, String> {
-    let tls = tls_in_tunnel(proxy, authority, sni, ca_pem, b"http/1.1").await?;
+    tunnel_as(proxy, authority, sni, ca_pem, None).await
+}
+
+/// [`tunnel`] whose CONNECT carries `Proxy-Authorization: {proxy_authorization}`.
+///
+/// # Errors
+/// As [`tunnel`].
+pub async fn tunnel_as(
+    proxy: std::net::SocketAddr,
+    authority: &str,
+    sni: &str,
+    ca_pem: &str,
+    proxy_authorization: Option<&str>,
+) -> Result<SendRequest<Full<Bytes>>, String> {
+    let tls = tls_in_tunnel(
+        proxy,
+        authority,
+        sni,
+        ca_pem,
+        b"http/1.1",
+        proxy_authorization,
+    )
+    .await?;
     let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|e| e.to_string())?;
@@ -93,7 +133,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let tls = tls_in_tunnel(proxy, authority, sni, ca_pem, b"h2").await?;
+    let tls = tls_in_tunnel(proxy, authority, sni, ca_pem, b"h2", None).await?;
     if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
         return Err("the proxy did not take h2".into());
     }
@@ -115,8 +155,11 @@ async fn tls_in_tunnel(
     sni: &str,
     ca_pem: &str,
     alpn: &[u8],
+    proxy_authorization: Option<&str>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-    let (status, tcp, _) = connect(proxy, authority).await.map_err(|e| e.to_string())?;
+    let (status, tcp, _) = connect_as(proxy, authority, proxy_authorization)
+        .await
+        .map_err(|e| e.to_string())?;
     if status != 200 {
         return Err(format!("CONNECT refused with {status}"));
     }

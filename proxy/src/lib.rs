@@ -27,7 +27,7 @@
 pub mod admin;
 pub mod audit;
 pub mod body;
-mod callers;
+pub mod callers;
 pub mod cli;
 pub mod client;
 pub mod demo;

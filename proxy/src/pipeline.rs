@@ -66,22 +66,34 @@ pub struct Conn {
     pub slot: Option<Arc<crate::server::Slot>>,
     /// The listener's shutdown phase.
     pub shutdown: tokio::sync::watch::Receiver<crate::Phase>,
-    /// Inside a tunnel: the caller its CONNECT authenticated as (`[[callers]]`); `None`
-    /// when the policy had no callers, and always on the proxy port itself, where each
-    /// absolute-form request authenticates on its own.
-    pub caller: Option<Arc<str>>,
+    /// The caller a CONNECT or SOCKS5 handshake authenticated (`[[callers]]`), for the
+    /// tunnel it opens: `None` when the policy had no callers, and always on the proxy
+    /// port itself, where each absolute-form request authenticates on its own.
+    pub caller: Option<crate::callers::Authenticated>,
 }
 
 impl Conn {
-    /// The connection of a tunnel this client connection opened to `dest` as `caller`:
-    /// same client, slot and shutdown signal.
-    pub fn tunnel(&self, dest: Dest, caller: Option<Arc<str>>) -> Self {
+    /// The connection of a tunnel this client connection opened to `dest`: same client,
+    /// slot, shutdown signal and caller.
+    pub fn tunnel(&self, dest: Dest) -> Self {
         Self {
             client: self.client,
             dest: Some(dest),
             slot: self.slot.clone(),
             shutdown: self.shutdown.clone(),
-            caller,
+            caller: self.caller.clone(),
+        }
+    }
+
+    /// This connection as `caller` authenticated it (a CONNECT's or a SOCKS5 handshake's
+    /// tunnel is that caller's); itself when there is none.
+    pub fn as_caller(self: Arc<Self>, caller: Option<crate::callers::Authenticated>) -> Arc<Self> {
+        match caller {
+            None => self,
+            Some(c) => Arc::new(Self {
+                caller: Some(c),
+                ..(*self).clone()
+            }),
         }
     }
 }
@@ -426,17 +438,18 @@ async fn exchange(
 
     // the caller: a tunnel's is its CONNECT's; an absolute-form request names its own
     let caller = match &conn.dest {
-        Some(_) => conn.caller.clone(),
-        None => crate::callers::authenticate(rt, policy, req.headers()).inspect_err(|_| {
-            let rec = guard.rec();
-            rec.host = req
-                .uri()
-                .host()
-                .and_then(normalize_host)
-                .unwrap_or_default();
-            rec.path.push_str(req.uri().path());
-        })?,
-    };
+        Some(_) => crate::callers::recheck(rt, policy, conn.caller.as_ref()),
+        None => crate::callers::authenticate(rt, policy, req.headers()).map(|a| a.map(|a| a.name)),
+    }
+    .inspect_err(|_| {
+        let rec = guard.rec();
+        rec.host = req
+            .uri()
+            .host()
+            .and_then(normalize_host)
+            .unwrap_or_default();
+        rec.path.push_str(req.uri().path());
+    })?;
     if caller.is_some() {
         guard.rec().caller.clone_from(&caller);
     }
@@ -472,7 +485,7 @@ async fn exchange(
     }
     // Token-endpoint and metadata-server stubs are answered here and never forwarded, so the
     // allowlist and the denied address ranges (169.254.169.254) do not apply to them.
-    let stub = policy.stub_for(&host, port, tls, req.method().as_str(), path);
+    let stub = policy.stub_for_grants(&host, port, tls, req.method().as_str(), path, grants);
     if stub.is_none() {
         if !policy.allows_forward(&host, port, tls) {
             return Err(ProxyError::DestinationNotAllowed {

@@ -71,6 +71,12 @@ pub fn sandbox_caller(
     }))
 }
 
+/// What a sandbox running as `caller` may use: everything without one.
+pub fn grants(caller: Option<&SandboxCaller>) -> &Grants {
+    static ALL: Grants = Grants::All;
+    caller.map_or(&ALL, |c| &c.grants)
+}
+
 /// The proxy URL the sandbox gets: `http://ADDR`, with `NAME:TOKEN@` for a caller.
 fn proxy_url(proxy: SocketAddr, caller: Option<&SandboxCaller>) -> String {
     use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};

@@ -240,17 +240,19 @@ async fn connect(
     rec.scheme = "tunnel";
     // The caller first (REFERENCE.md D21): an unauthenticated client learns nothing of
     // the policy, not even whether the destination is allowed.
-    let checked = match callers::authenticate(&rt, &rt.policy(), req.headers()) {
+    let (conn, checked) = match callers::authenticate(&rt, &rt.policy(), req.headers()) {
         Ok(caller) => {
-            rec.caller = caller;
-            check_connect(&rt, &req, &mut rec).await
+            rec.caller = caller.as_ref().map(|c| c.name.clone());
+            let conn = conn.as_caller(caller);
+            let checked = check_connect(&rt, &req, &mut rec).await;
+            (conn, checked)
         }
         Err(e) => {
             if let Some(a) = req.uri().authority() {
                 rec.host = normalize_host(a.host()).unwrap_or_default();
                 rec.port = a.port_u16().unwrap_or(0);
             }
-            Err(e)
+            (conn, Err(e))
         }
     };
     match checked {
@@ -647,7 +649,7 @@ async fn intercept<T>(
         };
         Metrics::count(handshakes, "ok");
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let conn = outer.tunnel(Dest::new(host, port, true, sni), rec.caller.clone());
+        let conn = outer.tunnel(Dest::new(host, port, true, sni));
         let served = if h2 {
             serve_tunnel_h2(rt.clone(), tls, conn).await
         } else {
@@ -660,7 +662,7 @@ async fn intercept<T>(
         // CONNECT checked the host as TLS; cleartext HTTP in the tunnel is classed as such.
         rec.scheme = "http";
         rec.host_class = rt.policy().host_class(&host, port, false);
-        let conn = outer.tunnel(Dest::new(host, port, false, None), rec.caller.clone());
+        let conn = outer.tunnel(Dest::new(host, port, false, None));
         if let Some(code) = serve_tunnel(rt.clone(), io, conn).await {
             failed(rec, code);
         }

@@ -21,6 +21,7 @@ use tracing::debug;
 
 use crate::Runtime;
 use crate::audit::AuditRecord;
+use crate::callers::Authenticated;
 use crate::error::ProxyError;
 use crate::io::WriteStall;
 use crate::pipeline::Conn;
@@ -67,8 +68,9 @@ fn reply_for(e: &ProxyError) -> u8 {
 }
 
 /// Serves one SOCKS5 client connection `tcp` (its first byte, `0x05`, still unread): the
-/// handshake within `client_header_timeout`, then the tunnel. Writes one audit line for a
-/// refused handshake (`kind: connect`, `method: SOCKS5`); the tunnel audits as a CONNECT's.
+/// client's part of the handshake within `client_header_timeout`, the destination checks
+/// under their own timeouts, then the tunnel. Writes one audit line for a refused
+/// handshake (`kind: connect`, `method: SOCKS5`); the tunnel audits as a CONNECT's.
 pub(crate) async fn serve(rt: Arc<Runtime>, tcp: TcpStream, conn: Arc<Conn>) {
     let limits = rt.policy().proxy.limits.clone();
     let mut io = WriteStall::new(tcp, limits.idle_timeout);
@@ -76,14 +78,39 @@ pub(crate) async fn serve(rt: Arc<Runtime>, tcp: TcpStream, conn: Arc<Conn>) {
     let mut rec = AuditRecord::new("connect", id, conn.client, "CONNECT");
     rec.method = Cow::Borrowed("SOCKS5");
     rec.scheme = "tunnel";
-    let opened = tokio::time::timeout(
+    let asked = tokio::time::timeout(
         limits.client_header_timeout,
-        handshake(&rt, &mut io, &mut rec),
+        read_request(&rt, &mut io, &mut rec),
     )
     .await
     .unwrap_or(Err(Refusal::silent("client_silent")));
+    let opened = match asked {
+        Ok((host, port, caller)) => {
+            rec.caller = caller.as_ref().map(|c| c.name.clone());
+            match crate::server::check_target(&rt, &host, port, &mut rec).await {
+                Ok(upstream) => Ok((host, port, upstream, caller)),
+                Err(e) => {
+                    rec.status = e.status().as_u16();
+                    Err(Refusal {
+                        reply: Some(reply_for(&e)),
+                        code: e.code(),
+                    })
+                }
+            }
+        }
+        Err(refusal) => Err(refusal),
+    };
+    let opened = match opened {
+        Ok(o) => io
+            .write_all(&[VERSION, SUCCEEDED, 0, 1, 0, 0, 0, 0, 0, 0])
+            .await
+            .map(|()| o)
+            .map_err(|_| Refusal::silent("client_cancel")),
+        Err(r) => Err(r),
+    };
     match opened {
-        Ok((host, port, upstream)) => {
+        Ok((host, port, upstream, caller)) => {
+            let conn = conn.as_caller(caller);
             crate::server::run_tunnel(rt, conn, host, port, upstream, rec, io).await;
         }
         Err(refusal) => {
@@ -93,10 +120,9 @@ pub(crate) async fn serve(rt: Arc<Runtime>, tcp: TcpStream, conn: Arc<Conn>) {
                 let _ = io.shutdown().await;
             }
             debug!(client = %conn.client, code = refusal.code, "SOCKS5 handshake refused");
-            rec.outcome = if refusal.code == "client_silent" || refusal.code == "socks_invalid" {
-                "client_cancel"
-            } else {
-                "refused"
+            rec.outcome = match refusal.code {
+                "client_silent" | "socks_invalid" | "client_cancel" => "client_cancel",
+                _ => "refused",
             };
             rec.error = Some(refusal.code);
             rec.stop_clock();
@@ -105,13 +131,14 @@ pub(crate) async fn serve(rt: Arc<Runtime>, tcp: TcpStream, conn: Arc<Conn>) {
     }
 }
 
-/// RFC 1928 §3–§6 (and RFC 1929 when callers are configured) up to the success reply:
-/// returns the normalized target and, for passthrough, its upstream connection.
-async fn handshake(
+/// The client's part of RFC 1928 §3–§4 (and RFC 1929 when callers are configured): the
+/// method negotiation, the caller's credentials, and the CONNECT request. Returns the
+/// normalized target and the authenticated caller.
+async fn read_request(
     rt: &Runtime,
     io: &mut WriteStall<TcpStream>,
     rec: &mut AuditRecord,
-) -> Result<(String, u16, Option<TcpStream>), Refusal> {
+) -> Result<(String, u16, Option<Authenticated>), Refusal> {
     let invalid = |_| Refusal::silent("socks_invalid");
     let policy = rt.policy();
     let mut head = [0u8; 2];
@@ -129,17 +156,21 @@ async fn handshake(
     let Some(method) = method else {
         let _ = io.write_all(&[VERSION, NO_ACCEPTABLE]).await;
         let _ = io.shutdown().await;
-        return Err(Refusal::silent(if auth_required {
-            "proxy_auth_required"
-        } else {
-            "socks_no_acceptable_method"
-        }));
+        if auth_required {
+            rec.status = 407;
+            return Err(Refusal::silent("proxy_auth_required"));
+        }
+        return Err(Refusal::silent("socks_no_acceptable_method"));
     };
     io.write_all(&[VERSION, method]).await.map_err(invalid)?;
+    let mut caller = None;
     if method == USER_PASS {
         // RFC 1929 §2: VER=1, ULEN, UNAME, PLEN, PASSWD; answered VER=1, STATUS.
         let mut ver_len = [0u8; 2];
         io.read_exact(&mut ver_len).await.map_err(invalid)?;
+        if ver_len[0] != 1 {
+            return Err(Refusal::silent("socks_invalid"));
+        }
         let mut user = vec![0u8; usize::from(ver_len[1])];
         io.read_exact(&mut user).await.map_err(invalid)?;
         let plen = io.read_u8().await.map_err(invalid)?;
@@ -147,7 +178,7 @@ async fn handshake(
         io.read_exact(&mut password).await.map_err(invalid)?;
         if auth_required {
             match crate::callers::caller_with_token(rt, &policy, &password) {
-                Ok(caller) => rec.caller = Some(caller),
+                Ok(c) => caller = Some(c),
                 Err(e) => {
                     let _ = io.write_all(&[1, 1]).await;
                     let _ = io.shutdown().await;
@@ -204,17 +235,5 @@ async fn handshake(
             code: "socks_command_not_supported",
         });
     }
-    let upstream = crate::server::check_target(rt, &host, port, rec)
-        .await
-        .map_err(|e| {
-            rec.status = e.status().as_u16();
-            Refusal {
-                reply: Some(reply_for(&e)),
-                code: e.code(),
-            }
-        })?;
-    io.write_all(&[VERSION, SUCCEEDED, 0, 1, 0, 0, 0, 0, 0, 0])
-        .await
-        .map_err(invalid)?;
-    Ok((host, port, upstream))
+    Ok((host, port, caller))
 }

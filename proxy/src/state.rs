@@ -161,13 +161,21 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// key; clients sign their token request with it, and the proxy answers that request with
 /// a stub token and injects the real one.
 ///
+/// Only a `gcp_auth` secret in `grants` (the sandbox's caller's) counts.
+///
 /// # Errors
 /// A message when the key cannot be generated or the file written.
-pub fn gcp_stub_env(policy: &Policy, dir: &Path) -> Result<Vec<(String, String)>, String> {
+pub fn gcp_stub_env(
+    policy: &Policy,
+    dir: &Path,
+    grants: &iron_policy::Grants,
+) -> Result<Vec<(String, String)>, String> {
     let Some(secret) = policy
         .secrets
         .iter()
-        .find(|s| matches!(s.kind, iron_policy::SecretKind::Gcp(_)))
+        .enumerate()
+        .find(|&(i, s)| matches!(s.kind, iron_policy::SecretKind::Gcp(_)) && grants.allows(i))
+        .map(|(_, s)| s)
     else {
         return Ok(Vec::new());
     };

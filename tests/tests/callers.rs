@@ -292,3 +292,166 @@ async fn socks5_takes_a_callers_token_as_its_password() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_lists_callers_and_a_reload_revokes_a_tunnels_caller() {
+    use base64::Engine as _;
+    use http::Method;
+    let w = world().await;
+    // `ci`'s token variable is unset: its state says so, /readyz names it.
+    let mut e = env();
+    e.remove("CI_PROXY_TOKEN");
+    let p = w.proxy(e).await;
+    let (a, _task) = iron_proxy::admin::start(p.rt.clone(), "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("admin");
+    let call = |method: Method, path: &'static str| async move {
+        let (status, body) = iron_proxy::admin::call(a, method, path)
+            .await
+            .expect("admin call");
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default(),
+        )
+    };
+    let (status, list) = call(Method::GET, "/v1/callers").await;
+    assert_eq!(status, 200);
+    assert!(
+        !list.to_string().contains("0123456789"),
+        "a token in /v1/callers"
+    );
+    assert_eq!(list["callers"][0]["name"], "ci");
+    assert_eq!(
+        list["callers"][0]["secrets"],
+        serde_json::json!(["GITHUB_TOKEN"])
+    );
+    assert_eq!(list["callers"][0]["token"]["kind"], "env");
+    assert_eq!(list["callers"][0]["token"]["ref"], "CI_PROXY_TOKEN");
+    assert_eq!(list["callers"][0]["token"]["state"], "missing");
+    assert_eq!(list["callers"][1]["secrets"], serde_json::json!(["*"]));
+    assert_eq!(list["callers"][1]["token"]["state"], "ok");
+    let (status, ready) = call(Method::GET, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(
+        ready["reasons"].to_string().contains("caller ci"),
+        "{ready}"
+    );
+    assert_eq!(call(Method::DELETE, "/v1/callers").await.0, 405);
+
+    // A token no readable caller has, while `ci`'s cannot be read: 503, not 407 (it may
+    // be `ci`'s).
+    let port = w.port();
+    let authority = format!("api.github.test:{port}");
+    let (status, _, head) = iron_proxy::client::connect_as(
+        p.addr(),
+        &authority,
+        Some("Bearer not-a-known-token-at-all"),
+    )
+    .await
+    .expect("connect");
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&head));
+    assert!(String::from_utf8_lossy(&head).contains("caller_token_unavailable"));
+
+    // A tunnel is its caller's as long as the caller keeps its token and stays in the
+    // policy; each of its requests checks again.
+    let basic = |token: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("ops:{token}"))
+        )
+    };
+    let open = |auth: Option<String>| {
+        let (addr, authority, ca) = (p.addr(), authority.clone(), p.ca.ca.cert_pem().to_string());
+        async move {
+            iron_proxy::client::tunnel_as(addr, &authority, "api.github.test", &ca, auth.as_deref())
+                .await
+                .expect("tunnel")
+        }
+    };
+    let get = || {
+        http::Request::get("/user")
+            .header("host", authority.as_str())
+            .header("authorization", "Bearer GITHUB_TOKEN")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request")
+    };
+    let status_of = |f: iron_proxy::client::Fetched| {
+        (
+            f.status,
+            f.headers
+                .get("x-iron-proxy-error")
+                .map(|v| v.to_str().unwrap_or_default().to_string()),
+        )
+    };
+    let mut first = open(Some(basic(OPS_TOKEN))).await;
+    assert_eq!(
+        status_of(
+            iron_proxy::client::fetch(&mut first, get())
+                .await
+                .expect("fetch")
+        ),
+        (200, None)
+    );
+    // The token is rotated: the old tunnel is refused, one with the new token works.
+    let rotated = "ops-rotated-token-9876543210fedcba";
+    std::fs::write(w.dir.path().join("ops.token"), rotated).expect("rotate");
+    let seen = w.origin.records().len();
+    assert_eq!(
+        status_of(
+            iron_proxy::client::fetch(&mut first, get())
+                .await
+                .expect("fetch")
+        ),
+        (403, Some("caller_revoked".into()))
+    );
+    assert_eq!(w.origin.records().len(), seen);
+    let mut second = open(Some(basic(rotated))).await;
+    assert_eq!(
+        status_of(
+            iron_proxy::client::fetch(&mut second, get())
+                .await
+                .expect("fetch")
+        ),
+        (200, None)
+    );
+    // A reload that removes `ops` refuses its tunnel's next request.
+    let text = std::fs::read_to_string(&w.policy_path).expect("policy");
+    let without_ops = &text[..text.find("[[callers]]\nname = \"ops\"").expect("ops entry")];
+    std::fs::write(&w.policy_path, without_ops).expect("write");
+    let (status, body) = call(Method::POST, "/v1/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let seen = w.origin.records().len();
+    assert_eq!(
+        status_of(
+            iron_proxy::client::fetch(&mut second, get())
+                .await
+                .expect("fetch")
+        ),
+        (403, Some("caller_revoked".into()))
+    );
+    assert_eq!(w.origin.records().len(), seen);
+    // Without callers, a tunnel needs no credential; once a reload adds callers, that
+    // unauthenticated tunnel's next request is refused 407.
+    let no_callers = &text[..text.find("[[callers]]").expect("callers")];
+    std::fs::write(&w.policy_path, no_callers).expect("write");
+    assert_eq!(call(Method::POST, "/v1/reload").await.0, 200);
+    let mut open_tunnel = open(None).await;
+    assert_eq!(
+        status_of(
+            iron_proxy::client::fetch(&mut open_tunnel, get())
+                .await
+                .expect("fetch")
+        ),
+        (200, None)
+    );
+    std::fs::write(&w.policy_path, &text).expect("write");
+    assert_eq!(call(Method::POST, "/v1/reload").await.0, 200);
+    assert_eq!(
+        status_of(
+            iron_proxy::client::fetch(&mut open_tunnel, get())
+                .await
+                .expect("fetch")
+        ),
+        (407, Some("proxy_auth_required".into()))
+    );
+}

@@ -775,3 +775,34 @@ secrets = ["*", "ALPHA_KEY"]
         "{errs:#?}"
     );
 }
+
+#[test]
+fn a_callers_stub_is_its_granted_secrets() {
+    let p = parse(
+        r#"version = 1
+[[secrets]]
+name = "GCP_ONE"
+type = "gcp_auth"
+keyfile = { file = "one.json" }
+
+[[secrets]]
+name = "GCP_TWO"
+type = "gcp_auth"
+keyfile = { file = "two.json" }
+"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let token = |grants: &Grants| {
+        p.stub_for_grants("oauth2.googleapis.com", 443, true, "POST", "/token", grants)
+    };
+    assert_eq!(token(&Grants::All), Some((0, Stub::GcpToken)));
+    assert_eq!(
+        token(&Grants::Only(vec![false, true])),
+        Some((1, Stub::GcpToken))
+    );
+    // None granted: the first match, which the proxy then refuses (secret_not_granted).
+    assert_eq!(
+        token(&Grants::Only(vec![false, false])),
+        Some((0, Stub::GcpToken))
+    );
+}
