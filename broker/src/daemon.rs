@@ -156,12 +156,16 @@ pub struct Config {
     /// Extra CA files trusted for token endpoints.
     #[serde(default)]
     pub upstream_ca: Vec<PathBuf>,
-    /// An HTTP proxy (`http://HOST:PORT`) token-endpoint calls go through with `CONNECT`
-    /// (a corporate egress proxy, REFERENCE D19), except to `no_proxy` hosts.
+    /// A proxy (`http://HOST:PORT` for `CONNECT`, `socks5://` or `socks5h://` for SOCKS5)
+    /// token-endpoint calls go through (a corporate egress proxy, REFERENCE D19), except to
+    /// `no_proxy` hosts.
     pub upstream_proxy: Option<String>,
     /// Token-endpoint hosts dialed directly (host patterns).
     #[serde(default)]
     pub no_proxy: Vec<String>,
+    /// `USER:PASSWORD` for `upstream_proxy`, as a secret reference (`Proxy-Authorization:
+    /// Basic`, or SOCKS5 username/password).
+    pub upstream_proxy_auth: Option<SecretRef>,
     /// `upstream_proxy` and `no_proxy`, parsed (set by [`Config::load`]).
     #[serde(skip)]
     pub proxy: Option<iron_policy::UpstreamProxy>,
@@ -259,10 +263,15 @@ impl Config {
         }
         cfg.upstream_ca = cfg.upstream_ca.iter().map(|p| cfg.base.join(p)).collect();
         if let Some(url) = &cfg.upstream_proxy {
-            cfg.proxy = Some(
-                iron_policy::UpstreamProxy::parse(url, &cfg.no_proxy)
-                    .map_err(|e| err(format!("upstream_proxy: {e}")))?,
-            );
+            let mut proxy = iron_policy::UpstreamProxy::parse(url, &cfg.no_proxy)
+                .map_err(|e| err(format!("upstream_proxy: {e}")))?;
+            proxy.auth = cfg
+                .upstream_proxy_auth
+                .as_ref()
+                .map(|r| r.to_source(&cfg.base, "upstream_proxy_auth"))
+                .transpose()
+                .map_err(err)?;
+            cfg.proxy = Some(proxy);
         }
         if let Some(dir) = &cfg.spill_dir {
             let dir = cfg.base.join(dir);
@@ -305,17 +314,12 @@ impl Config {
 type HttpsConnector = hyper_rustls::HttpsConnector<Dial>;
 
 /// The TCP dial under the token-endpoint TLS: directly, or through the config's
-/// `upstream_proxy` with `CONNECT` (hyper-util's `Tunnel`) unless the host is in its
-/// `no_proxy`.
+/// `upstream_proxy` ([`crate::upstream_proxy::ProxyDial`]: HTTP `CONNECT` or SOCKS5)
+/// unless the host is in its `no_proxy`.
 #[derive(Clone)]
 struct Dial {
     direct: hyper_util::client::legacy::connect::HttpConnector,
-    tunnel: Option<(
-        hyper_util::client::legacy::connect::proxy::Tunnel<
-            hyper_util::client::legacy::connect::HttpConnector,
-        >,
-        Arc<iron_policy::UpstreamProxy>,
-    )>,
+    via: Option<crate::upstream_proxy::ProxyDial>,
 }
 
 impl tower_service::Service<http::Uri> for Dial {
@@ -337,11 +341,18 @@ impl tower_service::Service<http::Uri> for Dial {
             .host()
             .and_then(iron_policy::normalize_host)
             .unwrap_or_default();
-        if let Some((tunnel, proxy)) = &self.tunnel
-            && proxy.covers(&host)
+        if let Some(via) = &self.via
+            && via.covers(&host)
         {
-            let mut tunnel = tunnel.clone();
-            return Box::pin(async move { tunnel.call(dst).await.map_err(Into::into) });
+            let via = via.clone();
+            let port = dst.port_u16().unwrap_or(443);
+            return Box::pin(async move {
+                let target = match host.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+                    _ => format!("{host}:{port}"),
+                };
+                via.connect(&target).await
+            });
         }
         let mut direct = self.direct.clone();
         Box::pin(async move { direct.call(dst).await.map_err(Into::into) })
@@ -399,25 +410,17 @@ impl Transport {
         upstream_ca: &[PathBuf],
         proxy: Option<&iron_policy::UpstreamProxy>,
         timeout: Duration,
+        sources: Arc<SourceResolver>,
     ) -> Result<Self, String> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let tls = crate::tls::client_config_all_hosts(upstream_ca, provider)?;
         let mut direct = hyper_util::client::legacy::connect::HttpConnector::new();
         direct.enforce_http(false);
         direct.set_connect_timeout(Some(timeout / 3));
-        let tunnel = match proxy {
-            Some(p) => {
-                let uri = format!("http://{}", p.authority)
-                    .parse()
-                    .map_err(|e| format!("upstream_proxy: {e}"))?;
-                Some((
-                    hyper_util::client::legacy::connect::proxy::Tunnel::new(uri, direct.clone()),
-                    Arc::new(p.clone()),
-                ))
-            }
-            None => None,
-        };
-        let http = Dial { direct, tunnel };
+        let via = proxy
+            .map(|p| crate::upstream_proxy::ProxyDial::new(p, timeout / 3, sources))
+            .transpose()?;
+        let http = Dial { direct, via };
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_only()
@@ -832,7 +835,7 @@ pub struct Broker {
     creds: HashMap<String, Arc<Credential>>,
     store: Store,
     transport: Arc<dyn TokenTransport>,
-    sources: SourceResolver,
+    sources: Arc<SourceResolver>,
     auth: Option<SecretValue>,
     owner: String,
     metrics: Metrics,
@@ -849,7 +852,7 @@ impl Broker {
     /// # Errors
     /// A message naming the part of the config or store that failed.
     pub async fn new(cfg: &Config) -> Result<Arc<Self>, String> {
-        let sources = SourceResolver::new(Arc::new(crate::ProcessEnv));
+        let sources = Arc::new(SourceResolver::new(Arc::new(crate::ProcessEnv)));
         let auth = match &cfg.auth_token {
             Some(r) => Some(
                 sources
@@ -872,6 +875,7 @@ impl Broker {
             &cfg.upstream_ca,
             cfg.proxy.as_ref(),
             Duration::from_secs(15).min(refresh_timeout),
+            sources.clone(),
         )?);
         let spill = match &cfg.spill_dir {
             Some(dir) => Some(SpillDir::open(dir).map_err(|e| e.to_string())?),

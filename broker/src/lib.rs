@@ -23,6 +23,7 @@ pub mod daemon;
 pub mod store;
 pub mod tls;
 pub mod tokens;
+pub mod upstream_proxy;
 
 /// A secret value. `Debug` prints `[redacted]`; read it with [`SecretValue::expose`].
 #[derive(Clone)]

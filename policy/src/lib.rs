@@ -30,6 +30,7 @@ pub use matcher::{
 };
 pub use model::{
     BrokeredSpec, Caller, ClientAuth, Egress, GcpSpec, Grant, Grants, HeaderSelector, HttpMode,
-    InjectFormatter, InjectTarget, Limits, OAuthSpec, PgSpec, Policy, Pos, ProxySettings, Secret,
-    SecretKind, SourceKind, SourceRef, Stub, TokenEndpoint, UpstreamCa, UpstreamProxy,
+    InjectFormatter, InjectTarget, Limits, OAuthSpec, PgSpec, Policy, Pos, ProxyScheme,
+    ProxySettings, Secret, SecretKind, SourceKind, SourceRef, Stub, TokenEndpoint, UpstreamCa,
+    UpstreamProxy,
 };

@@ -130,30 +130,53 @@ pub struct ProxySettings {
     pub limits: Limits,
 }
 
-/// `upstream_proxy = "http://HOST:PORT"` and `no_proxy = [host patterns]`: the proxy the
-/// upstream dials are tunnelled through (RFC 9110 §9.3.6 `CONNECT`).
+/// How the upstream dials reach the `upstream_proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyScheme {
+    /// `http://`: HTTP `CONNECT` (RFC 9110 §9.3.6).
+    Http,
+    /// `socks5://` (names resolved here, addresses sent) or `socks5h://` (names sent for
+    /// the proxy to resolve): SOCKS5 CONNECT (RFC 1928).
+    Socks5 {
+        /// `socks5h`: the proxy resolves host names.
+        remote_dns: bool,
+    },
+}
+
+/// `upstream_proxy = "http://HOST:PORT"` (or `socks5://`, `socks5h://`), `no_proxy = [host
+/// patterns]` and `upstream_proxy_auth`: the proxy the upstream dials are tunnelled
+/// through.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamProxy {
-    /// `host:port` of the proxy (`[v6]:port` for an IPv6 literal); port 80 when the URL
-    /// names none.
+    /// HTTP CONNECT or SOCKS5.
+    pub scheme: ProxyScheme,
+    /// `host:port` of the proxy (`[v6]:port` for an IPv6 literal); port 80 (`http`) or
+    /// 1080 (`socks5`) when the URL names none.
     pub authority: String,
     /// Hosts dialed directly (host patterns; a pattern without a port matches every port
     /// here).
     pub no_proxy: Vec<HostPattern>,
+    /// `USER:PASSWORD` for the proxy, as a secret reference: sent as `Proxy-Authorization:
+    /// Basic` on each CONNECT, or as SOCKS5 username/password (RFC 1929).
+    pub auth: Option<SourceRef>,
 }
 
 impl UpstreamProxy {
-    /// Parses `url` ([`upstream_proxy_authority`]) and the `no_proxy` host patterns.
+    /// Parses `url` ([`upstream_proxy_url`]) and the `no_proxy` host patterns, with no
+    /// credential.
     ///
     /// # Errors
     /// A message naming the bad URL or pattern.
     pub fn parse(url: &str, no_proxy: &[String]) -> Result<Self, String> {
+        let (scheme, authority) = upstream_proxy_url(url)?;
         Ok(Self {
-            authority: upstream_proxy_authority(url)?,
+            scheme,
+            authority,
             no_proxy: no_proxy
                 .iter()
                 .map(|p| HostPattern::parse(p).map_err(|e| format!("`no_proxy`: {e}")))
                 .collect::<Result<_, _>>()?,
+            auth: None,
         })
     }
 
@@ -957,36 +980,44 @@ pub struct Policy {
     pub(crate) matcher: PlaceholderMatcher,
 }
 
-/// The `host:port` of `upstream_proxy = "http://HOST[:PORT]"` (the policy's, and the
-/// broker's).
+/// The scheme and `host:port` of `upstream_proxy = "http://HOST[:PORT]"`,
+/// `"socks5://HOST[:PORT]"` or `"socks5h://HOST[:PORT]"` (the policy's, and the broker's).
 ///
 /// # Errors
-/// A message naming what is wrong: another scheme (the link to the proxy is cleartext
-/// HTTP), credentials in the URL (a secret in the policy file), a path, no host, a bad
-/// port.
-pub fn upstream_proxy_authority(url: &str) -> Result<String, String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        format!("`{url}` is not an http:// URL (the link to the proxy is cleartext HTTP CONNECT)")
-    })?;
+/// A message naming what is wrong: another scheme (`https://` proxies are not supported:
+/// the link to the proxy is cleartext), credentials in the URL (a secret in the policy
+/// file: use `upstream_proxy_auth`), a path, no host, a bad port.
+pub fn upstream_proxy_url(url: &str) -> Result<(ProxyScheme, String), String> {
+    let (scheme, rest, default_port) = if let Some(rest) = url.strip_prefix("http://") {
+        (ProxyScheme::Http, rest, 80)
+    } else if let Some(rest) = url.strip_prefix("socks5h://") {
+        (ProxyScheme::Socks5 { remote_dns: true }, rest, 1080)
+    } else if let Some(rest) = url.strip_prefix("socks5://") {
+        (ProxyScheme::Socks5 { remote_dns: false }, rest, 1080)
+    } else {
+        return Err(format!(
+            "`{url}` is not an http://, socks5:// or socks5h:// URL (the link to the proxy is cleartext)"
+        ));
+    };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.contains('@') {
         return Err(
-            "credentials in the URL are not taken (they would sit in the policy file)".into(),
+            "credentials in the URL are not taken (they would sit in the policy file; use `upstream_proxy_auth`)".into(),
         );
     }
     if rest.contains(['/', '?', '#']) {
-        return Err(format!("`{url}` has a path; give only http://HOST:PORT"));
+        return Err(format!("`{url}` has a path; give only SCHEME://HOST:PORT"));
     }
     let pattern = HostPattern::parse(rest).map_err(|e| format!("`{url}`: {e}"))?;
     let (host, port) = match pattern.port() {
         crate::PortSpec::Port(p) => (rest[..rest.len() - p.to_string().len() - 1].to_string(), p),
-        crate::PortSpec::Default => (rest.to_string(), 80),
+        crate::PortSpec::Default => (rest.to_string(), default_port),
         crate::PortSpec::Any => return Err(format!("`{url}`: give a port, not `*`")),
     };
     if host.starts_with("*.") {
         return Err(format!("`{url}` is a pattern, not a host"));
     }
-    Ok(format!("{host}:{port}"))
+    Ok((scheme, format!("{host}:{port}")))
 }
 
 /// Addresses the proxy never dials unless `allow_cidrs` makes an exception (DESIGN.md
@@ -1814,11 +1845,17 @@ impl Cx<'_> {
             None => Limits::default(),
         };
         let no_proxy = self.patterns(&raw.no_proxy, "no_proxy");
+        let auth = raw
+            .upstream_proxy_auth
+            .as_ref()
+            .and_then(|a| self.source(a, "upstream_proxy_auth"));
         let upstream_proxy = match &raw.upstream_proxy {
-            Some(u) => match upstream_proxy_authority(u.get_ref()) {
-                Ok(authority) => Some(UpstreamProxy {
+            Some(u) => match upstream_proxy_url(u.get_ref()) {
+                Ok((scheme, authority)) => Some(UpstreamProxy {
+                    scheme,
                     authority,
                     no_proxy,
+                    auth,
                 }),
                 Err(e) => {
                     self.error(u.span().start, format!("`upstream_proxy`: {e}"));
@@ -1830,6 +1867,12 @@ impl Cx<'_> {
                     self.warn(
                         first.span().start,
                         "`no_proxy` has no effect without `upstream_proxy`".to_string(),
+                    );
+                }
+                if let Some(a) = &raw.upstream_proxy_auth {
+                    self.warn(
+                        a.span().start,
+                        "`upstream_proxy_auth` has no effect without `upstream_proxy`".to_string(),
                     );
                 }
                 None

@@ -58,6 +58,7 @@ pub(crate) struct RawProxy {
     #[serde(default)]
     pub resolve: BTreeMap<String, Spanned<String>>,
     pub upstream_proxy: Option<Spanned<String>>,
+    pub upstream_proxy_auth: Option<Spanned<RawSource>>,
     #[serde(default)]
     pub no_proxy: Vec<Spanned<String>>,
     #[serde(default)]

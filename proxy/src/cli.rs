@@ -594,7 +594,14 @@ async fn run(
             .iter()
             .flat_map(|s| s.sources().into_iter().map(|(_, src)| src))
             .chain(policy.proxy.admin_token.iter())
-            .chain(policy.callers.iter().map(|c| &c.token)),
+            .chain(policy.callers.iter().map(|c| &c.token))
+            .chain(
+                policy
+                    .proxy
+                    .upstream_proxy
+                    .iter()
+                    .filter_map(|p| p.auth.as_ref()),
+            ),
     ) {
         child.env_remove(var);
     }

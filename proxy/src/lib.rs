@@ -99,8 +99,9 @@ impl Active {
         tls: &rustls::ClientConfig,
         stats: impl Fn(&str) -> Arc<SecretStats>,
         metrics: &metrics::Metrics,
+        sources: &Arc<SourceResolver>,
     ) -> Self {
-        Self::reusing(policy, tls, stats, metrics, None)
+        Self::reusing(policy, tls, stats, metrics, sources, None)
     }
 
     /// As [`Active::new`], keeping `previous`'s upstream clients (and their pooled
@@ -110,13 +111,16 @@ impl Active {
         tls: &rustls::ClientConfig,
         stats: impl Fn(&str) -> Arc<SecretStats>,
         metrics: &metrics::Metrics,
+        sources: &Arc<SourceResolver>,
         previous: Option<&Active>,
     ) -> Self {
         let transport = upstream::TransportKey::of(&policy);
         let clients = match previous {
             Some(p) if p.transport == transport => p.clients.clone(),
             _ => (0..workers::count())
-                .map(|_| upstream::build_client(&policy, tls.clone(), metrics.upstream.clone()))
+                .map(|_| {
+                    upstream::build_client(&policy, tls.clone(), metrics.upstream.clone(), sources)
+                })
                 .collect(),
         };
         let stats: Vec<Arc<SecretStats>> = policy.secrets.iter().map(|s| stats(&s.name)).collect();
@@ -488,13 +492,14 @@ impl Runtime {
         let metrics = Arc::new(metrics::Metrics::default());
         let usage = Arc::new(Mutex::new(HashMap::new()));
         let boot = policy.proxy.clone();
+        let sources = Arc::new(SourceResolver::new(env.clone()));
         let active = Arc::new(ArcSwap::from_pointee(Active::new(
             policy,
             &tls,
             |name| stats_for(&usage, &metrics, name),
             &metrics,
+            &sources,
         )));
-        let sources = Arc::new(SourceResolver::new(env.clone()));
         let tokens = iron_broker::tokens::TokenCache::new(
             Arc::new(upstream::ClientTransport::new(active.clone())),
             sources.clone(),
@@ -745,6 +750,7 @@ impl Runtime {
             &tls,
             |name| self.stats(name),
             &self.metrics,
+            &self.sources,
             Some(&self.active.load()),
         );
         let names =
@@ -892,6 +898,9 @@ mod tests {
             &tls,
             |name| stats_for(&usage, &metrics, name),
             &metrics,
+            &Arc::new(SourceResolver::new(Arc::new(
+                HashMap::<String, String>::new(),
+            ))),
         );
         let scrubbed = |value: &SecretValue, body: &[u8]| {
             let mut echoes = echo::Echoes::new();

@@ -185,6 +185,37 @@ fn load_with(path: &Path, env: Arc<dyn Env>, strict: bool) -> (Option<Policy>, V
         });
     }
     diags.extend(caller_tokens(&policy, &sources, strict));
+    if let Some(src) = policy
+        .proxy
+        .upstream_proxy
+        .as_ref()
+        .and_then(|p| p.auth.as_ref())
+    {
+        let problem = match sources.resolve(src) {
+            Err(e) => Some((
+                if strict || !e.is_missing() {
+                    Severity::Error
+                } else {
+                    Severity::Warning
+                },
+                format!("{e} (every dial through the upstream proxy fails until it is set)"),
+            )),
+            Ok(v) if iron_broker::upstream_proxy::split_credential(v.expose()).is_none() => Some((
+                Severity::Error,
+                "the value is not USER:PASSWORD (UTF-8, each at most 255 bytes)".to_string(),
+            )),
+            Ok(_) => None,
+        };
+        if let Some((severity, message)) = problem {
+            diags.push(Diagnostic {
+                file: policy.path.clone(),
+                line: src.pos.line,
+                col: src.pos.col,
+                severity,
+                message: format!("[proxy] upstream_proxy_auth: {message}"),
+            });
+        }
+    }
     let top = |message: String| Diagnostic {
         file: path.to_path_buf(),
         line: 1,

@@ -1376,6 +1376,7 @@ enum UpstreamAddr {
     /// Through the policy's `upstream_proxy` (the proxy resolves the host).
     Proxied {
         policy: Arc<iron_policy::Policy>,
+        sources: Arc<iron_broker::SourceResolver>,
         host: String,
         port: u16,
     },
@@ -1387,9 +1388,15 @@ impl UpstreamAddr {
         Ok(match self {
             Self::Tcp(a) => Box::new(TcpStream::connect(a).await?),
             Self::Unix(p) => Box::new(tokio::net::UnixStream::connect(p).await?),
-            Self::Proxied { policy, host, port } => Box::new(
+            Self::Proxied {
+                policy,
+                sources,
+                host,
+                port,
+            } => Box::new(
                 crate::upstream::dial_tcp(
                     policy,
+                    sources,
                     host,
                     *port,
                     policy.proxy.limits.upstream_connect_timeout,
@@ -1645,7 +1652,7 @@ async fn dial_tcp(
         .is_some_and(|p| p.covers(&host));
     let (mut tcp, addr) = if proxied {
         // Through the `upstream_proxy` with CONNECT; a CancelRequest goes the same way.
-        let tcp = crate::upstream::dial_tcp(&policy, &host, dsn.port, timeout)
+        let tcp = crate::upstream::dial_tcp(&policy, &rt.sources, &host, dsn.port, timeout)
             .await
             .map_err(|e| match e.downcast_ref::<crate::upstream::DialError>() {
                 Some(crate::upstream::DialError::Denied { .. }) => denied(),
@@ -1655,6 +1662,7 @@ async fn dial_tcp(
             })?;
         let addr = UpstreamAddr::Proxied {
             policy: policy.clone(),
+            sources: rt.sources.clone(),
             host: host.clone(),
             port: dsn.port,
         };

@@ -541,12 +541,18 @@ pub(crate) async fn check_target(
         return Ok(None);
     }
     let tcp = if proxied {
-        crate::upstream::dial_tcp(&policy, &host, port, limits.upstream_connect_timeout)
-            .await
-            .map_err(|e| {
-                debug!(error = %e, "passthrough dial through the upstream proxy failed");
-                ProxyError::UpstreamUnreachable
-            })?
+        crate::upstream::dial_tcp(
+            &policy,
+            &rt.sources,
+            &host,
+            port,
+            limits.upstream_connect_timeout,
+        )
+        .await
+        .map_err(|e| {
+            debug!(error = %e, "passthrough dial through the upstream proxy failed");
+            ProxyError::UpstreamUnreachable
+        })?
     } else {
         tokio::time::timeout(
             limits.upstream_connect_timeout,

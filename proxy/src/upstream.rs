@@ -215,11 +215,12 @@ pub async fn via_upstream_proxy(
 /// proxy refusal or timeout errors.
 pub async fn dial_tcp(
     policy: &Arc<Policy>,
+    sources: &Arc<iron_broker::SourceResolver>,
     host: &str,
     port: u16,
     timeout: std::time::Duration,
 ) -> Result<tokio::net::TcpStream, BoxError> {
-    let mut dial = Dial::new(policy, timeout);
+    let mut dial = Dial::new(policy, timeout, sources);
     let authority = match host.parse::<IpAddr>() {
         Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
         _ => format!("{host}:{port}"),
@@ -232,38 +233,41 @@ pub async fn dial_tcp(
 }
 
 /// The TCP dial under the pooled client's TLS: directly ([`HttpConnector`] over
-/// [`PolicyResolver`]), or, with the policy's `upstream_proxy`, through it with `CONNECT`
-/// (hyper-util's [`Tunnel`](hyper_util::client::legacy::connect::proxy::Tunnel)) unless the
-/// host is in its `no_proxy` ([`via_upstream_proxy`] says where the tunnel goes).
+/// [`PolicyResolver`]), or, with the policy's `upstream_proxy`, through it
+/// ([`iron_broker::upstream_proxy::ProxyDial`]: HTTP `CONNECT` or SOCKS5, with its
+/// credential) unless the host is in its `no_proxy` ([`via_upstream_proxy`] says where the
+/// tunnel goes).
 #[derive(Clone)]
 pub struct Dial {
     direct: HttpConnector<PolicyResolver>,
-    tunnel: Option<hyper_util::client::legacy::connect::proxy::Tunnel<HttpConnector>>,
+    via: Option<iron_broker::upstream_proxy::ProxyDial>,
     policy: Arc<Policy>,
 }
 
 impl Dial {
-    /// The dial for `policy`, connecting (and, through a proxy, its `CONNECT`) within
-    /// `timeout`.
-    fn new(policy: &Arc<Policy>, timeout: std::time::Duration) -> Self {
+    /// The dial for `policy`, connecting (and, through a proxy, its handshake) within
+    /// `timeout`; the proxy's credential is read through `sources`.
+    fn new(
+        policy: &Arc<Policy>,
+        timeout: std::time::Duration,
+        sources: &Arc<iron_broker::SourceResolver>,
+    ) -> Self {
         let mut direct = HttpConnector::new_with_resolver(PolicyResolver {
             policy: policy.clone(),
         });
         direct.enforce_http(false);
         direct.set_nodelay(true);
         direct.set_connect_timeout(Some(timeout));
-        let tunnel = policy.proxy.upstream_proxy.as_ref().and_then(|p| {
-            let mut to_proxy = HttpConnector::new();
-            to_proxy.set_nodelay(true);
-            to_proxy.set_connect_timeout(Some(timeout));
-            let uri = format!("http://{}", p.authority).parse().ok()?;
-            Some(hyper_util::client::legacy::connect::proxy::Tunnel::new(
-                uri, to_proxy,
-            ))
+        // The policy checked the authority; a failure here is never expected, and the
+        // dials then go direct (logged).
+        let via = policy.proxy.upstream_proxy.as_ref().and_then(|p| {
+            iron_broker::upstream_proxy::ProxyDial::new(p, timeout, sources.clone())
+                .inspect_err(|e| tracing::error!(error = %e, "upstream_proxy unusable"))
+                .ok()
         });
         Self {
             direct,
-            tunnel,
+            via,
             policy: policy.clone(),
         }
     }
@@ -290,19 +294,12 @@ impl Service<http::Uri> for Dial {
             } else {
                 80
             });
-        let proxied = self
-            .policy
-            .proxy
-            .upstream_proxy
-            .as_ref()
-            .is_some_and(|p| p.covers(&host));
-        if let (Some(tunnel), true) = (&self.tunnel, proxied) {
-            let mut tunnel = tunnel.clone();
+        if let Some(via) = self.via.as_ref().filter(|v| v.covers(&host)) {
+            let via = via.clone();
             let policy = self.policy.clone();
             return Box::pin(async move {
                 let target = via_upstream_proxy(&policy, &host, port).await?;
-                let uri: http::Uri = format!("http://{target}").parse()?;
-                tunnel.call(uri).await.map_err(Into::into)
+                via.connect(&target).await
             });
         }
         let mut direct = self.direct.clone();
@@ -378,9 +375,10 @@ pub fn build_client(
     policy: &Arc<Policy>,
     tls: ClientConfig,
     counters: UpstreamCounters,
+    sources: &Arc<iron_broker::SourceResolver>,
 ) -> UpstreamClient {
     let limits = &policy.proxy.limits;
-    let http = Dial::new(policy, limits.upstream_connect_timeout);
+    let http = Dial::new(policy, limits.upstream_connect_timeout, sources);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls.clone())
         .https_or_http()
@@ -1393,7 +1391,14 @@ mod tests {
         .unwrap();
         policy.proxy.limits.idle_timeout = idle_timeout;
         let tls = client_tls_config(&policy, crate::crypto_provider()).unwrap();
-        build_client(&Arc::new(policy), tls, Default::default())
+        build_client(
+            &Arc::new(policy),
+            tls,
+            Default::default(),
+            &Arc::new(iron_broker::SourceResolver::new(Arc::new(
+                std::collections::HashMap::<String, String>::new(),
+            ))),
+        )
     }
 
     fn get(port: u16, target: &str) -> Request<ProxyBody> {
@@ -1418,7 +1423,14 @@ mod tests {
         )
         .unwrap();
         let tls = client_tls_config(&policy, crate::crypto_provider()).unwrap();
-        let c = build_client(&Arc::new(policy), tls, Default::default());
+        let c = build_client(
+            &Arc::new(policy),
+            tls,
+            Default::default(),
+            &Arc::new(iron_broker::SourceResolver::new(Arc::new(
+                std::collections::HashMap::<String, String>::new(),
+            ))),
+        );
         for target in [
             format!("http://127.0.0.1:{}/", o.port),
             format!("https://127.0.0.1:{}/", o.port),

@@ -1624,6 +1624,77 @@ async fn every_dial_goes_through_the_upstream_proxy_but_no_proxy_hosts() {
     assert!(denied, "no destination_address_denied in the audit log");
 }
 
+/// `upstream_proxy` over SOCKS5 (`socks5h://`) and HTTP CONNECT, each requiring the
+/// proxy's own credential (`upstream_proxy_auth`, a secret reference): requests and
+/// passthrough tunnels go through with it; a wrong credential gets nothing through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks5_and_authenticated_upstream_proxies() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    for scheme in ["socks5h", "http"] {
+        let corp = iron_tests::corp_proxy::CorpProxy::start_with_auth("svc:c0rp s3cret").await;
+        let policy = STANDARD_POLICY.replace(
+            "passthrough = [",
+            &format!(
+                "upstream_proxy = \"{scheme}://{}\"\nupstream_proxy_auth = {{ env = \"CORP_PROXY_AUTH\" }}\npassthrough = [",
+                corp.addr
+            ),
+        );
+        let w = World::new(&policy, OriginOptions::default()).await;
+        let port = w.port();
+        let via = |t: &str| {
+            if scheme == "http" {
+                t.to_string()
+            } else {
+                format!("socks5 {t}")
+            }
+        };
+        let target = via(&format!("127.0.0.1:{port}"));
+        let mut env = standard_env();
+        env.insert("CORP_PROXY_AUTH".into(), "svc:c0rp s3cret".into());
+        let p = w.proxy(env).await;
+        let r = p
+            .curl(&[
+                &format!("https://api.github.test:{port}/user"),
+                "-H",
+                "Authorization: Bearer GITHUB_TOKEN",
+            ])
+            .await;
+        assert_eq!(r.status, 200, "{scheme}: {r:?}");
+        assert_eq!(corp.targets(), std::slice::from_ref(&target), "{scheme}");
+        assert_eq!(
+            w.origin.records()[0].header("authorization"),
+            Some(format!("Bearer {REAL_GITHUB}"))
+        );
+        let resp = passthrough_get(&p, &w, None).await;
+        assert_eq!(resp.status, 200, "{scheme}");
+        assert_eq!(corp.targets().len(), 2, "{scheme}");
+        drop(p);
+
+        // The same policy with a wrong credential: refused by the corporate proxy, so
+        // the request fails (502) and the origin sees nothing more.
+        let mut env = standard_env();
+        env.insert("CORP_PROXY_AUTH".into(), "svc:wrong".into());
+        let p = w.proxy(env).await;
+        let seen = w.origin.records().len();
+        let r = p
+            .curl(&[
+                &format!("https://api.github.test:{port}/user"),
+                "-H",
+                "Authorization: Bearer GITHUB_TOKEN",
+            ])
+            .await;
+        assert_eq!(r.status, 502, "{scheme}: {r:?}");
+        assert_eq!(w.origin.records().len(), seen, "{scheme}");
+        assert_eq!(
+            corp.targets().len(),
+            2,
+            "{scheme}: the refused CONNECT was recorded"
+        );
+    }
+}
+
 /// `GET /` to `pass.test` through a passthrough tunnel of `p` (the client talks TLS with
 /// the origin itself, trusting the origin's CA), with `authorization` if given.
 #[allow(clippy::expect_used)] // test helper: a failure is a failed test

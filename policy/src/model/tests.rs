@@ -643,7 +643,7 @@ fn host_patterns_over_a_public_suffix_are_refused_or_warned() {
     }
 }
 
-/// `upstream_proxy = "http://HOST:PORT"` with `no_proxy`; other forms are refused with a
+/// `upstream_proxy = "http://HOST:PORT"` (or `socks5[h]://`) with `no_proxy`; other forms are refused with a
 /// message naming what is wrong.
 #[test]
 fn upstream_proxy_is_an_http_url_with_a_host_and_port() {
@@ -657,6 +657,8 @@ fn upstream_proxy_is_an_http_url_with_a_host_and_port() {
         .as_ref()
         .unwrap_or_else(|| panic!("none"));
     assert_eq!(up.authority, "proxy.corp.test:3128");
+    assert_eq!(up.scheme, ProxyScheme::Http);
+    assert_eq!(up.auth, None);
     assert!(!up.covers("git.corp.test") && !up.covers("corp.test"));
     assert!(up.covers("api.github.com"));
     let p = parse(&with("http://[fd00::1]/")).unwrap_or_else(|e| panic!("{e}"));
@@ -665,8 +667,8 @@ fn upstream_proxy_is_an_http_url_with_a_host_and_port() {
         Some("[fd00::1]:80")
     );
     for (url, says) in [
-        ("https://proxy:3128", "not an http:// URL"),
-        ("socks5://proxy:1080", "not an http:// URL"),
+        ("https://proxy:3128", "not an http://"),
+        ("socks4://proxy:1080", "not an http://"),
         ("http://user:pw@proxy:3128", "credentials"),
         ("http://proxy:3128/path", "has a path"),
         ("http://proxy:0", "port"),
@@ -677,6 +679,31 @@ fn upstream_proxy_is_an_http_url_with_a_host_and_port() {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains(says), "{url}: {e}");
+    }
+    // SOCKS5, with the proxy's own credential as a secret reference.
+    for (url, scheme, authority) in [
+        (
+            "socks5h://proxy.corp.test",
+            ProxyScheme::Socks5 { remote_dns: true },
+            "proxy.corp.test:1080",
+        ),
+        (
+            "socks5://10.0.0.9:9050",
+            ProxyScheme::Socks5 { remote_dns: false },
+            "10.0.0.9:9050",
+        ),
+    ] {
+        let p = parse(&format!(
+            "{}upstream_proxy_auth = {{ env = \"CORP_PROXY_AUTH\" }}\n",
+            with(url)
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let up = p.proxy.upstream_proxy.unwrap_or_else(|| panic!("none"));
+        assert_eq!((up.scheme, up.authority.as_str()), (scheme, authority));
+        assert_eq!(
+            up.auth.map(|a| a.kind),
+            Some(SourceKind::Env("CORP_PROXY_AUTH".into()))
+        );
     }
     let warned =
         parse("version = 1\n[proxy]\nno_proxy = [\"a.test\"]\n").unwrap_or_else(|e| panic!("{e}"));
