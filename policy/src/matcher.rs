@@ -289,6 +289,20 @@ impl fmt::Debug for Rewritten {
 }
 
 impl Plan {
+    /// Leaves out the injection of secret `s` (its value could not be had and it fails
+    /// open, [`crate::Secret::fail_open`]): true when the plan only injected it; false,
+    /// changing nothing, when the request carries its placeholder (which must not be
+    /// forwarded without its value) or the plan does not inject it.
+    pub fn skip_inject(&mut self, s: usize) -> bool {
+        if !self.injects.contains(&s) || self.header_spans.iter().any(|sp| sp.1 == s) {
+            return false;
+        }
+        self.injects.retain(|&mut i| i != s);
+        self.applied.retain(|a| a.secret != s);
+        self.secrets.retain(|&mut i| i != s);
+        true
+    }
+
     /// True when the request needs no change.
     pub fn is_empty(&self) -> bool {
         self.applied.is_empty()

@@ -828,6 +828,13 @@ pub struct Secret {
     /// `Sec-WebSocket-Extensions`, so messages are not compressed. Default false: frames
     /// are relayed as bytes.
     pub websocket_frames: bool,
+    /// `on_failure = "open"` (REFERENCE.md D15; default `"closed"`): when the value cannot
+    /// be had (a source missing, a token that cannot be minted, the secret disabled), a
+    /// request it would be injected into goes on without it, its audit entry
+    /// `skipped:credential_unavailable`, instead of 502 `credential_unavailable`. Only for
+    /// injecting secrets (`mode = "inject"`, token types), and only for requests that do
+    /// not carry its placeholder: a placeholder is never forwarded.
+    pub fail_open: bool,
     /// How the value is applied to requests. Token types always inject.
     pub mode: HttpMode,
     /// Method and path prefixes the secret may be applied to; empty: every request to its
@@ -2078,6 +2085,31 @@ impl Cx<'_> {
             .rate_limit
             .as_ref()
             .and_then(|r| self.rate_limit(r, &name_s));
+        let fail_open = match raw
+            .on_failure
+            .as_ref()
+            .map(|o| (o.get_ref().as_str(), o.span().start))
+        {
+            None | Some(("closed", _)) => false,
+            Some(("open", at)) => {
+                if matches!(mode, Some(HttpMode::Inject { .. })) && ty != "pg_dsn" {
+                    true
+                } else {
+                    self.error(
+                        at,
+                        format!("secret `{name_s}`: `on_failure = \"open\"` needs a secret that injects (`mode = \"inject\"` or a token type): a request carrying a placeholder is never forwarded without its value"),
+                    );
+                    false
+                }
+            }
+            Some((other, at)) => {
+                self.error(
+                    at,
+                    format!("secret `{name_s}`: `on_failure` is `closed` or `open`, not `{other}`"),
+                );
+                false
+            }
+        };
         if self.error_count() > errors_before {
             return None;
         }
@@ -2090,6 +2122,7 @@ impl Cx<'_> {
             allow_plaintext: raw.allow_plaintext.unwrap_or(false),
             scrub_response_body: raw.scrub_response_body.unwrap_or(true),
             websocket_frames: raw.websocket_frames.unwrap_or(false),
+            fail_open,
             mode: mode?,
             capabilities,
             rate_limit,

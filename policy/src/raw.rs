@@ -101,6 +101,7 @@ pub(crate) struct RawSecret {
     pub allow_plaintext: Option<bool>,
     pub scrub_response_body: Option<bool>,
     pub websocket_frames: Option<bool>,
+    pub on_failure: Option<Spanned<String>>,
     pub capabilities: Option<Spanned<Vec<Spanned<RawCapability>>>>,
     pub rate_limit: Option<Spanned<RawRateLimit>>,
     // oauth_token

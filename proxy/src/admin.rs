@@ -331,6 +331,7 @@ pub fn secret_view(rt: &Runtime, s: &Secret) -> Value {
             "burst": r.burst.get(),
         })),
         "optional": s.optional,
+        "on_failure": if s.fail_open { "open" } else { "closed" },
         "file": s.file.display().to_string(),
         "sources": s.sources().iter().map(|(field, src)| json!({
             "field": field,

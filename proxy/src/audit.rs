@@ -33,6 +33,9 @@ pub enum AppliedAt {
     /// Made available to a WebSocket connection's text messages (`websocket_frames`)
     /// without being in its upgrade request.
     WebSocket,
+    /// Not applied: its value could not be had and it fails open (`on_failure = "open"`);
+    /// written `skipped:credential_unavailable`.
+    Skipped,
 }
 
 impl std::fmt::Display for AppliedAt {
@@ -42,6 +45,7 @@ impl std::fmt::Display for AppliedAt {
             Self::Stub => f.write_str("stub"),
             Self::Pg => f.write_str("pg"),
             Self::WebSocket => f.write_str("websocket"),
+            Self::Skipped => f.write_str("skipped:credential_unavailable"),
         }
     }
 }
@@ -63,7 +67,7 @@ impl AppliedAt {
                     .position(|c| c == h)
                     .map(|i| 3 + i)
             }
-            Self::Request(_) | Self::WebSocket => None,
+            Self::Request(_) | Self::WebSocket | Self::Skipped => None,
         }
     }
 }

@@ -564,7 +564,12 @@ impl Runtime {
     /// Emits an audit record: counts it in the metrics and the secret usage, then writes it.
     pub fn emit(&self, rec: AuditRecord) {
         self.metrics.observe(&rec);
-        for s in &rec.secrets {
+        // A secret left out (on_failure = open) was not applied; its failure is counted.
+        for s in rec
+            .secrets
+            .iter()
+            .filter(|s| !matches!(s.location, audit::AppliedAt::Skipped))
+        {
             s.stats.applied(rec.arrived);
         }
         self.audit.emit(rec);

@@ -629,29 +629,39 @@ async fn exchange(
 
     // resolve
     let mut values = Values::default();
-    for &s in plan.secrets.iter().chain(&frame_secrets) {
+    // Secrets that fail open (`on_failure = "open"`) and were left out for want of a value.
+    let mut skipped: smallvec::SmallVec<[usize; 1]> = smallvec::SmallVec::new();
+    let mut k = 0;
+    while k < plan.secrets.len() + frame_secrets.len() {
+        let s = match plan.secrets.get(k) {
+            Some(&s) => s,
+            None => frame_secrets[k - plan.secrets.len()],
+        };
         let secret = &policy.secrets[s];
-        if !secret.enabled {
-            warn!(request_id = %id, client = %conn.client, secret = %secret.name, "secret is disabled (enabled = false); refusing request");
-            return Err(ProxyError::CredentialUnavailable {
+        let value = if secret.enabled {
+            Ok(())
+        } else {
+            warn!(request_id = %id, client = %conn.client, secret = %secret.name, "secret is disabled (enabled = false)");
+            Err(ProxyError::CredentialUnavailable {
                 secret: secret.name.clone(),
-            });
-        }
-        let value = match &secret.kind {
-            SecretKind::Static(source) => active.static_value(&rt.sources, s, source).map_err(|e| {
-                warn!(request_id = %id, client = %conn.client, secret = %secret.name, error = %e, "secret source unavailable; refusing request");
+            })
+        };
+        let value = match (value, &secret.kind) {
+            (Err(e), _) => Err(e),
+            (Ok(()), SecretKind::Static(source)) => active.static_value(&rt.sources, s, source).map_err(|e| {
+                warn!(request_id = %id, client = %conn.client, secret = %secret.name, error = %e, "secret source unavailable");
                 rt.secret_failed(&secret.name, &e.to_string());
                 ProxyError::CredentialUnavailable {
                     secret: secret.name.clone(),
                 }
             }),
             // pg_dsn secrets have no placeholder in the HTTP matcher; never planned here.
-            SecretKind::Pg(_) => Err(ProxyError::CredentialUnavailable {
+            (Ok(()), SecretKind::Pg(_)) => Err(ProxyError::CredentialUnavailable {
                 secret: secret.name.clone(),
             }),
-            SecretKind::OAuth(_) | SecretKind::Gcp(_) | SecretKind::Brokered(_) => {
+            (Ok(()), SecretKind::OAuth(_) | SecretKind::Gcp(_) | SecretKind::Brokered(_)) => {
                 Box::pin(rt.tokens.token(secret)).await.map(Cow::Owned).map_err(|e| {
-                    warn!(request_id = %id, client = %conn.client, secret = %secret.name, error = %e, "no access token; refusing request");
+                    warn!(request_id = %id, client = %conn.client, secret = %secret.name, error = %e, "no access token");
                     rt.secret_failed(&secret.name, &e.to_string());
                     let brokered = matches!(secret.kind, SecretKind::Brokered(_));
                     match e {
@@ -667,8 +677,22 @@ async fn exchange(
                     }
                 })
             }
-        }?;
-        values.push(s, value);
+        };
+        match value {
+            Ok(v) => {
+                values.push(s, v);
+                k += 1;
+            }
+            // Left out of the plan, so the next secret is now at `k`.
+            Err(_) if secret.fail_open && plan.skip_inject(s) => {
+                warn!(request_id = %id, client = %conn.client, secret = %secret.name, "on_failure = open: forwarding without the credential");
+                skipped.push(s);
+            }
+            Err(e) => {
+                warn!(request_id = %id, client = %conn.client, secret = %secret.name, "no value for the secret; refusing the request");
+                return Err(e);
+            }
+        }
     }
     // Rate limits, once every value is in hand: a request refused above (a missing source,
     // no token) has not used the secret and takes nothing from its limit.
@@ -756,6 +780,10 @@ async fn exchange(
         .chain(frame_secrets.iter().map(|&s| AppliedSecret {
             stats: active.stats(s).clone(),
             location: AppliedAt::WebSocket,
+        }))
+        .chain(skipped.iter().map(|&s| AppliedSecret {
+            stats: active.stats(s).clone(),
+            location: AppliedAt::Skipped,
         }))
         .collect();
     for a in &guard.rec().secrets {

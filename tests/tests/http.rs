@@ -2633,3 +2633,56 @@ async fn github_swap_reaches_the_origin_again(w: &World, p: &InProcess) {
         Some(format!("Bearer {REAL_GITHUB}"))
     );
 }
+
+/// `on_failure = "open"` (REFERENCE D15): an injecting secret whose value cannot be had
+/// is left out and the request forwarded without it (audited `skipped`); a request that
+/// carries its placeholder is still refused; `closed` (the default) refuses with 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injecting_secret_that_fails_open_is_left_out() {
+    if !have("curl") {
+        return eprintln!("curl not installed; skipped");
+    }
+    let policy = STANDARD_POLICY.replace(
+        "inject_formatter = \"Token {value}\"",
+        "inject_formatter = \"Token {value}\"\non_failure = \"open\"",
+    );
+    assert!(policy.contains("on_failure"));
+    let w = World::new(&policy, OriginOptions::default()).await;
+    let port = w.port();
+    let mut env = standard_env();
+    env.remove("REAL_INJECT_KEY");
+    let p = w.proxy(env).await;
+    let url = format!("https://inject.test:{port}/x");
+    let open = p.curl(&[&url]).await;
+    assert_eq!(open.status, 200, "{open:?}");
+    let rec = w.origin.records().pop().expect("forwarded");
+    assert_eq!(rec.header("x-api-key"), None);
+    let audit = p.audit.records().pop().expect("audit");
+    assert_eq!(audit.outcome, "forwarded");
+    assert_eq!(
+        audit.secrets[0].location.to_string(),
+        "skipped:credential_unavailable"
+    );
+    assert_eq!(p.rt.stats("INJECT_KEY").usage().invocations, 0);
+    // The placeholder in the injected header is never forwarded without its value.
+    let seen = w.origin.records().len();
+    let carried = p.curl(&[&url, "-H", "X-Api-Key: INJECT_KEY"]).await;
+    assert_eq!(carried.status, 502, "{carried:?}");
+    assert_eq!(
+        carried.error_code().as_deref(),
+        Some("credential_unavailable")
+    );
+    assert_eq!(w.origin.records().len(), seen);
+    drop(p);
+
+    // The default fails closed.
+    let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
+    let mut env = standard_env();
+    env.remove("REAL_INJECT_KEY");
+    let p = w.proxy(env).await;
+    let closed = p
+        .curl(&[&format!("https://inject.test:{}/x", w.port())])
+        .await;
+    assert_eq!(closed.status, 502, "{closed:?}");
+    assert!(w.origin.records().is_empty());
+}

@@ -833,3 +833,26 @@ keyfile = { file = "two.json" }
         Some((0, Stub::GcpToken))
     );
 }
+
+#[test]
+fn on_failure_open_is_for_injecting_secrets_only() {
+    let secret = |extra: &str| {
+        format!(
+            "version = 1\n[[secrets]]\nname = \"KEY_ONE\"\ntype = \"http\"\nsource = {{ env = \"K\" }}\nhosts = [\"a.test\"]\n{extra}\n"
+        )
+    };
+    let open = parse(&secret(
+        "mode = \"inject\"\ninject_header = \"X-Key\"\non_failure = \"open\"",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(open.secrets[0].fail_open);
+    let closed = parse(&secret("on_failure = \"closed\"")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!closed.secrets[0].fail_open);
+    let e = errors(&secret("on_failure = \"open\""));
+    assert!(
+        e.iter().any(|m| m.contains("needs a secret that injects")),
+        "{e:?}"
+    );
+    let e = errors(&secret("on_failure = \"maybe\""));
+    assert!(e.iter().any(|m| m.contains("`closed` or `open`")), "{e:?}");
+}
