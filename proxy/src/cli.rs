@@ -361,7 +361,7 @@ async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
                 .context(format!("failed to listen on admin_listen {admin_addr}")));
         }
     };
-    let relays = crate::pg::start_all(&rt, &state::state_dir(), false)
+    crate::pg::start_all(&rt, &state::state_dir(), false)
         .await
         .map_err(anyhow::Error::msg)?;
     crate::watch::spawn(rt.clone()).map_err(anyhow::Error::msg)?;
@@ -378,6 +378,7 @@ async fn serve(policy_path: &Path) -> anyhow::Result<ExitCode> {
         "shutting down: draining requests in flight"
     );
     // HTTP connections and Postgres sessions drain side by side, under one grace period.
+    let relays = crate::pg::take_all(&rt).await;
     let (http, pg) = tokio::join!(proxy.drain(grace), crate::pg::drain_all(relays, grace));
     if http && pg {
         tracing::info!("drained; exiting");
@@ -638,7 +639,7 @@ async fn run(
     proxy.stop();
     // The child's Postgres sessions end with it; a descendant's still open after a moment
     // is closed. Either way each session's audit record is written before exit.
-    crate::pg::drain_all(relays, RUN_PG_GRACE).await;
+    crate::pg::drain_all(crate::pg::take_all(&rt).await, RUN_PG_GRACE).await;
     rt.audit.flush();
     Ok(match status.code() {
         Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),

@@ -383,9 +383,8 @@ pub struct Runtime {
     /// `pg_dsn` secrets whose relay could not be started (their DSN was absent at start):
     /// `/readyz` reports them until a restart starts the relay.
     pub pg_not_started: Mutex<Vec<String>>,
-    /// The relays [`pg::start_all`] started: secret name and the `listen` it was started
-    /// for (a reload cannot start or move one; see [`Runtime::reload`]).
-    pub pg_started: Mutex<Vec<(String, Option<SocketAddr>)>>,
+    /// The Postgres relays running ([`pg::start_all`], [`pg::reconcile`] on reload).
+    pub relays: tokio::sync::Mutex<pg::RelaySet>,
     env: Arc<dyn Env>,
     /// `[proxy]` as the process started with it: listeners, connection cap, leaf cache and
     /// CA apply on restart, so a reload compares against these, not the last reload's.
@@ -526,7 +525,7 @@ impl Runtime {
             usage,
             listening: std::sync::atomic::AtomicBool::new(false),
             pg_not_started: Mutex::new(Vec::new()),
-            pg_started: Mutex::new(Vec::new()),
+            relays: tokio::sync::Mutex::new(pg::RelaySet::default()),
             env,
             boot,
             reload_lock: tokio::sync::Mutex::new(()),
@@ -593,7 +592,7 @@ impl Runtime {
     ///
     /// # Errors
     /// Every diagnostic (errors and warnings) when the new policy is invalid.
-    pub async fn reload(&self) -> Result<ReloadSummary, Vec<Diagnostic>> {
+    pub async fn reload(self: &Arc<Self>) -> Result<ReloadSummary, Vec<Diagnostic>> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let old = self.policy();
         let path: PathBuf = old.path.clone();
@@ -713,39 +712,31 @@ impl Runtime {
                 ));
             }
         }
-        // Postgres relays are started with the process (pg::start_all); a reload changes
-        // what new sessions of a running relay do (DSN, role, settings, enabled), but a
-        // relay for a secret added, switched on or moved to another `listen` starts on
-        // restart. Say so (on every reload until then) rather than accept it silently.
-        let started = self
-            .pg_started
-            .lock()
-            .map(|v| v.clone())
-            .unwrap_or_default();
-        for s in policy.secrets.iter().filter(|s| s.enabled) {
-            let iron_policy::SecretKind::Pg(spec) = &s.kind else {
-                continue;
-            };
-            let running = started
-                .iter()
-                .any(|(name, listen)| *name == s.name && *listen == spec.listen);
-            if !running {
-                diags.push(Diagnostic {
-                    file: s.file.clone(),
-                    line: s.pos.line,
-                    col: s.pos.col,
-                    severity: iron_policy::Severity::Warning,
-                    message: format!(
-                        "secret `{}` (pg_dsn): its relay is new, switched on or moved; it starts on restart",
-                        s.name
-                    ),
-                });
-            }
-        }
         let tls = match upstream::client_tls_config(&policy, crypto_provider()) {
             Ok(t) => t,
             Err(e) => {
                 diags.push(at1(iron_policy::Severity::Error, format!("[proxy] {e}")));
+                return refuse(diags, &self.metrics);
+            }
+        };
+        // Postgres relays follow the policy: new, switched-on and moved ones start now (a
+        // `listen` that cannot be bound refuses the whole reload), removed ones stop
+        // accepting once the policy is swapped, their open sessions drained.
+        let retired = match pg::reconcile(self, &policy).await {
+            Ok((retired, warnings)) => {
+                diags.extend(
+                    warnings
+                        .into_iter()
+                        .map(|w| at1(iron_policy::Severity::Warning, w)),
+                );
+                retired
+            }
+            Err(errors) => {
+                diags.extend(
+                    errors
+                        .into_iter()
+                        .map(|e| at1(iron_policy::Severity::Error, e)),
+                );
                 return refuse(diags, &self.metrics);
             }
         };
@@ -781,6 +772,10 @@ impl Runtime {
             warnings: diags.iter().map(ToString::to_string).collect(),
         };
         self.active.store(Arc::new(next));
+        if !retired.is_empty() {
+            let grace = policy.proxy.limits.shutdown_grace;
+            tokio::spawn(pg::drain_all(retired, grace));
+        }
         metrics::Metrics::count(&self.metrics.reloads, "ok");
         tracing::info!(
             secrets = summary.secrets.len(),

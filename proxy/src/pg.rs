@@ -441,6 +441,9 @@ pub struct Relay {
     pub name: String,
     /// Listen address.
     pub addr: SocketAddr,
+    /// The secret's `listen` it was started for (`None`: the port kept in the state
+    /// directory, or a fresh one).
+    listen: Option<SocketAddr>,
     task: tokio::task::JoinHandle<()>,
     /// One permit per session (`max_connections` in all).
     slots: Arc<Semaphore>,
@@ -500,10 +503,23 @@ impl Drop for Relay {
     }
 }
 
-/// Starts one relay per `pg_dsn` secret. Relays follow policy reloads for new sessions
-/// (DSN, role, settings); adding or removing a `pg_dsn` secret needs a restart. With
-/// `ephemeral`, a secret without a fixed `listen` gets a fresh loopback port instead of the
-/// one kept in the state directory (`run`, beside a `serve` holding that port).
+/// The relays a runtime runs ([`Runtime::relays`]), and where [`start_all`] put them:
+/// a reload starts, moves and retires relays to follow the policy ([`reconcile`]).
+#[derive(Debug, Default)]
+pub struct RelaySet {
+    running: Vec<Relay>,
+    /// The state directory and whether relays without a fixed `listen` take a fresh
+    /// port; `None` until [`start_all`] (a runtime without relays).
+    place: Option<(std::path::PathBuf, bool)>,
+}
+
+/// Starts one relay per enabled `pg_dsn` secret and keeps them in the runtime (drained at
+/// shutdown with [`take_all`]); returns each one's secret name and listen address. Relays
+/// follow policy reloads: new sessions use the current DSN, role and settings, and a
+/// reload starts, moves or retires relays ([`reconcile`]). With `ephemeral`, a secret
+/// without a fixed `listen` gets a fresh loopback port instead of the one kept in the
+/// state directory (`run`, beside a `serve` holding that port). A secret whose DSN is not
+/// set yet gets no relay (`/readyz` says so) until a reload finds it set.
 ///
 /// # Errors
 /// A message when a sandbox side cannot be set up or a listener cannot bind.
@@ -511,25 +527,127 @@ pub async fn start_all(
     rt: &Arc<Runtime>,
     state_dir: &Path,
     ephemeral: bool,
-) -> Result<Vec<Relay>, String> {
+) -> Result<Vec<(String, SocketAddr)>, String> {
     let policy = rt.policy();
-    let mut relays = Vec::new();
+    let mut set = rt.relays.lock().await;
+    set.place = Some((state_dir.to_path_buf(), ephemeral));
     for secret in &policy.secrets {
-        let SecretKind::Pg(spec) = &secret.kind else {
-            continue;
-        };
-        if !secret.enabled {
+        if let Some(relay) = start_one(rt, secret, state_dir, ephemeral).await? {
+            set.running.push(relay);
+        }
+    }
+    Ok(set
+        .running
+        .iter()
+        .map(|r| (r.name.clone(), r.addr))
+        .collect())
+}
+
+/// The runtime's running relays: secret name and listen address.
+pub async fn running(rt: &Runtime) -> Vec<(String, SocketAddr)> {
+    rt.relays
+        .lock()
+        .await
+        .running
+        .iter()
+        .map(|r| (r.name.clone(), r.addr))
+        .collect()
+}
+
+/// Every relay of the runtime, taken out for [`drain_all`] at shutdown.
+pub async fn take_all(rt: &Runtime) -> Vec<Relay> {
+    std::mem::take(&mut rt.relays.lock().await.running)
+}
+
+/// Brings the runtime's relays in line with `policy` (a reload about to be applied):
+/// starts a relay for each enabled `pg_dsn` secret that has none at its `listen`
+/// (added, switched on, moved, or its DSN newly set), and takes out the relays of secrets
+/// removed or moved (a switched-off secret's relay stays, refusing sessions with a
+/// message), returned for the caller to drain once the policy is
+/// swapped (their open sessions finish on the new policy). Returns warnings too (a DSN
+/// still unset). Nothing changes without relays ([`start_all`] never ran).
+///
+/// # Errors
+/// The messages of relays that could not start (a `listen` already taken): then none of
+/// this call's relays is kept and none is taken out, so the reload can be refused whole
+/// (REFERENCE.md D27: a bind failure fails the reload).
+pub async fn reconcile(
+    rt: &Arc<Runtime>,
+    policy: &iron_policy::Policy,
+) -> Result<(Vec<Relay>, Vec<String>), Vec<String>> {
+    let mut set = rt.relays.lock().await;
+    let Some((dir, ephemeral)) = set.place.clone() else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    // A switched-off secret keeps its relay, which answers each session with an
+    // ErrorResponse saying so (clearer than a refused connection).
+    let wanted = |r: &Relay| {
+        policy
+            .secret(&r.name)
+            .is_some_and(|s| matches!(&s.kind, SecretKind::Pg(spec) if spec.listen == r.listen))
+    };
+    let mut started = Vec::new();
+    let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+    for secret in policy.secrets.iter().filter(|s| s.enabled) {
+        if !matches!(secret.kind, SecretKind::Pg(_))
+            || set
+                .running
+                .iter()
+                .any(|r| r.name == secret.name && wanted(r))
+        {
             continue;
         }
+        match start_one(rt, secret, &dir, ephemeral).await {
+            Ok(Some(relay)) => started.push(relay),
+            Ok(None) => warnings.push(format!(
+                "secret `{}` (pg_dsn): its DSN is not set; its relay starts on a reload once it is",
+                secret.name
+            )),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let (keep, retired): (Vec<Relay>, Vec<Relay>) = std::mem::take(&mut set.running)
+        .into_iter()
+        .partition(wanted);
+    set.running = keep;
+    set.running.extend(started);
+    if let Ok(mut v) = rt.pg_not_started.lock() {
+        v.retain(|n| {
+            policy.secret(n).is_some_and(|s| s.enabled) && !set.running.iter().any(|r| &r.name == n)
+        });
+    }
+    Ok((retired, warnings))
+}
+
+/// Starts the relay of `secret` when it is an enabled `pg_dsn` secret whose DSN is set
+/// (else `None`; an unset DSN is noted in [`Runtime::pg_not_started`]).
+async fn start_one(
+    rt: &Arc<Runtime>,
+    secret: &iron_policy::Secret,
+    state_dir: &Path,
+    ephemeral: bool,
+) -> Result<Option<Relay>, String> {
+    let SecretKind::Pg(spec) = &secret.kind else {
+        return Ok(None);
+    };
+    if !secret.enabled {
+        return Ok(None);
+    }
+    {
         let side = match client_side(&rt.sources, secret, spec, state_dir) {
             Ok(side) => side,
             // The DSN is not set yet: no relay for it (/readyz and /v1/secrets say why).
             Err(e) if rt.sources.resolve(&spec.source).is_err() => {
                 tracing::error!(secret = %secret.name, error = %e, "postgres relay not started: its DSN is missing");
-                if let Ok(mut v) = rt.pg_not_started.lock() {
+                if let Ok(mut v) = rt.pg_not_started.lock()
+                    && !v.contains(&secret.name)
+                {
                     v.push(secret.name.clone());
                 }
-                continue;
+                return Ok(None);
             }
             Err(e) => return Err(e),
         };
@@ -545,9 +663,6 @@ pub async fn start_all(
             )
         })?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        if let Ok(mut v) = rt.pg_started.lock() {
-            v.push((secret.name.clone(), spec.listen));
-        }
         let verifier = Arc::new(Verifier::new(side.password.expose()));
         let cancels: CancelMap = Arc::new(Mutex::new(HashMap::new()));
         let max =
@@ -619,16 +734,16 @@ pub async fn start_all(
             }
         });
         tracing::info!(secret = %secret.name, addr = %addr, "postgres relay listening");
-        relays.push(Relay {
+        Ok(Some(Relay {
             name: secret.name.clone(),
             addr,
+            listen: spec.listen,
             task,
             slots,
             max,
             stop,
-        });
+        }))
     }
-    Ok(relays)
 }
 
 /// Connections read past a relay's `max_connections`, in case they are CancelRequests.

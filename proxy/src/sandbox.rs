@@ -189,7 +189,7 @@ pub fn pg_env(
     sources: &iron_broker::SourceResolver,
     dir: &std::path::Path,
     ca: &CaFiles,
-    relays: &[crate::pg::Relay],
+    relays: &[(String, SocketAddr)],
     caller: Option<&SandboxCaller>,
 ) -> Result<Vec<(String, String)>, String> {
     let mut env = Vec::new();
@@ -198,8 +198,8 @@ pub fn pg_env(
             && caller.is_none_or(|c| c.grants.allows(i))
         {
             let mut side = crate::pg::client_side(sources, s, spec, dir)?;
-            if let Some(r) = relays.iter().find(|r| r.name == s.name) {
-                side.listen = r.addr;
+            if let Some((_, addr)) = relays.iter().find(|(name, _)| *name == s.name) {
+                side.listen = *addr;
             }
             env.push((s.name.clone(), crate::pg::sandbox_dsn(&side, spec)));
         }

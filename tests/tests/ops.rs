@@ -658,40 +658,94 @@ async fn reload_refuses_to_break_a_working_secret() {
     assert!(p.rt.policy().secret("LATER_KEY").is_some());
 }
 
-/// A `pg_dsn` secret added by a reload is accepted, and the reload says its relay starts on
-/// restart (relays are started with the process) instead of accepting it silently.
+/// Postgres relays follow reloads (REFERENCE D27): a `pg_dsn` secret added while its DSN is
+/// unset is accepted with a warning, and its relay starts on the reload that finds the DSN;
+/// a `listen` that cannot be bound refuses the reload (the running policy stays); a
+/// removed secret's relay stops accepting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reload_says_a_new_pg_relay_starts_on_restart() {
+async fn postgres_relays_follow_reloads() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
     let p = w.proxy(standard_env()).await;
+    let state = w.dir.path().join("state");
+    assert!(
+        iron_proxy::pg::start_all(&p.rt, &state, true)
+            .await
+            .expect("start")
+            .is_empty()
+    );
     let text = std::fs::read_to_string(&w.policy_path).expect("policy");
-    std::fs::write(
-        &w.policy_path,
+    let with_pg = |listen: &str| {
         format!(
-            "{text}\n[[secrets]]\nname = \"DATABASE_URL\"\ntype = \"pg_dsn\"\ndatabase = \"app\"\nsource = {{ env = \"REAL_DSN_UNSET\" }}\n"
-        ),
-    )
-    .expect("write");
+            "{text}\n[[secrets]]\nname = \"DATABASE_URL\"\ntype = \"pg_dsn\"\ndatabase = \"app\"\nsource = {{ file = \"dsn.txt\" }}\n{listen}\n"
+        )
+    };
+    std::fs::write(&w.policy_path, with_pg("")).expect("write");
     let summary = p.rt.reload().await.expect("reload");
     assert!(summary.added.contains(&"DATABASE_URL".to_string()));
     assert!(
         summary
             .warnings
             .iter()
-            .any(|w| w.contains("DATABASE_URL") && w.contains("starts on restart")),
+            .any(|w| w.contains("DATABASE_URL") && w.contains("DSN is not set")),
         "{:?}",
         summary.warnings
     );
-    // Unchanged on the next reload: still not running, still said.
-    let again = p.rt.reload().await.expect("reload");
+    assert!(iron_proxy::pg::running(&p.rt).await.is_empty());
+
+    // The DSN appears: the next reload starts the relay, which answers an SSLRequest.
+    std::fs::write(
+        w.dir.path().join("dsn.txt"),
+        "postgresql://app:pw@127.0.0.1:9/app?sslmode=disable",
+    )
+    .expect("dsn");
+    p.rt.reload().await.expect("reload");
+    let running = iron_proxy::pg::running(&p.rt).await;
+    assert_eq!(running.len(), 1, "{running:?}");
+    let addr = running[0].1;
+    let mut c = tokio::net::TcpStream::connect(addr).await.expect("relay");
+    c.write_all(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f])
+        .await
+        .expect("ssl request");
+    let mut answer = [0u8; 1];
+    c.read_exact(&mut answer).await.expect("answer");
+    assert!(answer[0] == b'S' || answer[0] == b'N', "{answer:?}");
+    drop(c);
+
+    // Moved to a `listen` that is taken: refused whole; the relay and policy stay.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    std::fs::write(
+        &w.policy_path,
+        with_pg(&format!("listen = \"127.0.0.1:{port}\"")),
+    )
+    .expect("write");
+    let refused =
+        p.rt.reload()
+            .await
+            .expect_err("bind failure refuses the reload");
     assert!(
-        again
-            .warnings
-            .iter()
-            .any(|w| w.contains("starts on restart")),
-        "{:?}",
-        again.warnings
+        refused.iter().any(|d| d.message.contains("cannot listen")),
+        "{refused:?}"
     );
+    assert_eq!(iron_proxy::pg::running(&p.rt).await, running);
+    assert!(p.rt.policy().secret("DATABASE_URL").is_some_and(
+        |s| matches!(&s.kind, iron_policy::SecretKind::Pg(spec) if spec.listen.is_none())
+    ));
+
+    // Removed: its relay stops accepting.
+    std::fs::write(&w.policy_path, &text).expect("write");
+    p.rt.reload().await.expect("reload");
+    assert!(iron_proxy::pg::running(&p.rt).await.is_empty());
+    let mut closed = false;
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(closed, "the removed secret's relay still accepts");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

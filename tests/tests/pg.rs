@@ -19,8 +19,8 @@ struct Relay {
     dsn: String,
     ca: std::path::PathBuf,
     audit: Arc<MemoryAudit>,
+    /// Holds the relays too (`Runtime::relays`).
     rt: Arc<Runtime>,
-    _relays: Vec<iron_proxy::pg::Relay>,
 }
 
 fn cluster() -> Option<PgCluster> {
@@ -82,7 +82,6 @@ async fn relay_with(
         ca: ca.cert.clone(),
         audit,
         rt,
-        _relays: relays,
     }
 }
 
