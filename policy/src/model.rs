@@ -238,7 +238,25 @@ enum HeaderRule {
     Prefix(String),
     /// `^x-[a-z0-9-]*(api-key|apikey|secret|token|auth|key)$`, the reference's pattern.
     XCredential,
+    /// `/regex/`: header names the expression matches (unanchored, case-insensitive).
+    Regex(HeaderRegex),
 }
+
+/// A compiled `/regex/` selector, compared by its source text.
+#[derive(Debug, Clone)]
+struct HeaderRegex(regex::Regex);
+
+impl PartialEq for HeaderRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for HeaderRegex {}
+
+/// Most memory one `/regex/` selector may compile to (bytes): a pattern that would take more
+/// is refused at load rather than slowing every request.
+const HEADER_REGEX_SIZE_LIMIT: usize = 256 * 1024;
 
 /// Header names scanned when `match_headers` is omitted: the reference's
 /// DEFAULT_MATCH_HEADERS (REFERENCE.md §1), without `Proxy-Authorization`, which is
@@ -271,11 +289,14 @@ impl HeaderSelector {
     }
 
     /// An explicit list. `"*"` selects every header, `Prefix-*` every header starting with
-    /// `Prefix-`, anything else is an exact name. Case-insensitive. An empty list selects
-    /// nothing (REFERENCE.md D13).
+    /// `Prefix-`, `/regex/` every header whose name the regular expression matches
+    /// (unanchored, as the reference's Go `MatchString`; write `^…$` to anchor), anything
+    /// else is an exact name. Case-insensitive. A header matched by several entries is
+    /// swapped once. An empty list selects nothing (REFERENCE.md D13).
     ///
     /// # Errors
-    /// The offending entry's message when it is not a header name or one of those forms.
+    /// The offending entry's message when it is not a header name or one of those forms,
+    /// or its regular expression does not compile (syntax, or over 256 KiB compiled).
     pub fn parse(list: &[&str]) -> Result<Self, String> {
         let entries = list
             .iter()
@@ -311,12 +332,26 @@ impl HeaderRule {
         if s == "*" {
             return Ok(Self::All);
         }
+        if let Some(pattern) = s
+            .strip_prefix('/')
+            .and_then(|r| r.strip_suffix('/'))
+            .filter(|p| !p.is_empty())
+        {
+            return regex::RegexBuilder::new(pattern)
+                .case_insensitive(true)
+                .size_limit(HEADER_REGEX_SIZE_LIMIT)
+                .build()
+                .map(|r| Self::Regex(HeaderRegex(r)))
+                .map_err(|e| format!("`{s}` is not a valid regular expression: {e}"));
+        }
         let (body, prefix) = match s.strip_suffix('*') {
             Some(b) => (b, true),
             None => (s, false),
         };
         if body.is_empty() || !body.bytes().all(is_token_char) {
-            return Err(format!("`{s}` is not a header name, `Prefix-*` or `*`"));
+            return Err(format!(
+                "`{s}` is not a header name, `Prefix-*`, `/regex/` or `*`"
+            ));
         }
         let lower = body.to_ascii_lowercase();
         Ok(if prefix {
@@ -331,6 +366,7 @@ impl HeaderRule {
             Self::All => true,
             Self::Exact(n) => n == lower,
             Self::Prefix(p) => lower.starts_with(p.as_str()),
+            Self::Regex(r) => r.0.is_match(lower),
             Self::XCredential => {
                 let Some(rest) = lower.strip_prefix("x-") else {
                     return false;

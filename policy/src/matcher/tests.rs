@@ -869,3 +869,39 @@ hosts = ["api.inject.test"]
     );
     assert_eq!(p.plan(&api).expect("plan").secrets.as_slice(), [2]);
 }
+
+#[test]
+fn a_header_matched_by_a_literal_and_a_regex_is_swapped_once() {
+    let p = Policy::parse(
+        r#"
+version = 1
+[[secrets]]
+name = "GITLAB_TOKEN"
+type = "http"
+source = { env = "G" }
+match_headers = ["Private-Token", "/^private-/", "/token$/"]
+hosts = ["gitlab.test"]
+"#,
+        Path::new("p.toml"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let h: &[(&str, &[u8])] = &[("private-token", b"GITLAB_TOKEN and GITLAB_TOKEN")];
+    let v = view("gitlab.test", "/", None, h);
+    let plan = p.plan(&v).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(plan.secrets.as_slice(), [0]);
+    struct Real;
+    impl SecretValues for Real {
+        fn value(&self, _: usize) -> &[u8] {
+            b"glpat-real"
+        }
+    }
+    let out = plan.apply(&p, &v, &Real);
+    assert_eq!(out.headers.len(), 1);
+    assert_eq!(out.headers[0].1, b"glpat-real and glpat-real");
+    // A header no entry selects carries the placeholder to a refusal.
+    let other: &[(&str, &[u8])] = &[("x-other", b"GITLAB_TOKEN")];
+    assert!(matches!(
+        p.plan(&view("gitlab.test", "/", None, other)),
+        Err(PlanError::PlaceholderNotAllowed { .. })
+    ));
+}

@@ -856,3 +856,28 @@ fn on_failure_open_is_for_injecting_secrets_only() {
     let e = errors(&secret("on_failure = \"maybe\""));
     assert!(e.iter().any(|m| m.contains("`closed` or `open`")), "{e:?}");
 }
+
+#[test]
+fn regex_header_selectors_mix_with_literals() {
+    let s = HeaderSelector::parse(&["Authorization", "/^x-[a-z]+-token$/", "/SECRET/"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    for h in [
+        "authorization",
+        "X-Gitlab-Token",
+        "x-my-secret-header",
+        "SeCrEt",
+    ] {
+        assert!(s.selects(h), "{h}");
+    }
+    for h in ["x-gitlab-token-2", "x-token", "cookie"] {
+        assert!(!s.selects(h), "{h}");
+    }
+    let e = errors(
+        "version = 1\n[[secrets]]\nname = \"KEY_ONE\"\ntype = \"http\"\nsource = { env = \"K\" }\nhosts = [\"a.test\"]\nmatch_headers = [\"/x-(unclosed/\"]\n",
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.contains("/x-(unclosed/") && m.contains("not a valid regular expression")),
+        "{e:?}"
+    );
+}
