@@ -1,8 +1,10 @@
 //! Host patterns as written in `hosts`, `allow` and `passthrough`.
 //!
-//! A pattern is an exact host name or IP literal (`api.github.com`, `10.0.0.5`, `[::1]`), or
+//! A pattern is an exact host name or IP literal (`api.github.com`, `10.0.0.5`, `[::1]`),
 //! `*.suffix`, which matches subdomains of `suffix` at any depth and `suffix` itself (the
-//! apex: REFERENCE.md §2.2, the reference's semantics).
+//! apex: REFERENCE.md §2.2, the reference's semantics), or a CIDR block (`10.0.0.0/8`,
+//! `[fd00::/8]`), which matches a destination written as an IP literal in it (no DNS
+//! look-up: REFERENCE.md §2.2 `cidr`).
 //! Matching is case-insensitive and ignores a trailing dot. A pattern without a port matches
 //! only the scheme's default port (443 for TLS, 80 for cleartext); `:PORT` matches that port
 //! and `:*` any port (DESIGN.md decision 5, REFERENCE.md D5).
@@ -36,6 +38,8 @@ enum HostKind {
     Exact(String),
     /// Stored with its leading dot: `.example.com`.
     Suffix(String),
+    /// IP literals in this block.
+    Cidr(ipnet::IpNet),
 }
 
 /// A parsed host pattern. Construct with [`HostPattern::parse`].
@@ -46,8 +50,8 @@ pub struct HostPattern {
 }
 
 impl HostPattern {
-    /// Parses `host`, `*.suffix`, optionally followed by `:PORT` or `:*`. IPv6 literals are
-    /// written in brackets (`[::1]:8443`).
+    /// Parses `host`, `*.suffix` or a CIDR block, optionally followed by `:PORT` or `:*`.
+    /// IPv6 literals and blocks are written in brackets (`[::1]:8443`, `[fd00::/8]:*`).
     ///
     /// # Errors
     /// A message naming the problem: empty, a `*` anywhere but a leading `*.`, a bare `*`,
@@ -64,7 +68,17 @@ impl HostPattern {
                 "host pattern `{text}` matches every host; use `egress = \"open\"` to allow all egress, and name secret hosts explicitly"
             ));
         }
-        let kind = if let Some(suffix) = host.strip_prefix("*.") {
+        let kind = if host.contains('/') {
+            let net: ipnet::IpNet = host
+                .parse()
+                .map_err(|_| format!("host pattern `{text}` is not a CIDR block"))?;
+            if net.prefix_len() == 0 {
+                return Err(format!(
+                    "host pattern `{text}` matches every address; name the blocks you mean"
+                ));
+            }
+            HostKind::Cidr(net.trunc())
+        } else if let Some(suffix) = host.strip_prefix("*.") {
             check_name(suffix, text)?;
             if !suffix.contains('.') {
                 return Err(format!(
@@ -99,6 +113,7 @@ impl HostPattern {
             HostKind::Suffix(s) => {
                 (host.len() > s.len() && host.ends_with(s.as_str())) || host == &s[1..]
             }
+            HostKind::Cidr(net) => host.parse::<IpAddr>().is_ok_and(|ip| net.contains(&ip)),
         }
     }
 
@@ -118,6 +133,7 @@ impl HostPattern {
         let some_host = |k: &HostKind| match k {
             HostKind::Exact(h) => h.clone(),
             HostKind::Suffix(s) => format!("x{s}"),
+            HostKind::Cidr(net) => net.network().to_string(),
         };
         ports
             && (self.matches_host(&some_host(&other.kind))
@@ -132,6 +148,12 @@ impl HostPattern {
         match &self.kind {
             HostKind::Exact(h) => (true, h.len(), self.port != PortSpec::Any),
             HostKind::Suffix(s) => (false, s.len(), self.port != PortSpec::Any),
+            // A longer prefix is a smaller block.
+            HostKind::Cidr(net) => (
+                false,
+                usize::from(net.prefix_len()),
+                self.port != PortSpec::Any,
+            ),
         }
     }
 
@@ -166,6 +188,8 @@ impl fmt::Display for HostPattern {
             HostKind::Exact(h) if h.contains(':') => write!(f, "[{h}]")?,
             HostKind::Exact(h) => f.write_str(h)?,
             HostKind::Suffix(s) => write!(f, "*{s}")?,
+            HostKind::Cidr(net @ ipnet::IpNet::V6(_)) => write!(f, "[{net}]")?,
+            HostKind::Cidr(net) => write!(f, "{net}")?,
         }
         match self.port {
             PortSpec::Default => Ok(()),
@@ -215,8 +239,10 @@ fn split_port(text: &str) -> Result<(&str, PortSpec), String> {
         let Some((h, after)) = rest.split_once(']') else {
             return Err(format!("host pattern `{text}` has an unclosed `[`"));
         };
-        if h.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!("host pattern `{text}` is not an IPv6 literal"));
+        if h.parse::<std::net::Ipv6Addr>().is_err() && h.parse::<ipnet::Ipv6Net>().is_err() {
+            return Err(format!(
+                "host pattern `{text}` is not an IPv6 literal or block"
+            ));
         }
         return match after {
             "" => Ok((h, PortSpec::Default)),
@@ -296,6 +322,30 @@ mod tests {
         assert!(p("h.test:*").matches("h.test", 1, false));
         assert!(p("[::1]:8443").matches("::1", 8443, true));
         assert!(p("127.0.0.1").matches("127.0.0.1", 443, true));
+    }
+
+    #[test]
+    fn cidr_blocks_match_ip_literals_only() {
+        let v4 = p("10.0.0.0/8:5432");
+        assert!(v4.matches("10.1.2.3", 5432, false));
+        assert!(!v4.matches("10.1.2.3", 443, true));
+        assert!(!v4.matches("11.0.0.1", 5432, false));
+        // A name is never resolved to match a block.
+        assert!(!v4.matches("db.internal", 5432, false));
+        assert_eq!(v4.to_string(), "10.0.0.0/8:5432");
+        // Host bits are dropped; IPv6 blocks go in brackets.
+        assert_eq!(p("192.168.1.77/24").to_string(), "192.168.1.0/24");
+        let v6 = p("[fd00::/8]:*");
+        assert!(v6.matches("fd12::1", 8443, true));
+        assert!(!v6.matches("fe80::1", 8443, true));
+        assert_eq!(v6.to_string(), "[fd00::/8]:*");
+        // More specific: an exact address over a block, a longer prefix over a shorter one.
+        assert!(p("10.1.2.3").specificity() > p("10.1.0.0/16").specificity());
+        assert!(p("10.1.0.0/16").specificity() > v4.specificity());
+        assert!(v4.overlaps(&p("10.9.9.9:5432")) && !v4.overlaps(&p("*.corp.internal:5432")));
+        for bad in ["0.0.0.0/0", "10.0.0.0/33", "[::/0]", "10.0.0.0/x"] {
+            assert!(HostPattern::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
