@@ -42,6 +42,15 @@ pub struct SecretResult {
     pub result: String,
 }
 
+/// Labels of `iron_proxy_caller_requests`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallerLabels {
+    /// The caller's name (`[[callers]]`: bounded by the policy).
+    pub caller: String,
+    /// Audit outcome.
+    pub outcome: &'static str,
+}
+
 /// A result label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -65,6 +74,8 @@ pub struct Metrics {
     pub injections: Family<SecretLabel, Counter>,
     /// Refusals, by error code.
     pub refusals: Family<CodeLabel, Counter>,
+    /// Requests, tunnels and refusals of authenticated callers, by caller and outcome.
+    pub caller_requests: Family<CallerLabels, Counter>,
     /// Time from forwarding a request to the upstream's response headers, in seconds.
     pub upstream_seconds: Histogram,
     /// Open client connections (tunnels included).
@@ -105,6 +116,7 @@ impl Default for Metrics {
             requests: Family::default(),
             injections: Family::default(),
             refusals: Family::default(),
+            caller_requests: Family::default(),
             upstream_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             active_connections: Gauge::default(),
             tls_handshakes: Family::default(),
@@ -130,6 +142,11 @@ impl Default for Metrics {
             "refusals",
             "Requests refused by the proxy, by error code",
             m.refusals.clone(),
+        );
+        registry.register(
+            "caller_requests",
+            "Requests, tunnels and refusals of authenticated callers, by caller and outcome",
+            m.caller_requests.clone(),
         );
         registry.register(
             "upstream_response_seconds",
@@ -198,6 +215,14 @@ impl Metrics {
         };
         if rec.outcome == "refused" {
             self.refusals.get_or_create(&CodeLabel { code }).inc();
+        }
+        if let Some(caller) = &rec.caller {
+            self.caller_requests
+                .get_or_create(&CallerLabels {
+                    caller: caller.to_string(),
+                    outcome: rec.outcome,
+                })
+                .inc();
         }
     }
 

@@ -151,6 +151,16 @@ async fn callers_authenticate_and_use_only_their_grants() {
         Some("ci")
     );
 
+    // Per-caller counters on /metrics.
+    let text = p.rt.metrics.encode();
+    assert!(
+        text.contains("iron_proxy_caller_requests_total{caller=\"ci\",outcome=\"refused\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("iron_proxy_caller_requests_total{caller=\"ops\",outcome=\"forwarded\"} 2")
+    );
+
     // No audit line or log holds a token.
     let lines: String = p
         .audit
