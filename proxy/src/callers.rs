@@ -15,8 +15,8 @@ use crate::Runtime;
 use crate::error::ProxyError;
 
 /// A caller a CONNECT or SOCKS5 handshake authenticated: its name, and a SHA-256 digest of
-/// the token it used, so the tunnel's requests can check that the caller is still in the
-/// policy with that token ([`recheck`]). `Debug` shows the name only.
+/// the token it used, so each request of the tunnel can check that the caller is still in
+/// the policy with that token. `Debug` shows the name only.
 #[derive(Clone)]
 pub struct Authenticated {
     /// The caller's name.
