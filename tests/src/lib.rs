@@ -134,6 +134,25 @@ impl World {
         self.origin.addr.port()
     }
 
+    /// curl `GET https://api.github.test:PORT/user` with `Authorization: Bearer
+    /// GITHUB_TOKEN` (the placeholder) through the proxy at `proxy_url` (`http://…`,
+    /// `socks5h://…`), trusting `ca`, with `extra` arguments.
+    pub async fn github_get(&self, proxy_url: &str, ca: &Path, extra: &[&str]) -> Curl {
+        let url = format!("https://api.github.test:{}/user", self.port());
+        let mut args = vec![url.as_str(), "-H", "Authorization: Bearer GITHUB_TOKEN"];
+        args.extend_from_slice(extra);
+        curl_via_url(proxy_url, ca, &args).await
+    }
+
+    /// The `Authorization` the origin's latest request carried (to compare with
+    /// `Bearer {REAL_GITHUB}`).
+    pub fn last_authorization(&self) -> Option<String> {
+        self.origin
+            .records()
+            .pop()
+            .and_then(|r| r.header("authorization"))
+    }
+
     /// Starts the proxy in-process with `env` as its environment.
     pub async fn proxy(&self, env: HashMap<String, String>) -> InProcess {
         let policy = Arc::new(Policy::load(&self.policy_path).expect("policy"));

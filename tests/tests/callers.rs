@@ -257,27 +257,15 @@ async fn socks5_takes_a_callers_token_as_its_password() {
     }
     let w = world().await;
     let p = w.proxy(env()).await;
-    let port = w.port();
-    let github = format!("https://api.github.test:{port}/user");
     let curl = |proxy: String| {
-        let (ca, github) = (p.ca.cert.clone(), github.clone());
-        async move {
-            curl_via_url(
-                &proxy,
-                &ca,
-                &[&github, "-H", "Authorization: Bearer GITHUB_TOKEN"],
-            )
-            .await
-        }
+        let (w, ca) = (&w, p.ca.cert.clone());
+        async move { w.github_get(&proxy, &ca, &[]).await }
     };
     let addr = p.addr();
     let ok = curl(format!("socks5h://ci:{CI_TOKEN}@{addr}")).await;
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(
-        w.origin
-            .records()
-            .pop()
-            .and_then(|r| r.header("authorization")),
+        w.last_authorization(),
         Some(format!("Bearer {REAL_GITHUB}"))
     );
     assert_eq!(

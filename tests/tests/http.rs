@@ -1654,17 +1654,12 @@ async fn socks5_and_authenticated_upstream_proxies() {
         let mut env = standard_env();
         env.insert("CORP_PROXY_AUTH".into(), "svc:c0rp s3cret".into());
         let p = w.proxy(env).await;
-        let r = p
-            .curl(&[
-                &format!("https://api.github.test:{port}/user"),
-                "-H",
-                "Authorization: Bearer GITHUB_TOKEN",
-            ])
-            .await;
+        let proxy_url = format!("http://{}", p.addr());
+        let r = w.github_get(&proxy_url, &p.ca.cert, &[]).await;
         assert_eq!(r.status, 200, "{scheme}: {r:?}");
         assert_eq!(corp.targets(), std::slice::from_ref(&target), "{scheme}");
         assert_eq!(
-            w.origin.records()[0].header("authorization"),
+            w.last_authorization(),
             Some(format!("Bearer {REAL_GITHUB}"))
         );
         let resp = passthrough_get(&p, &w, None).await;
@@ -1678,12 +1673,8 @@ async fn socks5_and_authenticated_upstream_proxies() {
         env.insert("CORP_PROXY_AUTH".into(), "svc:wrong".into());
         let p = w.proxy(env).await;
         let seen = w.origin.records().len();
-        let r = p
-            .curl(&[
-                &format!("https://api.github.test:{port}/user"),
-                "-H",
-                "Authorization: Bearer GITHUB_TOKEN",
-            ])
+        let r = w
+            .github_get(&format!("http://{}", p.addr()), &p.ca.cert, &[])
             .await;
         assert_eq!(r.status, 502, "{scheme}: {r:?}");
         assert_eq!(w.origin.records().len(), seen, "{scheme}");
@@ -2554,22 +2545,10 @@ async fn socks5_clients_get_the_same_tunnel_as_connect() {
     let port = w.port();
     let socks = format!("socks5h://{}", p.addr());
     // A domain-name target: intercepted, swapped, audited as the tunnel's requests.
-    let ok = curl_via_url(
-        &socks,
-        &p.ca.cert,
-        &[
-            &format!("https://api.github.test:{port}/user"),
-            "-H",
-            "Authorization: Bearer GITHUB_TOKEN",
-        ],
-    )
-    .await;
+    let ok = w.github_get(&socks, &p.ca.cert, &[]).await;
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(
-        w.origin
-            .records()
-            .pop()
-            .and_then(|r| r.header("authorization")),
+        w.last_authorization(),
         Some(format!("Bearer {REAL_GITHUB}"))
     );
     // The placeholder elsewhere is refused inside the tunnel as over CONNECT.
@@ -2617,19 +2596,12 @@ async fn socks5_clients_get_the_same_tunnel_as_connect() {
 
 /// As `github_swap_reaches_the_origin`, when the origin has already seen requests.
 async fn github_swap_reaches_the_origin_again(w: &World, p: &InProcess) {
-    let ok = p
-        .curl(&[
-            &format!("https://api.github.test:{}/user", w.port()),
-            "-H",
-            "Authorization: Bearer GITHUB_TOKEN",
-        ])
+    let ok = w
+        .github_get(&format!("http://{}", p.addr()), &p.ca.cert, &[])
         .await;
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(
-        w.origin
-            .records()
-            .pop()
-            .and_then(|r| r.header("authorization")),
+        w.last_authorization(),
         Some(format!("Bearer {REAL_GITHUB}"))
     );
 }
