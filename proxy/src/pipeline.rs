@@ -442,12 +442,22 @@ async fn exchange(
         None => crate::callers::authenticate(rt, policy, req.headers()).map(|a| a.map(|a| a.name)),
     }
     .inspect_err(|_| {
+        // Named as the tunnel was bound, or as the absolute-form target says.
         let rec = guard.rec();
-        rec.host = req
-            .uri()
-            .host()
-            .and_then(normalize_host)
-            .unwrap_or_default();
+        match &conn.dest {
+            Some(dest) => {
+                rec.host.clone_from(&dest.host);
+                rec.port = dest.port;
+            }
+            None => {
+                rec.host = req
+                    .uri()
+                    .host()
+                    .and_then(normalize_host)
+                    .unwrap_or_default();
+                rec.port = req.uri().port_u16().unwrap_or(0);
+            }
+        }
         rec.path.push_str(req.uri().path());
     })?;
     if caller.is_some() {

@@ -403,6 +403,11 @@ async fn admin_lists_callers_and_a_reload_revokes_a_tunnels_caller() {
         (403, Some("caller_revoked".into()))
     );
     assert_eq!(w.origin.records().len(), seen);
+    let refused = p.audit.records().pop().expect("audit");
+    assert_eq!(
+        (refused.host.as_str(), refused.port, refused.error),
+        ("api.github.test", port, Some("caller_revoked"))
+    );
     let mut second = open(Some(basic(rotated))).await;
     assert_eq!(
         status_of(
