@@ -244,7 +244,7 @@ enum HeaderRule {
 
 /// A compiled `/regex/` selector, compared by its source text.
 #[derive(Debug, Clone)]
-struct HeaderRegex(regex::Regex);
+struct HeaderRegex(regex_lite::Regex);
 
 impl PartialEq for HeaderRegex {
     fn eq(&self, other: &Self) -> bool {
@@ -337,7 +337,7 @@ impl HeaderRule {
             .and_then(|r| r.strip_suffix('/'))
             .filter(|p| !p.is_empty())
         {
-            return regex::RegexBuilder::new(pattern)
+            return regex_lite::RegexBuilder::new(pattern)
                 .case_insensitive(true)
                 .size_limit(HEADER_REGEX_SIZE_LIMIT)
                 .build()
