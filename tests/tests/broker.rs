@@ -1063,31 +1063,43 @@ async fn long_lived_tokens_are_refreshed_within_the_max_refresh_interval() {
 }
 
 /// `upstream_proxy` (REFERENCE D19): the broker's token-endpoint calls go through a
-/// corporate proxy with `CONNECT`, and the rotation works through it.
+/// corporate proxy with `CONNECT`, or SOCKS5 with the proxy's credential
+/// (`upstream_proxy_auth`), and the rotation works through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_endpoint_calls_go_through_the_upstream_proxy() {
-    let idp = RotatingIdp::start().await;
-    let corp = iron_tests::corp_proxy::CorpProxy::start().await;
-    let (_dir, bport, config) = file_store_credential(&idp);
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "refresh_timeout_secs = 5\n",
-        &format!(
-            "refresh_timeout_secs = 5\nupstream_proxy = \"http://{}\"\n",
-            corp.addr
-        ),
-    );
-    assert!(text.contains("upstream_proxy"), "{text}");
-    std::fs::write(&config, text).unwrap();
-    let b = Broker::start(&config, bport, &[]);
-    let (status, body) = access_token(bport).await;
-    assert_eq!(status, 200, "{body}");
-    assert!(idp.is_valid_access(body["access_token"].as_str().unwrap()));
-    let targets = corp.targets();
-    assert!(
-        targets.contains(&format!("127.0.0.1:{}", idp.addr.port())),
-        "{targets:?}"
-    );
-    drop(b);
+    for (scheme, auth) in [("http", None), ("socks5h", Some("svc:c0rp"))] {
+        let idp = RotatingIdp::start().await;
+        let corp = match auth {
+            Some(a) => iron_tests::corp_proxy::CorpProxy::start_with_auth(a).await,
+            None => iron_tests::corp_proxy::CorpProxy::start().await,
+        };
+        let (_dir, bport, config) = file_store_credential(&idp);
+        let auth_key = if auth.is_some() {
+            "upstream_proxy_auth = { env = \"CORP_PROXY_AUTH\" }\n"
+        } else {
+            ""
+        };
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "refresh_timeout_secs = 5\n",
+            &format!(
+                "refresh_timeout_secs = 5\nupstream_proxy = \"{scheme}://{}\"\n{auth_key}",
+                corp.addr
+            ),
+        );
+        assert!(text.contains("upstream_proxy"), "{text}");
+        std::fs::write(&config, text).unwrap();
+        let b = Broker::start(&config, bport, &[("CORP_PROXY_AUTH", auth.unwrap_or(""))]);
+        let (status, body) = access_token(bport).await;
+        assert_eq!(status, 200, "{scheme}: {body}");
+        assert!(idp.is_valid_access(body["access_token"].as_str().unwrap()));
+        let targets = corp.targets();
+        let via = if scheme == "http" { "" } else { "socks5 " };
+        assert!(
+            targets.contains(&format!("{via}127.0.0.1:{}", idp.addr.port())),
+            "{scheme}: {targets:?}"
+        );
+        drop(b);
+    }
 }
 
 async fn metrics_text(port: u16) -> String {
