@@ -152,9 +152,7 @@ pub fn sandbox_env(
     env.push(("NODE_EXTRA_CA_CERTS".into(), cert));
     env.push(("NODE_USE_ENV_PROXY".into(), "1".into()));
     for (i, s) in policy.secrets.iter().enumerate() {
-        if !matches!(s.kind, iron_policy::SecretKind::Pg(_))
-            && caller.is_none_or(|c| c.grants.allows(i))
-        {
+        if !matches!(s.kind, iron_policy::SecretKind::Pg(_)) && grants(caller).allows(i) {
             env.push((s.name.clone(), s.placeholder.clone()));
         }
     }
@@ -195,7 +193,7 @@ pub fn pg_env(
     let mut env = Vec::new();
     for (i, s) in policy.secrets.iter().enumerate() {
         if let iron_policy::SecretKind::Pg(spec) = &s.kind
-            && caller.is_none_or(|c| c.grants.allows(i))
+            && grants(caller).allows(i)
         {
             let mut side = crate::pg::client_side(sources, s, spec, dir)?;
             if let Some((_, addr)) = relays.iter().find(|(name, _)| *name == s.name) {
