@@ -1588,12 +1588,8 @@ async fn every_dial_goes_through_the_upstream_proxy_but_no_proxy_hosts() {
     let port = w.port();
     let target = format!("127.0.0.1:{port}");
 
-    let r = p
-        .curl(&[
-            &format!("https://api.github.test:{port}/user"),
-            "-H",
-            "Authorization: Bearer GITHUB_TOKEN",
-        ])
+    let r = w
+        .github_get(&format!("http://{}", p.addr()), &p.ca.cert, &[])
         .await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(corp.targets(), std::slice::from_ref(&target));

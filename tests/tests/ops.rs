@@ -886,14 +886,9 @@ async fn reload_keeps_upstream_connections_unless_transport_settings_change() {
     let w = World::new(STANDARD_POLICY, OriginOptions::default()).await;
     let p = w.proxy(standard_env()).await;
     let port = w.port();
+    let proxy_url = format!("http://{}", p.addr());
     let get = || async {
-        let r = p
-            .curl(&[
-                &format!("https://api.github.test:{port}/user"),
-                "-H",
-                "Authorization: Bearer GITHUB_TOKEN",
-            ])
-            .await;
+        let r = w.github_get(&proxy_url, &p.ca.cert, &[]).await;
         assert_eq!(r.status, 200, "{r:?}");
     };
     get().await;
