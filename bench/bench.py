@@ -627,6 +627,7 @@ def main():
             proxy.kill()
         stop_nginx(d)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "duration_s": a.duration, "reps": a.reps,
+           "proxy_bin": os.path.relpath(PROXY_BIN, ROOT),
            "cpus": os.cpu_count(), "proxy_peak_rss_mib": round(rss / 1024, 1), "peer_peak_rss_mib": peer_rss, "results": results,
            "postgres": pg}
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
@@ -636,6 +637,7 @@ def main():
     with open(stem + ".json", "w") as f:
         json.dump(out, f, indent=2)
     md = [f"Run {out['date']}, {a.reps} × {a.duration} s per cell, interleaved, {out['cpus']} cores shared by oha, nginx and the proxy. "
+          f"iron-proxy binary: `{out['proxy_bin']}`. "
           f"Peak RSS over the whole run: iron-proxy {out['proxy_peak_rss_mib']} MiB"
           + "".join(f", {k} {v} MiB" for k, v in peer_rss.items()) + ".", "",
           "| scenario | target | median req/s | min–max | × direct | p99 ms | proxy CPU ms/req |", "|---|---|---|---|---|---|---|"]
