@@ -24,6 +24,7 @@ while [ $# -gt 0 ]; do
     *) echo "usage: bench/pgo.sh [--train-duration SECS]" >&2; exit 2 ;;
   esac
 done
+BENCH_PEERS=0
 . bench/prereqs.sh
 
 llvm_major=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
