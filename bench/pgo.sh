@@ -49,10 +49,7 @@ if [ "$n" -eq 0 ]; then
   exit 1
 fi
 "$profdata" merge -o "$data/merged.profdata" "$data"/*.profraw >&2
-# Named by its content: cargo's fingerprint holds RUSTFLAGS, not the file they name, so a
-# new profile under an old name would leave the last build in place.
-profile="$data/iron-proxy-$(sha256sum "$data/merged.profdata" | cut -c1-16).profdata"
-mv "$data/merged.profdata" "$profile"
-RUSTFLAGS="-Cprofile-use=$profile" \
+# rustc lists the profile in its dep-info, so cargo rebuilds when a training changes it.
+RUSTFLAGS="-Cprofile-use=$data/merged.profdata" \
   cargo build --release -p iron-proxy --target "$triple" --target-dir target/pgo >&2
 echo "$PWD/target/pgo/$triple/release/iron-proxy"
