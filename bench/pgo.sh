@@ -31,7 +31,7 @@ llvm_major=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
 triple=$(rustc -vV | sed -n 's/^host: //p')
 profdata=$(command -v "llvm-profdata-$llvm_major" || true)
 if [ -z "$profdata" ]; then
-  apt-get install -y -q "llvm-$llvm_major" >&2
+  { apt-get update -q && apt-get install -y -q "llvm-$llvm_major"; } >&2
   profdata="llvm-profdata-$llvm_major"
 fi
 
